@@ -1,0 +1,28 @@
+"""rlopt: drop-in PyTorch meta-optimizers driven by small reinforcement-learning policies."""
+__version__ = "0.1.0"
+
+from .policies import load_policy as _load_policy_file
+from .sam import SAM
+from .switching import RLSwitchingOptimizer
+
+
+def load_policy(name_or_path, *, train: bool = False):
+    """Load a policy by pretrained name (see :func:`list_policies`) or checkpoint path.
+    Loaded policies are frozen unless ``train=True``."""
+    import os
+
+    from .pretrained import list_policies, load_pretrained
+
+    if isinstance(name_or_path, str) and name_or_path in list_policies() and not os.path.isfile(name_or_path):
+        return load_pretrained(name_or_path, train=train)
+    return _load_policy_file(name_or_path, train=train)
+
+
+def list_policies():
+    """Names of the pretrained policies shipped with rlopt, with a one-line description each."""
+    from .pretrained import list_policies as _list
+
+    return _list()
+
+
+__all__ = ["RLSwitchingOptimizer", "SAM", "load_policy", "list_policies", "__version__"]

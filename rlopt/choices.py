@@ -1,0 +1,180 @@
+"""The inner optimizers a meta-optimizer can run, and how their hyper-parameters are derived.
+
+Each *choice* is a named instance of a *family* (``sgd``, ``sam``, ``adam``, ``adamw``). Rules
+that hold for every choice, documented once here:
+
+* **Learning rate.** An inner optimizer runs at ``group["lr"] * lr_scale`` where ``group`` is the
+  wrapper's parameter group. Families have a default ``lr_scale`` (1 for ``sgd``/``sam``, 0.01 for
+  ``adam``/``adamw``, so ``lr=0.1`` gives Adam 1e-3). A choice may set ``lr_scale`` or an absolute
+  ``lr`` (meant at the base learning rate; stored as ``lr / base_lr``). An LR scheduler on the
+  wrapper therefore moves every inner optimizer by the same factor.
+* **Momentum.** ``sgd`` and ``sam`` use the wrapper group's ``momentum`` (so OneCycleLR's
+  momentum cycling reaches them) unless the choice pins its own ``momentum``. Adam's ``betas``
+  are the choice's own.
+* **Weight decay and the rest.** Precedence, highest first: a value set explicitly in a user's
+  parameter group, the choice's own keyword, the wrapper's ``weight_decay`` argument, the family
+  default (torch's defaults, e.g. AdamW 1e-2).
+* **Cost.** Gradient evaluations per step (``sam`` 2, others 1); a user may pass measured
+  relative costs with ``cost=``. Costs are counted, never timed, so runs replay bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .sam import SAM
+
+__all__ = ["Family", "ChoiceSpec", "FAMILIES", "resolve_choices"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of inner optimizer."""
+
+    optimizer: type
+    defaults: Dict[str, Any]  # its hyper-parameters other than lr, with rlopt's defaults
+    lr_scale: float = 1.0  # default inner lr / base lr
+    cost: float = 1.0  # gradient evaluations per step
+    follows_momentum: bool = False  # takes the wrapper group's momentum unless pinned
+    needs_closure: bool = False
+
+
+_SGD_DEFAULTS = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+_ADAM_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+
+FAMILIES: Dict[str, Family] = {
+    "sgd": Family(torch.optim.SGD, _SGD_DEFAULTS, follows_momentum=True),
+    "sam": Family(SAM, dict(rho=0.05, adaptive=False, **_SGD_DEFAULTS), cost=2.0,
+                  follows_momentum=True, needs_closure=True),
+    "adam": Family(torch.optim.Adam, _ADAM_DEFAULTS, lr_scale=0.01),
+    "adamw": Family(torch.optim.AdamW, dict(_ADAM_DEFAULTS, weight_decay=1e-2), lr_scale=0.01),
+}
+
+# Keys a choice may carry besides its family's hyper-parameters.
+_META_KEYS = ("family", "lr", "lr_scale", "cost")
+# Constructor options passed to the torch optimizer rather than to its groups. rlopt uses
+# fused kernels where torch has them (they skip non-finite steps on the device).
+_OPTION_KEYS = ("fused", "foreach")
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """One resolved choice: everything needed to build its inner optimizer."""
+
+    name: str
+    family: str
+    hparams: Dict[str, Any] = field(default_factory=dict)  # set by the user for this choice
+    options: Dict[str, Any] = field(default_factory=dict)  # constructor options (fused, foreach)
+    lr_scale: float = 1.0
+    cost: float = 1.0
+
+    @property
+    def kind(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def needs_closure(self) -> bool:
+        return self.kind.needs_closure
+
+    @property
+    def pins_momentum(self) -> bool:
+        return "momentum" in self.hparams
+
+    def inner_group(self, group: Mapping[str, Any], explicit: Mapping[str, Any],
+                    wrapper_defaults: Mapping[str, Any]) -> Dict[str, Any]:
+        """The inner optimizer's param group built from a wrapper group (see module doc)."""
+        kind = self.kind
+        hp = dict(kind.defaults)
+        wd = wrapper_defaults.get("weight_decay")
+        if wd is not None:
+            hp["weight_decay"] = wd
+        if kind.follows_momentum:
+            hp["momentum"] = group["momentum"]
+        hp.update(self.hparams)
+        hp.update({k: v for k, v in explicit.items() if k in kind.defaults})
+        hp["lr"] = group["lr"] * self.lr_scale
+        hp["params"] = group["params"]
+        return hp
+
+
+def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid {name} for choice '{choice}': {value!r}") from None
+    if not (0.0 < value if positive else 0.0 <= value) or math.isinf(value):
+        raise ValueError(f"Invalid {name} for choice '{choice}': {value}")
+    return value
+
+
+def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float) -> ChoiceSpec:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"A choice name must be a non-empty string, got {name!r}")
+    kwargs = dict(kwargs or {})
+    family = kwargs.pop("family", name)
+    if family not in FAMILIES:
+        raise ValueError(
+            f"Unknown choice '{family}'; expected one of {sorted(FAMILIES)} "
+            "(or give a custom name with a 'family' key)"
+        )
+    kind = FAMILIES[family]
+    unknown = sorted(set(kwargs) - set(kind.defaults) - set(_META_KEYS) - set(_OPTION_KEYS))
+    if unknown:
+        raise TypeError(
+            f"Unknown option(s) {unknown} for choice '{name}' (family '{family}'); "
+            f"expected some of {sorted(set(kind.defaults) | set(_META_KEYS) - {'family'})}"
+        )
+    if "lr" in kwargs and "lr_scale" in kwargs:
+        raise ValueError(f"Give either lr or lr_scale for choice '{name}', not both")
+    if "lr" in kwargs:
+        lr = _check_float("learning rate", kwargs.pop("lr"), name)
+        if base_lr == 0.0:
+            raise ValueError(f"Choice '{name}' sets lr={lr} but the base lr is 0: use lr_scale")
+        lr_scale = lr / base_lr
+    else:
+        lr_scale = _check_float("lr_scale", kwargs.pop("lr_scale", kind.lr_scale), name)
+    cost = _check_float("cost", kwargs.pop("cost", kind.cost), name, positive=True)
+    for key in ("momentum", "weight_decay", "rho", "eps", "dampening"):
+        if key in kwargs:
+            _check_float(key, kwargs[key], name)
+    options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
+    # Let torch validate the hyper-parameters with its own messages (betas, nesterov, eps, ...).
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        kind.optimizer([probe], lr=1.0, **{**kind.defaults, **kwargs})
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"Invalid options for choice '{name}': {err}") from None
+    return ChoiceSpec(name=name, family=family, hparams=kwargs, options=options, lr_scale=lr_scale, cost=cost)
+
+
+ChoicesArg = Union[Sequence[Union[str, Tuple[str, Mapping[str, Any]]]], Mapping[str, Any]]
+
+
+def resolve_choices(choices: ChoicesArg, base_lr: float) -> Tuple[ChoiceSpec, ...]:
+    """Turn the user's ``choices`` argument into specs; raise torch-style errors on bad input.
+
+    Accepts ``["sgd", "adam"]``, ``[("sgd", {"nesterov": True}), "adam"]`` or
+    ``{"sgd": {}, "sam-0.1": {"family": "sam", "rho": 0.1}}``.
+    """
+    if isinstance(choices, str):
+        raise TypeError("choices must be a list of names (e.g. ['sgd', 'sam']), not a string")
+    if isinstance(choices, Mapping):
+        items = list(choices.items())
+    else:
+        try:
+            items = [(c, None) if isinstance(c, str) else tuple(c) for c in choices]
+        except TypeError:
+            raise TypeError(f"choices must be a list or dict, got {type(choices).__name__}") from None
+        for item in items:
+            if len(item) != 2:
+                raise TypeError(f"A choice must be a name or a (name, kwargs) pair, got {item!r}")
+    if not items:
+        raise ValueError("choices must not be empty")
+    specs = tuple(_one(name, kwargs, base_lr) for name, kwargs in items)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Duplicate choice names: {names}")
+    return specs

@@ -1,0 +1,499 @@
+"""Mechanics shared by the rlopt optimizers: inner optimizers, guarded steps, decision points,
+policies, rewards, history and checkpoints.
+
+An :class:`RLControlledOptimizer` is a ``torch.optim.Optimizer`` whose ``param_groups`` are the
+user's (so LR schedulers, ``zero_grad`` and GradScaler's unscaling work on it) and which runs one
+of several inner torch optimizers, each with its own group dicts. At every decision point it
+
+1. reads the interval's training signals back from the device (the only host sync),
+2. builds an observation (:mod:`rlopt.features`), pays the policy the reward of the interval
+   that just ended (:mod:`rlopt.rewards`), and asks it for an action,
+3. applies the action (subclasses: :meth:`_apply_action`).
+
+Ordinary steps never synchronise with the device. A step whose loss or gradient is not finite
+does not reach the parameters: fused torch optimizers skip it on the device (``found_inf``,
+the mechanism GradScaler uses); where fused kernels are unavailable the check runs on the host.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.optim import Optimizer
+
+from .choices import ChoiceSpec
+from .features import ObservationBuilder, SignalTracker, Signals, global_grad_norm
+from .policies import (ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy,
+                       policy_class)
+from .rewards import RewardContext
+
+__all__ = ["RLControlledOptimizer", "make_policy"]
+
+STATE_FORMAT = "rlopt.optimizer/1"
+_CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", ConstantConfig: "constant"}
+
+
+def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, Any], seed: int,
+                train: Optional[bool] = None) -> Policy:
+    """Resolve the ``policy=`` argument: a name, a config, a :class:`Policy`, a checkpoint path
+    or a pretrained policy's name; check that it fits the action set and observation layout."""
+    action_names = tuple(action_names)
+    obs_dim = len(obs_layout["names"])
+    policy: Policy
+    if isinstance(spec, Policy):
+        policy = spec
+    elif type(spec) in _CONFIGS:
+        policy = policy_class(_CONFIGS[type(spec)])(obs_dim, action_names, spec, seed=seed, obs_layout=obs_layout)
+    elif isinstance(spec, (str, os.PathLike)):
+        name = os.fspath(spec)
+        if name in ("dqn", "ppo", "random"):
+            policy = policy_class(name)(obs_dim, action_names, seed=seed, obs_layout=obs_layout)
+        elif name.startswith("constant:"):
+            policy = policy_class("constant")(obs_dim, action_names, ConstantConfig(name.split(":", 1)[1]),
+                                              seed=seed, obs_layout=obs_layout)
+        elif os.path.isfile(name):
+            policy = load_policy(name)
+        else:
+            from .pretrained import list_policies, load_pretrained
+
+            if name not in list_policies():
+                raise ValueError(
+                    f"Unknown policy '{name}': expected 'ppo', 'dqn', 'random', 'constant:<choice>', "
+                    f"a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy or a config"
+                )
+            policy = load_pretrained(name)
+    else:
+        raise TypeError(f"Invalid policy: {spec!r}")
+    check_policy(policy, action_names, obs_layout)
+    if train is not None:
+        policy.train(train)
+    return policy
+
+
+def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict[str, Any]) -> None:
+    if tuple(policy.action_names) != tuple(action_names):
+        raise ValueError(
+            f"The policy's action set {list(policy.action_names)} does not match this optimizer's "
+            f"{list(action_names)}"
+        )
+    if policy.obs_dim != len(obs_layout["names"]):
+        raise ValueError(
+            f"The policy expects {policy.obs_dim} observation features, this optimizer makes "
+            f"{len(obs_layout['names'])} (layout version {obs_layout['version']})"
+        )
+    if policy.obs_layout is None:
+        policy.obs_layout = dict(obs_layout)
+    elif (policy.obs_layout.get("version") != obs_layout["version"]
+          or list(policy.obs_layout.get("names", [])) != list(obs_layout["names"])):
+        raise ValueError(
+            f"The policy was trained on observation layout version {policy.obs_layout.get('version')} "
+            f"{policy.obs_layout.get('names')}, this optimizer makes version {obs_layout['version']} "
+            f"{obs_layout['names']}"
+        )
+
+
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise TypeError(f"Invalid learning rate: {lr!r} (expected a float)")
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+class RLControlledOptimizer(Optimizer):
+    """Base class; see the module doc. Subclasses define the actions and how they apply."""
+
+    kind = ""
+    _PICKLED = ("_specs", "_inner", "_explicit", "_fused", "_params", "_needs_closure", "policy",
+                "reward_fn", "tracker", "observer", "interval", "total_steps", "total_epochs",
+                "max_nonfinite_steps", "history", "_ctl", "_prev_signals", "_val", "_action_names")
+
+    def __init__(self, params, defaults: Dict[str, Any], specs: Sequence[ChoiceSpec], *,
+                 action_names: Sequence[str], policy: Any, interval: Union[str, int], seed: int,
+                 total_steps: Optional[int], total_epochs: Optional[int],
+                 reward: Optional[Callable[[RewardContext], float]], max_nonfinite_steps: Optional[int],
+                 signal_every: Optional[int], train_policy: Optional[bool], extra_features: Sequence[str] = ()):
+        _check_lr(defaults.get("lr"))
+        if interval != "epoch" and not (isinstance(interval, int) and not isinstance(interval, bool)):
+            raise TypeError(f"interval must be 'epoch' or a positive int, got {interval!r}")
+        if isinstance(interval, int) and interval < 1:
+            raise ValueError(f"Invalid interval: {interval}")
+        for name, value in (("total_steps", total_steps), ("total_epochs", total_epochs),
+                            ("max_nonfinite_steps", max_nonfinite_steps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"Invalid {name}: {value}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if reward is not None and not callable(reward):
+            raise TypeError(f"reward must be callable, got {reward!r}")
+        self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
+        super().__init__(params, defaults)
+        self._specs: Tuple[ChoiceSpec, ...] = tuple(specs)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._inner: List[Optimizer] = []
+        self._fused: List[bool] = []
+        for spec in self._specs:
+            inner, fused = self._build_inner(spec)
+            self._inner.append(inner)
+            self._fused.append(fused)
+        self._needs_closure = any(s.needs_closure for s in self._specs)
+        self._action_names = tuple(action_names)
+        self.interval = interval
+        self.total_steps, self.total_epochs = total_steps, total_epochs
+        self.max_nonfinite_steps = max_nonfinite_steps
+        if signal_every is None:
+            signal_every = max(1, min(10, interval // 2)) if isinstance(interval, int) else 10
+        self.tracker = SignalTracker(signal_every)
+        self.observer = ObservationBuilder(self._action_names, tuple(extra_features))
+        self.policy = make_policy(policy, self._action_names, self.observer.layout, seed, train_policy)
+        self.reward_fn = reward if reward is not None else self._default_reward()
+        self.history: List[Dict[str, Any]] = []
+        self._ctl: Dict[str, Any] = dict(step=0, epoch=0, interval_steps=0, interval_cost=0.0, decisions=0,
+                                         action=None, epoch_start_step=0, steps_per_epoch=0,
+                                         last_decision_step=-1, skipped_total=0)
+        self._prev_signals: Optional[Signals] = None
+        self._val: Dict[str, float] = {}
+        self._decide()
+
+    # ----------------------------------------------------------------- hooks
+    def _default_reward(self) -> Callable[[RewardContext], float]:
+        raise NotImplementedError
+
+    def _apply_action(self, action: int) -> None:
+        raise NotImplementedError
+
+    def _active(self) -> int:
+        """Index of the inner optimizer that runs now."""
+        return 0
+
+    def _sync_group(self, spec: ChoiceSpec, group: Dict[str, Any], inner_group: Dict[str, Any]) -> None:
+        inner_group["lr"] = group["lr"] * spec.lr_scale
+        if spec.kind.follows_momentum and not spec.pins_momentum:
+            inner_group["momentum"] = group["momentum"]
+
+    def _extra_features(self, signals: Signals) -> Sequence[float]:
+        return ()
+
+    def _history_extra(self) -> Dict[str, Any]:
+        return {}
+
+    # --------------------------------------------------------- inner optimizers
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "lr" in param_group:
+            _check_lr(param_group["lr"])
+        explicit = {k: v for k, v in param_group.items() if k != "params"}
+        super().add_param_group(param_group)
+        self._explicit.append(explicit)
+        if "_inner" in self.__dict__:  # a group added after construction reaches every inner optimizer
+            group = self.param_groups[-1]
+            for spec, inner in zip(self._specs, self._inner):
+                inner.add_param_group(spec.inner_group(group, explicit, self.defaults))
+                self._prepare_state(spec, inner)
+            self._params = [p for g in self.param_groups for p in g["params"]]
+
+    def _build_inner(self, spec: ChoiceSpec) -> Tuple[Optimizer, bool]:
+        groups = [spec.inner_group(g, e, self.defaults) for g, e in zip(self.param_groups, self._explicit)]
+        cls = spec.kind.optimizer
+        extra = {"base_optimizer": torch.optim.SGD} if cls.__name__ == "SAM" else {}
+        wants_fused = spec.options.get("fused", None)
+        fused = False
+        if wants_fused is not False and not spec.options.get("foreach"):
+            try:
+                inner = cls(groups, fused=True, **extra)
+                fused = True
+            except (RuntimeError, ValueError, TypeError):
+                if wants_fused:
+                    raise
+                groups = [spec.inner_group(g, e, self.defaults) for g, e in zip(self.param_groups, self._explicit)]
+        if not fused:
+            inner = cls(groups, **spec.options, **extra)
+            warnings.warn(
+                f"Choice '{spec.name}' runs without fused kernels here: non-finite steps are detected "
+                "with a host synchronisation at every step", RuntimeWarning, stacklevel=4)
+        self._prepare_state(spec, inner)
+        return inner, fused
+
+    @staticmethod
+    def _prepare_state(spec: ChoiceSpec, inner: Optimizer) -> None:
+        """Zero momentum buffers up front for SGD-like inner optimizers.
+
+        torch's first momentum step sets ``buf = grad``; with zero buffers ``buf = 0.9 * 0 + grad``
+        is the same number. A fused step skipped on the device (non-finite gradient) would
+        otherwise leave an uninitialised buffer behind.
+        """
+        target = getattr(inner, "base_optimizer", inner)
+        if not isinstance(target, torch.optim.SGD):
+            return
+        for group in target.param_groups:
+            if group.get("dampening", 0) != 0:
+                continue
+            for p in group["params"]:
+                state = target.state[p]
+                if "momentum_buffer" not in state or state["momentum_buffer"] is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @property
+    def inner_optimizers(self) -> Dict[str, Optimizer]:
+        """The inner torch optimizers by choice name (read-only use: inspect their state)."""
+        return {s.name: o for s, o in zip(self._specs, self._inner)}
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One optimisation step with the inner optimizer in use; returns the closure's loss.
+
+        The closure clears the gradients, computes the loss, calls ``backward()`` and returns
+        the loss (torch's convention). It is required when a choice needs one (SAM), from the
+        first step on, whichever choice runs.
+        """
+        if closure is None and self._needs_closure:
+            names = [s.name for s in self._specs if s.needs_closure]
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure because choices {names} evaluate the "
+                "gradient twice; call step(closure) where the closure clears the gradients, computes "
+                "the loss, calls backward() and returns the loss"
+            )
+        i = self._active()
+        spec, inner = self._specs[i], self._inner[i]
+        for group, inner_group in zip(self.param_groups, inner.param_groups):
+            self._sync_group(spec, group, inner_group)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._guarded_step(i, closure, loss)
+        self._after_step(spec.cost)
+        return loss
+
+    def _grads(self) -> Tuple[List[torch.Tensor], torch.device]:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        device = grads[0].device if grads else self._params[0].device
+        return grads, device
+
+    def _guarded_step(self, i: int, closure, loss) -> None:
+        spec, inner, fused = self._specs[i], self._inner[i], self._fused[i]
+        grads, device = self._grads()
+        grad_norm = global_grad_norm(grads, device)
+        finite = torch.isfinite(grad_norm)
+        if isinstance(loss, torch.Tensor):
+            finite = finite & torch.isfinite(loss.detach()).all().to(device)
+        elif loss is not None and not math.isfinite(float(loss)):
+            finite = finite & False
+        self.tracker.record(self._params, loss, grad_norm, finite)
+        target = inner
+        if spec.needs_closure:  # SAM: ascend, evaluate again, come back
+            inner.first_step(zero_grad=True, grad_norm=None if any(
+                g.get("adaptive") for g in inner.param_groups) else grad_norm)
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                inner.restore()
+                raise
+            grads2, _ = self._grads()
+            finite = finite & torch.isfinite(global_grad_norm(grads2, device))
+            inner.restore()
+            target = inner.base_optimizer
+        if fused:
+            target.found_inf = (~finite).to(torch.float32)
+            try:
+                target.step()
+            finally:
+                del target.found_inf
+        elif bool(finite):  # host check: only where no fused kernel exists
+            target.step()
+
+    def _after_step(self, cost: float) -> None:
+        ctl = self._ctl
+        ctl["step"] += 1
+        ctl["interval_steps"] += 1
+        ctl["interval_cost"] += cost
+        if self.max_nonfinite_steps is not None:
+            run = self.tracker.poll_skip_run()
+            if run is not None and run >= self.max_nonfinite_steps:
+                self._raise_nonfinite(run)
+        if isinstance(self.interval, int) and ctl["interval_steps"] >= self.interval:
+            self._decide(final=self._progress() >= 1.0)
+        elif self.total_steps is not None and ctl["step"] == self.total_steps:
+            self._decide(final=True)
+
+    def _raise_nonfinite(self, run: int) -> None:
+        raise RuntimeError(
+            f"The loss or gradient was not finite for {run} consecutive steps (max_nonfinite_steps="
+            f"{self.max_nonfinite_steps}); those steps were skipped and the parameters and optimizer "
+            "state are as they were before them. Lower the learning rate, check the data, or raise "
+            "max_nonfinite_steps."
+        )
+
+    # ------------------------------------------------------------- decisions
+    def epoch_end(self, val_loss: Optional[float] = None, val_acc: Optional[float] = None) -> str:
+        """Mark the end of an epoch and give the validation metrics (``val_acc`` as a fraction).
+
+        With ``interval="epoch"`` this is the decision point. Returns the choice now in use.
+        """
+        val = {}
+        for name, value in (("val_loss", val_loss), ("val_acc", val_acc)):
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name} must be a number, got {value!r}") from None
+            val[name] = value
+        if "val_acc" in val and not 0.0 <= val["val_acc"] <= 1.0:
+            raise ValueError(f"val_acc must be a fraction in [0, 1], got {val['val_acc']}")
+        if "val_loss" in val and math.isnan(val["val_loss"]):
+            raise ValueError("val_loss is NaN")
+        self._val.update(val)
+        ctl = self._ctl
+        ctl["epoch"] += 1
+        ctl["steps_per_epoch"] = ctl["step"] - ctl["epoch_start_step"]
+        ctl["epoch_start_step"] = ctl["step"]
+        final = self.total_epochs is not None and ctl["epoch"] == self.total_epochs
+        if self.interval == "epoch" or (final and ctl["last_decision_step"] != ctl["step"]):
+            self._decide(final=final)
+        return self.choice
+
+    def _progress(self) -> float:
+        ctl = self._ctl
+        if self.total_steps is not None:
+            return min(1.0, ctl["step"] / self.total_steps)
+        if self.total_epochs is not None:
+            if self.interval != "epoch" and ctl["steps_per_epoch"] > 0:
+                done = ctl["epoch"] + (ctl["step"] - ctl["epoch_start_step"]) / ctl["steps_per_epoch"]
+                return min(1.0, done / self.total_epochs)
+            return min(1.0, ctl["epoch"] / self.total_epochs)
+        return math.nan
+
+    def _decide(self, final: bool = False) -> None:
+        ctl = self._ctl
+        summary = self.tracker.summary()
+        if self.max_nonfinite_steps is not None and summary["longest_skip_run"] >= self.max_nonfinite_steps:
+            self._raise_nonfinite(summary["longest_skip_run"])
+        cheapest = min(s.cost for s in self._specs)
+        signals = Signals(
+            loss=summary["loss"], grad_norm=summary["grad_norm"], grad_cosine=summary["grad_cosine"],
+            grad_sign_agreement=summary["grad_sign_agreement"],
+            val_loss=self._val.get("val_loss", math.nan), val_acc=self._val.get("val_acc", math.nan),
+            steps=ctl["interval_steps"], skipped=summary["skipped"],
+            cost=ctl["interval_cost"] / ctl["interval_steps"] / cheapest if ctl["interval_steps"] else math.nan,
+            progress=self._progress(),
+        )
+        obs = self.observer.build(signals, ctl["action"], max(s.cost for s in self._specs) / cheapest,
+                                  self._extra_features(signals))
+        reward, info = None, {}
+        if ctl["decisions"] > 0:
+            ctx = RewardContext(now=signals, before=self._prev_signals,
+                                action=self._action_names[ctl["action"]], final=final)
+            reward = float(self.reward_fn(ctx))
+            if not math.isfinite(reward):
+                raise ValueError(f"The reward function returned {reward}")
+            info = self.policy.observe(reward, obs, terminal=False, truncated=final)
+        action = self.policy.act(obs)
+        if not (isinstance(action, int) and 0 <= action < len(self._action_names)):
+            raise ValueError(f"The policy returned an invalid action: {action!r}")
+        self._apply_action(action)
+        self.history.append({
+            "decision": ctl["decisions"], "step": ctl["step"], "epoch": ctl["epoch"],
+            "choice": self._action_names[action], "action": action,
+            "observation": obs.tolist(), "reward": reward, "final": final,
+            "signals": signals.as_dict(), "policy": dict(info), **self._history_extra(),
+        })
+        ctl["action"] = action
+        ctl["decisions"] += 1
+        ctl["interval_steps"], ctl["interval_cost"] = 0, 0.0
+        ctl["skipped_total"] += summary["skipped"]
+        ctl["last_decision_step"] = ctl["step"]
+        self._prev_signals = signals
+
+    @property
+    def choice(self) -> str:
+        """Name of the action now in effect."""
+        return self._action_names[self._ctl["action"]]
+
+    @property
+    def action_names(self) -> Tuple[str, ...]:
+        return self._action_names
+
+    @property
+    def observation_layout(self) -> Dict[str, Any]:
+        return self.observer.layout
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bit for bit: the wrapper's groups, every inner optimizer's
+        state, the policy (networks, optimizer, buffers, counters, RNG), the feature
+        accumulators, the decision history. Loadable with ``torch.load(weights_only=True)``."""
+        sd = super().state_dict()
+        sd["rlopt"] = {
+            "format": STATE_FORMAT, "kind": self.kind, "actions": list(self._action_names),
+            "choices": [s.name for s in self._specs],
+            "inner": [o.state_dict() for o in self._inner],
+            "policy": {**self.policy.describe(), "state": self.policy.state_dict()},
+            "tracker": self.tracker.state_dict(), "observer": self.observer.state_dict(),
+            "controller": dict(self._ctl), "val": dict(self._val),
+            "prev_signals": None if self._prev_signals is None else self._prev_signals.as_dict(),
+            "history": copy.deepcopy(self.history),
+            **self._extra_state(),
+        }
+        return sd
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; everything is checked before anything changes."""
+        rl = state_dict.get("rlopt") if isinstance(state_dict, dict) else None
+        if not isinstance(rl, dict) or rl.get("format") != STATE_FORMAT:
+            raise ValueError(f"Not an rlopt optimizer state dict ({STATE_FORMAT}); it has keys "
+                             f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)}")
+        if rl["kind"] != self.kind or list(rl["actions"]) != list(self._action_names) or \
+                list(rl["choices"]) != [s.name for s in self._specs]:
+            raise ValueError(
+                f"State dict is for a {rl['kind']} optimizer over actions {rl['actions']} and choices "
+                f"{rl['choices']}; this one is {self.kind} over {list(self._action_names)} and "
+                f"{[s.name for s in self._specs]}"
+            )
+        desc = self.policy.describe()
+        saved = rl["policy"]
+        for key in ("kind", "obs_dim", "action_names", "config"):
+            if saved.get(key) != desc.get(key):
+                raise ValueError(f"The saved policy differs from this optimizer's policy in '{key}': "
+                                 f"{saved.get(key)!r} != {desc.get(key)!r}")
+        for inner, sd in zip(self._inner, rl["inner"]):
+            if len(sd["param_groups"]) != len(inner.param_groups) or any(
+                    len(a["params"]) != len(b["params"]) for a, b in zip(sd["param_groups"], inner.param_groups)):
+                raise ValueError("An inner optimizer's state does not match this optimizer's parameter groups")
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        for inner, sd in zip(self._inner, rl["inner"]):
+            inner.load_state_dict(sd)
+        self.policy.load_state_dict(saved["state"])
+        device = self._params[0].device if self._params else torch.device("cpu")
+        self.tracker.load_state_dict(rl["tracker"], device)
+        self.observer.load_state_dict(rl["observer"])
+        self._ctl = dict(rl["controller"])
+        self._val = dict(rl["val"])
+        self._prev_signals = None if rl["prev_signals"] is None else Signals(**rl["prev_signals"])
+        self.history = copy.deepcopy(list(rl["history"]))
+        self._load_extra_state(rl)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED + self._EXTRA_PICKLED if k in self.__dict__})
+        return state
+
+    _EXTRA_PICKLED: Tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(actions={list(self._action_names)}, choice={self.choice!r}, "
+                f"interval={self.interval!r}, policy={self.policy!r})")

@@ -1,0 +1,128 @@
+"""Experience storage: a ring replay buffer (DQN) and a rollout buffer with GAE (PPO)."""
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple, Tuple
+
+import torch
+
+__all__ = ["Transition", "ReplayBuffer", "RolloutBuffer", "compute_gae"]
+
+
+class Transition(NamedTuple):
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    next_obs: torch.Tensor
+    terminal: torch.Tensor
+
+
+class ReplayBuffer:
+    """Fixed-capacity ring buffer of transitions; the oldest are overwritten first."""
+
+    def __init__(self, capacity: int, obs_dim: int):
+        if capacity <= 0:
+            raise ValueError(f"Invalid buffer capacity: {capacity}")
+        self.capacity = int(capacity)
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.action = torch.zeros(capacity, dtype=torch.long)
+        self.reward = torch.zeros(capacity)
+        self.terminal = torch.zeros(capacity)
+        self.pos = 0  # next slot to write
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs, action: int, reward: float, next_obs, terminal: bool) -> None:
+        i = self.pos
+        self.obs[i] = obs
+        self.action[i] = action
+        self.reward[i] = reward
+        self.next_obs[i] = next_obs
+        self.terminal[i] = float(terminal)
+        self.pos = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Transition:
+        """Uniform sample without replacement (``min(batch_size, len)`` transitions)."""
+        n = min(batch_size, self.size)
+        idx = torch.randperm(self.size, generator=generator)[:n]
+        return Transition(self.obs[idx], self.action[idx], self.reward[idx],
+                          self.next_obs[idx], self.terminal[idx])
+
+    def state_dict(self) -> Dict[str, Any]:
+        n = self.size  # only the filled part: small checkpoints early in training
+        return {"obs": self.obs[:n].clone(), "next_obs": self.next_obs[:n].clone(),
+                "action": self.action[:n].clone(), "reward": self.reward[:n].clone(),
+                "terminal": self.terminal[:n].clone(), "pos": self.pos, "size": n}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        n = int(state["size"])
+        if n > self.capacity or state["obs"].shape[1:] != self.obs.shape[1:]:
+            raise ValueError("Replay buffer state does not fit this buffer's capacity or observation size")
+        for key in ("obs", "next_obs", "action", "reward", "terminal"):
+            getattr(self, key).zero_()
+            getattr(self, key)[:n] = state[key]
+        self.pos, self.size = int(state["pos"]), n
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
+                last_value: float, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016).
+
+    ``dones[t]`` is 1 when the episode ended after step ``t`` (no bootstrap across it; a budget
+    truncation is folded into the reward beforehand). ``last_value`` is V of the observation that
+    follows the last step. Returns ``(advantages, returns)``.
+    """
+    T = rewards.shape[0]
+    advantages = torch.zeros(T)
+    gae = 0.0
+    for t in reversed(range(T)):
+        next_value = last_value if t == T - 1 else values[t + 1]
+        nonterminal = 1.0 - float(dones[t])
+        delta = rewards[t] + gamma * next_value * nonterminal - values[t]
+        gae = delta + gamma * lam * nonterminal * gae
+        advantages[t] = gae
+    return advantages, advantages + values
+
+
+class RolloutBuffer:
+    """On-policy storage for one PPO rollout of ``size`` decisions."""
+
+    def __init__(self, size: int, obs_dim: int):
+        if size <= 0:
+            raise ValueError(f"Invalid rollout length: {size}")
+        self.size = int(size)
+        self.obs = torch.zeros(size, obs_dim)
+        self.action = torch.zeros(size, dtype=torch.long)
+        self.logprob = torch.zeros(size)
+        self.value = torch.zeros(size)
+        self.reward = torch.zeros(size)
+        self.done = torch.zeros(size)
+        self.pos = 0
+
+    def full(self) -> bool:
+        return self.pos == self.size
+
+    def add(self, obs, action: int, logprob: float, value: float, reward: float, done: bool) -> None:
+        if self.full():
+            raise RuntimeError("Rollout buffer is full; call reset() after the update")
+        i = self.pos
+        self.obs[i], self.action[i], self.logprob[i] = obs, action, logprob
+        self.value[i], self.reward[i], self.done[i] = value, reward, float(done)
+        self.pos += 1
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {k: getattr(self, k).clone() for k in ("obs", "action", "logprob", "value", "reward", "done")} | {
+            "pos": self.pos}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["obs"].shape != self.obs.shape:
+            raise ValueError("Rollout buffer state does not fit this buffer's length or observation size")
+        for key in ("obs", "action", "logprob", "value", "reward", "done"):
+            getattr(self, key).copy_(state[key])
+        self.pos = int(state["pos"])

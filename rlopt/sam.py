@@ -1,0 +1,177 @@
+"""Sharpness-Aware Minimization (SAM) around any torch optimizer."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["SAM"]
+
+
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021), wrapping a base optimizer.
+
+    .. code-block:: text
+
+        g   = grad L(w)                          # first pass (closure)
+        e   = rho * g / ||g||                    # adaptive: e = rho * w^2 g / ||w g||
+        g'  = grad L(w + e)                      # second pass (closure again)
+        w   = base_step(w, g')                   # e.g. SGD with momentum, at the original w
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        base_optimizer: the optimizer *class* that makes the update (``torch.optim.SGD`` by default).
+        rho: neighbourhood radius (default 0.05). ``rho=0`` is the base optimizer with twice the cost.
+        adaptive: ASAM (Kwon et al., 2021): scale the perturbation by ``|w|``.
+        **kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
+
+    ``step(closure)`` follows the torch closure convention (as ``LBFGS``): the closure clears
+    the gradients, computes the loss, calls ``backward()`` and returns the loss. SAM calls it
+    twice, at ``w`` and at ``w + e``, and returns the first loss. The phases are also public,
+    named as in the paper, for loops that compute the first gradient themselves::
+
+        loss_fn(model(x), y).backward()
+        sam.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        sam.second_step(zero_grad=True)
+
+    Example:
+        >>> sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        >>> def closure():
+        ...     sam.zero_grad()
+        ...     loss = loss_fn(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = sam.step(closure)
+
+    Note:
+        Departs from the widely copied reference implementation (``davda54/sam``) where that one
+        loses information: ``step`` returns the loss, ``state_dict`` holds the base optimizer's
+        state (momentum buffers, Adam moments), deepcopy and pickle keep the base optimizer, the
+        weights are restored by copy (bit-exact, not ``w + e - e``) and are restored even when
+        the second pass raises.
+    """
+
+    def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float = 0.05,
+                 adaptive: bool = False, **kwargs):
+        if not 0.0 <= rho < float("inf"):
+            raise ValueError(f"Invalid rho: {rho}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"
+            )
+        defaults = dict(rho=rho, adaptive=bool(adaptive), **kwargs)
+        super().__init__(params, defaults)
+        # The base optimizer works on the very same group dicts: an LR scheduler on SAM reaches it.
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    # ------------------------------------------------------------------ phases
+    def _params_with_grad(self):
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """Global L2 norm of the gradients (of ``|w| * g`` in adaptive groups), on device."""
+        norms = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["adaptive"]:
+                grads = torch._foreach_mul(torch._foreach_abs(params), grads)
+            norms.extend(torch._foreach_norm(grads))
+        if not norms:
+            return None
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_norm: Optional[torch.Tensor] = None) -> None:
+        """Move to ``w + e``; keep a copy of ``w``. ``grad_norm`` may be passed if already known."""
+        if grad_norm is None:
+            grad_norm = self.grad_norm()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            backups = []
+            for p in params:
+                state = self.state[p]
+                if "old_p" not in state or state["old_p"].shape != p.shape:
+                    state["old_p"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                backups.append(state["old_p"])
+            torch._foreach_copy_(backups, params)
+            scale = group["rho"] / (grad_norm.to(params[0].device) + 1e-12)
+            e_w = torch._foreach_mul([p.grad for p in params], scale)
+            if group["adaptive"]:
+                torch._foreach_mul_(e_w, torch._foreach_mul(params, params))
+            torch._foreach_add_(params, e_w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Return the weights to ``w`` (bit-exact) after :meth:`first_step`."""
+        for group in self.param_groups:
+            pairs = [(p, self.state[p]["old_p"]) for p in group["params"]
+                     if "old_p" in self.state.get(p, {})]
+            if pairs:
+                params, backups = zip(*pairs)
+                torch._foreach_copy_(list(params), list(backups))
+                for p in params:
+                    del self.state[p]["old_p"]
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` and let the base optimizer step with the gradient taken at ``w + e``."""
+        self.restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        if closure is None:
+            raise RuntimeError(
+                "SAM needs a closure: step(closure) where the closure clears the gradients, "
+                "computes the loss, calls backward() and returns the loss"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        try:
+            closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        """The base optimizer's state dict (its groups carry ``rho`` and ``adaptive``)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
+            return super().add_param_group(param_group)
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self.base_optimizer.add_param_group(param_group)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["base_optimizer"] = self.base_optimizer
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "base_optimizer" in state:
+            self.param_groups = self.base_optimizer.param_groups

@@ -1,0 +1,108 @@
+"""RLSwitchingOptimizer: a policy chooses which inner optimizer (SGD, SAM, Adam, ...) runs."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+from .choices import ChoicesArg, resolve_choices
+from .controller import RLControlledOptimizer
+from .rewards import RewardContext, SwitchingReward
+
+__all__ = ["RLSwitchingOptimizer"]
+
+
+class RLSwitchingOptimizer(RLControlledOptimizer):
+    r"""A ``torch.optim.Optimizer`` that runs one of several inner optimizers, chosen by a small
+    reinforcement-learning policy from cheap training signals.
+
+    .. code-block:: text
+
+        a_0 = policy.act(o_0)
+        for each step:             inner[a].step()            # SGD, SAM, Adam, ... (fused, guarded)
+        at each decision k:        o_k = features(loss, grad norm, gradient alignment, val metrics,
+                                                  progress, previous action, compute cost)
+                                   policy.observe(r_k = reward(interval k), o_k)
+                                   a_k = policy.act(o_k)
+
+    Decisions happen at every :meth:`epoch_end` (``interval="epoch"``) or every ``interval``
+    steps. Each inner optimizer keeps its own state across switches (Adam's moments survive an
+    SGD stretch).
+
+    Args:
+        params: parameters or param-group dicts, as any torch optimizer takes. A group may set
+            ``lr``, ``momentum``, ``weight_decay`` or any inner hyper-parameter; it wins over the
+            choice's own value for that group.
+        choices: ``["sgd", "sam", "adam"]``; ``[(name, kwargs), ...]``; or ``{name: kwargs}``. Names
+            are ``sgd``, ``sam``, ``adam``, ``adamw``, or any name with a ``family`` key. Per-choice
+            keys: the family's hyper-parameters, ``lr`` or ``lr_scale``, ``cost``.
+            See :mod:`rlopt.choices` for how they combine with the base ``lr``.
+        policy: ``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<choice>"``, a pretrained policy's
+            name, a checkpoint path, a :class:`~rlopt.policies.Policy`, or a config
+            (``DQNConfig(...)``, ``PPOConfig(...)``).
+        interval: ``"epoch"`` (decide at each :meth:`epoch_end`) or N (decide every N steps).
+        lr: base learning rate; what LR schedulers change. SGD and SAM run at it, Adam and
+            AdamW at ``lr * 0.01`` unless their choice sets ``lr``/``lr_scale``.
+        momentum: SGD/SAM momentum (schedulers that cycle momentum reach them through it).
+        weight_decay: for every choice that does not set its own (None: each family's default:
+            0, AdamW 1e-2).
+        seed: seeds the policy (network initialisation and exploration). The global RNG is not touched.
+        total_steps, total_epochs: the budget, when known: it gives the progress feature and
+            ends the episode (a truncation, bootstrapped) at the last decision.
+        reward: callable ``reward(RewardContext) -> float`` (default :class:`~rlopt.rewards.SwitchingReward`).
+        train_policy: learn online (True) or freeze (False); None keeps the policy's own mode
+            (new policies learn, loaded ones are frozen).
+        max_nonfinite_steps: raise after this many consecutive steps with a non-finite loss or
+            gradient (each is skipped and penalised); None never raises.
+        signal_every: sample gradient alignment every this many steps (None: 10, or interval // 2
+            when deciding every ``interval`` < 20 steps, so every interval holds samples).
+
+    Example:
+        >>> opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        >>> for epoch in range(epochs):
+        ...     for x, y in loader:
+        ...         def closure():
+        ...             opt.zero_grad()
+        ...             loss = F.cross_entropy(model(x), y)
+        ...             loss.backward()
+        ...             return loss
+        ...         opt.step(closure)
+        ...     sched.step()
+        ...     opt.epoch_end(val_loss=vl, val_acc=va)
+        >>> opt.choice, opt.history[-1]["reward"]
+    """
+
+    kind = "switching"
+
+    def __init__(self, params, choices: ChoicesArg = ("sgd", "sam", "adam"), policy: Any = "ppo",
+                 interval: Union[str, int] = "epoch", lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: Optional[float] = None, seed: int = 0, *,
+                 total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
+                 reward: Optional[Callable[[RewardContext], float]] = None,
+                 train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
+                 signal_every: Optional[int] = None):
+        if not isinstance(lr, (int, float)) or not 0.0 <= lr < float("inf"):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay is not None and not 0.0 <= weight_decay < float("inf"):
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        specs = resolve_choices(choices, lr)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults, specs, action_names=[s.name for s in specs], policy=policy,
+                         interval=interval, seed=seed, total_steps=total_steps, total_epochs=total_epochs,
+                         reward=reward, max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
+                         train_policy=train_policy)
+
+    def _default_reward(self):
+        return SwitchingReward()
+
+    def _active(self) -> int:
+        return self._ctl["action"]
+
+    def _apply_action(self, action: int) -> None:
+        pass  # the next step() runs inner optimizer `action`; nothing else changes
+
+    @property
+    def choices(self):
+        """The resolved choices (name, family, hyper-parameters, lr scale, cost)."""
+        return self._specs
