@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .policies import load_policy as _load_policy_file
 from .sam import SAM
 from .switching import RLSwitchingOptimizer
+from .lr_control import QLearningRateOptimizer
 
 
 def load_policy(name_or_path, *, train: bool = False):
@@ -25,4 +26,4 @@ def list_policies():
     return _list()
 
 
-__all__ = ["RLSwitchingOptimizer", "SAM", "load_policy", "list_policies", "__version__"]
+__all__ = ["RLSwitchingOptimizer", "QLearningRateOptimizer", "SAM", "load_policy", "list_policies", "__version__"]

@@ -233,6 +233,8 @@ class RLControlledOptimizer(Optimizer):
             if group.get("dampening", 0) != 0:
                 continue
             for p in group["params"]:
+                if not p.requires_grad:  # frozen: never stepped, needs no buffer
+                    continue
                 state = target.state[p]
                 if "momentum_buffer" not in state or state["momentum_buffer"] is None:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -297,6 +299,7 @@ class RLControlledOptimizer(Optimizer):
                 raise
             grads2, _ = self._grads()
             finite = finite & torch.isfinite(global_grad_norm(grads2, device))
+            self.tracker.amend(finite)  # a non-finite second gradient skips the step too
             inner.restore()
             target = inner.base_optimizer
         if fused:
@@ -319,8 +322,8 @@ class RLControlledOptimizer(Optimizer):
                 self._raise_nonfinite(run)
         if isinstance(self.interval, int) and ctl["interval_steps"] >= self.interval:
             self._decide(final=self._progress() >= 1.0)
-        elif self.total_steps is not None and ctl["step"] == self.total_steps:
-            self._decide(final=True)
+        elif isinstance(self.interval, int) and self.total_steps is not None and ctl["step"] == self.total_steps:
+            self._decide(final=True)  # the budget ends between two decision points
 
     def _raise_nonfinite(self, run: int) -> None:
         raise RuntimeError(
@@ -356,7 +359,7 @@ class RLControlledOptimizer(Optimizer):
         ctl["epoch"] += 1
         ctl["steps_per_epoch"] = ctl["step"] - ctl["epoch_start_step"]
         ctl["epoch_start_step"] = ctl["step"]
-        final = self.total_epochs is not None and ctl["epoch"] == self.total_epochs
+        final = (self.total_epochs is not None and ctl["epoch"] == self.total_epochs) or self._progress() >= 1.0
         if self.interval == "epoch" or (final and ctl["last_decision_step"] != ctl["step"]):
             self._decide(final=final)
         return self.choice

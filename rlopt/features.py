@@ -138,6 +138,7 @@ class SignalTracker:
         else:
             loss_v = loss_n = torch.zeros((), dtype=dtype, device=dev)
         self.acc[:5] += torch.stack([loss_v, loss_n, gnorm, ok, 1.0 - ok])
+        self._run_before = self.run[0].clone()  # for amend() within this step
         self.run[0] = (self.run[0] + 1.0) * (1.0 - ok)
         self.run[1] = torch.maximum(self.run[1], self.run[0])
 
@@ -147,6 +148,17 @@ class SignalTracker:
         if self.steps % self.signal_every == 0 and ids:
             self._snapshot(params, ids, finite)
         self.steps += 1
+
+    @torch.no_grad()
+    def amend(self, finite: torch.Tensor) -> None:
+        """Count the step recorded last as skipped when ``finite`` (device bool) is False after
+        all: SAM knows only after its second gradient whether the step is taken. The step's
+        first-pass loss and gradient statistics stay in the means."""
+        dtype = self.acc.dtype
+        bad = (~finite).to(self.acc.device, dtype) * (self.run[0] == 0).to(dtype)  # not counted yet
+        self.acc[self._SKIPPED] += bad
+        self.run[0] = self.run[0] + bad * (self._run_before + 1.0)
+        self.run[1] = torch.maximum(self.run[1], self.run[0])
 
     def _flat(self, params, ids, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         dev = self.acc.device

@@ -64,3 +64,96 @@ class SwitchingReward:
             elif _finite(now.loss) and now.loss > 0:
                 r -= self.final / 10 * math.log(now.loss)
         return r
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards for hyper-parameter control (QLearningRateOptimizer). Each has a learning-rate term
+# (training loss) and a weight-decay term (validation); an optimizer that does not control
+# weight decay sets ``wd=0``.
+
+
+def _val_error(s: Signals) -> float:
+    if _finite(s.val_acc):
+        return 1.0 - s.val_acc
+    return s.val_loss if _finite(s.val_loss) else math.nan
+
+
+@dataclass
+class InverseDistanceReward:
+    r"""Hansen (2016), "Using deep Q-learning to control optimization hyperparameters":
+    pay the inverse distance of the objective to a lower bound of it::
+
+        r = lr * 1 / max(L - L_lb, d_min)      # L: the interval's mean training loss
+          + wd * 1 / max(E - E_lb, d_min)      # E: validation error 1 - acc (val loss without acc)
+          - skipped * share of skipped steps   # non-finite loss or gradient
+
+    ``L_lb`` and ``E_lb`` are fixed lower bounds of the objectives (0 for cross-entropy and
+    error rates). The guard ``d_min`` floors the distance, so a term never exceeds
+    ``coefficient / d_min`` (also when ``L`` dips below the stated bound). A term is 0 when its
+    objective was not measured (no closure loss, no validation metrics).
+
+    Note: the paper's objective is the full training loss; here it is the mean mini-batch loss
+    over the interval that followed the decision (no extra forward passes).
+    """
+
+    lr: float = 0.1
+    wd: float = 0.1
+    loss_bound: float = 0.0
+    error_bound: float = 0.0
+    min_distance: float = 1e-2
+    skipped: float = 1.0
+
+    def __post_init__(self):
+        if not self.min_distance > 0:
+            raise ValueError(f"Invalid min_distance: {self.min_distance}")
+
+    def _term(self, f: float, bound: float) -> float:
+        if not _finite(f):
+            return 0.0
+        return 1.0 / max(f - bound, self.min_distance)
+
+    def __call__(self, ctx: RewardContext) -> float:
+        now = ctx.now
+        r = 0.0
+        if self.lr:
+            r += self.lr * self._term(now.loss, self.loss_bound)
+        if self.wd:
+            r += self.wd * self._term(_val_error(now), self.error_bound)
+        return r - self.skipped * now.skipped_frac
+
+
+@dataclass
+class LogImprovementReward:
+    r"""Pay the relative improvement of the objectives over the last interval::
+
+        r = lr * log(L_prev / L)               # training loss, interval means
+          + wd * log(V_prev / V)               # validation loss (validation error without loss)
+          - skipped * share of skipped steps
+
+    A term is 0 when either value is missing or not positive (first interval, no validation).
+    """
+
+    lr: float = 10.0
+    wd: float = 10.0
+    skipped: float = 1.0
+
+    @staticmethod
+    def _log_gain(prev: float, now: float) -> float:
+        if _finite(prev, now) and prev > 0 and now > 0:
+            return math.log(prev / now)
+        return 0.0
+
+    def __call__(self, ctx: RewardContext) -> float:
+        now, before = ctx.now, ctx.before
+        r = 0.0
+        if before is not None:
+            if self.lr:
+                r += self.lr * self._log_gain(before.loss, now.loss)
+            if self.wd:
+                v_now = now.val_loss if _finite(now.val_loss) else _val_error(now)
+                v_prev = before.val_loss if _finite(before.val_loss) else _val_error(before)
+                r += self.wd * self._log_gain(v_prev, v_now)
+        return r - self.skipped * now.skipped_frac
+
+
+__all__ += ["InverseDistanceReward", "LogImprovementReward"]

@@ -57,6 +57,9 @@ class SAM(Optimizer):
                  adaptive: bool = False, **kwargs):
         if not 0.0 <= rho < float("inf"):
             raise ValueError(f"Invalid rho: {rho}")
+        lr = kwargs.get("lr")  # torch's own check (lr < 0) lets NaN through
+        if isinstance(lr, float) and not 0.0 <= lr < float("inf"):
+            raise ValueError(f"Invalid learning rate: {lr}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"

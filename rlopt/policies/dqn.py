@@ -75,7 +75,7 @@ class DQNPolicy(Policy):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.q_net = mlp(obs_dim, c.hidden, self.n_actions)
-        self.target_net = mlp(obs_dim, c.hidden, self.n_actions)
+            self.target_net = mlp(obs_dim, c.hidden, self.n_actions)  # its init draws random numbers too
         self.target_net.load_state_dict(self.q_net.state_dict())
         self.target_net.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.q_net.parameters(), lr=c.lr)
@@ -138,7 +138,7 @@ class DQNPolicy(Policy):
         self.n_updates += 1
         if self.n_updates % c.target_update == 0:
             self.target_net.load_state_dict(self.q_net.state_dict())
-        return {"td_loss": float(loss), "q_mean": float(q.mean().detach()), "n_updates": float(self.n_updates)}
+        return {"td_loss": float(loss.detach()), "q_mean": float(q.mean().detach()), "n_updates": float(self.n_updates)}
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()

@@ -1,0 +1,318 @@
+"""QLearningRateOptimizer: a Q-learning agent adjusts the learning rate (and weight decay) of one
+inner optimizer during training (Hansen, 2016; Xu et al., 2017)."""
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .choices import FAMILIES, ChoiceSpec, resolve_choices
+from .controller import RLControlledOptimizer
+from .features import Signals
+from .policies import DQNConfig
+from .rewards import InverseDistanceReward, LogImprovementReward, RewardContext
+
+__all__ = ["QLearningRateOptimizer", "LR_ACTIONS", "WD_ACTIONS", "DEFAULT_DQN_CONFIG"]
+
+#: learning-rate actions: factor <- op(factor)
+LR_ACTIONS = ("keep", "halve", "reset")
+#: weight-decay actions
+WD_ACTIONS = ("keep", "halve", "x1.25", "reset")
+_CONTROLS = {"lr": ("lr", LR_ACTIONS), "weight_decay": ("wd", WD_ACTIONS)}
+
+#: The DQN behind ``policy="dqn"``: a run makes tens of decisions, not thousands, so exploration
+#: ends within about 40 decisions and the horizon is short.
+DEFAULT_DQN_CONFIG = DQNConfig(gamma=0.9, epsilon_decay=0.93, learning_starts=8, target_update=10)
+
+#: Default reward (chosen on benchmarks/lr_control.py; see benchmarks/results/lr_control.md).
+DEFAULT_REWARD = "log_improvement"
+
+
+class QLearningRateOptimizer(RLControlledOptimizer):
+    r"""A ``torch.optim.Optimizer`` whose learning rate (and optionally weight decay) is set by a
+    small Q-learning agent from cheap training signals, on top of one inner optimizer.
+
+    .. code-block:: text
+
+        u_lr = u_wd = 1                                  # the agent's factors
+        for each step:
+            inner.lr = group.lr * u_lr * lr_scale         # group.lr: what an LR scheduler sets
+            inner.weight_decay = group.weight_decay * u_wd
+            inner.step()                                  # SGD / Adam / AdamW / SAM (fused, guarded)
+        at each decision k (every `interval` steps, or at epoch_end):
+            o_k = features(loss, gradient alignment, grad norm, val metrics, progress,
+                           relative objective, log lr and wd levels, previous action)
+            policy.observe(r_k = reward(interval k), o_k);  a_k = policy.act(o_k)
+            u_lr <- {keep: u_lr, halve: u_lr / 2, reset: 1}[a_k.lr]             clipped to [2^-K, 1]
+            u_wd <- {keep: u_wd, halve: u_wd / 2, x1.25: 1.25 u_wd, reset: 1}[a_k.wd]
+                                                                    clipped to [2^-Kd, 1.25^Kg]
+
+    **Actions.** With ``control=("lr",)`` the actions are ``lr:keep``, ``lr:halve``,
+    ``lr:reset``; with ``("weight_decay",)`` ``wd:keep``, ``wd:halve``, ``wd:x1.25``,
+    ``wd:reset``; with both, their product, named ``"lr:halve|wd:keep"`` (12 actions).
+
+    **Bounds.** The learning-rate factor stays in ``[2**-max_lr_halvings, 1]`` (default
+    ``[2**-10, 1]``: the lr never leaves ``[lr * 2**-10, lr]``) and the weight-decay factor in
+    ``[2**-max_wd_halvings, 1.25**max_wd_growths]`` (default ``[2**-8, 1.25**8 ~ 5.96]``); an
+    action that would cross a bound stops at it. Both values stay finite and positive.
+
+    **LR schedulers.** The agent's factor multiplies the wrapper group's ``lr``, which is what
+    an LR scheduler on this optimizer changes, so the two compose::
+
+        inner lr = scheduled group lr * agent factor * base lr_scale     (lr_scale is 1 unless set)
+
+    ``reset`` returns the factor to 1, i.e. to the *scheduled* learning rate. :attr:`lr`
+    reports ``param_groups[0]["lr"] * factor``. Weight decay works the same way on each group's
+    ``weight_decay`` (a group with ``weight_decay=0`` stays at 0).
+
+    **Observation.** The base features of :mod:`rlopt.features` (loss level and trend,
+    gradient norm, mean cosine and sign agreement of successive gradients, validation metrics,
+    progress, skipped steps) and the previous action, plus:
+
+    * ``objective_position``: the interval's mean training loss ``f`` against the ``M``
+      (``objective_memory``) lowest interval losses of earlier decisions: ``+1`` if ``f`` is
+      below all of them (a new best; also at the first measured interval), ``-1`` if ``M``
+      values are stored and ``f`` is above all of them (it would not enter the ``M`` lowest),
+      ``0`` otherwise (it ranks among them; ties count as among). ``0`` when no loss was measured.
+    * ``lr_level`` (and ``wd_level`` when weight decay is controlled): the log of the current
+      value over its initial value, mapped linearly from the bounds ``[log lo, log hi]`` of the
+      factor to ``[-1, 1]`` and clipped (the lr counts the scheduler too). At the initial lr it is 1.
+
+    Everything is accumulated on the device; the only host synchronisation is at decisions.
+
+    Args:
+        params: parameters or param-group dicts. A group may set ``lr``, ``weight_decay``,
+            ``momentum`` or any hyper-parameter of the base.
+        base: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"sam"`` (SAM around SGD), or a
+            ``(name, kwargs)`` pair with the family's hyper-parameters
+            (``("sgd", {"nesterov": True})``, ``("sam", {"rho": 0.1})``). The ``lr`` you pass is the
+            inner optimizer's own (``lr_scale`` 1, unlike the switching optimizer's Adam).
+        lr: initial learning rate, the value ``reset`` returns to (positive).
+        weight_decay: initial weight decay (None: the family's default, 0 or AdamW's 1e-2).
+            Must be positive when controlled.
+        control: ``("lr",)``, ``("weight_decay",)`` or ``("lr", "weight_decay")``.
+        policy: ``"dqn"`` (:data:`DEFAULT_DQN_CONFIG`), ``"ppo"``, ``"random"``,
+            ``"constant:<action>"`` (e.g. ``"constant:lr:keep"``), a checkpoint path, a
+            :class:`~rlopt.policies.Policy` or a config.
+        interval: N (decide every N steps) or ``"epoch"`` (decide at each :meth:`epoch_end`).
+        momentum: SGD/SAM momentum (ignored for Adam/AdamW).
+        seed: seeds the policy; the global RNG is not touched.
+        total_steps, total_epochs: the budget, when known (progress feature, episode end).
+        reward: ``reward(RewardContext) -> float``; default :class:`~rlopt.rewards.LogImprovementReward`
+            (see the module constant ``DEFAULT_REWARD`` and ``benchmarks/results/lr_control.md``),
+            with its weight-decay term off when weight decay is not controlled.
+        objective_memory: ``M`` of ``objective_position``.
+        max_lr_halvings, max_wd_halvings, max_wd_growths: the bounds above.
+        train_policy, max_nonfinite_steps, signal_every: as in
+            :class:`~rlopt.switching.RLSwitchingOptimizer`.
+
+    Example:
+        >>> opt = QLearningRateOptimizer(model.parameters(), base="sgd", lr=0.1, weight_decay=5e-4,
+        ...                              control=("lr", "weight_decay"), interval=10)
+        >>> for epoch in range(epochs):
+        ...     for x, y in loader:
+        ...         def closure():
+        ...             opt.zero_grad()
+        ...             loss = F.cross_entropy(model(x), y)
+        ...             loss.backward()
+        ...             return loss
+        ...         opt.step(closure)
+        ...     opt.epoch_end(val_loss=vl, val_acc=va)
+        >>> opt.lr, opt.weight_decay, opt.history[-1]["choice"]
+
+    Note:
+        Hansen (2016) observes the full objective and its own feature set; here the objective is
+        the mean mini-batch loss of the interval (no extra passes) and the features are rlopt's
+        shared ones plus the two above, so one DQN implementation serves every rlopt optimizer.
+    """
+
+    kind = "lr_control"
+    _EXTRA_PICKLED = ("_control", "_factors", "_lowest", "_memory", "_bounds", "_initial")
+
+    def __init__(self, params, base: Union[str, Tuple[str, Mapping[str, Any]]] = "sgd", lr: float = 0.1,
+                 weight_decay: Optional[float] = None, control: Sequence[str] = ("lr",),
+                 policy: Any = "dqn", interval: Union[str, int] = 10, momentum: float = 0.9,
+                 seed: int = 0, *, total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
+                 reward: Optional[Callable[[RewardContext], float]] = None, objective_memory: int = 5,
+                 max_lr_halvings: int = 10, max_wd_halvings: int = 8, max_wd_growths: int = 8,
+                 train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
+                 signal_every: Optional[int] = None):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise TypeError(f"Invalid learning rate: {lr!r} (expected a float)")
+        if not 0.0 < lr < math.inf:
+            raise ValueError(f"Invalid learning rate: {lr} (must be positive and finite: the agent scales it)")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay is not None and (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
+                                         or not 0.0 <= weight_decay < math.inf):
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        control = self._check_control(control)
+        for name, value in (("objective_memory", objective_memory), ("max_lr_halvings", max_lr_halvings),
+                            ("max_wd_halvings", max_wd_halvings), ("max_wd_growths", max_wd_growths)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value}")
+        spec = self._resolve_base(base, lr)
+        if weight_decay is not None and "weight_decay" in spec.hparams:
+            raise ValueError("Give weight_decay either as the argument or in the base's options, not both")
+        wd0 = float(spec.hparams.get("weight_decay", spec.kind.defaults["weight_decay"])
+                    if weight_decay is None else weight_decay)
+        if "weight_decay" in control and not wd0 > 0:
+            raise ValueError(f"Invalid weight_decay value: {wd0} (controlling weight decay needs a positive "
+                             "initial value)")
+        defaults: Dict[str, Any] = dict(lr=lr, weight_decay=wd0)
+        if spec.kind.follows_momentum:
+            defaults["momentum"] = momentum
+        # The agent's state exists before the base class makes the first decision.
+        self._control = control
+        self._factors = {"lr": 1.0, "weight_decay": 1.0}
+        self._bounds = {"lr": (2.0 ** -max_lr_halvings, 1.0),
+                        "weight_decay": (2.0 ** -max_wd_halvings, 1.25 ** max_wd_growths)}
+        self._initial: Dict[str, float] = {}  # group 0's values at construction (set at the first decision)
+        self._memory = objective_memory
+        self._lowest: List[float] = []
+        parts = [[f"{_CONTROLS[c][0]}:{a}" for a in _CONTROLS[c][1]] for c in control]
+        action_names = ["|".join(combo) for combo in itertools.product(*parts)]
+        extra = ["objective_position", "lr_level"] + (["wd_level"] if "weight_decay" in control else [])
+        if isinstance(policy, str) and policy == "dqn":
+            policy = DQNConfig(**vars(DEFAULT_DQN_CONFIG))
+        super().__init__(params, defaults, [spec], action_names=action_names, policy=policy, interval=interval,
+                         seed=seed, total_steps=total_steps, total_epochs=total_epochs, reward=reward,
+                         max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
+                         train_policy=train_policy, extra_features=extra)
+
+    # ------------------------------------------------------------------ arguments
+    @staticmethod
+    def _check_control(control: Any) -> Tuple[str, ...]:
+        if isinstance(control, str):
+            control = (control,)
+        try:
+            control = tuple(control)
+        except TypeError:
+            raise TypeError(f"control must be a sequence of names, got {control!r}") from None
+        if not control:
+            raise ValueError("control must name at least one of ('lr', 'weight_decay')")
+        unknown = [c for c in control if c not in _CONTROLS]
+        if unknown:
+            raise ValueError(f"Unknown control {unknown}; expected some of ('lr', 'weight_decay')")
+        if len(set(control)) != len(control):
+            raise ValueError(f"Duplicate control names: {list(control)}")
+        return tuple(c for c in _CONTROLS if c in control)  # canonical order: lr first
+
+    @staticmethod
+    def _resolve_base(base: Any, lr: float) -> ChoiceSpec:
+        if isinstance(base, str):
+            name, kwargs = base, {}
+        elif isinstance(base, (tuple, list)) and len(base) == 2 and isinstance(base[0], str):
+            name, kwargs = base[0], dict(base[1] or {})
+        else:
+            raise TypeError(f"base must be a name or a (name, kwargs) pair, got {base!r}")
+        family = kwargs.get("family", name)
+        if family not in FAMILIES:
+            raise ValueError(f"Unknown base '{family}'; expected one of {sorted(FAMILIES)}")
+        if "lr" in kwargs or "cost" in kwargs:
+            raise ValueError("Set the learning rate with lr=..., not in the base's options")
+        kwargs.setdefault("lr_scale", 1.0)
+        return resolve_choices([(name, kwargs)], lr)[0]
+
+    # ---------------------------------------------------------------------- hooks
+    def _default_reward(self):
+        cls = LogImprovementReward if DEFAULT_REWARD == "log_improvement" else InverseDistanceReward
+        reward = cls()
+        if "lr" not in self._control:
+            reward.lr = 0.0
+        if "weight_decay" not in self._control:
+            reward.wd = 0.0
+        return reward
+
+    def _sync_group(self, spec: ChoiceSpec, group: Dict[str, Any], inner_group: Dict[str, Any]) -> None:
+        super()._sync_group(spec, group, inner_group)
+        inner_group["lr"] = inner_group["lr"] * self._factors["lr"]
+        inner_group["weight_decay"] = group["weight_decay"] * self._factors["weight_decay"]
+
+    def _apply_action(self, action: int) -> None:
+        for part in self._action_names[action].split("|"):
+            short, op = part.split(":")
+            name = "lr" if short == "lr" else "weight_decay"
+            lo, hi = self._bounds[name]
+            u = self._factors[name]
+            u = {"keep": u, "halve": u * 0.5, "x1.25": u * 1.25, "reset": 1.0}[op]
+            self._factors[name] = min(hi, max(lo, u))
+
+    def _extra_features(self, signals: Signals) -> Sequence[float]:
+        if not self._initial:
+            self._initial = {"lr": self.param_groups[0]["lr"], "weight_decay": self.param_groups[0]["weight_decay"]}
+        feats = [self._objective_position(signals.loss), self._level("lr", self.lr)]
+        if "weight_decay" in self._control:
+            feats.append(self._level("weight_decay", self.weight_decay))
+        return feats
+
+    def _objective_position(self, f: float) -> float:
+        """+1 new best, -1 outside the M lowest earlier values, 0 among them (see class doc);
+        then remember ``f``."""
+        if not (isinstance(f, float) and math.isfinite(f)):
+            return 0.0
+        lowest = self._lowest
+        if not lowest or f < lowest[0]:
+            pos = 1.0
+        elif len(lowest) >= self._memory and f > lowest[-1]:
+            pos = -1.0
+        else:
+            pos = 0.0
+        bisect.insort(lowest, f)
+        del lowest[self._memory:]
+        return pos
+
+    def _level(self, name: str, value: float) -> float:
+        lo, hi = self._bounds[name]
+        ratio = value / self._initial[name] if self._initial[name] > 0 else math.nan
+        if not (ratio > 0 and math.isfinite(ratio)):
+            return -1.0
+        x = 2.0 * (math.log(ratio) - math.log(lo)) / (math.log(hi) - math.log(lo)) - 1.0
+        return min(1.0, max(-1.0, x))
+
+    def _history_extra(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay,
+                "lr_factor": self._factors["lr"], "wd_factor": self._factors["weight_decay"]}
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"lr_control": {"control": list(self._control), "factors": dict(self._factors),
+                               "lowest": list(self._lowest), "initial": dict(self._initial)}}
+
+    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+        saved = state["lr_control"]
+        self._factors = {k: float(v) for k, v in saved["factors"].items()}
+        self._lowest = [float(v) for v in saved["lowest"]]
+        self._initial = {k: float(v) for k, v in saved["initial"].items()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        rl = state_dict.get("rlopt") if isinstance(state_dict, dict) else None
+        if isinstance(rl, dict) and rl.get("kind") == self.kind and (
+                "lr_control" not in rl or list(rl["lr_control"].get("control", [])) != list(self._control)):
+            raise ValueError(f"State dict controls {rl.get('lr_control', {}).get('control')}, this optimizer "
+                             f"controls {list(self._control)}")
+        super().load_state_dict(state_dict)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def lr(self) -> float:
+        """Current effective learning rate of group 0: ``param_groups[0]["lr"] * factor``."""
+        return self.param_groups[0]["lr"] * self._factors["lr"]
+
+    @property
+    def weight_decay(self) -> float:
+        """Current effective weight decay of group 0."""
+        return self.param_groups[0]["weight_decay"] * self._factors["weight_decay"]
+
+    @property
+    def factors(self) -> Dict[str, float]:
+        """The agent's multipliers (``{"lr": u_lr, "weight_decay": u_wd}``)."""
+        return dict(self._factors)
+
+    @property
+    def control(self) -> Tuple[str, ...]:
+        return self._control
+
+    @property
+    def base(self) -> ChoiceSpec:
+        return self._specs[0]

@@ -1,0 +1,220 @@
+"""Observation features: SignalTracker against hand-computed values, ObservationBuilder bounds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlopt import RLSwitchingOptimizer
+from rlopt.features import (BASE_FEATURES, LAYOUT_VERSION, ObservationBuilder, Signals, SignalTracker,
+                            global_grad_norm, observation_layout)
+
+from conftest import make_closure, make_data, make_model, roundtrip
+
+
+def _params():
+    """Two parameters whose .grad are the halves of each flat gradient given."""
+    ps = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    return ps
+
+
+def _set(ps, flat):
+    flat = torch.tensor(flat, dtype=torch.float32)
+    ps[0].grad, ps[1].grad = flat[:2].clone(), flat[2:].clone()
+
+
+def _record(tracker, ps, loss, finite=True):
+    grads = [p.grad for p in ps]
+    tracker.record(ps, torch.tensor(loss), global_grad_norm(grads, torch.device("cpu")), torch.tensor(finite))
+
+
+G1 = [1.0, 2.0, -1.0, 0.0]
+G2 = [2.0, -1.0, -1.0, 3.0]
+G3 = [-1.0, -2.0, 1.0, 0.5]
+
+
+def _cos(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def _sign(a, b):
+    sgn = lambda v: (v > 0) - (v < 0)  # noqa: E731
+    return sum(sgn(x) * sgn(y) for x, y in zip(a, b)) / len(a)
+
+
+def test_alignment_of_two_known_gradients():
+    # hand computed: dot = 2 - 2 + 1 + 0 = 1, |g1| = sqrt 6, |g2| = sqrt 15; signs: +1 -1 +1 0 -> 1/4
+    assert _cos(G1, G2) == pytest.approx(1 / math.sqrt(90))
+    assert _sign(G1, G2) == 0.25
+    tracker, ps = SignalTracker(signal_every=1), _params()
+    _set(ps, G1)
+    _record(tracker, ps, 1.0)
+    _set(ps, G2)
+    _record(tracker, ps, 3.0)
+    s = tracker.summary()
+    assert s["grad_cosine"] == pytest.approx(1 / math.sqrt(90), rel=1e-6)
+    assert s["grad_sign_agreement"] == pytest.approx(0.25)
+    assert s["loss"] == pytest.approx(2.0)
+    assert s["grad_norm"] == pytest.approx((math.sqrt(6) + math.sqrt(15)) / 2, rel=1e-6)
+    assert s["skipped"] == 0 and s["longest_skip_run"] == 0
+
+
+def test_alignment_is_sampled_every_n_steps():
+    """signal_every=2: snapshot at steps 0 and 2, compare at 1 and 3 (not 2 against 1)."""
+    tracker, ps = SignalTracker(signal_every=2), _params()
+    for g in (G1, G2, G3, G1):
+        _set(ps, g)
+        _record(tracker, ps, 1.0)
+    s = tracker.summary()
+    assert s["grad_cosine"] == pytest.approx((_cos(G1, G2) + _cos(G3, G1)) / 2, rel=1e-6)
+    assert s["grad_sign_agreement"] == pytest.approx((_sign(G1, G2) + _sign(G3, G1)) / 2)
+    with_every_step = SignalTracker(signal_every=1)
+    for g in (G1, G2, G3, G1):
+        _set(ps, g)
+        _record(with_every_step, ps, 1.0)
+    s1 = with_every_step.summary()
+    assert s1["grad_cosine"] == pytest.approx((_cos(G1, G2) + _cos(G2, G3) + _cos(G3, G1)) / 3, rel=1e-6)
+
+
+def test_skipped_steps_excluded_from_means_and_counted():
+    tracker, ps = SignalTracker(signal_every=1), _params()
+    _set(ps, G1)
+    _record(tracker, ps, 1.0)
+    _set(ps, [float("nan")] * 4)
+    _record(tracker, ps, float("nan"), finite=False)
+    _record(tracker, ps, float("nan"), finite=False)
+    _set(ps, G2)
+    _record(tracker, ps, 3.0)
+    s = tracker.summary()
+    assert s["loss"] == pytest.approx(2.0)
+    assert s["grad_norm"] == pytest.approx((math.sqrt(6) + math.sqrt(15)) / 2, rel=1e-6)
+    assert s["skipped"] == 2 and s["longest_skip_run"] == 2
+    assert math.isnan(s["grad_cosine"])  # no two successive finite gradients
+
+
+def test_summary_starts_a_new_interval_but_keeps_the_current_run():
+    tracker, ps = SignalTracker(), _params()
+    _set(ps, G1)
+    _record(tracker, ps, 1.0, finite=False)
+    assert tracker.poll_skip_run() == 1
+    first = tracker.summary()
+    assert first["skipped"] == 1 and math.isnan(first["loss"])
+    _record(tracker, ps, 1.0, finite=False)
+    assert tracker.poll_skip_run() == 2  # consecutive across the decision
+    second = tracker.summary()
+    assert second["skipped"] == 1 and second["longest_skip_run"] == 2
+
+
+def test_amend_counts_a_step_skipped_after_recording():
+    """SAM learns after recording that its second gradient was not finite."""
+    tracker, ps = SignalTracker(), _params()
+    _set(ps, G1)
+    _record(tracker, ps, 1.0, finite=False)
+    _record(tracker, ps, 1.0)
+    tracker.amend(torch.tensor(False))
+    assert tracker.poll_skip_run() == 2
+    _record(tracker, ps, 2.0, finite=False)
+    tracker.amend(torch.tensor(False))  # already counted: no double count
+    _record(tracker, ps, 4.0)
+    tracker.amend(torch.tensor(True))
+    s = tracker.summary()
+    assert s["skipped"] == 3 and s["longest_skip_run"] == 3
+
+
+def test_tracker_state_round_trip_keeps_pending_snapshot():
+    t1, ps = SignalTracker(signal_every=1), _params()
+    _set(ps, G1)
+    _record(t1, ps, 1.0)
+    t2 = SignalTracker(signal_every=5)
+    t2.load_state_dict(roundtrip(t1.state_dict()), torch.device("cpu"))
+    _set(ps, G2)
+    _record(t1, ps, 3.0)
+    _record(t2, ps, 3.0)
+    assert t1.summary() == t2.summary()
+
+
+def test_bad_signal_every():
+    with pytest.raises(ValueError, match="Invalid signal_every"):
+        SignalTracker(0)
+
+
+# ------------------------------------------------------------------------ observations
+ACTIONS = ("sgd", "sam", "adam")
+
+
+def test_layout_names_and_version():
+    layout = observation_layout(ACTIONS, ("extra",))
+    assert layout["version"] == LAYOUT_VERSION
+    assert layout["names"] == list(BASE_FEATURES) + ["extra"] + [f"prev_action:{a}" for a in ACTIONS]
+
+
+def test_observation_hand_computed_values():
+    b = ObservationBuilder(ACTIONS)
+    names = b.layout["names"]
+    o1 = b.build(Signals(loss=2.0, grad_norm=1.0, val_loss=1.0, val_acc=0.5, steps=4, skipped=1, cost=1.5,
+                         progress=0.25), prev_action=None, max_cost=2.0)
+    o2 = b.build(Signals(loss=1.0, grad_norm=2.0, grad_cosine=0.3, grad_sign_agreement=-0.2, val_loss=0.5,
+                         val_acc=0.6, steps=4, cost=1.0, progress=0.5), prev_action=1, max_cost=2.0)
+    f1, f2 = dict(zip(names, o1.tolist())), dict(zip(names, o2.tolist()))
+    assert f1["loss_level"] == 0.0 and f1["loss_change"] == 0.0 and f1["skipped"] == 0.25
+    assert f1["cost"] == pytest.approx(0.5) and f1["progress"] == pytest.approx(-0.5) and f1["has_budget"] == 1.0
+    assert f1["val_acc"] == pytest.approx(0.0) and f1["has_val"] == 1.0
+    assert [f1[f"prev_action:{a}"] for a in ACTIONS] == [0.0, 0.0, 0.0]
+    assert f2["loss_level"] == pytest.approx(math.tanh(math.log(0.5)))
+    assert f2["loss_change"] == pytest.approx(math.tanh(5 * math.log(0.5)))
+    assert f2["grad_norm_change"] == pytest.approx(math.tanh(2 * math.log(2.0)))
+    assert f2["grad_cosine"] == pytest.approx(0.3) and f2["grad_sign_agreement"] == pytest.approx(-0.2)
+    assert f2["val_loss_change"] == pytest.approx(math.tanh(5 * math.log(0.5)))
+    assert f2["val_acc_change"] == pytest.approx(math.tanh(20 * 0.1))
+    assert [f2[f"prev_action:{a}"] for a in ACTIONS] == [0.0, 1.0, 0.0]
+    assert f2["cost"] == 0.0 and f2["skipped"] == 0.0
+
+
+def _random_signals(g):
+    def pick(choices):
+        return choices[int(torch.randint(len(choices), (), generator=g))]
+
+    wild = [math.nan, math.inf, -math.inf, 0.0, -1.0, 1e-30, 1e30, 0.5, 3.0]
+    steps = int(torch.randint(0, 20, (), generator=g))
+    return Signals(loss=pick(wild), grad_norm=pick(wild), grad_cosine=pick([math.nan, -1.0, 0.2, 1.0]),
+                   grad_sign_agreement=pick([math.nan, -1.0, 0.7, 1.0]), val_loss=pick(wild),
+                   val_acc=pick([math.nan, 0.0, 0.3, 1.0]), steps=steps,
+                   skipped=int(torch.randint(0, steps + 1, (), generator=g)), cost=pick(wild),
+                   progress=pick([math.nan, 0.0, 0.5, 1.0]))
+
+
+def test_observation_lies_in_unit_box_for_any_signals():
+    g = torch.Generator().manual_seed(0)
+    b = ObservationBuilder(ACTIONS)
+    for k in range(300):
+        obs = b.build(_random_signals(g), prev_action=k % 3 if k else None, max_cost=2.0)
+        assert obs.shape == (len(b.layout["names"]),) and obs.dtype == torch.float32
+        assert torch.isfinite(obs).all() and obs.abs().max() <= 1.0, obs
+
+
+def test_optimizer_observations_lie_in_unit_box():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy="random", interval=2,
+                               total_steps=12)
+    for k in range(12):
+        opt.step(make_closure(model, opt, x * (10.0 if k % 5 == 0 else 1.0), y))
+    assert len(opt.history) == 7
+    for h in opt.history:
+        assert all(-1.0 <= v <= 1.0 for v in h["observation"])
+    # the tracker really measured alignment and the signals reached the observation
+    names = opt.observation_layout["names"]
+    last = opt.history[-1]
+    assert not math.isnan(last["signals"]["grad_cosine"])
+    assert last["observation"][names.index("grad_cosine")] == pytest.approx(last["signals"]["grad_cosine"], rel=1e-6)
+    assert last["observation"][names.index("progress")] == pytest.approx(1.0)
+
+
+def test_builder_state_round_trip():
+    b1, b2 = ObservationBuilder(ACTIONS), ObservationBuilder(ACTIONS)
+    b1.build(Signals(loss=2.0, grad_norm=1.0, val_loss=1.0, val_acc=0.5), None, 2.0)
+    b2.load_state_dict(roundtrip(b1.state_dict()))
+    s = Signals(loss=1.0, grad_norm=3.0, val_loss=0.7, val_acc=0.6)
+    assert torch.equal(b1.build(s, 0, 2.0), b2.build(s, 0, 2.0))

@@ -1,0 +1,218 @@
+"""rlopt.SAM against a hand-written reference (davda54/sam style), and its edge cases."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from rlopt import SAM
+
+from conftest import assert_state_equal, make_closure, make_data, make_model, roundtrip, two_groups
+
+
+class ReferenceSAM(torch.optim.Optimizer):
+    """The widely copied davda54/sam, reduced to its algorithm (non-adaptive and adaptive)."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self):
+        grad_norm = self._grad_norm()
+        for group in self.param_groups:
+            scale = group["rho"] / (grad_norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.data.clone()
+                e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
+                p.add_(e_w)
+
+    @torch.no_grad()
+    def second_step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+
+    def _grad_norm(self):
+        return torch.norm(torch.stack([
+            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+            for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]), p=2)
+
+    def step(self, closure):
+        loss = closure()
+        self.first_step()
+        closure()
+        self.second_step()
+        return loss
+
+
+# One table of configurations: (id, base optimizer, SAM/base kwargs, grouped?)
+CONFIGS = [
+    ("sgd-momentum", torch.optim.SGD, dict(lr=0.1, momentum=0.9), False),
+    ("sgd-nesterov-wd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4), False),
+    ("sgd-rho0.2-groups", torch.optim.SGD, dict(lr=0.1, momentum=0.5, rho=0.2), True),
+    ("adaptive", torch.optim.SGD, dict(lr=0.1, momentum=0.9, rho=0.5, adaptive=True), False),
+    ("adam", torch.optim.Adam, dict(lr=1e-2), False),
+    ("adamw-groups", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), True),
+]
+
+
+def _build(cls, base, kwargs, grouped, seed=0):
+    model = make_model(seed)
+    params = two_groups(model) if grouped else model.parameters()
+    return model, cls(params, base, **kwargs)
+
+
+@pytest.mark.parametrize("name,base,kwargs,grouped", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_matches_reference(name, base, kwargs, grouped):
+    x, y = make_data()
+    m_ref, ref = _build(ReferenceSAM, base, kwargs, grouped)
+    m_sam, sam = _build(SAM, base, kwargs, grouped)
+    for _ in range(10):
+        l_ref = ref.step(make_closure(m_ref, ref, x, y))
+        l_sam = sam.step(make_closure(m_sam, sam, x, y))
+        assert torch.equal(l_ref, l_sam)
+        for p, q in zip(m_ref.parameters(), m_sam.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert_state_equal(ref.base_optimizer.state, sam.base_optimizer.state, exact=False, rtol=1e-6, atol=1e-7)
+    # The update really happened (the comparison is not vacuous).
+    assert not torch.equal(m_sam[0].weight, make_model(0)[0].weight)
+
+
+def test_phases_equal_step_and_closure_called_twice():
+    x, y = make_data()
+    m1, s1 = _build(SAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9), False)
+    m2, s2 = _build(SAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9), False)
+    calls = []
+    closure = make_closure(m1, s1, x, y)
+
+    def counting():
+        calls.append(1)
+        return closure()
+
+    for _ in range(3):
+        first = s1.step(counting)
+        # the same by hand, through the public phases
+        s2.zero_grad()
+        loss = nn.functional.cross_entropy(m2(x), y)
+        loss.backward()
+        s2.first_step(zero_grad=True)
+        nn.functional.cross_entropy(m2(x), y).backward()
+        s2.second_step(zero_grad=True)
+        assert torch.equal(first, loss)  # step returns the first loss
+    assert len(calls) == 6
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_restore_is_bit_exact_and_survives_failing_second_pass():
+    x, y = make_data()
+    model, sam = _build(SAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9, rho=0.3), False)
+    before = [p.detach().clone() for p in model.parameters()]
+    good = make_closure(model, sam, x, y)
+    n = [0]
+
+    def failing():
+        n[0] += 1
+        if n[0] == 2:
+            raise KeyboardInterrupt("second pass dies")
+        return good()
+
+    with pytest.raises(KeyboardInterrupt):
+        sam.step(failing)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert all("old_p" not in s for s in sam.state.values())
+
+
+def test_closure_required():
+    model, sam = _build(SAM, torch.optim.SGD, dict(lr=0.1), False)
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        sam.step()
+
+
+def test_grad_none_and_zero_size_params():
+    x, y = make_data()
+    model = make_model()
+    model[0].requires_grad_(False)  # frozen layer: grad stays None
+    empty = nn.Parameter(torch.zeros(0, 3))
+    unused = nn.Parameter(torch.ones(2))  # never receives a gradient
+    sam = SAM([*model.parameters(), empty, unused], torch.optim.SGD, lr=0.1, momentum=0.9)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    w = model[2].weight.detach().clone()
+    for _ in range(3):
+        sam.step(make_closure(model, sam, x, y))
+    for p, f in zip(model[0].parameters(), frozen):
+        assert torch.equal(p, f) and p.grad is None
+    assert torch.equal(unused, torch.ones(2)) and unused.grad is None
+    assert empty.shape == (0, 3)
+    assert not torch.equal(model[2].weight, w)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+def test_checkpoint_keeps_base_state(how):
+    """davda54's SAM loses the base optimizer's state in all three; ours must not."""
+    x, y = make_data()
+    model, sam = _build(SAM, torch.optim.SGD, dict(lr=0.1, momentum=0.9), False)
+    for _ in range(3):
+        sam.step(make_closure(model, sam, x, y))
+    if how == "state_dict":
+        model2 = copy.deepcopy(model)
+        sam2 = SAM(model2.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        sam2.load_state_dict(roundtrip(sam.state_dict()))
+    elif how == "deepcopy":
+        model2, sam2 = copy.deepcopy((model, sam))
+    else:
+        model2, sam2 = pickle.loads(pickle.dumps((model, sam)))
+    assert sam2.param_groups is sam2.base_optimizer.param_groups
+    assert sam2.param_groups[0]["params"][0] is next(model2.parameters())
+    assert sam2.base_optimizer.state[next(model2.parameters())]["momentum_buffer"] is not None
+    for _ in range(4):
+        sam.step(make_closure(model, sam, x, y))
+        sam2.step(make_closure(model2, sam2, x, y))
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_scheduler_reaches_base_and_add_param_group():
+    model = make_model()
+    sam = SAM(model[0].parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(sam, step_size=1, gamma=0.5)
+    sam.add_param_group({"params": model[2].parameters(), "lr": 0.02})
+    x, y = make_data()
+    sam.step(make_closure(model, sam, x, y))
+    sched.step()
+    assert [g["lr"] for g in sam.base_optimizer.param_groups] == [0.05, 0.01]
+    assert sam.base_optimizer.param_groups[1]["rho"] == 0.05  # SAM's defaults fill the new group
+    assert len(sam.base_optimizer.state) == 4
+
+
+ERRORS = [
+    (dict(rho=-0.1), ValueError, "Invalid rho"),
+    (dict(rho=float("nan")), ValueError, "Invalid rho"),
+    (dict(rho=float("inf")), ValueError, "Invalid rho"),
+    (dict(base_optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)), TypeError, "base_optimizer"),
+    (dict(base_optimizer=dict), TypeError, "base_optimizer"),
+    (dict(lr=-0.1), ValueError, "Invalid learning rate"),
+    (dict(lr=float("nan")), ValueError, "Invalid learning rate"),
+    (dict(momentum=-0.5), ValueError, "Invalid momentum"),
+]
+
+
+@pytest.mark.parametrize("kwargs,err,msg", ERRORS, ids=[str(e[0])[:40] for e in ERRORS])
+def test_bad_inputs(kwargs, err, msg):
+    kwargs = dict(kwargs)
+    base = kwargs.pop("base_optimizer", torch.optim.SGD)
+    with pytest.raises(err, match=msg):
+        SAM(make_model().parameters(), base, **{"lr": 0.1, **kwargs})

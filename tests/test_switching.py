@@ -1,0 +1,759 @@
+"""RLSwitchingOptimizer: ground truth by difference, resume, schedulers, bad inputs, non-finite
+steps, param-group edge cases, copies, training end to end.
+
+Style of PyTorch's test_optim: one table of configurations (CONFIGS) and one of error inputs
+(ERRORS); generic tests run over them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rlopt import RLSwitchingOptimizer
+from rlopt.policies import DQNConfig, Policy, PPOConfig
+from rlopt.rewards import SwitchingReward
+
+from conftest import (assert_state_equal, assert_tree_equal, make_closure, make_data, make_model, normalize,
+                      roundtrip, two_groups)
+from test_sam import ReferenceSAM
+
+ALL = ["sgd", "sam", "adam", "adamw"]
+
+
+# ----------------------------------------------------------------------------- configurations
+def _plain(model):
+    return list(model.parameters())
+
+
+def _grouped(model):
+    return two_groups(model)
+
+
+def _edge_params(model):
+    """A frozen layer (grad None), a zero-size parameter and an unused parameter."""
+    model[0].requires_grad_(False)
+    model.empty = nn.Parameter(torch.zeros(0, 3))
+    model.unused = nn.Parameter(torch.ones(2))
+    return [*model.parameters()]
+
+
+def _lr_groups(params, scale):
+    """The reference optimizer's groups: each user group's lr times the choice's lr scale."""
+    if params and isinstance(params[0], dict):
+        return [{**g, "lr": g.get("lr", 0.1) * scale} for g in params]
+    return params
+
+
+@dataclass
+class Case:
+    id: str
+    choice: str  # the active choice (constant policy)
+    make_ref: Callable  # (params, fused) -> reference torch optimizer with the wrapper's semantics
+    choice_kwargs: Optional[dict] = None
+    wrapper_kwargs: Optional[dict] = None
+    params: Callable = _plain
+
+    def build(self, model):
+        choices = [(c, self.choice_kwargs or {}) if c == self.choice else c for c in ALL]
+        return RLSwitchingOptimizer(self.params(model), choices=choices, policy=f"constant:{self.choice}",
+                                    **{"lr": 0.1, **(self.wrapper_kwargs or {})})
+
+    def reference(self, model, fused):
+        return self.make_ref(self.params(model), fused)
+
+
+def _sgd(**kw):
+    return lambda params, fused: torch.optim.SGD(params, **{"lr": 0.1, "momentum": 0.9, **kw}, fused=fused)
+
+
+def _adam(cls=torch.optim.Adam, lr=1e-3, scale=0.01, **kw):
+    return lambda params, fused: cls(_lr_groups(params, scale), lr=lr, **kw, fused=fused)
+
+
+def _sam(**kw):
+    return lambda params, fused: ReferenceSAM(params, torch.optim.SGD,
+                                              **{"lr": 0.1, "momentum": 0.9, "rho": 0.05, **kw}, fused=fused)
+
+
+CONFIGS = [
+    Case("sgd", "sgd", _sgd()),
+    Case("sgd-nesterov-wd", "sgd", _sgd(nesterov=True, weight_decay=5e-4),
+         choice_kwargs=dict(nesterov=True, weight_decay=5e-4)),
+    Case("sgd-wrapper-momentum-wd", "sgd", _sgd(momentum=0.5, weight_decay=1e-2),
+         wrapper_kwargs=dict(momentum=0.5, weight_decay=1e-2)),
+    Case("sgd-pinned-momentum", "sgd", _sgd(momentum=0.3), choice_kwargs=dict(momentum=0.3)),
+    Case("sgd-groups", "sgd", _sgd(), params=_grouped),
+    Case("sgd-edge-params", "sgd", _sgd(), params=_edge_params),
+    Case("adam", "adam", _adam()),
+    Case("adam-betas-amsgrad", "adam", _adam(betas=(0.8, 0.99), amsgrad=True),
+         choice_kwargs=dict(betas=(0.8, 0.99), amsgrad=True)),
+    Case("adam-abs-lr", "adam", _adam(lr=3e-3, scale=3e-3 / 0.1), choice_kwargs=dict(lr=3e-3)),
+    Case("adam-groups", "adam", _adam(), params=_grouped),
+    Case("adam-edge-params", "adam", _adam(), params=_edge_params),
+    Case("adamw", "adamw", _adam(torch.optim.AdamW, weight_decay=1e-2)),
+    Case("adamw-wrapper-wd-groups", "adamw", _adam(torch.optim.AdamW, weight_decay=0.05),
+         wrapper_kwargs=dict(weight_decay=0.05), params=_grouped),
+    Case("sam", "sam", _sam()),
+    Case("sam-nesterov-wd-rho", "sam", _sam(nesterov=True, weight_decay=5e-4, rho=0.2),
+         choice_kwargs=dict(nesterov=True, weight_decay=5e-4, rho=0.2)),
+    Case("sam-groups", "sam", _sam(), params=_grouped),
+    Case("sam-edge-params", "sam", _sam(), params=_edge_params),
+]
+IDS = [c.id for c in CONFIGS]
+
+
+def _inner_state(opt, choice):
+    inner = opt.inner_optimizers[choice]
+    return getattr(inner, "base_optimizer", inner).state
+
+
+def _ref_state(ref):
+    return getattr(ref, "base_optimizer", ref).state
+
+
+def _nonempty(state):
+    return {k: v for k, v in state.items() if v}
+
+
+def assert_inner_matches(opt_state, ref_state, opt_params, ref_params, exact, rtol=1e-5, atol=1e-6):
+    """The wrapper's inner state equals the reference's, parameter by parameter (matched by
+    position in the two models). rlopt pre-zeroes SGD momentum buffers for every parameter
+    (documented in ``_prepare_state``): a parameter the reference never stepped (no gradient)
+    may only hold those untouched zeros."""
+    opt_params, ref_params = list(opt_params), list(ref_params)
+    assert len(opt_params) == len(ref_params)
+    for p, q in zip(opt_params, ref_params):
+        a, b = opt_state.get(p, {}), ref_state.get(q, {})
+        if not b:
+            assert set(a) <= {"momentum_buffer"} and not any(v.any() for v in a.values()), a
+            continue
+        assert_state_equal({p: a}, {q: b}, exact=exact, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------- ground truth by difference
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-exact", "default-allclose"])
+@pytest.mark.parametrize("case", CONFIGS, ids=IDS)
+def test_constant_policy_matches_plain_torch(case, fused):
+    x, y = make_data()
+    m_opt, m_ref = make_model(), make_model()
+    opt, ref = case.build(m_opt), case.reference(m_ref, fused)
+    start = [p.detach().clone() for p in m_opt.parameters()]
+    for _ in range(10):
+        c_ref = make_closure(m_ref, ref, x, y)
+        if isinstance(ref, ReferenceSAM):
+            l_ref = ref.step(c_ref)
+        else:
+            l_ref = c_ref()
+            ref.step()
+        l_opt = opt.step(make_closure(m_opt, opt, x, y))
+        assert opt.choice == case.choice
+        if fused:
+            assert torch.equal(l_opt, l_ref)
+            for p, q in zip(m_opt.parameters(), m_ref.parameters()):
+                assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(l_opt, l_ref, rtol=1e-5, atol=1e-6)
+            for p, q in zip(m_opt.parameters(), m_ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert_inner_matches(_inner_state(opt, case.choice), _ref_state(ref), m_opt.parameters(),
+                             m_ref.parameters(), exact=fused)
+    moved = [not torch.equal(p, s) for p, s in zip(m_opt.parameters(), start)]
+    assert any(moved)
+    if case.params is _edge_params:  # frozen, empty and unused parameters are left alone
+        assert not any(moved[:2]) and m_opt[0].weight.grad is None
+        assert torch.equal(m_opt.unused, torch.ones(2)) and m_opt.empty.numel() == 0
+
+
+def test_inner_optimizers_keep_their_own_state_across_switches():
+    """Adam's moments are untouched during an SGD stretch and resume where they were."""
+    x, y = make_data()
+    model = make_model()
+    script = [0, 0, 1, 1, 0]  # adam, adam, sgd, sgd, adam; interval 2
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["adam", "sgd"], policy=Scripted(script),
+                               interval=2)
+    closure = make_closure(model, opt, x, y)
+    adam, sgd = opt.inner_optimizers["adam"], opt.inner_optimizers["sgd"]
+    for _ in range(4):
+        opt.step(closure)
+    assert opt.choice == "sgd"
+    saved = copy.deepcopy(adam.state)
+    sgd_before = [sgd.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    for _ in range(4):
+        opt.step(closure)
+        assert opt.history[-1]["choice"] in ("sgd", "adam")
+        assert_state_equal(adam.state, saved)
+    assert all(float(s["step"]) == 4 for s in adam.state.values())
+    assert all(not torch.equal(sgd.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), sgd_before))
+    assert opt.choice == "adam"
+    opt.step(closure)
+    assert all(float(s["step"]) == 5 for s in adam.state.values())
+    assert [h["choice"] for h in opt.history] == ["adam", "adam", "sgd", "sgd", "adam"]
+
+
+class Scripted(Policy):
+    """Plays a fixed list of actions (a test double; knows nothing of parameters)."""
+
+    kind = "scripted"
+
+    def __init__(self, actions: List[int]):
+        super().__init__(1, ["_"])
+        self.actions = list(actions)
+        self.i = 0
+        self.rewards = []
+        self.observations = []
+
+    def act(self, obs):
+        self.observations.append(obs.clone())
+        action = self.actions[min(self.i, len(self.actions) - 1)]
+        self.i += 1
+        return action
+
+    def observe(self, reward, next_obs, *, terminal=False, truncated=False):
+        self.rewards.append((reward, terminal, truncated))
+        return {}
+
+
+@pytest.fixture(autouse=True)
+def _scripted_fits(monkeypatch):
+    """Let a Scripted policy take whatever action set / layout the optimizer has."""
+    import rlopt.controller as controller
+
+    original = controller.check_policy
+
+    def check(policy, action_names, layout):
+        if isinstance(policy, Scripted):
+            policy.action_names, policy.obs_dim, policy.obs_layout = tuple(action_names), len(layout["names"]), layout
+        return original(policy, action_names, layout)
+
+    monkeypatch.setattr(controller, "check_policy", check)
+
+
+# ------------------------------------------------------------------------------------- closures
+def test_step_without_closure_when_no_choice_needs_one():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd")
+    ref_model = make_model()
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            assert o.step() is None
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_missing_closure_with_sam_among_choices_raises_at_first_step():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd")
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"needs a closure.*\['sam'\]"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt.state_dict()["rlopt"]["controller"]["step"] == 0
+
+
+def test_step_returns_closure_loss():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sam", "adam"], policy="constant:sam")
+    expected = F.cross_entropy(model(x), y)
+    assert torch.equal(opt.step(make_closure(model, opt, x, y)), expected)
+
+
+# --------------------------------------------------------------------------------- resume
+DQN_SMALL = DQNConfig(hidden=16, learning_starts=2, batch_size=4, target_update=2, epsilon_decay=0.7)
+PPO_SMALL = PPOConfig(hidden=16, rollout_len=2, update_epochs=2)
+RESUME = [
+    ("dqn-interval3", DQN_SMALL, 3),
+    ("ppo-interval3", PPO_SMALL, 3),
+    ("dqn-default-interval3", "dqn", 3),
+    ("ppo-epoch", PPO_SMALL, "epoch"),
+    ("random-interval2", "random", 2),
+]
+
+
+def _run_side_by_side(pairs, x, y, steps, start, epoch_every=4):
+    for k in range(start, start + steps):
+        for model, opt in pairs:
+            opt.step(make_closure(model, opt, x, y))
+            if opt.interval == "epoch" and (k + 1) % epoch_every == 0:
+                opt.epoch_end(val_loss=1.0 / (k + 2), val_acc=min(1.0, 0.1 * k))
+        if len(pairs) == 2:
+            (m1, o1), (m2, o2) = pairs
+            for p, q in zip(m1.parameters(), m2.parameters()):
+                assert torch.equal(p, q), f"step {k}"
+            assert o1.choice == o2.choice
+
+
+def _build_resume(policy, interval, model):
+    return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
+                                interval=interval, seed=3, total_steps=40)
+
+
+@pytest.mark.parametrize("name,policy,interval", RESUME, ids=[r[0] for r in RESUME])
+def test_resume_equivalence(name, policy, interval):
+    x, y = make_data()
+    m1 = make_model()
+    o1 = _build_resume(policy, interval, m1)
+    n_steps = 7  # mid-interval: pending gradient snapshot, pending policy transition
+    _run_side_by_side([(m1, o1)], x, y, n_steps, 0)
+    assert o1.state_dict()["rlopt"]["controller"]["step"] == n_steps
+    ckpt = roundtrip({"model": m1.state_dict(), "opt": o1.state_dict()})
+
+    m2 = make_model(seed=1)  # a fresh process: different weights until loaded
+    o2 = _build_resume(policy, interval, m2)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    assert_tree_equal(normalize(o1.history), normalize(o2.history))
+    updates_at_resume = getattr(o1.policy, "n_updates", None)
+
+    _run_side_by_side([(m1, o1), (m2, o2)], x, y, 23, n_steps)
+    assert_tree_equal(normalize(o1.history), normalize(o2.history))
+    assert len(o1.history) > 3
+    assert_tree_equal(o1.state_dict(), o2.state_dict())
+    if updates_at_resume is not None:  # the policy learned after the resume, identically
+        assert o1.policy.n_updates > updates_at_resume
+    if isinstance(interval, int):
+        assert len({h["choice"] for h in o1.history}) > 1  # decisions really vary
+
+
+def test_state_dict_keeps_params_by_index_and_loads_weights_only():
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="dqn", interval=2)
+    x, y = make_data()
+    for _ in range(3):
+        opt.step(make_closure(model, opt, x, y))
+    sd = roundtrip(opt.state_dict())
+    for inner in sd["rlopt"]["inner"]:
+        assert all(isinstance(k, int) for k in inner["state"])
+    assert sd["param_groups"][0]["params"] == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- LR schedulers
+def _plateau(opt):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+
+
+SCHEDULERS = {
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.2, total_steps=10, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95),
+    "plateau": _plateau,
+}
+
+
+def _sched_step(sched, k):
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(float(k))  # an ever-worse metric: the lr halves every step
+    else:
+        sched.step()
+
+
+@pytest.mark.parametrize("sched_name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("choice", ALL + ["sgd-pinned"])
+def test_scheduler_reaches_inner_optimizer(choice, sched_name):
+    x, y = make_data()
+    model = make_model()
+    choices = [("sgd-pinned", {"family": "sgd", "momentum": 0.5}) if c == "sgd-pinned" else c
+               for c in ALL + ["sgd-pinned"]]
+    opt = RLSwitchingOptimizer(two_groups(model), choices=choices, policy=f"constant:{choice}", lr=0.1)
+    spec = {s.name: s for s in opt.choices}[choice]
+    inner = opt.inner_optimizers[choice]
+    sched = SCHEDULERS[sched_name](opt)
+    lrs, moms = set(), set()
+    for k in range(8):
+        opt.step(make_closure(model, opt, x, y))
+        for group, inner_group in zip(opt.param_groups, inner.param_groups):
+            assert inner_group["lr"] == group["lr"] * spec.lr_scale
+            lrs.add(group["lr"])
+            if choice in ("sgd", "sam"):
+                assert inner_group["momentum"] == group["momentum"]
+                moms.add(group["momentum"])
+            elif choice == "sgd-pinned":
+                assert inner_group["momentum"] == 0.5
+            else:
+                assert inner_group["betas"] == (0.9, 0.999)
+        _sched_step(sched, k)
+    assert len(lrs) > 2  # the scheduler really moved the lr
+    if sched_name == "onecycle" and choice in ("sgd", "sam"):
+        assert len(moms) > 2
+
+
+def test_onecycle_on_wrapper_equals_onecycle_on_torch_sgd():
+    """Exact: the scheduler (lr and momentum cycling) on the wrapper reaches SGD as on plain SGD."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    opt = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "adam"], policy="constant:sgd", lr=0.1)
+    ref = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9, fused=True)
+    s1, s2 = (SCHEDULERS["onecycle"](o) for o in (opt, ref))
+    for _ in range(10):
+        opt.step(make_closure(m1, opt, x, y))
+        c = make_closure(m2, ref, x, y)
+        c()
+        ref.step()
+        s1.step()
+        s2.step()
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _p():
+    return [nn.Parameter(torch.zeros(2))]
+
+
+ERRORS = [
+    (dict(lr=-0.1), ValueError, "Invalid learning rate"),
+    (dict(lr=float("nan")), ValueError, "Invalid learning rate"),
+    (dict(lr=float("inf")), ValueError, "Invalid learning rate"),
+    (dict(params=[{"params": _p(), "lr": -1.0}]), ValueError, "Invalid learning rate"),
+    (dict(params=[{"params": _p(), "lr": float("nan")}]), ValueError, "Invalid learning rate"),
+    (dict(momentum=1.5), ValueError, "Invalid momentum"),
+    (dict(momentum=float("nan")), ValueError, "Invalid momentum"),
+    (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay"),
+    (dict(weight_decay=float("nan")), ValueError, "Invalid weight_decay"),
+    (dict(choices=["sgd", "lion"]), ValueError, "Unknown choice 'lion'"),
+    (dict(choices=[]), ValueError, "must not be empty"),
+    (dict(choices="sgd"), TypeError, "not a string"),
+    (dict(choices=["sgd", "sgd"]), ValueError, "Duplicate choice"),
+    (dict(choices=[("sgd", {"betas": (0.9, 0.99)})]), TypeError, "Unknown option"),
+    (dict(choices=[("adam", {"lr": -1e-3})]), ValueError, "Invalid learning rate for choice 'adam'"),
+    (dict(choices=[("adam", {"lr": float("nan")})]), ValueError, "Invalid learning rate for choice"),
+    (dict(choices=[("adam", {"betas": (1.5, 0.9)})]), ValueError, "Invalid options for choice 'adam'"),
+    (dict(choices=[("sgd", {"nesterov": True, "momentum": 0.0})]), ValueError, "choice 'sgd'"),
+    (dict(policy="alphazero"), ValueError, "Unknown policy 'alphazero'"),
+    (dict(policy="constant:lion"), ValueError, "Unknown action 'lion'"),
+    (dict(policy=3), TypeError, "Invalid policy"),
+    (dict(interval=0), ValueError, "Invalid interval"),
+    (dict(interval=-2), ValueError, "Invalid interval"),
+    (dict(interval="step"), TypeError, "interval must be"),
+    (dict(interval=2.5), TypeError, "interval must be"),
+    (dict(max_nonfinite_steps=0), ValueError, "Invalid max_nonfinite_steps"),
+    (dict(total_steps=0), ValueError, "Invalid total_steps"),
+    (dict(seed="a"), TypeError, "seed must be an int"),
+    (dict(reward=3), TypeError, "reward must be callable"),
+    (dict(signal_every=0), ValueError, "Invalid signal_every"),
+]
+
+
+@pytest.mark.parametrize("kwargs,err,msg", ERRORS, ids=[f"{i}-{list(e[0])[0]}" for i, e in enumerate(ERRORS)])
+def test_bad_inputs(kwargs, err, msg):
+    kwargs = dict(kwargs)
+    params = kwargs.pop("params", _p())
+    with pytest.raises(err, match=msg):
+        RLSwitchingOptimizer(params, **{"choices": ["sgd", "adam"], **kwargs})
+
+
+@pytest.mark.parametrize("kwargs,err,msg", [
+    (dict(val_acc=1.5), ValueError, "fraction"),
+    (dict(val_acc=-0.1), ValueError, "fraction"),
+    (dict(val_loss=float("nan")), ValueError, "NaN"),
+    (dict(val_loss="low"), TypeError, "must be a number"),
+])
+def test_bad_epoch_end(kwargs, err, msg):
+    opt = RLSwitchingOptimizer(_p(), choices=["sgd", "adam"], policy="constant:sgd")
+    with pytest.raises(err, match=msg):
+        opt.epoch_end(**kwargs)
+
+
+def test_bad_add_param_group():
+    opt = RLSwitchingOptimizer(_p(), choices=["sgd", "adam"], policy="constant:sgd")
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": _p(), "lr": float("nan")})
+    with pytest.raises(TypeError, match="param_group must be a dict"):
+        opt.add_param_group(_p())
+    assert all(len(o.param_groups) == 1 for o in opt.inner_optimizers.values())
+
+
+def _trained(choices, policy, model=None, steps=4, groups=None):
+    x, y = make_data()
+    model = model or make_model()
+    opt = RLSwitchingOptimizer(groups or model.parameters(), choices=choices, policy=policy, interval=2)
+    for _ in range(steps):
+        opt.step(make_closure(model, opt, x, y))
+    return model, opt
+
+
+LOAD_ERRORS = [
+    ("other-choices", dict(choices=["sgd", "adam", "sam"]), "choices"),
+    ("fewer-choices", dict(choices=["sgd", "sam"]), "choices"),
+    ("other-policy-kind", dict(policy="ppo"), "'kind'"),
+    ("other-policy-config", dict(policy=DQNConfig(hidden=16)), "'config'"),
+    ("other-groups", dict(groups="two"), "parameter group|doesn't match"),
+    ("not-rlopt", dict(plain=True), "Not an rlopt optimizer state dict"),
+]
+
+
+@pytest.mark.parametrize("name,src,msg", LOAD_ERRORS, ids=[e[0] for e in LOAD_ERRORS])
+def test_failed_load_changes_nothing(name, src, msg):
+    model, opt = _trained(["sgd", "sam", "adam"], "dqn", steps=5)
+    before = roundtrip(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    policy_before = roundtrip(opt.policy.state_dict())
+    if src.get("plain"):
+        other = torch.optim.SGD(make_model().parameters(), lr=0.1).state_dict()
+    else:
+        m = make_model(seed=5)
+        groups = two_groups(m) if src.get("groups") == "two" else None
+        _, o = _trained(src.get("choices", ["sgd", "sam", "adam"]), src.get("policy", "dqn"), m, steps=3,
+                        groups=groups)
+        other = roundtrip(o.state_dict())
+    with pytest.raises(ValueError, match=msg):
+        opt.load_state_dict(other)
+    assert_tree_equal(before, roundtrip(opt.state_dict()))
+    assert_tree_equal(policy_before, roundtrip(opt.policy.state_dict()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    # and it still works
+    x, y = make_data()
+    opt.step(make_closure(model, opt, x, y))
+
+
+# ------------------------------------------------------------------------------- non-finite
+NONFINITE_CHOICES = [
+    ("sgd", {}), ("sgd", {"nesterov": True, "weight_decay": 1e-3}), ("adam", {}), ("adamw", {}), ("sam", {}),
+    ("sgd", {"fused": False}), ("adam", {"fused": False}), ("sam", {"fused": False}),
+]
+BAD = {
+    "nan-loss": "loss",  # loss NaN -> NaN gradients
+    "inf-grad": "grad",  # finite loss, one gradient entry inf
+    "nan-loss-only": "loss_only",  # gradients fine, the returned loss NaN
+    "inf-grad-second-pass": "sam_second",  # SAM's second gradient inf (first fine)
+}
+
+
+def _bad_closure(model, opt, x, y, mode, bad):
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if bad() and mode == "loss":
+            loss = loss * float("nan")
+        loss.backward()
+        if bad() and (mode == "grad" or (mode == "sam_second" and calls[0] % 2 == 0)):
+            model[0].weight.grad[0, 0] = float("inf")
+        if bad() and mode == "loss_only":
+            return torch.tensor(float("nan"))
+        return loss
+
+    return closure
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {n: copy.deepcopy(_inner_state(opt, n)) for n in opt.inner_optimizers})
+
+
+def _build_nonfinite(choice, kw, model, **extra):
+    choices = [(choice, kw), "adam" if choice != "adam" else "sgd"]
+    if kw.get("fused") is False:
+        with pytest.warns(RuntimeWarning, match="without fused kernels"):
+            return RLSwitchingOptimizer(model.parameters(), choices=choices, policy=f"constant:{choice}",
+                                        **extra)
+    return RLSwitchingOptimizer(model.parameters(), choices=choices, policy=f"constant:{choice}", **extra)
+
+
+@pytest.mark.parametrize("mode", sorted(BAD))
+@pytest.mark.parametrize("choice,kw", NONFINITE_CHOICES, ids=[f"{c}{kw}" for c, kw in NONFINITE_CHOICES])
+def test_nonfinite_step_is_skipped_counted_and_penalised(choice, kw, mode):
+    if BAD[mode] == "sam_second" and choice != "sam":
+        mode = "inf-grad"
+    x, y = make_data()
+    model = make_model()
+    opt = _build_nonfinite(choice, kw, model, interval=5, max_nonfinite_steps=3,
+                           reward=SwitchingReward(acc=0, loss=0, cost=0, final=0))
+    is_bad = [False]
+    closure = _bad_closure(model, opt, x, y, BAD[mode], lambda: is_bad[0])
+    for _ in range(3):
+        opt.step(closure)
+    params, states = _snapshot(model, opt)
+    assert states[choice]  # the inner optimizer has state to protect
+    is_bad[0] = True
+    for _ in range(2):
+        opt.step(closure)
+        for p, q in zip(model.parameters(), params):
+            assert torch.equal(p, q)
+        for n in opt.inner_optimizers:
+            assert_state_equal(_inner_state(opt, n), states[n])
+    # the decision at step 5 saw 2 skipped steps out of 5
+    last = opt.history[-1]
+    assert last["step"] == 5 and last["signals"]["skipped"] == 2
+    names = opt.observation_layout["names"]
+    assert last["observation"][names.index("skipped")] == pytest.approx(0.4)
+    assert last["reward"] == pytest.approx(-0.4)  # only the skip penalty is switched on
+    # consecutive: one more bad step makes three in a row -> error
+    with pytest.raises(RuntimeError, match="not finite for 3 consecutive steps"):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    for n in opt.inner_optimizers:
+        assert_state_equal(_inner_state(opt, n), states[n])
+
+
+def test_nonfinite_runs_must_be_consecutive():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd",
+                               interval=4, max_nonfinite_steps=2)
+    pattern = [True, False, True, False, True, False, True]
+    i = [0]
+    closure = _bad_closure(model, opt, x, y, "loss", lambda: pattern[i[0]])
+    for i[0] in range(len(pattern)):
+        opt.step(closure)
+    assert opt.state_dict()["rlopt"]["controller"]["skipped_total"] == 2
+    assert [h["signals"]["skipped"] for h in opt.history[1:]] == [2]
+
+
+def test_dqn_policy_sees_the_penalty():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"],
+                               policy=DQNConfig(learning_starts=100), interval=2, max_nonfinite_steps=None,
+                               reward=SwitchingReward(acc=0, loss=0, cost=0, final=0))
+    closure = _bad_closure(model, opt, x, y, "loss", lambda: True)
+    for _ in range(4):
+        opt.step(closure)
+    buf = opt.policy.buffer
+    assert len(buf) == 2 and torch.equal(buf.reward[:2], torch.tensor([-1.0, -1.0]))
+
+
+@pytest.mark.parametrize("choice,ref_cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)])
+def test_nonfinite_first_step_then_normal_equals_torch_on_normal_steps(choice, ref_cls):
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    opt = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "adam"], policy=f"constant:{choice}",
+                               lr=0.1, momentum=0.9)
+    lr = 0.1 if choice == "sgd" else 1e-3
+    extra = dict(momentum=0.9) if choice == "sgd" else {}
+    ref = ref_cls(m2.parameters(), lr=lr, fused=True, **extra)
+    bad = [True]
+    opt.step(_bad_closure(m1, opt, x, y, "loss", lambda: bad[0]))
+    bad[0] = False
+    for _ in range(5):
+        opt.step(_bad_closure(m1, opt, x, y, "loss", lambda: bad[0]))
+        make_closure(m2, ref, x, y)()
+        ref.step()
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p, q)
+    assert_inner_matches(_inner_state(opt, choice), ref.state, m1.parameters(), m2.parameters(), exact=True)
+
+
+# --------------------------------------------------------------------- groups, copies, edge cases
+def test_add_param_group_reaches_every_inner_optimizer():
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    opt = RLSwitchingOptimizer(m1[0].parameters(), choices=ALL, policy="constant:sgd", lr=0.1)
+    ref = torch.optim.SGD(m2[0].parameters(), lr=0.1, momentum=0.9, fused=True)
+    extra = {"lr": 0.02, "weight_decay": 1e-3}
+    opt.add_param_group({"params": list(m1[2].parameters()), **extra})
+    ref.add_param_group({"params": list(m2[2].parameters()), **extra})
+    for spec in opt.choices:
+        inner = opt.inner_optimizers[spec.name]
+        assert len(inner.param_groups) == 2
+        assert inner.param_groups[1]["lr"] == 0.02 * spec.lr_scale
+        assert inner.param_groups[1]["weight_decay"] == 1e-3
+        assert inner.param_groups[1]["params"] == list(m1[2].parameters())
+    sam = opt.inner_optimizers["sam"]
+    assert sam.param_groups is sam.base_optimizer.param_groups
+    for _ in range(5):
+        opt.step(make_closure(m1, opt, x, y))
+        make_closure(m2, ref, x, y)()
+        ref.step()
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p, q)
+
+
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
+}
+
+
+@pytest.mark.parametrize("how", sorted(COPIES))
+@pytest.mark.parametrize("policy", [DQN_SMALL, PPO_SMALL, "random"], ids=["dqn", "ppo", "random"])
+def test_copied_optimizer_continues_identically(policy, how):
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
+                               interval=2, seed=1)
+    for _ in range(5):
+        opt.step(make_closure(model, opt, x, y))
+    model2, opt2 = COPIES[how]((model, opt))
+    assert opt2.policy is not opt.policy
+    assert opt2._params[0] is next(model2.parameters())
+    for inner in opt2.inner_optimizers.values():
+        assert inner.param_groups[0]["params"][0] is next(model2.parameters())
+    _run_side_by_side([(model, opt), (model2, opt2)], x, y, 9, 5)
+    assert_tree_equal(normalize(opt.history), normalize(opt2.history))
+    assert_tree_equal(opt.state_dict(), opt2.state_dict())
+    assert len(opt.history) >= 7
+
+
+def test_inner_groups_are_independent_dicts():
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=ALL, policy="constant:sgd", lr=0.1)
+    groups = [g for o in opt.inner_optimizers.values() for g in o.param_groups]
+    ids = {id(g) for g in groups} | {id(g) for g in opt.param_groups}
+    assert len(groups) == 4  # SAM's groups are its base optimizer's (one list), not another copy
+    assert len(ids) == len(groups) + len(opt.param_groups)
+    assert opt.inner_optimizers["adam"].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+# --------------------------------------------------------------------------- end to end
+def _blobs(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = centers[y] + 0.7 * torch.randn(n, 4, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("interval", ["epoch", 4])
+@pytest.mark.parametrize("policy", ["dqn", "ppo"])
+def test_small_model_trains_and_records_decisions(policy, interval):
+    x, y = _blobs()
+    xv, yv = _blobs(48, seed=1)
+    model = make_model(hidden=16)
+    epochs, batch = 6, 16
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
+                               interval=interval, lr=0.1, total_epochs=epochs, seed=0)
+    with torch.no_grad():
+        first = F.cross_entropy(model(x), y).item()
+    for _ in range(epochs):
+        for i in range(0, len(x), batch):
+            opt.step(make_closure(model, opt, x[i:i + batch], y[i:i + batch]))
+        with torch.no_grad():
+            out = model(xv)
+            vl, va = F.cross_entropy(out, yv).item(), (out.argmax(1) == yv).float().mean().item()
+        assert opt.epoch_end(val_loss=vl, val_acc=va) == opt.choice
+    with torch.no_grad():
+        last = F.cross_entropy(model(x), y).item()
+    assert last < 0.6 * first
+    assert va > 0.8
+    steps = epochs * len(x) // batch
+    n_decisions = 1 + (epochs if interval == "epoch" else steps // interval)
+    assert len(opt.history) == n_decisions
+    obs_dim = len(opt.observation_layout["names"])
+    for k, h in enumerate(opt.history):
+        assert h["decision"] == k and h["choice"] in ("sgd", "sam", "adam")
+        assert len(h["observation"]) == obs_dim
+        assert (h["reward"] is None) == (k == 0)
+        assert all(-1.0 <= v <= 1.0 for v in h["observation"])
+    assert opt.history[-1]["final"] and not any(h["final"] for h in opt.history[:-1])
+    assert [h["step"] for h in opt.history] == sorted(h["step"] for h in opt.history)
+    if interval == "epoch":
+        assert opt.history[1]["signals"]["val_acc"] is not None and not math.isnan(opt.history[1]["signals"]["val_acc"])
