@@ -14,8 +14,11 @@ def load_policy(name_or_path, *, train: bool = False):
 
     from .pretrained import list_policies, load_pretrained
 
-    if isinstance(name_or_path, str) and name_or_path in list_policies() and not os.path.isfile(name_or_path):
-        return load_pretrained(name_or_path, train=train)
+    if isinstance(name_or_path, str) and not os.path.isfile(name_or_path):
+        if name_or_path in list_policies():
+            return load_pretrained(name_or_path, train=train)
+        raise ValueError(f"No policy checkpoint at '{name_or_path}' and no pretrained policy of that name; "
+                         f"available: {sorted(list_policies())}")
     return _load_policy_file(name_or_path, train=train)
 
 

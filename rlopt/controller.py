@@ -356,6 +356,7 @@ class RLControlledOptimizer(Optimizer):
             raise ValueError("val_loss is NaN")
         self._val.update(val)
         ctl = self._ctl
+        ctl["val_fresh"] = ctl.get("val_fresh", False) or bool(val)
         ctl["epoch"] += 1
         ctl["steps_per_epoch"] = ctl["step"] - ctl["epoch_start_step"]
         ctl["epoch_start_step"] = ctl["step"]
@@ -387,8 +388,9 @@ class RLControlledOptimizer(Optimizer):
             val_loss=self._val.get("val_loss", math.nan), val_acc=self._val.get("val_acc", math.nan),
             steps=ctl["interval_steps"], skipped=summary["skipped"],
             cost=ctl["interval_cost"] / ctl["interval_steps"] / cheapest if ctl["interval_steps"] else math.nan,
-            progress=self._progress(),
+            progress=self._progress(), val_fresh=bool(ctl.get("val_fresh", False)),
         )
+        ctl["val_fresh"] = False
         obs = self.observer.build(signals, ctl["action"], max(s.cost for s in self._specs) / cheapest,
                                   self._extra_features(signals))
         reward, info = None, {}

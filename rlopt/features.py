@@ -64,6 +64,7 @@ class Signals:
     skipped: int = 0
     cost: float = math.nan  # mean gradient evaluations per step, relative to the cheapest choice
     progress: float = math.nan
+    val_fresh: bool = False  # validation metrics were given during this interval
 
     @property
     def skipped_frac(self) -> float:

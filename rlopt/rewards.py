@@ -5,7 +5,8 @@ A reward is any callable ``reward(ctx: RewardContext) -> float``. The default fo
 accuracy per unit of compute (SAM's accuracy at well under SAM's cost)::
 
     r = acc   * (a - a_prev)                 # validation-accuracy gain (fraction)
-      + loss  * log(V_prev / V)              # validation-loss drop (training loss without validation)
+      + loss  * log(V_prev / V)              # validation-loss drop; the training-loss drop for
+                                             # intervals in which no validation metrics were given
       - cost  * (c - 1)                      # c: gradient evaluations per step / the cheapest choice's
       - skipped * share of skipped steps     # non-finite loss or gradient
       + final * a  at the end of the budget  # (final/10 * -log L without validation)
@@ -49,9 +50,11 @@ class SwitchingReward:
         now, before = ctx.now, ctx.before
         r = 0.0
         if before is not None:
-            if _finite(now.val_acc, before.val_acc):
+            # Validation terms only where validation was measured during this interval (with a
+            # decision every N steps most intervals see none): elsewhere the training loss.
+            if now.val_fresh and _finite(now.val_acc, before.val_acc):
                 r += self.acc * (now.val_acc - before.val_acc)
-            if _finite(now.val_loss, before.val_loss) and now.val_loss > 0 and before.val_loss > 0:
+            if now.val_fresh and _finite(now.val_loss, before.val_loss) and now.val_loss > 0 and before.val_loss > 0:
                 r += self.loss * math.log(before.val_loss / now.val_loss)
             elif _finite(now.loss, before.loss) and now.loss > 0 and before.loss > 0:
                 r += self.loss * math.log(before.loss / now.loss)

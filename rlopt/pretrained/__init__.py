@@ -1,30 +1,51 @@
 """Registry of pretrained policy checkpoints shipped inside the package.
 
-Each entry is ``<name>.pt`` in this folder, with a one-line description in ``index.json``.
+Each entry is ``<name>.pt`` in this folder, listed in ``index.json`` with a one-line description,
+the command that reproduces it (``python -m rlopt.train_policy ... --register ...``), the
+number of training episodes and the measured training time. Loaded policies are frozen unless
+``train=True``.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Any, Dict
+
+__all__ = ["list_policies", "load_pretrained", "pretrained_info", "pretrained_path"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def list_policies() -> Dict[str, str]:
-    """``{name: one-line description}`` of the shipped pretrained policies."""
+def _index() -> Dict[str, Dict[str, Any]]:
     path = os.path.join(_HERE, "index.json")
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         index = json.load(f)
-    return {name: entry["description"] for name, entry in index.items()
-            if os.path.isfile(os.path.join(_HERE, f"{name}.pt"))}
+    return {name: entry for name, entry in index.items() if os.path.isfile(os.path.join(_HERE, f"{name}.pt"))}
+
+
+def list_policies() -> Dict[str, str]:
+    """``{name: one-line description}`` of the shipped pretrained policies."""
+    return {name: entry["description"] for name, entry in _index().items()}
+
+
+def pretrained_info(name: str) -> Dict[str, Any]:
+    """The ``index.json`` entry of a shipped policy: description, command, episodes, training time."""
+    index = _index()
+    if name not in index:
+        raise ValueError(f"Unknown pretrained policy '{name}'; available: {sorted(index)}")
+    return dict(index[name])
+
+
+def pretrained_path(name: str) -> str:
+    """Path of a shipped policy's checkpoint."""
+    pretrained_info(name)
+    return os.path.join(_HERE, f"{name}.pt")
 
 
 def load_pretrained(name: str, *, train: bool = False):
+    """Load a shipped policy by name (frozen unless ``train=True``)."""
     from ..policies import load_policy
 
-    if name not in list_policies():
-        raise ValueError(f"Unknown pretrained policy '{name}'; available: {sorted(list_policies())}")
-    return load_policy(os.path.join(_HERE, f"{name}.pt"), train=train)
+    return load_policy(pretrained_path(name), train=train)

@@ -1,0 +1,1 @@
+"""Training benchmarks of rlopt (run from the repository root; see benchmarks/README.md)."""

@@ -1,0 +1,218 @@
+"""Per-step overhead of RLSwitchingOptimizer over the plain inner optimizer (issue 2).
+
+``python -m benchmarks.overhead`` times, in one process and on the same model and batch,
+
+- ``plain``: ``torch.optim.SGD(lr, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)``;
+- ``wrapper, interval=epoch``: ``RLSwitchingOptimizer(choices={"sgd": same settings}, policy="constant:sgd")``;
+- ``wrapper, interval=50``: the same, deciding every 50 steps;
+
+A step is ``zero_grad; forward; backward; opt.step()`` (bf16 autocast and channels_last on CUDA).
+Protocol: every configuration gets its own copy of the same initial model; ``--warmup`` steps each
+first; then ``--repeats`` rounds, each round timing a block of ``--block`` steps of every
+configuration, the order rotated from round to round (interleaved, so drifts in machine load hit
+all configurations alike). Blocks are timed with ``torch.cuda.synchronize()`` (CUDA) at both ends.
+The figure per configuration is the median over rounds of the mean step time in a block;
+overhead = median(wrapper) / median(plain) - 1. ``--block`` is a multiple of 50, so each
+interval-50 block holds its decisions in proportion.
+
+Cases: ``resnet18`` (torchvision ResNet-18, CIFAR stem, 32x32 inputs) and ``mlp`` (784-256-10 on
+batch 64), where the fixed per-step cost of the wrapper (Python, small kernels) dominates.
+Bars (GPU, ResNet-18): at most 3% (interval epoch) and 5% (interval 50). On a CPU the figures are
+only reported.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlopt import RLSwitchingOptimizer
+
+from .models import resnet18
+from .train import environment, resolve_device
+
+BARS = {"wrapper, interval=epoch": 0.03, "wrapper, interval=50": 0.05}
+SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def make_case(case: str, device: torch.device, batch: int):
+    torch.manual_seed(0)
+    if case == "resnet18":
+        model = resnet18(10, 3, "cifar")
+        x = torch.randn(batch, 3, 32, 32)
+    elif case == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+        x = torch.randn(batch, 1, 28, 28)
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    y = torch.randint(0, 10, (batch,))
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    if device.type == "cuda" and case == "resnet18":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x, y
+
+
+def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "plain":
+        return torch.optim.SGD(model.parameters(), **SGD, fused=True)
+    interval = "epoch" if name.endswith("epoch") else 50
+    kw = {k: v for k, v in SGD.items() if k not in ("lr", "momentum")}
+    return RLSwitchingOptimizer(model.parameters(), choices={"sgd": kw}, policy="constant:sgd",
+                                interval=interval, lr=SGD["lr"], momentum=SGD["momentum"])
+
+
+def measure(case: str, device: torch.device, batch: int, block: int, repeats: int, warmup: int,
+            log: Callable[[str], None] = print) -> Dict[str, Any]:
+    base, x, y = make_case(case, device, batch)
+    names = ["plain", "wrapper, interval=epoch", "wrapper, interval=50"]
+    models = {n: copy.deepcopy(base) for n in names}
+    opts = {n: build(n, models[n]) for n in names}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+    def run(n: str, steps: int) -> float:
+        model, opt = models[n], opts[n]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                out = model(x)
+            F.cross_entropy(out.float(), y).backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / steps
+
+    for n in names:
+        run(n, warmup)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            times[n].append(run(n, block))
+        log(f"  {case} round {r + 1}/{repeats}: " + ", ".join(f"{n} {1e3 * times[n][-1]:.2f} ms" for n in names))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    res = {"case": case, "batch": batch, "block": block, "repeats": repeats, "warmup": warmup,
+           "params": sum(p.numel() for p in base.parameters()),
+           "median_step_ms": {n: 1e3 * m for n, m in med.items()},
+           "all_step_ms": {n: [1e3 * t for t in v] for n, v in times.items()},
+           "overhead": {n: med[n] / med["plain"] - 1.0 for n in names if n != "plain"},
+           "decisions": {n: len(opts[n].history) for n in names if n != "plain"}}
+    return res
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
+
+
+def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str) -> str:
+    gpu = env["device"].startswith("cuda")
+    lines = ["# RLSwitchingOptimizer per-step overhead", "",
+             f"- command: `{command}`",
+             f"- hardware: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_count']} CPU cores, "
+             f"{env['torch_threads']} torch threads); torch {env['torch']}, Python {env['python']}",
+             "- step = zero_grad, forward, backward, optimizer step; plain = torch.optim.SGD(lr 0.1, momentum 0.9, "
+             "nesterov, weight decay 5e-4, fused=True); wrapper = RLSwitchingOptimizer with that SGD as its only "
+             "choice, policy constant:sgd",
+             "- interleaved rounds (order rotated), warm-up first; median over rounds of the mean step time per block",
+             f"- bars (GPU, ResNet-18): interval=epoch <= 3%, interval=50 <= 5%"
+             + ("" if gpu else "; this is a CPU run: figures reported, bars not applicable"), ""]
+    lines += ["| case | params | batch | rounds x steps | plain ms/step | wrapper (epoch) ms/step | overhead | "
+              "wrapper (50) ms/step | overhead | bars met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    noisy = []
+    for r in results:
+        m, o, a = r["median_step_ms"], r["overhead"], r["all_step_ms"]
+        ok = "-"
+        if gpu and r["case"] == "resnet18":
+            ok = "yes" if all(o[k] <= BARS[k] for k in BARS) else "no"
+        lines.append(f"| {r['case']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['repeats']} x {r['block']} | "
+                     f"{m['plain']:.2f} | {m['wrapper, interval=epoch']:.2f} | {100 * o['wrapper, interval=epoch']:+.1f}% | "
+                     f"{m['wrapper, interval=50']:.2f} | {100 * o['wrapper, interval=50']:+.1f}% | {ok} |")
+        spread = {n: (max(v) - min(v)) / statistics.median(v) for n, v in a.items()}
+        if max(spread.values()) > 0.1:
+            noisy.append(f"{r['case']}: round-to-round spread of the step time up to {100 * max(spread.values()):.0f}% "
+                         f"of the median (" + ", ".join(f"{n} {min(v):.2f}-{max(v):.2f} ms" for n, v in a.items())
+                         + f"); with the fastest round instead of the median: " + ", ".join(
+                             f"{n} {100 * (min(a[n]) / min(a['plain']) - 1):+.1f}%" for n in o)
+                         + ". Differences smaller than the spread are noise, not overhead.")
+    lines += ["", "Per-round step times (ms) are in the JSON file next to this one."]
+    if noisy:
+        lines += ["", "Noise:", ""] + [f"- {t}" for t in noisy]
+    if "load" in env:
+        lines += [f"- machine load average (1, 5, 15 min) at the start / end: {env['load']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> List[Dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=["resnet18", "mlp"], choices=["resnet18", "mlp"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=None, help="ResNet-18 batch (default 512 on CUDA, 8 on CPU)")
+    ap.add_argument("--block", type=int, default=None, help="steps per timed block (default 100 CUDA, 50 CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 10 CUDA, 5 CPU)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/overhead_<cpu|gpu>)")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only re-write the markdown from a JSON file written by an earlier run")
+    args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        md = to_markdown(saved["results"], saved["environment"], saved["command"])
+        Path(args.render).with_suffix(".md").write_text(md)
+        print(md)
+        return saved["results"]
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    if args.threads and not gpu:
+        torch.set_num_threads(args.threads)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    env = environment(device)
+    load0 = _loadavg()
+    print(f"hardware: {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
+          f"{env['torch_threads']} threads")
+    results = []
+    for case in args.cases:
+        batch = args.batch or (512 if gpu else 8) if case == "resnet18" else 64
+        block = args.block or (100 if gpu else 50)
+        reps = args.repeats or (10 if gpu else 5)
+        if case == "mlp" and not args.block:
+            block *= 4
+        r = measure(case, device, batch, block, reps, args.warmup)
+        results.append(r)
+        print(f"{case}: plain {r['median_step_ms']['plain']:.3f} ms/step; " + "; ".join(
+            f"{n} {r['median_step_ms'][n]:.3f} ms/step ({100 * o:+.1f}%)" for n, o in r["overhead"].items()))
+    if load0:
+        env["load"] = f"{load0} / {_loadavg()}"
+    import shlex
+    import sys
+    command = "python -m benchmarks.overhead " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    stem = Path(args.out or f"benchmarks/results/overhead_{'gpu' if gpu else 'cpu'}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(results, env, command)
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "environment": env, "results": results},
+                                                    indent=1))
+    print(md)
+    print(f"wrote {stem.with_suffix('.md')} and .json")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Benchmark table: several methods x several seeds on one data set, aggregated.
+
+``python -m benchmarks.table --dataset cifar10 --data-dir /path --methods sgd sam ppo-sgd-sam --epochs 30 --seeds 3``
+
+Writes into ``--out`` (default ``benchmarks/results/<dataset>_<model>_e<epochs>``):
+``table.md`` (header with hardware, torch version, command, epochs, seeds), ``table.csv``,
+``summary.json``, one JSON log per run under ``runs/``, and figures ``curves.png`` (test accuracy,
+losses, macro F1, macro precision; mean over seeds with +-1 std band), ``rewards.png`` (reward per
+decision of the RL methods) and ``choices.png`` (optimizer used at each step, one row per run).
+
+``--smoke`` runs every method for a few batches of a tiny slice of the embedded Fashion-MNIST
+subset on the CPU (checks the code paths, not the numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from .data import load_dataset
+from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
+                    config_from_args, environment, resolve_device, train)
+
+__all__ = ["aggregate", "write_outputs", "main", "SMOKE"]
+
+# two-sided 95% Student t quantiles, df = 1..30
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+#: settings of --smoke (tiny data, a few batches per epoch, CPU)
+SMOKE = dict(dataset="fmnist-subset", model="small-cnn", width=8, max_train=600, max_test=200, batch_size=64,
+             eval_batch_size=256, epochs=2, max_steps_per_epoch=3, warmup_epochs=0.5, lr=0.05, interval=2,
+             device="cpu", sam_every=2)
+
+
+def _mean_std(xs: Sequence[float]):
+    xs = [x for x in xs if x is not None]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    m = sum(xs) / n
+    if n == 1:
+        return m, math.nan, math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    return m, sd, t * sd / math.sqrt(n)
+
+
+def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Aggregate the runs of one method (different seeds)."""
+    s = [r["summary"] for r in runs]
+    out: Dict[str, Any] = {"method": runs[0]["config"]["method"], "n": len(runs),
+                           "seeds": [r["config"]["seed"] for r in runs]}
+    for key in ("final_test_acc", "best_test_acc", "final_val_acc", "final_test_f1", "final_test_precision",
+                "final_test_recall", "convergence_epoch", "train_seconds_total", "grad_evals"):
+        m, sd, ci = _mean_std([x[key] for x in s])
+        out[key] = {"mean": m, "std": sd, "ci95": ci}
+    med = [x["seconds_per_epoch_median"] for x in s]
+    out["seconds_per_epoch"] = {"min_of_medians": min(med), "max_of_medians": max(med),
+                                "min": min(x["seconds_per_epoch_min"] for x in s),
+                                "max": max(x["seconds_per_epoch_max"] for x in s)}
+    out["train_seconds_all_seeds"] = sum(x["train_seconds_total"] for x in s)
+    out["wall_seconds_all_seeds"] = sum(x["wall_seconds"] for x in s)
+    per_s = [100 * x["final_test_acc"] / x["train_seconds_total"] for x in s if x["train_seconds_total"] > 0]
+    out["acc_points_per_second"] = _mean_std(per_s)[0]
+    names = sorted({n for x in s for n in x["step_share"]})
+    out["step_share"] = {n: sum(x["step_share"].get(n, 0.0) for x in s) / len(s) for n in names}
+    return out
+
+
+def _pct(d, digits=2):
+    m, sd, ci = d["mean"], d["std"], d["ci95"]
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "-"
+    if sd is None or math.isnan(sd):
+        return f"{100 * m:.{digits}f}"
+    return f"{100 * m:.{digits}f} ± {100 * sd:.{digits}f}"
+
+
+def _ci(d):
+    m, ci = d["mean"], d["ci95"]
+    if ci is None or math.isnan(ci):
+        return "-"
+    return f"[{100 * (m - ci):.2f}, {100 * (m + ci):.2f}]"
+
+
+def write_outputs(out: Path, rows: List[Dict[str, Any]], runs: Dict[str, List[Dict[str, Any]]],
+                  header: Dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    unit = "GPU-s" if header["environment"]["device"].startswith("cuda") else "CPU-s"
+    cols = ["method", "n", "test acc % (mean ± std)", "95% CI", "best test acc %", "macro F1 %",
+            "macro precision %", "macro recall %", "convergence epoch", "s/epoch (min-max of run medians)",
+            "train time total (s, all seeds)", f"acc points per {unit}", "grad evals / run", "steps per optimizer"]
+    lines = []
+    for r in rows:
+        share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["step_share"].items())
+        spe = r["seconds_per_epoch"]
+        conv = r["convergence_epoch"]
+        lines.append([r["method"], str(r["n"]), _pct(r["final_test_acc"]), _ci(r["final_test_acc"]),
+                      _pct(r["best_test_acc"]), _pct(r["final_test_f1"]), _pct(r["final_test_precision"]),
+                      _pct(r["final_test_recall"]),
+                      f"{conv['mean']:.1f}" if not math.isnan(conv["mean"]) else "-",
+                      f"{spe['min_of_medians']:.3g}-{spe['max_of_medians']:.3g}",
+                      f"{r['train_seconds_all_seeds']:.1f}", f"{r['acc_points_per_second']:.3g}",
+                      f"{r['grad_evals']['mean']:.0f}", share])
+    env = header["environment"]
+    hw = env.get("gpu", env.get("cpu"))
+    md = [f"# {header['dataset']} benchmark ({'SMOKE TEST: code paths only, numbers meaningless' if header['smoke'] else 'results'})",
+          "",
+          f"- command: `{header['command']}`",
+          f"- hardware: {hw} ({env['device']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch threads); "
+          f"torch {env['torch']}, torchvision {env.get('torchvision', '?')}, Python {env['python']}",
+          f"- data: {header['data']}",
+          f"- model {header['config']['model']}, {header['config']['epochs']} epochs, batch {header['config']['batch_size']}, "
+          f"seeds {header['seeds']}, peak lr {header['config']['lr']} (Adam/AdamW {header['config']['adam_lr']}), "
+          f"warm-up {header['config']['warmup_epochs']} epochs then cosine, RL decision interval {header['config']['interval']}",
+          f"- test accuracy after the last epoch, mean ± sample std over seeds; 95% CI: Student t over seeds",
+          f"- {CONVERGENCE_DEFINITION}",
+          f"- s/epoch: training time per epoch (synchronized; evaluation excluded); acc points per {unit}: "
+          f"final test accuracy (%) / training seconds of the run, mean over seeds",
+          f"- total wall time of the whole table: {header['wall_seconds']:.1f} s",
+          "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(l) + " |" for l in lines]
+    md += ["", "Methods:", ""] + [f"- `{r['method']}`: {METHODS[r['method']]}" for r in rows]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(lines)
+    (out / "summary.json").write_text(json.dumps({"header": header, "methods": rows}, indent=1, default=str))
+    plot_figures(out, runs)
+
+
+def plot_figures(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> List[Path]:
+    """curves.png, rewards.png, choices.png from the run logs; returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = [("test_acc", "test accuracy (%)", 100), ("val_loss", "validation loss (dashed: train)", 1),
+              ("test_f1", "test macro F1 (%)", 100), ("test_precision", "test macro precision (%)", 100)]
+    for ax, (key, title, scale) in zip(axes.flat, panels):
+        for i, (method, rs) in enumerate(runs.items()):
+            color = f"C{i % 10}"
+            curves = np.array([[e[key] if e[key] is not None else np.nan for e in r["epochs"]] for r in rs]) * scale
+            ep = np.arange(1, curves.shape[1] + 1)
+            m, sd = np.nanmean(curves, 0), np.nanstd(curves, 0)
+            ax.plot(ep, m, color=color, label=method)
+            if len(rs) > 1:
+                ax.fill_between(ep, m - sd, m + sd, color=color, alpha=0.15)
+            if key == "val_loss":
+                tr = np.array([[e["train_loss"] for e in r["epochs"]] for r in rs]).mean(0)
+                ax.plot(ep, tr, color=color, ls="--", lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    paths.append(out / "curves.png")
+
+    rl = {m: rs for m, rs in runs.items() if any(r["decisions"] for r in rs)}
+    if rl:
+        fig, ax = plt.subplots(figsize=(10, 4))
+        for i, (method, rs) in enumerate(rl.items()):
+            for j, r in enumerate(rs):
+                pts = [(d["step"], d["reward"]) for d in r["decisions"] if d["reward"] is not None]
+                if pts:
+                    x, y = zip(*pts)
+                    ax.plot(x, y, color=f"C{i % 10}", alpha=0.8 if j == 0 else 0.35, marker=".",
+                            label=method if j == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.set_title("reward per decision (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "rewards.png", dpi=110)
+        plt.close(fig)
+        paths.append(out / "rewards.png")
+
+    rows = [(f"{m} s{r['config']['seed']}", r["choice_segments"]) for m, rs in runs.items() for r in rs
+            if len({seg[2] for seg in r["choice_segments"]}) > 1 or m in RL_METHODS]
+    if rows:
+        names = sorted({seg[2] for _, segs in rows for seg in segs})
+        colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+        fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
+        for k, (label, segs) in enumerate(rows):
+            for n in names:
+                bars = [(a, b - a) for a, b, c in segs if c == n]
+                if bars:
+                    ax.broken_barh(bars, (k - 0.4, 0.8), color=colors[n])
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_title("optimizer used at each step")
+        from matplotlib.patches import Patch
+        ax.legend(handles=[Patch(color=colors[n], label=n) for n in names], fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+        fig.savefig(out / "choices.png", dpi=110)
+        plt.close(fig)
+        paths.append(out / "choices.png")
+    return paths
+
+
+_NOT_COMPARED = ("threads", "out_dir", "cache_dir", "data_dir", "download")
+
+
+def _reusable(cfg: TrainConfig):
+    """The saved log of ``cfg``'s run if one exists with the same configuration, else None."""
+    path = Path(cfg.out_dir) / f"{cfg.run_name()}.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    same = all(old["config"].get(k) == v for k, v in want.items() if k not in _NOT_COMPARED)
+    return old if same else None
+
+
+def main(argv=None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description="Aggregate a methods x seeds benchmark into a table and figures.")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help=f"methods (space or comma separated; default all): {', '.join(METHODS)}")
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>_<model>_e<epochs>)")
+    ap.add_argument("--smoke", action="store_true", help="every method, a few batches of tiny data, on CPU")
+    ap.add_argument("--progress", action="store_true", help="tqdm progress bar per run")
+    ap.add_argument("--reuse", default=True, action=argparse.BooleanOptionalAction,
+                    help="reuse a run log in <out>/runs/ whose config equals the requested one (default on): "
+                    "lets a long table be run method by method and aggregated at the end")
+    add_config_args(ap, skip=("method", "seed", "out_dir"))
+    args = ap.parse_args(argv)
+    methods = [m for s in (args.methods or list(METHODS)) for m in s.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; expected one of {list(METHODS)}")
+    base = config_from_args(args, method=methods[0], seed=0, out_dir=None)
+    if args.smoke:
+        base = TrainConfig(**{**base.__dict__, **SMOKE, "threads": args.threads, "method": methods[0]})
+        if args.seeds == ap.get_default("seeds"):
+            args.seeds = 1
+    out = Path(args.out or f"benchmarks/results/{'smoke' if args.smoke else base.dataset}_{base.model}_e{base.epochs}")
+    seeds = list(range(args.seeds))
+    print(CONVERGENCE_DEFINITION)
+    t0 = time.perf_counter()
+    data = load_dataset(base.dataset, base.data_dir, base.download, base.val_fraction, seed=0,
+                        cache_dir=base.cache_dir, max_train=base.max_train, max_test=base.max_test)
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    for method in methods:
+        for seed in seeds:
+            cfg = TrainConfig(**{**base.__dict__, "method": method, "seed": seed, "out_dir": str(out / "runs")})
+            old = _reusable(cfg) if args.reuse and not args.smoke else None
+            if old is not None:
+                print(f"[{cfg.run_name()}] reusing {Path(cfg.out_dir) / (cfg.run_name() + '.json')} (same config)")
+            runs.setdefault(method, []).append(old or train(cfg, data=data, progress=args.progress))
+    wall = time.perf_counter() - t0
+    rows = [aggregate(rs) for rs in runs.values()]
+    header = {"dataset": base.dataset, "smoke": args.smoke, "command": "python -m benchmarks.table " + shlex.join(
+        sys.argv[1:] if argv is None else list(argv)), "environment": environment(resolve_device(base.device)),
+        "data": data.summary(), "config": base.__dict__, "seeds": seeds, "wall_seconds": wall}
+    write_outputs(out, rows, runs, header)
+    print((out / "table.md").read_text())
+    print(f"wrote {out}/table.md, table.csv, summary.json, curves.png, rewards.png, choices.png, runs/*.json "
+          f"({wall:.1f} s)")
+    return {"rows": rows, "runs": runs, "out": out, "wall_seconds": wall}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,510 @@
+"""One training run of an image classifier with a static, scheduled or RL-switched optimizer.
+
+``python -m benchmarks.train --dataset cifar10 --data-dir /path --method ppo-sgd-sam --epochs 30``
+
+Everything that defines a run is in :class:`TrainConfig`; the JSON log of a run holds that config
+verbatim, the environment (hardware, torch version), per-epoch metrics, per-step optimizer choices
+(run-length encoded) and, for RL methods, every decision with its reward.
+
+On CUDA the data live on the GPU, augmentation (random crop with padding + horizontal flip) is
+batched on the GPU, the forward/backward run under bf16 autocast in ``channels_last``, the step
+loop does not synchronise with the host (losses are accumulated on the device), and epochs are
+timed after ``torch.cuda.synchronize()``. ``--compile`` adds ``torch.compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from rlopt import SAM, RLSwitchingOptimizer
+from rlopt.policies import RandomConfig
+
+from .data import ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
+from .models import build_model
+
+__all__ = ["TrainConfig", "METHODS", "train", "classification_metrics", "convergence_epoch",
+           "CONVERGENCE_DEFINITION", "environment", "cosine_warmup"]
+
+#: method name -> one-line description
+METHODS: Dict[str, str] = {
+    "sgd": "SGD (Nesterov momentum), cosine schedule",
+    "sam": "SAM over that SGD, cosine schedule",
+    "adamw": "AdamW, cosine schedule",
+    "adam": "Adam (no weight decay), cosine schedule",
+    "const-sgd": "RLSwitchingOptimizer with policy constant:sgd (wrapper overhead check)",
+    "dqn-sgd-sam": "RLSwitchingOptimizer, DQN policy over {sgd, sam}",
+    "ppo-sgd-sam": "RLSwitchingOptimizer, PPO policy over {sgd, sam}",
+    "ppo-sgd-sam-adamw": "RLSwitchingOptimizer, PPO policy over {sgd, sam, adamw}",
+    "random-sgd-sam": "RLSwitchingOptimizer, random policy over {sgd, sam} at SAM share --sam-share",
+    "sam-every-k": "SGD, with a SAM step every --sam-every steps (shared momentum)",
+    "sam-last": "SGD, then SAM for the last --sam-last-fraction of the epochs (shared momentum)",
+}
+RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam")
+
+CONVERGENCE_DEFINITION = ("convergence epoch: the first epoch (1-based) whose test accuracy is within "
+                          "0.5 percentage points of the run's final-epoch test accuracy")
+
+
+@dataclass
+class TrainConfig:
+    """All hyper-parameters of one run. Learning rates are peak values (after warm-up)."""
+
+    dataset: str = "cifar10"
+    """"cifar10", "fashion-mnist" or "fmnist-subset" (the embedded subset)."""
+    data_dir: Optional[str] = None
+    """Folder or archive with the data (see benchmarks.data); None: $RLOPT_DATA_DIR or ./data."""
+    download: bool = False
+    """Let torchvision download the data set when data_dir holds none."""
+    cache_dir: Optional[str] = None
+    """Where decoded uint8 arrays are cached; None: $RLOPT_CACHE_DIR or ~/.cache/rlopt/datasets."""
+    val_fraction: float = 0.1
+    """Share of the training set held out for validation (the policies' reward signal)."""
+    max_train: Optional[int] = None
+    """Keep a stratified subset of at most this many training images (None: all)."""
+    max_test: Optional[int] = None
+    """Keep a stratified subset of at most this many test images (None: all)."""
+    model: str = "resnet18"
+    """"resnet18" (CIFAR stem), "resnet18-imagenet" or "small-cnn"."""
+    width: int = 32
+    """Channels of the small CNN's first layer."""
+    method: str = "sgd"
+    """One of METHODS."""
+    epochs: int = 30
+    """Training epochs."""
+    batch_size: int = 512
+    """Images per optimizer step."""
+    eval_batch_size: int = 1024
+    """Images per evaluation batch."""
+    max_steps_per_epoch: Optional[int] = None
+    """Cut each epoch after this many steps (smoke tests); None: full epochs."""
+    lr: float = 0.4
+    """Peak learning rate of SGD and SAM (the wrapper's base lr)."""
+    momentum: float = 0.9
+    """SGD/SAM momentum (Nesterov)."""
+    weight_decay: float = 5e-4
+    """SGD/SAM weight decay (L2, coupled)."""
+    adam_lr: float = 2e-3
+    """Peak learning rate of Adam/AdamW (static or as an RL choice)."""
+    adamw_weight_decay: float = 0.05
+    """AdamW decoupled weight decay."""
+    rho: float = 0.05
+    """SAM neighbourhood radius."""
+    warmup_epochs: float = 2.0
+    """Linear warm-up from lr/warmup_steps to lr, then cosine decay to 0 at the last step (epochs)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    augment: bool = True
+    """Random crop (padding `crop_pad` pixels) and horizontal flip of training batches."""
+    crop_pad: int = 4
+    """Padding of the random crop (pixels)."""
+    interval: Union[str, int] = "epoch"
+    """RL methods: decide at each epoch end ("epoch") or every N steps."""
+    policy_train: bool = True
+    """RL methods: the policy learns online during the run."""
+    sam_share: float = 0.5
+    """random-sgd-sam: probability of choosing SAM at each decision."""
+    sam_every: int = 2
+    """sam-every-k: one SAM step every this many steps, SGD otherwise."""
+    sam_last_fraction: float = 0.3
+    """sam-last: SAM for this fraction of the epochs at the end, SGD before."""
+    seed: int = 0
+    """Seeds the model initialisation, data order, augmentation and the policy."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cuda", "cpu"."""
+    bf16: bool = True
+    """bf16 autocast of forward/backward (CUDA only)."""
+    channels_last: bool = True
+    """channels_last memory format (CUDA only)."""
+    compile: bool = False
+    """torch.compile the model."""
+    threads: Optional[int] = None
+    """torch.set_num_threads on CPU (None: leave torch's default)."""
+    out_dir: Optional[str] = "benchmarks/runs"
+    """Folder for the run's JSON log (None: do not write)."""
+    tag: str = ""
+    """Free text stored with the run."""
+
+    def run_name(self) -> str:
+        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{'_' + self.tag if self.tag else ''}"
+
+
+# ------------------------------------------------------------------------------------ metrics
+def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> Dict[str, float]:
+    """Accuracy and macro-averaged precision, recall and F1 (each the unweighted mean over classes
+    of the per-class value; a class with no predicted or no true sample scores 0 there, as
+    scikit-learn with ``zero_division=0``)."""
+    k = num_classes
+    cm = torch.bincount(target.long() * k + pred.long(), minlength=k * k).reshape(k, k).double()  # rows: true
+    tp = cm.diag()
+    pred_n, true_n = cm.sum(0), cm.sum(1)
+    precision = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
+    return {"acc": float(tp.sum() / cm.sum().clamp_min(1)), "precision": float(precision.mean()),
+            "recall": float(recall.mean()), "f1": float(f1.mean())}
+
+
+def convergence_epoch(test_acc: List[float], tol: float = 0.005) -> Optional[int]:
+    """See :data:`CONVERGENCE_DEFINITION` (accuracies as fractions, ``tol`` 0.005 = 0.5 points)."""
+    if not test_acc:
+        return None
+    final = test_acc[-1]
+    return next(i + 1 for i, a in enumerate(test_acc) if a >= final - tol)
+
+
+def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up to 1 over ``warmup_steps``, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return factor
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        import torchvision
+        env["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+            if names:
+                env["cpu"] = names[0]
+        except OSError:
+            pass
+    return env
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+# ------------------------------------------------------------------------------- optimizers
+class _Stepper:
+    """Uniform interface over the methods: ``step(closure) -> loss``, ``current`` choice name,
+    ``epoch_end(val_loss, val_acc)``, ``scheduled`` (the object an LR scheduler drives)."""
+
+    def __init__(self, cfg: TrainConfig, params, steps_per_epoch: int, fused: bool):
+        m = cfg.method
+        if m not in METHODS:
+            raise ValueError(f"Unknown method {m!r}; expected one of {list(METHODS)}")
+        self.cfg, self.method = cfg, m
+        self.steps_per_epoch = steps_per_epoch
+        self.step_count, self.epoch = 0, 0
+        self.rl: Optional[RLSwitchingOptimizer] = None
+        sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        fused_kw = {"fused": True} if fused else {}
+        if m in ("sgd",):
+            self.opt = torch.optim.SGD(params, **sgd_kw, **fused_kw)
+        elif m in ("sam", "sam-every-k", "sam-last"):
+            self.opt = SAM(params, torch.optim.SGD, rho=cfg.rho, **sgd_kw, **fused_kw)
+        elif m == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=cfg.adam_lr, weight_decay=cfg.adamw_weight_decay, **fused_kw)
+        elif m == "adam":
+            self.opt = torch.optim.Adam(params, lr=cfg.adam_lr, **fused_kw)
+        else:
+            sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
+            choices: Dict[str, Dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
+            policy: Any = {"dqn-sgd-sam": "dqn", "ppo-sgd-sam": "ppo", "ppo-sgd-sam-adamw": "ppo",
+                           "const-sgd": "constant:sgd",
+                           "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share))}[m]
+            if m == "const-sgd":
+                choices = {"sgd": sgd}
+            if m == "ppo-sgd-sam-adamw":
+                choices["adamw"] = {"lr": cfg.adam_lr, "weight_decay": cfg.adamw_weight_decay}
+            self.opt = self.rl = RLSwitchingOptimizer(
+                params, choices=choices, policy=policy, interval=cfg.interval, lr=cfg.lr, momentum=cfg.momentum,
+                seed=cfg.seed, total_epochs=cfg.epochs, total_steps=cfg.epochs * steps_per_epoch,
+                train_policy=cfg.policy_train if m not in ("const-sgd", "random-sgd-sam") else None)
+        self.sam_from_epoch = cfg.epochs - int(round(cfg.sam_last_fraction * cfg.epochs))
+
+    @property
+    def scheduled(self) -> torch.optim.Optimizer:
+        """What the LR scheduler drives. Scheduled SAM methods: the base SGD, which shares its param
+        groups with SAM and steps at every step (SAM's second step calls it)."""
+        return self.opt.base_optimizer if self.method in ("sam-every-k", "sam-last") else self.opt
+
+    @property
+    def current(self) -> str:
+        m = self.method
+        if self.rl is not None:
+            return self.rl.choice
+        if m == "sam-every-k":
+            return "sam" if self.step_count % self.cfg.sam_every == self.cfg.sam_every - 1 else "sgd"
+        if m == "sam-last":
+            return "sam" if self.epoch >= self.sam_from_epoch else "sgd"
+        return m
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        name = self.current
+        if self.rl is not None or name == "sam" or self.method not in ("sam-every-k", "sam-last"):
+            loss = self.opt.step(closure)
+        else:  # an SGD step of a scheduled SAM method: the base optimizer, same momentum buffers
+            with torch.enable_grad():
+                loss = closure()
+            self.opt.base_optimizer.step()
+        self.step_count += 1
+        return loss
+
+    def epoch_end(self, val_loss: float, val_acc: float) -> None:
+        self.epoch += 1
+        if self.rl is not None:
+            self.rl.epoch_end(val_loss=val_loss, val_acc=val_acc)
+
+
+# ---------------------------------------------------------------------------------- training
+@torch.no_grad()
+def evaluate(model, x_u8, y, mean, std, cfg: TrainConfig, device, num_classes: int) -> Dict[str, float]:
+    model.eval()
+    cl = cfg.channels_last and device.type == "cuda"
+    total_loss = torch.zeros((), device=device)
+    preds = []
+    for xb, yb in iterate_batches(x_u8, y, cfg.eval_batch_size):
+        with _autocast(cfg, device):
+            out = model(normalize(xb, mean, std, cl))
+        total_loss += F.cross_entropy(out.float(), yb, reduction="sum")
+        preds.append(out.argmax(1))
+    m = classification_metrics(torch.cat(preds), y, num_classes)
+    m["loss"] = float(total_loss) / max(1, len(y))
+    model.train()
+    return m
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool = False,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run one training run; return (and write, if ``cfg.out_dir``) its log as a dict."""
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction, seed=0,
+                            cache_dir=cfg.cache_dir, max_train=cfg.max_train, max_test=cfg.max_test)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.width).to(device)
+    cl = cfg.channels_last and device.type == "cuda"
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if cfg.compile else model
+
+    tx, ty = data.train_x.to(device), data.train_y.to(device)
+    vx, vy = data.val_x.to(device), data.val_y.to(device)
+    sx, sy = data.test_x.to(device), data.test_y.to(device)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+
+    steps_per_epoch = len(ty) // cfg.batch_size  # drop_last: every step has a full batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(ty)} training images")
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    try:  # torch's fused kernels (CUDA, and CPU in recent torch), as the wrapper's inner optimizers use
+        stepper = _Stepper(cfg, list(model.parameters()), steps_per_epoch, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        stepper = _Stepper(cfg, list(model.parameters()), steps_per_epoch, fused=False)
+    warmup = max(1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(stepper.scheduled, cosine_warmup(total_steps, warmup))
+
+    env = environment(device)
+    log(f"[{cfg.run_name()}] {data.summary()} | {METHODS[cfg.method]} | {env['device']} "
+        f"{env.get('gpu', env['cpu'])} | torch {env['torch']} | {steps_per_epoch} steps/epoch")
+    epochs: List[Dict[str, Any]] = []
+    choice_ids: Dict[str, int] = {}
+    step_choices: List[int] = []  # choice per step, as small ints (host only, no sync)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, desc=cfg.method, leave=False, dynamic_ncols=True)
+    t_run = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        grad_evals = 0
+        batches = iterate_batches(tx, ty, cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
+        for i, (xb, yb) in enumerate(batches):
+            if i >= steps_per_epoch:
+                break
+            if cfg.augment:
+                xb = augment_crop_flip(xb, cfg.crop_pad, flip=True, generator=gen)
+            xin = normalize(xb, mean, std, cl)
+
+            def closure(xin=xin, yb=yb):
+                stepper.opt.zero_grad(set_to_none=True)
+                with _autocast(cfg, device):
+                    out = fwd(xin)
+                loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+                loss.backward()
+                return loss
+
+            name = stepper.current
+            step_choices.append(choice_ids.setdefault(name, len(choice_ids)))
+            grad_evals += 2 if name == "sam" else 1
+            loss = stepper.step(closure)
+            loss_sum += loss.detach()
+            sched.step()
+            if bar is not None:
+                bar.update(1)
+        _sync(device)
+        train_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        val = evaluate(model, vx, vy, mean, std, cfg, device, data.num_classes) if len(vy) else {}
+        test = evaluate(model, sx, sy, mean, std, cfg, device, data.num_classes)
+        eval_time = time.perf_counter() - t1
+        train_loss = float(loss_sum) / steps_per_epoch
+        stepper.epoch_end(val.get("loss", float("nan")), val.get("acc", 0.0))
+        rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val.get("loss"), "val_acc": val.get("acc"),
+               "test_loss": test["loss"], "test_acc": test["acc"], "test_f1": test["f1"],
+               "test_precision": test["precision"], "test_recall": test["recall"],
+               "lr": sched.get_last_lr()[0], "train_seconds": train_time, "eval_seconds": eval_time,
+               "grad_evals": grad_evals}
+        epochs.append(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{100 * test['acc']:.1f}")
+        else:
+            log(f"  epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  val acc "
+                f"{100 * (val.get('acc') or 0):.2f}  test acc {100 * test['acc']:.2f}  {train_time:.2f}s")
+    wall = time.perf_counter() - t_run
+    if bar is not None:
+        bar.close()
+
+    names = {v: k for k, v in choice_ids.items()}
+    segments: List[Tuple[int, int, str]] = []  # [first step, last step + 1, choice]
+    for s, c in enumerate(step_choices):
+        if segments and segments[-1][2] == names[c]:
+            segments[-1][1] = s + 1
+        else:
+            segments.append([s, s + 1, names[c]])
+    counts = {n: step_choices.count(i) for n, i in choice_ids.items()}
+    decisions = []
+    if stepper.rl is not None:
+        keep = ("decision", "step", "epoch", "choice", "reward", "final", "observation", "signals", "policy")
+        decisions = [{k: d.get(k) for k in keep} for d in stepper.rl.history]
+    accs = [e["test_acc"] for e in epochs]
+    secs = sorted(e["train_seconds"] for e in epochs)
+    summary = {
+        "final_test_acc": accs[-1], "best_test_acc": max(accs), "final_val_acc": epochs[-1]["val_acc"],
+        "final_test_f1": epochs[-1]["test_f1"], "final_test_precision": epochs[-1]["test_precision"],
+        "final_test_recall": epochs[-1]["test_recall"],
+        "convergence_epoch": convergence_epoch(accs), "convergence_definition": CONVERGENCE_DEFINITION,
+        "train_seconds_total": sum(secs), "wall_seconds": wall,
+        "seconds_per_epoch_median": secs[len(secs) // 2], "seconds_per_epoch_min": secs[0],
+        "seconds_per_epoch_max": secs[-1], "steps": len(step_choices),
+        "grad_evals": sum(e["grad_evals"] for e in epochs),
+        "step_share": {n: c / max(1, len(step_choices)) for n, c in counts.items()},
+    }
+    result = {"config": dataclasses.asdict(cfg), "environment": env, "data": data.summary(),
+              "epochs": epochs, "summary": summary, "choice_segments": segments, "decisions": decisions}
+    result = _json_safe(result)
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{cfg.run_name()}.json"
+        path.write_text(json.dumps(result, indent=1))
+        result["path"] = str(path)
+    log(f"[{cfg.run_name()}] final test acc {100 * accs[-1]:.2f}%  best {100 * max(accs):.2f}%  "
+        f"convergence epoch {summary['convergence_epoch']}  {sum(secs):.1f}s training  "
+        f"steps per optimizer {counts}")
+    return result
+
+
+# -------------------------------------------------------------------------------------- CLI
+def add_config_args(ap: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per TrainConfig field (help text: the field's docstring)."""
+    import ast
+    import inspect
+
+    docs: Dict[str, str] = {}
+    src = inspect.getsource(TrainConfig)
+    tree = ast.parse(src)
+    body = tree.body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_ = docs.get(f.name, "") + f" (default: {default})"
+        if isinstance(default, bool):
+            ap.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+        elif f.name == "interval":
+            ap.add_argument(flag, default=default, type=lambda s: s if s == "epoch" else int(s), help=help_)
+        elif default is None or f.type in ("Optional[int]", "Optional[str]"):
+            conv = int if "int" in str(f.type) else str
+            ap.add_argument(flag, default=default, type=conv, help=help_)
+        else:
+            ap.add_argument(flag, default=default, type=type(default), help=help_)
+
+
+def config_from_args(args: argparse.Namespace, **override) -> TrainConfig:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    kw.update(override)
+    return TrainConfig(**kw)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description="One benchmark training run. Methods: " + ", ".join(METHODS))
+    add_config_args(ap)
+    ap.add_argument("--progress", action="store_true", help="tqdm progress bar")
+    args = ap.parse_args(argv)
+    cfg = config_from_args(args)
+    print(CONVERGENCE_DEFINITION)
+    return train(cfg, progress=args.progress)
+
+
+if __name__ == "__main__":
+    main()

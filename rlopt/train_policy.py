@@ -1,0 +1,264 @@
+"""Meta-train a switching or learning-rate policy across a distribution of cheap training tasks.
+
+.. code-block:: text
+
+    policy = new PPO / DQN policy (learning)
+    for episode e = 1..E:
+        task = TaskDistribution.sample(seed + e)       # data, model, batch, lr, noise, budget
+        opt  = RLSwitchingOptimizer(task.params, choices, policy=policy, train_policy=True, ...)
+               or QLearningRateOptimizer(task.params, base="sgd", policy=policy, ...)
+        run_episode(task, opt)                          # the policy keeps learning inside it
+        log the episode's return (sum of rewards) and its final validation accuracy
+    policy.save(out, action set, observation layout, task distribution, seeds, returns, command)
+
+The same policy object goes to a new optimizer each episode, so it learns across episodes;
+the last decision of an episode is a truncation (bootstrapped), never a terminal state.
+
+Command line (the shipped checkpoints' commands are in ``rlopt/pretrained/index.json``)::
+
+    python -m rlopt.train_policy --kind switching --choices sgd,sam --algo ppo --episodes 200 \
+        --seed 0 --out switch.pt
+    python -m rlopt.train_policy --kind lr --episodes 150 --out lr.pt
+
+Example:
+    >>> from rlopt.train_policy import train_policy
+    >>> result = train_policy(kind="switching", choices=("sgd", "sam"), algo="ppo", episodes=20, out="p.pt")
+    >>> result.returns[-5:], rlopt.load_policy("p.pt").metadata["command"]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .features import LAYOUT_VERSION
+from .lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
+from .policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
+from .switching import RLSwitchingOptimizer
+from .tasks import TaskDistribution, build_task, run_episode
+
+__all__ = ["train_policy", "TrainResult", "main"]
+
+log = logging.getLogger("rlopt.train_policy")
+
+
+@dataclass
+class TrainResult:
+    policy: Policy
+    """The trained policy (still in training mode)."""
+    returns: List[float]
+    """Return (sum of rewards) of each episode."""
+    episodes: List[Dict[str, Any]]
+    """Per episode: the task, its return, decisions, final validation metrics, action shares."""
+    wall_time_s: float
+    path: Optional[str] = None
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+def _exploration_decay(episodes: int, mean_decisions: float, share: float = 0.6, end: float = 0.05) -> float:
+    """Per-decision epsilon decay that reaches ``end`` after ``share`` of the expected decisions."""
+    n = max(1.0, share * episodes * mean_decisions)
+    return min(1.0, math.exp(math.log(end) / n))
+
+
+def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, seed: int):
+    if algo == "ppo":
+        return PPOConfig(hidden=32, rollout_len=16, update_epochs=4, ent_coef=0.01)
+    decay = _exploration_decay(episodes, dist.mean_decisions(seed=seed))
+    base = DEFAULT_DQN_CONFIG if kind == "lr" else DQNConfig(gamma=0.9, learning_starts=16, target_update=20)
+    cfg = DQNConfig(**vars(base))
+    cfg.epsilon_decay = decay
+    cfg.buffer_size, cfg.hidden = 2000, 32
+    return cfg
+
+
+def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int):
+    cfg = task.config
+    common = dict(policy=policy, interval=cfg.interval, seed=seed, total_steps=cfg.total_steps,
+                  total_epochs=cfg.epochs, train_policy=True)
+    if kind == "switching":
+        return RLSwitchingOptimizer(task.model.parameters(), choices=list(choices), lr=cfg.lr, **common)
+    return QLearningRateOptimizer(task.model.parameters(), base="sgd", lr=cfg.lr, control=("lr",), **common)
+
+
+def _command(kind, choices, algo, episodes, seed, out, data, register) -> str:
+    args = ["python", "-m", "rlopt.train_policy", "--kind", kind]
+    if kind == "switching":
+        args += ["--choices", ",".join(choices), "--algo", algo]
+    args += ["--episodes", str(episodes), "--seed", str(seed), "--data", ",".join(data)]
+    if out is not None:
+        args += ["--out", os.fspath(out)]
+    if register:
+        args += ["--register", register]
+    return shlex.join(args)
+
+
+def compact(policy: Policy) -> Policy:
+    """A copy without the replay buffer (DQN) or partial rollout (PPO): the networks, their
+    optimizer state and the counters stay, so the file is small; fine-tuning refills the buffer."""
+    policy = copy.deepcopy(policy)
+    if hasattr(policy, "buffer"):
+        policy.buffer = ReplayBuffer(policy.buffer.capacity, policy.obs_dim)
+    if hasattr(policy, "rollout"):
+        policy.rollout.reset()
+    policy._pending = None
+    return policy
+
+
+def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"), algo: str = "ppo",
+                 episodes: int = 200, seed: int = 0, out: "Optional[str | os.PathLike]" = None, *,
+                 distribution: Optional[TaskDistribution] = None, progress: bool = True,
+                 keep_buffers: bool = False, command: Optional[str] = None, register: Optional[str] = None,
+                 threads: Optional[int] = 1) -> TrainResult:
+    """Meta-train a policy over ``episodes`` tasks of ``distribution`` (see the module doc).
+
+    Args:
+        kind: ``"switching"`` (an :class:`~rlopt.RLSwitchingOptimizer` policy over ``choices``) or
+            ``"lr"`` (the DQN of :class:`~rlopt.QLearningRateOptimizer`, ``control=("lr",)``).
+        choices: the switching optimizer's choices (ignored for ``"lr"``).
+        algo: ``"ppo"`` or ``"dqn"`` (``"lr"`` always uses DQN).
+        episodes: training runs; one task each.
+        seed: seeds the policy and the task sequence (task ``e`` has seed ``seed * 100003 + e``).
+        out: checkpoint path (None: not saved).
+        distribution: the tasks (default :class:`~rlopt.tasks.TaskDistribution`).
+        progress: show a tqdm bar (when tqdm is installed).
+        keep_buffers: keep the replay buffer / rollout in the checkpoint (larger file).
+        command: the command recorded in the metadata (default: the equivalent CLI call).
+        register: a one-line description: also list the checkpoint in ``index.json`` next to
+            ``out`` (its name is the file's stem), with the command and the measured time.
+        threads: ``torch.set_num_threads`` for the run (None: leave it).
+    """
+    if kind not in ("switching", "lr"):
+        raise ValueError(f"Unknown kind '{kind}'; expected 'switching' or 'lr'")
+    if kind == "lr":
+        algo = "dqn"
+    if algo not in ("ppo", "dqn"):
+        raise ValueError(f"Unknown algo '{algo}'; expected 'ppo' or 'dqn'")
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"Invalid episodes: {episodes}")
+    choices = tuple(choices)
+    dist = distribution if distribution is not None else TaskDistribution()
+    if command is None:
+        command = _command(kind, choices, algo, episodes, seed, out, dist.data, register)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    policy: Any = _policy_config(kind, algo, episodes, dist, seed)
+    g = torch.Generator().manual_seed(seed)
+    fmnist = dist.resolved_fmnist_path()
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=episodes, desc=f"{kind}/{algo}", unit="ep")
+        except ImportError:
+            pass
+    records: List[Dict[str, Any]] = []
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*runs without fused kernels.*")
+        for e in range(episodes):
+            cfg = dist.sample(g, seed * 100003 + e)
+            task = build_task(cfg, fmnist)
+            opt = _make_optimizer(kind, task, choices, policy, seed)
+            policy = opt.policy  # the first episode built it from the config; later ones reuse it
+            summary = run_episode(task, opt)
+            records.append({"episode": e, "task": cfg.short(), **summary})
+            log.info("episode %d  return %.3f  val_acc %.3f  %s", e, summary["return"], summary["val_acc"],
+                     cfg.short())
+            if bar is not None:
+                recent = records[-20:]
+                bar.set_postfix(ret=f"{sum(r['return'] for r in recent) / len(recent):.2f}",
+                                acc=f"{sum(r['val_acc'] for r in recent) / len(recent):.3f}")
+                bar.update()
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - start
+    returns = [r["return"] for r in records]
+    metadata = {
+        "trained_with": "rlopt.train_policy",
+        "optimizer_kind": kind, "algo": algo, "action_names": list(policy.action_names),
+        "obs_layout_version": (policy.obs_layout or {}).get("version", LAYOUT_VERSION),
+        "obs_layout": policy.obs_layout,
+        "choices": list(choices) if kind == "switching" else ["sgd"],
+        "task_distribution": dist.describe(), "episodes": episodes, "seed": seed,
+        "task_seeds": f"seed * 100003 + episode, episode = 0..{episodes - 1}",
+        "returns": [round(r, 4) for r in returns], "val_acc": [round(r["val_acc"], 4) for r in records],
+        "tasks": [r["task"] for r in records], "decisions": [r["decisions"] for r in records],
+        "diverged": [e for e, r in enumerate(records) if r["diverged"]],
+        "action_share_last_20": {a: round(sum(r["action_share"][a] for r in records[-20:]) / len(records[-20:]), 4)
+                                 for a in policy.action_names},
+        "wall_time_s": round(wall, 1), "torch_version": str(torch.__version__), "threads": torch.get_num_threads(),
+        "command": command, "buffers_kept": keep_buffers,
+    }
+    policy.metadata = dict(metadata)
+    path = None
+    if out is not None:
+        path = os.fspath(out)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        (policy if keep_buffers else compact(policy)).save(path, **metadata)
+        if register:
+            _register(Path(path), register, command, episodes, wall, kind, algo, list(policy.action_names))
+    return TrainResult(policy, returns, records, wall, path, metadata)
+
+
+def _register(path: Path, description: str, command: str, episodes: int, wall: float, kind: str, algo: str,
+              actions: List[str]) -> None:
+    index_path = path.parent / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index[path.stem] = {
+        "description": description, "command": command, "optimizer": kind, "algo": algo, "actions": actions,
+        "episodes": episodes, "train_time_s": round(wall, 1),
+        "trained_on": f"CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
+    }
+    index_path.write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m rlopt.train_policy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kind", choices=("switching", "lr"), default="switching")
+    p.add_argument("--choices", default="sgd,sam", help="comma-separated switching choices")
+    p.add_argument("--algo", choices=("ppo", "dqn"), default="ppo")
+    p.add_argument("--episodes", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="checkpoint path")
+    p.add_argument("--data", default="teacher,fmnist", help="task data sources: teacher and/or fmnist")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep-buffers", action="store_true", help="keep the replay buffer in the checkpoint")
+    p.add_argument("--register", default=None, metavar="DESCRIPTION",
+                   help="also list the checkpoint in index.json next to --out with this description")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
+    if not a.quiet and not a.no_progress:
+        log.setLevel(logging.WARNING)  # the progress bar shows the running returns
+    dist = TaskDistribution(data=tuple(s for s in a.data.split(",") if s))
+    command = shlex.join(["python", "-m", "rlopt.train_policy", *argv])
+    result = train_policy(a.kind, tuple(c for c in a.choices.split(",") if c), a.algo, a.episodes, a.seed, a.out,
+                          distribution=dist, progress=not a.no_progress, keep_buffers=a.keep_buffers,
+                          command=command, register=a.register, threads=a.threads)
+    n = max(1, len(result.returns) // 5)
+    first, last = result.returns[:n], result.returns[-n:]
+    print(f"{a.kind}/{result.metadata['algo']}: {a.episodes} episodes in {result.wall_time_s:.1f} s; "
+          f"mean return first {n}: {sum(first) / n:.3f}, last {n}: {sum(last) / n:.3f}"
+          + (f"; saved {result.path}" if result.path else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()

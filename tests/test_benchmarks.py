@@ -1,0 +1,238 @@
+"""Tests of the benchmarks package: metrics, data loaders, splits, smoke mode of every method,
+the demo and overhead scripts at toy sizes, and the quickstart notebook (executed with nbclient)."""
+import gzip
+import json
+import struct
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not an installed package
+
+from benchmarks.data import (augment_crop_flip, iterate_batches, load_dataset, read_idx,  # noqa: E402
+                             stratified_split)
+from benchmarks.train import (METHODS, classification_metrics, convergence_epoch,  # noqa: E402
+                              cosine_warmup)
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_macro_metrics_hand_case():
+    # 3 classes. true: 0 0 0 1 1 2 ; pred: 0 0 1 1 2 2
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    m = classification_metrics(pred, target, 3)
+    # per class precision: 2/2, 1/2, 1/2 ; recall: 2/3, 1/2, 1/1
+    p = [1.0, 0.5, 0.5]
+    r = [2 / 3, 0.5, 1.0]
+    f1 = [2 * a * b / (a + b) for a, b in zip(p, r)]  # 0.8, 0.5, 2/3
+    assert m["acc"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(sum(p) / 3)
+    assert m["recall"] == pytest.approx(sum(r) / 3)
+    assert m["f1"] == pytest.approx(sum(f1) / 3)
+    assert m["f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_macro_metrics_class_never_predicted_scores_zero():
+    target = torch.tensor([0, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1])  # class 2 never predicted: precision 0 (zero_division=0), recall 0
+    m = classification_metrics(pred, target, 3)
+    assert m["precision"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert m["recall"] == pytest.approx((1 + 1 + 0) / 3)
+    assert m["f1"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+def test_convergence_epoch_and_schedule():
+    assert convergence_epoch([0.5, 0.80, 0.897, 0.905, 0.90]) == 3  # within 0.5 points of 0.90
+    assert convergence_epoch([0.9]) == 1
+    f = cosine_warmup(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.0, abs=1e-12)
+    assert f(55) == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------- data
+def _write_idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def _tagged_images(n, offset=0):
+    """Images whose first two pixels encode a unique id (so splits can be checked by content)."""
+    x = np.random.default_rng(offset).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    ids = np.arange(offset, offset + n)
+    x[:, 0, 0], x[:, 0, 1] = ids // 256, ids % 256
+    return x
+
+
+def _ids(x):
+    return (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    d = tmp_path / "FashionMNIST" / "raw"  # the torchvision layout
+    d.mkdir(parents=True)
+    _write_idx(d / "train-images-idx3-ubyte.gz", _tagged_images(100))
+    _write_idx(d / "train-labels-idx1-ubyte.gz", np.arange(100) % 10)
+    _write_idx(d / "t10k-images-idx3-ubyte.gz", _tagged_images(20, offset=1000))
+    _write_idx(d / "t10k-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    return tmp_path
+
+
+def test_read_idx_roundtrip(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), a)
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00"))
+    with pytest.raises(ValueError):
+        read_idx(tmp_path / "bad.gz")
+
+
+@pytest.mark.parametrize("sub", [".", "FashionMNIST/raw"])
+def test_fashion_mnist_idx_loader_and_cache(idx_dir, tmp_path, sub):
+    cache = tmp_path / "cache"
+    ds = load_dataset("fashion-mnist", data_dir=idx_dir / sub if sub != "." else idx_dir, cache_dir=cache,
+                      val_fraction=0.2, seed=0)
+    assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (80, 1, 28, 28)
+    assert ds.val_x.shape == (20, 1, 28, 28) and ds.test_x.shape == (20, 1, 28, 28)
+    assert ds.train_y.dtype == torch.int64 and ds.num_classes == 10 and ds.in_channels == 1
+    assert torch.bincount(ds.val_y, minlength=10).tolist() == [2] * 10  # stratified
+    assert len(list(cache.glob("*.npz"))) == 1
+    again = load_dataset("fmnist", data_dir=idx_dir, cache_dir=cache, val_fraction=0.2, seed=0)  # from the cache
+    assert torch.equal(again.train_x, ds.train_x) and torch.equal(again.test_y, ds.test_y)
+
+
+def test_validation_split_is_disjoint_from_train(idx_dir, tmp_path):
+    ds = load_dataset("fashion-mnist", data_dir=idx_dir, cache_dir=tmp_path / "c", val_fraction=0.3, seed=1)
+    tr, va, te = set(_ids(ds.train_x)), set(_ids(ds.val_x)), set(_ids(ds.test_x))
+    assert not tr & va and tr | va == set(range(100)) and te == set(range(1000, 1020))
+    other = load_dataset("fashion-mnist", data_dir=idx_dir, cache_dir=tmp_path / "c", val_fraction=0.3, seed=2)
+    assert set(_ids(other.val_x)) != va  # the split follows the seed
+    # and on the real embedded subset
+    keep, held = stratified_split(np.arange(1000) % 10, 0.1, seed=0)
+    assert not set(keep) & set(held) and len(keep) + len(held) == 1000
+
+
+def test_missing_data_raises_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_dataset("cifar10", data_dir=tmp_path, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        load_dataset("imagenet", data_dir=tmp_path)
+
+
+def _image_tree(root, n_per_class=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = {}
+    for split in ("train", "test"):
+        for cls in ("cat", "airplane"):  # not in sorted order on purpose
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:04d}.png")
+                images[(split, cls, i)] = arr
+    return images
+
+
+def test_image_folder_and_tar_loaders(tmp_path):
+    images = _image_tree(tmp_path / "tree")
+    ds = load_dataset("cifar10", data_dir=tmp_path / "tree", cache_dir=tmp_path / "c", val_fraction=0.0)
+    assert ds.classes == ["airplane", "cat"]
+    assert ds.train_x.shape == (6, 3, 32, 32) and ds.test_x.shape == (6, 3, 32, 32) and len(ds.val_y) == 0
+    # PNG is lossless: pixels and labels exactly as written, channel-first
+    np.testing.assert_array_equal(ds.test_x[0].permute(1, 2, 0).numpy(), images[("test", "airplane", 0)])
+    assert ds.test_y.tolist() == [0, 0, 0, 1, 1, 1]
+    tar_path = tmp_path / "cifar10-jpeg.tar.gz"  # the same tree inside an archive, one folder deeper
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(tmp_path / "tree", arcname="cifar10")
+    from_tar = load_dataset("cifar10", data_dir=tar_path, cache_dir=tmp_path / "c2", val_fraction=0.0)
+    assert torch.equal(from_tar.train_x, ds.train_x) and torch.equal(from_tar.test_y, ds.test_y)
+
+
+def test_embedded_subset():
+    ds = load_dataset("fmnist-subset")
+    assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape[1:] == (1, 28, 28)
+    assert len(ds.train_y) + len(ds.val_y) == 5000 and len(ds.test_y) == 1000
+    assert torch.bincount(ds.train_y).tolist() == [450] * 10
+    assert (ROOT / "benchmarks" / "data" / "fmnist_subset.npz").stat().st_size < 4_000_000
+
+
+def test_augmentation_and_batches():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).reshape(2, 3, 4, 4)
+    y = augment_crop_flip(x, pad=0, flip=True, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(x, y):
+        assert torch.equal(a, b) or torch.equal(a.flip(2), b)
+    z = augment_crop_flip(x, pad=2, flip=False, generator=torch.Generator().manual_seed(1))
+    assert z.shape == x.shape and z.dtype == torch.uint8
+    # a crop of the zero-padded image: every non-zero value sits at its original position shifted
+    for a, b in zip(x, z):
+        pad = torch.nn.functional.pad(a, (2, 2, 2, 2))
+        assert any(torch.equal(pad[:, i:i + 4, j:j + 4], b) for i in range(5) for j in range(5))
+    labels = torch.arange(10)
+    seen = torch.cat([yb for _, yb in iterate_batches(labels, labels, 3, shuffle=True, drop_last=True,
+                                                      generator=torch.Generator().manual_seed(0))])
+    assert len(seen) == 9 and len(set(seen.tolist())) == 9
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_smoke_every_method(tmp_path):
+    from benchmarks.table import main
+
+    out = main(["--smoke", "--out", str(tmp_path / "smoke")])
+    assert [r["method"] for r in out["rows"]] == list(METHODS)
+    for name in ("table.md", "table.csv", "summary.json", "curves.png", "rewards.png", "choices.png"):
+        assert (tmp_path / "smoke" / name).is_file(), name
+    logs = sorted((tmp_path / "smoke" / "runs").glob("*.json"))
+    assert len(logs) == len(METHODS)
+    for p in logs:
+        run = json.loads(p.read_text())
+        cfg = run["config"]
+        assert cfg["max_steps_per_epoch"] == 3 and cfg["epochs"] == 2 and cfg["device"] == "cpu"
+        assert len(run["epochs"]) == 2 and run["summary"]["steps"] == 6
+        assert 0.0 <= run["summary"]["final_test_acc"] <= 1.0
+        assert abs(sum(run["summary"]["step_share"].values()) - 1.0) < 1e-9
+        if cfg["method"] in ("dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam"):
+            assert run["decisions"] and any(d["reward"] is not None for d in run["decisions"])
+        if cfg["method"] == "sam-every-k":
+            assert run["summary"]["step_share"] == {"sgd": 0.5, "sam": 0.5}
+            assert run["summary"]["grad_evals"] == 9
+        if cfg["method"] == "sam":
+            assert run["summary"]["grad_evals"] == 12
+
+
+def test_demo_and_overhead_scripts_run(tmp_path):
+    from benchmarks import demo, overhead
+
+    res = demo.main(["--epochs", "1", "--methods", "ppo-sgd-sam-adamw", "sgd", "--out", str(tmp_path / "demo"),
+                     "--threads", "1"])
+    assert set(res) == {"ppo-sgd-sam-adamw", "sgd"} and (tmp_path / "demo" / "demo.png").is_file()
+    r = overhead.main(["--cases", "mlp", "--repeats", "2", "--block", "5", "--warmup", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "ovh")])
+    assert set(r[0]["overhead"]) == {"wrapper, interval=epoch", "wrapper, interval=50"}
+    assert (tmp_path / "ovh.md").is_file()
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    path = ROOT / "notebooks" / "quickstart.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError on any failing cell
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "epoch 5:" in outputs and "steps per optimizer" in outputs
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))

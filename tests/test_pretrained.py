@@ -1,0 +1,234 @@
+"""Pretrained policies: the shipped registry, loading by name and path, mismatch errors,
+frozen-by-default, determinism, and meta-training end to end on a tiny task distribution."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import rlopt
+from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
+from rlopt.policies import DQNPolicy, PPOPolicy, load_policy
+from rlopt.pretrained import pretrained_info, pretrained_path
+from rlopt.tasks import TaskDistribution, build_task
+from rlopt.train_policy import main, train_policy
+
+from conftest import make_closure, make_data, make_model
+
+SHIPPED = {"switch-sgd-sam": ("sgd", "sam"), "switch-sgd-sam-adam": ("sgd", "sam", "adam"),
+           "lr-dqn": ("lr:keep", "lr:halve", "lr:reset")}
+
+# A distribution small enough for a test: 64 training samples, 2 epochs, teacher data only.
+TINY = TaskDistribution(data=("teacher",), mlp_width=(8,), mlp_depth=(1,), batch_size=(32,), epochs=(2,),
+                        n_train=(64,), n_val=32, interval=("epoch", 1), teacher_d_in=(4,), teacher_classes=(3,))
+
+
+def _weights(policy):
+    nets = [policy.actor, policy.critic] if isinstance(policy, PPOPolicy) else [policy.q_net, policy.target_net]
+    return [t.clone() for net in nets for t in net.state_dict().values()]
+
+
+def _run(opt, model, steps=12, epochs=2):
+    x, y = make_data()
+    closure = make_closure(model, opt, x, y)
+    for _ in range(epochs):
+        for _ in range(steps // epochs):
+            opt.step(closure)
+        opt.epoch_end(val_loss=1.0, val_acc=0.5)
+
+
+# ------------------------------------------------------------------ registry
+def test_list_policies_has_the_shipped_names():
+    listed = rlopt.list_policies()
+    assert set(SHIPPED) <= set(listed)
+    for name in SHIPPED:
+        assert isinstance(listed[name], str) and listed[name]
+        info = pretrained_info(name)
+        assert info["command"].startswith("python -m rlopt.train_policy ")
+        assert f"--out rlopt/pretrained/{name}.pt" in info["command"]
+        assert info["episodes"] >= 1 and info["train_time_s"] > 0
+        assert os.path.getsize(pretrained_path(name)) < 200_000
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_load_by_name_and_by_path(name):
+    by_name = rlopt.load_policy(name)
+    by_path = rlopt.load_policy(pretrained_path(name))
+    assert tuple(by_name.action_names) == SHIPPED[name]
+    assert by_name.describe() == by_path.describe()
+    for a, b in zip(_weights(by_name), _weights(by_path)):
+        assert torch.equal(a, b)
+    meta = by_name.metadata
+    assert meta["action_names"] == list(SHIPPED[name])
+    assert meta["obs_layout_version"] == by_name.obs_layout["version"]
+    assert len(meta["returns"]) == meta["episodes"] == pretrained_info(name)["episodes"]
+    for key in ("task_distribution", "seed", "rlopt_version", "command"):
+        assert key in meta
+
+
+def test_unknown_name_raises():
+    with pytest.raises(ValueError, match="available"):
+        rlopt.load_policy("no-such-policy")
+    with pytest.raises(ValueError, match="Unknown policy"):
+        RLSwitchingOptimizer(make_model().parameters(), choices=["sgd", "sam"], policy="no-such-policy")
+
+
+@pytest.mark.parametrize("name", ["switch-sgd-sam", "switch-sgd-sam-adam"])
+def test_switching_optimizer_takes_a_name(name):
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=list(SHIPPED[name]), policy=name, interval=2, lr=0.05)
+    assert not opt.policy.training
+    _run(opt, model)
+    assert opt.choice in SHIPPED[name]
+    assert all(h["choice"] in SHIPPED[name] for h in opt.history)
+
+
+def test_lr_optimizer_takes_a_name():
+    model = make_model()
+    opt = QLearningRateOptimizer(model.parameters(), base="sgd", lr=0.05, policy="lr-dqn", interval=2)
+    assert isinstance(opt.policy, DQNPolicy) and not opt.policy.training
+    _run(opt, model)
+    assert 0.05 * 2 ** -10 <= opt.lr <= 0.05
+
+
+# ------------------------------------------------------------------ mismatches
+def test_action_set_mismatch_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="action set"):
+        RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy="switch-sgd-sam")
+    with pytest.raises(ValueError, match="action set"):
+        RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=rlopt.load_policy("switch-sgd-sam-adam"))
+    with pytest.raises(ValueError, match="action set"):
+        QLearningRateOptimizer(model.parameters(), control=("lr", "weight_decay"), weight_decay=1e-4, policy="lr-dqn")
+
+
+@pytest.mark.parametrize("tamper", ["rename", "version"])
+def test_tampered_observation_layout_raises(tmp_path, tamper):
+    ckpt = torch.load(pretrained_path("switch-sgd-sam"), weights_only=True)
+    if tamper == "rename":
+        ckpt["obs_layout"]["names"][0] = "something_else"
+    else:
+        ckpt["obs_layout"]["version"] = ckpt["obs_layout"]["version"] + 1
+    path = tmp_path / "tampered.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="observation layout"):
+        RLSwitchingOptimizer(make_model().parameters(), choices=["sgd", "sam"], policy=str(path))
+    with pytest.raises(ValueError, match="observation layout"):
+        RLSwitchingOptimizer(make_model().parameters(), choices=["sgd", "sam"], policy=load_policy(path))
+
+
+# ------------------------------------------------------------------ frozen, fine-tuning, determinism
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_frozen_by_default(name):
+    policy = rlopt.load_policy(name)
+    assert not policy.training
+    before = _weights(policy)
+    model = make_model()
+    if name == "lr-dqn":
+        opt = QLearningRateOptimizer(model.parameters(), lr=0.05, policy=policy, interval=1)
+    else:
+        opt = RLSwitchingOptimizer(model.parameters(), choices=list(SHIPPED[name]), policy=policy, interval=1)
+    _run(opt, model, steps=20)
+    assert not opt.policy.training
+    assert all(h["policy"] == {} for h in opt.history)  # no update ran
+    for a, b in zip(before, _weights(policy)):
+        assert torch.equal(a, b)
+
+
+def test_train_true_fine_tunes():
+    policy = rlopt.load_policy("switch-sgd-sam", train=True)
+    assert policy.training
+    before = _weights(policy)
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=policy, interval=1)
+    _run(opt, model, steps=2 * policy.config.rollout_len + 2)
+    assert policy.n_updates >= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, _weights(policy)))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_loaded_policy_is_deterministic(name):
+    a, b = rlopt.load_policy(name), rlopt.load_policy(name)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(64, a.obs_dim, generator=g) * 2 - 1
+    acts_a = [a.act(o) for o in obs]
+    assert acts_a == [b.act(o) for o in obs]
+    assert acts_a == [a.act(o) for o in obs]  # acting does not change a frozen policy
+
+
+# ------------------------------------------------------------------ tasks and meta-training
+def test_tasks_are_reproducible_and_noise_only_on_training_labels():
+    cfg = TINY.sample(torch.Generator().manual_seed(1), seed=5)
+    t1, t2 = build_task(cfg), build_task(cfg)
+    assert torch.equal(t1.train_x, t2.train_x) and torch.equal(t1.val_y, t2.val_y)
+    for p, q in zip(t1.model.parameters(), t2.model.parameters()):
+        assert torch.equal(p, q)
+    noisy = build_task(dataclasses.replace(cfg, label_noise=0.5))
+    assert torch.equal(noisy.val_y, t1.val_y) and torch.equal(noisy.train_x, t1.train_x)
+    assert not torch.equal(noisy.train_y, t1.train_y)
+
+
+def test_fmnist_tasks_fall_back_to_teacher_without_the_file(tmp_path):
+    dist = TaskDistribution(data=("fmnist",), fmnist_path=str(tmp_path / "missing.npz"))
+    cfg = dist.sample(torch.Generator().manual_seed(0), seed=0)
+    assert cfg.data == "teacher"
+    assert dist.describe()["fmnist_available"] is False
+
+
+@pytest.mark.parametrize("kind,algo", [("switching", "ppo"), ("switching", "dqn"), ("lr", "dqn")])
+def test_meta_training_end_to_end(tmp_path, kind, algo):
+    out = tmp_path / "policy.pt"
+    result = train_policy(kind=kind, choices=("sgd", "sam"), algo=algo, episodes=2, seed=3, out=out,
+                          distribution=TINY, progress=False, register="tiny test policy", threads=None)
+    assert len(result.returns) == 2 and all(isinstance(r, float) for r in result.returns)
+    policy = load_policy(out)
+    assert not policy.training and policy.kind == algo
+    meta = policy.metadata
+    assert meta["action_names"] == list(policy.action_names) == list(result.policy.action_names)
+    assert meta["obs_layout"] == policy.obs_layout and meta["obs_layout_version"] == policy.obs_layout["version"]
+    assert meta["returns"] == [round(r, 4) for r in result.returns]
+    assert meta["seed"] == 3 and meta["episodes"] == 2 and meta["rlopt_version"] == rlopt.__version__
+    assert meta["task_distribution"]["data"] == ["teacher"]
+    assert meta["command"].startswith("python -m rlopt.train_policy --kind " + kind)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["policy"]["description"] == "tiny test policy" and index["policy"]["episodes"] == 2
+    # the checkpoint drives a fresh optimizer of the same kind
+    model = make_model()
+    if kind == "lr":
+        opt = QLearningRateOptimizer(model.parameters(), lr=0.05, policy=str(out), interval=2)
+    else:
+        opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=str(out), interval=2)
+    _run(opt, model)
+
+
+def test_meta_training_is_seeded():
+    a = train_policy(episodes=2, seed=1, distribution=TINY, progress=False, threads=None)
+    b = train_policy(episodes=2, seed=1, distribution=TINY, progress=False, threads=None)
+    assert a.returns == b.returns
+    for x, y in zip(_weights(a.policy), _weights(b.policy)):
+        assert torch.equal(x, y)
+
+
+def test_command_line(tmp_path, capsys):
+    out = tmp_path / "cli.pt"
+    main(["--kind", "switching", "--choices", "sgd,adam", "--episodes", "1", "--data", "teacher", "--out", str(out),
+          "--no-progress", "--quiet", "--threads", "1"])
+    assert "1 episodes" in capsys.readouterr().out
+    policy = load_policy(out)
+    assert policy.action_names == ("sgd", "adam")
+    assert policy.metadata["command"] == (f"python -m rlopt.train_policy --kind switching --choices sgd,adam "
+                                          f"--episodes 1 --data teacher --out {out} --no-progress --quiet --threads 1")
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        train_policy(kind="other", episodes=1, progress=False)
+    with pytest.raises(ValueError, match="algo"):
+        train_policy(algo="a2c", episodes=1, progress=False)
+    with pytest.raises(ValueError, match="episodes"):
+        train_policy(episodes=0, progress=False)
+    with pytest.raises(ValueError, match="data"):
+        TaskDistribution(data=("imagenet",))
