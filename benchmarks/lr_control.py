@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,10 @@ METHODS = ("constant", "step", "cosine", "plateau", "agent-log_improvement", "ag
 
 @dataclass
 class Config:
-    data_dir: str = "/work/shared/data/fashion-mnist"
-    """Folder with the four Fashion-MNIST idx .gz files."""
+    data_dir: Optional[str] = None
+    """Folder with Fashion-MNIST (idx .gz files or the torchvision layout); None: $RLOPT_DATA_DIR or ./data."""
+    download: bool = False
+    """Let torchvision download Fashion-MNIST when data_dir holds none."""
     max_train: int = 15000
     """Training images (stratified subset, before the 10% validation split)."""
     epochs: int = 5
@@ -248,16 +250,20 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS)
     ap.add_argument("--max-train", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--data-dir", help="Fashion-MNIST folder (default $RLOPT_DATA_DIR or ./data)")
+    ap.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
     args = ap.parse_args(argv)
     cfg = Config()
     if args.smoke:
         cfg.max_train, cfg.epochs, cfg.seeds = 1200, 1, (0,)
-    for key in ("epochs", "seeds", "methods", "max_train", "threads"):
+    for key in ("epochs", "seeds", "methods", "max_train", "threads", "data_dir"):
         v = getattr(args, key)
         if v is not None:
             setattr(cfg, key, tuple(v) if isinstance(v, list) else v)
+    cfg.download = cfg.download or args.download
     torch.set_num_threads(cfg.threads)
-    ds = load_dataset("fashion-mnist", data_dir=cfg.data_dir, max_train=cfg.max_train, seed=0)
+    ds = load_dataset("fashion-mnist", data_dir=cfg.data_dir, download=cfg.download, max_train=cfg.max_train,
+                      seed=0)
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
     data = {k: normalize(getattr(ds, k), mean, std) if k.endswith("_x") else getattr(ds, k)

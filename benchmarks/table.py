@@ -18,11 +18,12 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .data import load_dataset
 from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
@@ -126,7 +127,8 @@ def write_outputs(out: Path, rows: List[Dict[str, Any]], runs: Dict[str, List[Di
           f"- {CONVERGENCE_DEFINITION}",
           f"- s/epoch: training time per epoch (synchronized; evaluation excluded); acc points per {unit}: "
           f"final test accuracy (%) / training seconds of the run, mean over seeds",
-          f"- total wall time of the whole table: {header['wall_seconds']:.1f} s",
+          f"- total wall time of the runs (sum over runs, evaluation and set-up included): {header['wall_seconds']:.1f} s",
+          *[f"- {n}" for n in header.get("notes", [])],
           "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(l) + " |" for l in lines]
@@ -234,20 +236,64 @@ def _reusable(cfg: TrainConfig):
     return old if same else None
 
 
+#: the table's default rows: the reference rows, the learning-rate agent, the controls
+DEFAULT_METHODS = ["sgd", "sam", "adamw", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "pre-sgd-sam",
+                   "lr-dqn", "random-sgd-sam", "sam-every-k", "sam-last"]
+
+
+def _sam_share(path: Path) -> Optional[float]:
+    try:
+        return float(json.loads(path.read_text())["summary"]["step_share"].get("sam", 0.0))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _estimate(method: str, runs_dir: Path, done: Dict[str, float]) -> Optional[float]:
+    """Seconds a run of ``method`` is expected to take: the longest finished run of that method
+    (this process's, or any saved in ``runs_dir`` by others), else the median of all finished runs."""
+    seen: Dict[str, List[float]] = {m: [t] for m, t in done.items()}
+    for f in runs_dir.glob("*.json"):
+        try:
+            r = json.loads(f.read_text())
+            seen.setdefault(r["config"]["method"], []).append(float(r["summary"]["wall_seconds"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    if method in seen:
+        return max(seen[method])
+    every = sorted(t for ts in seen.values() for t in ts)
+    return every[len(every) // 2] if every else None
+
+
 def main(argv=None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description="Aggregate a methods x seeds benchmark into a table and figures.")
     ap.add_argument("--methods", nargs="+", default=None,
-                    help=f"methods (space or comma separated; default all): {', '.join(METHODS)}")
+                    help=f"methods (space or comma separated; default {' '.join(DEFAULT_METHODS)}); "
+                    f"all: {', '.join(METHODS)}")
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>_<model>_e<epochs>)")
     ap.add_argument("--smoke", action="store_true", help="every method, a few batches of tiny data, on CPU")
     ap.add_argument("--progress", action="store_true", help="tqdm progress bar per run")
     ap.add_argument("--reuse", default=True, action=argparse.BooleanOptionalAction,
                     help="reuse a run log in <out>/runs/ whose config equals the requested one (default on): "
-                    "lets a long table be run method by method and aggregated at the end")
+                    "lets a long table be run in pieces and aggregated at the end")
+    ap.add_argument("--match-share", default="ppo-sgd-sam", metavar="METHOD",
+                    help="random-sgd-sam picks SAM with the SAM step share of METHOD's run of the same seed "
+                    "(default ppo-sgd-sam; that run must exist or be earlier in the list); 'none': --sam-share")
+    ap.add_argument("--claim", action="store_true",
+                    help="share the runs with other processes started with the same arguments (N processes on "
+                    "one device): each run is claimed by creating <out>/runs/<run>.claim; no table is "
+                    "written. Aggregate afterwards with --aggregate-only. Delete stale .claim files "
+                    "left by a killed process before starting again")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no run expected to end later than SECONDS after the start (expected: the "
+                    "longest finished run of that method, else twice the longest of any)")
+    ap.add_argument("--aggregate-only", action="store_true",
+                    help="train nothing: tabulate the saved runs that match (missing ones are listed)")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the table's header")
     add_config_args(ap, skip=("method", "seed", "out_dir"))
     args = ap.parse_args(argv)
-    methods = [m for s in (args.methods or list(METHODS)) for m in s.split(",") if m]
+    default = list(METHODS) if args.smoke else DEFAULT_METHODS
+    methods = [m for s in (args.methods or default) for m in s.split(",") if m]
     for m in methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; expected one of {list(METHODS)}")
@@ -260,26 +306,79 @@ def main(argv=None) -> Dict[str, Any]:
     seeds = list(range(args.seeds))
     print(CONVERGENCE_DEFINITION)
     t0 = time.perf_counter()
-    data = load_dataset(base.dataset, base.data_dir, base.download, base.val_fraction, seed=0,
-                        cache_dir=base.cache_dir, max_train=base.max_train, max_test=base.max_test)
-    runs: Dict[str, List[Dict[str, Any]]] = {}
-    for method in methods:
-        for seed in seeds:
-            cfg = TrainConfig(**{**base.__dict__, "method": method, "seed": seed, "out_dir": str(out / "runs")})
-            old = _reusable(cfg) if args.reuse and not args.smoke else None
-            if old is not None:
-                print(f"[{cfg.run_name()}] reusing {Path(cfg.out_dir) / (cfg.run_name() + '.json')} (same config)")
-            runs.setdefault(method, []).append(old or train(cfg, data=data, progress=args.progress))
+    data = None if args.aggregate_only else load_dataset(
+        base.dataset, base.data_dir, base.download, base.val_fraction, seed=0, cache_dir=base.cache_dir,
+        max_train=base.max_train, max_test=base.max_test)
+    match = None if args.match_share == "none" else args.match_share
+    # seed-major order: a budget or an interruption leaves whole seeds, not whole methods
+    jobs = [(seed, m) for seed in seeds for m in methods]
+    runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
+    missing: List[str] = []
+    took: Dict[str, float] = {}
+    for seed, method in jobs:
+        cfg = TrainConfig(**{**base.__dict__, "method": method, "seed": seed, "out_dir": str(out / "runs")})
+        if method == "random-sgd-sam" and match and not args.smoke:
+            ref = TrainConfig(**{**cfg.__dict__, "method": match})
+            ref_path = Path(cfg.out_dir) / f"{ref.run_name()}.json"
+            share = _sam_share(ref_path)
+            while share is None and args.claim and ref_path.with_suffix(".claim").exists() and (
+                    args.time_budget is None or time.perf_counter() - t0 < args.time_budget - (took.get(method) or 0)):
+                time.sleep(5.0)  # another process is making it
+                share = _sam_share(ref_path)
+            if share is None:
+                print(f"[{cfg.run_name()}] skipped: needs the SAM share of {ref.run_name()}, not run yet")
+                missing.append(cfg.run_name())
+                continue
+            cfg = TrainConfig(**{**cfg.__dict__, "sam_share": round(share, 4)})
+        old = _reusable(cfg) if (args.reuse or args.aggregate_only) and not args.smoke else None
+        if old is not None:
+            print(f"[{cfg.run_name()}] reusing {Path(cfg.out_dir) / (cfg.run_name() + '.json')} (same config)")
+            runs[method].append(old)
+            continue
+        if args.aggregate_only:
+            missing.append(cfg.run_name())
+            continue
+        est = _estimate(method, Path(cfg.out_dir), took)
+        if args.time_budget is not None and est is not None and time.perf_counter() - t0 + est > args.time_budget:
+            print(f"[{cfg.run_name()}] not started: expected {est:.0f} s, over the time budget")
+            missing.append(cfg.run_name())
+            continue
+        claim = Path(cfg.out_dir) / f"{cfg.run_name()}.claim"
+        if args.claim:
+            claim.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue  # another process runs it
+        t_run = time.perf_counter()
+        try:
+            runs[method].append(train(cfg, data=data, progress=args.progress))
+        finally:
+            if args.claim:
+                claim.unlink(missing_ok=True)
+        took[method] = max(took.get(method, 0.0), time.perf_counter() - t_run)
     wall = time.perf_counter() - t0
+    if missing:
+        print(f"{len(missing)} run(s) missing: {', '.join(missing)}")
+    runs = {m: rs for m, rs in runs.items() if rs}
+    if args.claim or not runs:
+        print(f"{sum(map(len, runs.values()))} run(s) done or reused in {wall:.1f} s; no table written")
+        return {"runs": runs, "missing": missing, "out": out, "wall_seconds": wall}
     rows = [aggregate(rs) for rs in runs.values()]
+    first = next(iter(runs.values()))[0]
+    envs = {json.dumps(r["environment"].get("gpu", r["environment"].get("cpu"))) for rs in runs.values() for r in rs}
     header = {"dataset": base.dataset, "smoke": args.smoke, "command": "python -m benchmarks.table " + shlex.join(
-        sys.argv[1:] if argv is None else list(argv)), "environment": environment(resolve_device(base.device)),
-        "data": data.summary(), "config": base.__dict__, "seeds": seeds, "wall_seconds": wall}
+        sys.argv[1:] if argv is None else list(argv)),
+        "environment": first["environment"],
+        "data": first["data"], "config": base.__dict__, "seeds": seeds,
+        "wall_seconds": sum(r["summary"]["wall_seconds"] for rs in runs.values() for r in rs),
+        "notes": args.note + ([f"runs on more than one kind of hardware: {sorted(envs)}"] if len(envs) > 1 else [])
+        + ([f"missing runs: {', '.join(missing)}"] if missing else [])}
     write_outputs(out, rows, runs, header)
     print((out / "table.md").read_text())
     print(f"wrote {out}/table.md, table.csv, summary.json, curves.png, rewards.png, choices.png, runs/*.json "
           f"({wall:.1f} s)")
-    return {"rows": rows, "runs": runs, "out": out, "wall_seconds": wall}
+    return {"rows": rows, "runs": runs, "out": out, "wall_seconds": wall, "missing": missing}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from rlopt import SAM, RLSwitchingOptimizer
+from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
+from rlopt.controller import RLControlledOptimizer
 from rlopt.policies import RandomConfig
 
 from .data import ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
@@ -46,11 +47,16 @@ METHODS: Dict[str, str] = {
     "dqn-sgd-sam": "RLSwitchingOptimizer, DQN policy over {sgd, sam}",
     "ppo-sgd-sam": "RLSwitchingOptimizer, PPO policy over {sgd, sam}",
     "ppo-sgd-sam-adamw": "RLSwitchingOptimizer, PPO policy over {sgd, sam, adamw}",
-    "random-sgd-sam": "RLSwitchingOptimizer, random policy over {sgd, sam} at SAM share --sam-share",
+    "random-sgd-sam": "RLSwitchingOptimizer, random policy over {sgd, sam} picking SAM with probability --sam-share "
+                      "(benchmarks.table: the SAM step share of ppo-sgd-sam's run of the same seed)",
     "sam-every-k": "SGD, with a SAM step every --sam-every steps (shared momentum)",
     "sam-last": "SGD, then SAM for the last --sam-last-fraction of the epochs (shared momentum)",
+    "pre-sgd-sam": "RLSwitchingOptimizer, shipped policy switch-sgd-sam used zero-shot (frozen)",
+    "lr-dqn": "QLearningRateOptimizer over that SGD, shipped policy lr-dqn used zero-shot (frozen), on top of "
+              "the cosine schedule",
 }
-RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam")
+RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam", "pre-sgd-sam",
+              "lr-dqn")
 
 CONVERGENCE_DEFINITION = ("convergence epoch: the first epoch (1-based) whose test accuracy is within "
                           "0.5 percentage points of the run's final-epoch test accuracy")
@@ -221,7 +227,7 @@ class _Stepper:
         self.cfg, self.method = cfg, m
         self.steps_per_epoch = steps_per_epoch
         self.step_count, self.epoch = 0, 0
-        self.rl: Optional[RLSwitchingOptimizer] = None
+        self.rl: Optional[RLControlledOptimizer] = None
         sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
         fused_kw = {"fused": True} if fused else {}
         if m in ("sgd",):
@@ -232,11 +238,16 @@ class _Stepper:
             self.opt = torch.optim.AdamW(params, lr=cfg.adam_lr, weight_decay=cfg.adamw_weight_decay, **fused_kw)
         elif m == "adam":
             self.opt = torch.optim.Adam(params, lr=cfg.adam_lr, **fused_kw)
+        elif m == "lr-dqn":
+            self.opt = self.rl = QLearningRateOptimizer(
+                params, base=("sgd", {"nesterov": True}), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum, control=("lr",), policy="lr-dqn", interval=cfg.interval, seed=cfg.seed,
+                total_epochs=cfg.epochs, total_steps=cfg.epochs * steps_per_epoch)
         else:
             sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
             choices: Dict[str, Dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
             policy: Any = {"dqn-sgd-sam": "dqn", "ppo-sgd-sam": "ppo", "ppo-sgd-sam-adamw": "ppo",
-                           "const-sgd": "constant:sgd",
+                           "const-sgd": "constant:sgd", "pre-sgd-sam": "switch-sgd-sam",
                            "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share))}[m]
             if m == "const-sgd":
                 choices = {"sgd": sgd}
@@ -245,7 +256,7 @@ class _Stepper:
             self.opt = self.rl = RLSwitchingOptimizer(
                 params, choices=choices, policy=policy, interval=cfg.interval, lr=cfg.lr, momentum=cfg.momentum,
                 seed=cfg.seed, total_epochs=cfg.epochs, total_steps=cfg.epochs * steps_per_epoch,
-                train_policy=cfg.policy_train if m not in ("const-sgd", "random-sgd-sam") else None)
+                train_policy=cfg.policy_train if m not in ("const-sgd", "random-sgd-sam", "pre-sgd-sam") else None)
         self.sam_from_epoch = cfg.epochs - int(round(cfg.sam_last_fraction * cfg.epochs))
 
     @property
@@ -257,6 +268,9 @@ class _Stepper:
     @property
     def current(self) -> str:
         m = self.method
+        if m == "lr-dqn":  # the agent's lr factor, 2^-k
+            k = round(-math.log2(self.rl.factors["lr"]))
+            return f"lr x2^-{k}" if k else "lr x1"
         if self.rl is not None:
             return self.rl.choice
         if m == "sam-every-k":
@@ -276,7 +290,7 @@ class _Stepper:
         self.step_count += 1
         return loss
 
-    def epoch_end(self, val_loss: float, val_acc: float) -> None:
+    def epoch_end(self, val_loss: Optional[float], val_acc: Optional[float]) -> None:
         self.epoch += 1
         if self.rl is not None:
             self.rl.epoch_end(val_loss=val_loss, val_acc=val_acc)
@@ -404,7 +418,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         test = evaluate(model, sx, sy, mean, std, cfg, device, data.num_classes)
         eval_time = time.perf_counter() - t1
         train_loss = float(loss_sum) / steps_per_epoch
-        stepper.epoch_end(val.get("loss", float("nan")), val.get("acc", 0.0))
+        stepper.epoch_end(val.get("loss"), val.get("acc"))  # None without a validation split: training loss
         rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val.get("loss"), "val_acc": val.get("acc"),
                "test_loss": test["loss"], "test_acc": test["acc"], "test_f1": test["f1"],
                "test_precision": test["precision"], "test_recall": test["recall"],

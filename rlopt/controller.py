@@ -286,7 +286,7 @@ class RLControlledOptimizer(Optimizer):
             finite = finite & torch.isfinite(loss.detach()).all().to(device)
         elif loss is not None and not math.isfinite(float(loss)):
             finite = finite & False
-        self.tracker.record(self._params, loss, grad_norm, finite)
+        self.tracker.record(self._params, loss, grad_norm, finite, keep_run=spec.needs_closure)
         target = inner
         if spec.needs_closure:  # SAM: ascend, evaluate again, come back
             inner.first_step(zero_grad=True, grad_norm=None if any(

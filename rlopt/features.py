@@ -90,6 +90,8 @@ def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.T
     if not grads:
         return torch.zeros((), device=device)
     norms = torch._foreach_norm(grads)
+    if all(n.device == device and n.dtype == torch.float32 for n in norms):  # the usual case: no casts
+        return torch.linalg.vector_norm(torch.stack(norms))
     return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
 
 
@@ -124,37 +126,48 @@ class SignalTracker:
 
     @torch.no_grad()
     def record(self, params: Sequence[torch.Tensor], loss: Any, grad_norm: torch.Tensor,
-               finite: torch.Tensor) -> None:
-        """Account one step. ``finite`` (device bool) is False when the step was skipped."""
+               finite: torch.Tensor, keep_run: bool = True) -> None:
+        """Account one step. ``finite`` (device bool) is False when the step was skipped.
+        ``keep_run``: remember the skip run before this step, for :meth:`amend` (SAM); callers
+        that never amend pass False and save a device op.
+
+        An ordinary step costs a handful of small device ops and no host synchronisation."""
         if self.acc is None:
             self._allocate(grad_norm.device)
         dev, dtype = self.acc.device, self.acc.dtype
-        ok = finite.to(dev, dtype)
-        gnorm = torch.where(finite, grad_norm, 0.0).to(dev, dtype)
         if isinstance(loss, torch.Tensor):
-            loss_v = torch.where(finite, loss.detach().reshape(()).to(dev, dtype), 0.0)
-            loss_n = ok
+            loss_v = loss.detach().reshape(()).to(dev, grad_norm.dtype)
         elif loss is not None and math.isfinite(float(loss)):
-            loss_v, loss_n = ok * float(loss), ok
+            loss_v = torch.full((), float(loss), dtype=grad_norm.dtype, device=dev)
         else:
-            loss_v = loss_n = torch.zeros((), dtype=dtype, device=dev)
-        self.acc[:5] += torch.stack([loss_v, loss_n, gnorm, ok, 1.0 - ok])
-        self._run_before = self.run[0].clone()  # for amend() within this step
-        self.run[0] = (self.run[0] + 1.0) * (1.0 - ok)
-        self.run[1] = torch.maximum(self.run[1], self.run[0])
+            loss_v = None
+        ok = finite.to(dtype)
+        if loss_v is None:
+            self.acc[self._GNORM:self._SKIPPED + 1] += torch.stack(
+                [torch.where(finite, grad_norm.to(dtype), 0.0), ok, 1.0 - ok])
+        else:  # loss, loss count, grad norm, grad-norm count, skipped
+            vals = torch.where(finite, torch.stack([loss_v, grad_norm]).to(dtype), 0.0)
+            self.acc[:self._SKIPPED + 1] += torch.cat([vals[:1], ok[None], vals[1:], ok[None], 1.0 - ok[None]])
+        if keep_run:
+            self._run_before = self.run[0].clone()
+        cur = self.run[:1]
+        cur.add_(1.0).mul_(1.0 - ok)  # consecutive skipped steps
+        torch.maximum(self.run[1:], cur, out=self.run[1:])
 
-        ids = tuple(i for i, p in enumerate(params) if p.grad is not None)
-        if self._snap_step == self.steps - 1 and ids == self._snap_ids and ids:
-            self._compare(params, ids, finite)
-        if self.steps % self.signal_every == 0 and ids:
-            self._snapshot(params, ids, finite)
+        probe_now = self.steps % self.signal_every == 0
+        if probe_now or self._snap_step == self.steps - 1:
+            ids = tuple(i for i, p in enumerate(params) if p.grad is not None)
+            if self._snap_step == self.steps - 1 and ids == self._snap_ids and ids:
+                self._compare(params, ids, finite)
+            if probe_now and ids:
+                self._snapshot(params, ids, finite)
         self.steps += 1
 
     @torch.no_grad()
     def amend(self, finite: torch.Tensor) -> None:
-        """Count the step recorded last as skipped when ``finite`` (device bool) is False after
-        all: SAM knows only after its second gradient whether the step is taken. The step's
-        first-pass loss and gradient statistics stay in the means."""
+        """Count the step recorded last (with ``keep_run=True``) as skipped when ``finite``
+        (device bool) is False after all: SAM knows only after its second gradient whether the
+        step is taken. The step's first-pass loss and gradient statistics stay in the means."""
         dtype = self.acc.dtype
         bad = (~finite).to(self.acc.device, dtype) * (self.run[0] == 0).to(dtype)  # not counted yet
         self.acc[self._SKIPPED] += bad
@@ -163,7 +176,9 @@ class SignalTracker:
 
     def _flat(self, params, ids, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         dev = self.acc.device
-        grads = [params[i].grad.reshape(-1).to(dev, torch.float32) for i in ids]
+        grads = [params[i].grad.reshape(-1) for i in ids]
+        if not all(g.device == dev and g.dtype == torch.float32 for g in grads):
+            grads = [g.to(dev, torch.float32) for g in grads]
         if out is not None and out.numel() == sum(g.numel() for g in grads):
             return torch.cat(grads, out=out)
         return torch.cat(grads)

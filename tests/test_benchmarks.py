@@ -211,6 +211,25 @@ def test_smoke_every_method(tmp_path):
             assert run["summary"]["grad_evals"] == 12
 
 
+def test_table_in_pieces_matches_random_share_and_aggregates(tmp_path):
+    """Two processes' worth of --claim runs, then --aggregate-only: random switching gets the SAM
+    share of ppo-sgd-sam's run of the same seed; a missing run is listed, not invented."""
+    from benchmarks.table import main
+
+    tiny = ["--dataset", "fmnist-subset", "--model", "small-cnn", "--width", "4", "--max-train", "400",
+            "--max-test", "100", "--batch-size", "64", "--epochs", "2", "--max-steps-per-epoch", "4",
+            "--interval", "2", "--device", "cpu", "--seeds", "1", "--out", str(tmp_path / "t")]
+    first = main(tiny + ["--methods", "sgd", "ppo-sgd-sam", "--claim"])
+    assert "rows" not in first and not list((tmp_path / "t" / "runs").glob("*.claim"))
+    main(tiny + ["--methods", "random-sgd-sam", "--claim"])
+    agg = main(tiny + ["--methods", "sgd", "ppo-sgd-sam", "random-sgd-sam", "sam", "--aggregate-only"])
+    assert [r["method"] for r in agg["rows"]] == ["sgd", "ppo-sgd-sam", "random-sgd-sam"]
+    assert agg["missing"] == ["fmnist-subset_small-cnn_sam_e2_s0"]
+    ppo, rnd = agg["runs"]["ppo-sgd-sam"][0], agg["runs"]["random-sgd-sam"][0]
+    assert rnd["config"]["sam_share"] == round(ppo["summary"]["step_share"].get("sam", 0.0), 4)
+    assert "missing runs" in (tmp_path / "t" / "table.md").read_text()
+
+
 def test_demo_and_overhead_scripts_run(tmp_path):
     from benchmarks import demo, overhead
 

@@ -1,0 +1,157 @@
+"""The CUDA code paths: fused inner kernels on the GPU, device-side signals, the lagged skip-run
+poll, no host synchronisation in ordinary steps, checkpoints across devices.
+
+Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer, SAM
+
+from conftest import make_closure, make_data, make_model, roundtrip
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEV = torch.device("cuda")
+
+
+def _cuda_setup(seed=0):
+    x, y = make_data(seed)
+    return make_model(seed).to(DEV), x.to(DEV), y.to(DEV)
+
+
+def _reference(choice, params):
+    if choice == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+    if choice == "adam":
+        return torch.optim.Adam(params, lr=0.1 * 0.01, fused=True)
+    return SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+               fused=True)
+
+
+@pytest.mark.parametrize("choice", ["sgd", "adam", "sam"])
+def test_constant_policy_equals_fused_torch_on_cuda(choice):
+    m1, x, y = _cuda_setup()
+    m2, _, _ = _cuda_setup()
+    sgd = {"nesterov": True, "weight_decay": 5e-4}
+    opt = RLSwitchingOptimizer(m1.parameters(), choices={"sgd": sgd, "sam": dict(sgd, rho=0.05), "adam": {}},
+                               policy=f"constant:{choice}", lr=0.1)
+    ref = _reference(choice, m2.parameters())
+    for _ in range(8):
+        l1 = opt.step(make_closure(m1, opt, x, y))
+        c2 = make_closure(m2, ref, x, y)
+        if choice == "sam":
+            l2 = ref.step(c2)
+        else:
+            l2 = c2()
+            ref.step()
+        assert torch.equal(l1, l2)
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert p.device.type == "cuda" and torch.equal(p, q)
+
+
+def test_ordinary_steps_do_not_synchronise_with_the_host():
+    model, x, y = _cuda_setup()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy="ppo", interval="epoch",
+                               total_epochs=2)
+    closure = make_closure(model, opt, x, y)
+    opt.step(closure)  # first step: lazy state, warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.epoch_end(val_loss=1.0, val_acc=0.5)  # decisions may synchronise
+    assert len(opt.history) == 2
+
+
+def test_nonfinite_steps_are_skipped_on_cuda_and_a_long_run_raises():
+    model, x, y = _cuda_setup()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd",
+                               interval="epoch", max_nonfinite_steps=3)
+    bad = [False]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if bad[0]:
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.inner_optimizers["sgd"].state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    bad[0] = True
+    # The run length is read from pinned memory once the copy has landed: the error comes at the
+    # third consecutive bad step or within a few steps after it, never before.
+    raised_at = None
+    for i in range(1, 12):
+        try:
+            opt.step(closure)
+        except RuntimeError as e:
+            assert "not finite for" in str(e)
+            raised_at = i
+            break
+        torch.cuda.synchronize()
+    assert raised_at is not None and raised_at >= 3
+    for p, q, m in zip(model.parameters(), before, momentum):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.inner_optimizers["sgd"].state[p]["momentum_buffer"], m)
+
+
+@pytest.mark.parametrize("policy,interval", [("ppo", 3), ("dqn", "epoch")])
+def test_cuda_checkpoint_resumes_identically(policy, interval):
+    def build(model):
+        return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
+                                    interval=interval, seed=3, total_steps=24, total_epochs=4)
+
+    m1, x, y = _cuda_setup()
+    opt1 = build(m1)
+    for k in range(12):
+        opt1.step(make_closure(m1, opt1, x, y))
+        if interval == "epoch" and k % 3 == 2:
+            opt1.epoch_end(val_loss=1.0 / (k + 1), val_acc=0.1 * k / 12)
+    saved_model, saved_opt = roundtrip(m1.state_dict()), roundtrip(opt1.state_dict())
+    m2, _, _ = _cuda_setup(seed=1)
+    m2.load_state_dict(saved_model)
+    opt2 = build(m2)
+    opt2.load_state_dict(saved_opt)
+    for k in range(12, 24):
+        for m, o in ((m1, opt1), (m2, opt2)):
+            o.step(make_closure(m, o, x, y))
+            if interval == "epoch" and k % 3 == 2:
+                o.epoch_end(val_loss=1.0 / (k + 1), val_acc=0.1 * k / 12)
+    assert [h["choice"] for h in opt1.history] == [h["choice"] for h in opt2.history]
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cpu_checkpoint_loads_onto_cuda():
+    m_cpu = make_model()
+    x, y = make_data()
+    opt = RLSwitchingOptimizer(m_cpu.parameters(), choices=["sgd", "sam"], policy="ppo", interval=2)
+    for _ in range(6):
+        opt.step(make_closure(m_cpu, opt, x, y))
+    saved = roundtrip(opt.state_dict())
+    m_gpu = make_model().to(DEV)
+    m_gpu.load_state_dict(m_cpu.state_dict())
+    opt2 = RLSwitchingOptimizer(m_gpu.parameters(), choices=["sgd", "sam"], policy="ppo", interval=2)
+    opt2.load_state_dict(saved)
+    for p in m_gpu.parameters():
+        for v in opt2.inner_optimizers["sgd"].state[p].values():
+            assert v.device.type == "cuda"
+    opt2.step(make_closure(m_gpu, opt2, x.to(DEV), y.to(DEV)))
+
+
+def test_learning_rate_agent_runs_on_cuda():
+    model, x, y = _cuda_setup()
+    opt = QLearningRateOptimizer(model.parameters(), lr=0.1, policy="dqn", interval=4, total_steps=40)
+    losses = [opt.step(make_closure(model, opt, x, y)).detach() for _ in range(40)]
+    assert len(opt.history) >= 10
+    assert float(losses[-1]) < float(losses[0])
