@@ -12,7 +12,7 @@ python3 -c "from benchmarks.data import load_dataset; print(load_dataset('$D', '
 rm -f benchmarks/results/${D}_resnet18_e30/runs/*.claim
 nvidia-cuda-mps-control -d; sleep 1
 for i in $(seq 1 $P); do
-  timeout $((B + 40)) python3 -m benchmarks.table --dataset $D --data-dir $DD --val-fraction 0.05 --epochs 30 --seeds 3 --claim --time-budget $B --methods $METHODS > /tmp/table_$i.log 2>&1 &
+  timeout $((B + 40)) python3 -m benchmarks.table --dataset $D --data-dir $DD --val-fraction 0.05 --epochs 30 --seeds 3 --claim --time-budget $B ${METHODS:+--methods $METHODS} > /tmp/table_$i.log 2>&1 &
   sleep 2
 done
 wait
