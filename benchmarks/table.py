@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .data import load_dataset
 from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
-                    config_from_args, environment, resolve_device, train)
+                    config_from_args, train)
 
 __all__ = ["aggregate", "write_outputs", "main", "SMOKE"]
 
