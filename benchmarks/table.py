@@ -321,7 +321,8 @@ def main(argv=None) -> Dict[str, Any]:
             ref = TrainConfig(**{**cfg.__dict__, "method": match})
             ref_path = Path(cfg.out_dir) / f"{ref.run_name()}.json"
             share = _sam_share(ref_path)
-            while share is None and args.claim and ref_path.with_suffix(".claim").exists() and (
+            ref_claim = Path(cfg.out_dir) / f"{ref.run_name()}.claim"
+            while share is None and args.claim and ref_claim.exists() and (
                     args.time_budget is None or time.perf_counter() - t0 < args.time_budget - (took.get(method) or 0)):
                 time.sleep(5.0)  # another process is making it
                 share = _sam_share(ref_path)
