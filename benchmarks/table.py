@@ -238,7 +238,8 @@ def _reusable(cfg: TrainConfig):
 
 #: the table's default rows: the reference rows, the learning-rate agent, the controls
 DEFAULT_METHODS = ["sgd", "sam", "adamw", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "pre-sgd-sam",
-                   "lr-dqn", "random-sgd-sam", "sam-every-k", "sam-last"]
+                   "lr-dqn", "random-sgd-sam", "sam-every-k", "sam-last", "lr-dqn-online", "pre-sgd-sam-adam",
+                   "ppo-sgd-sam-adam"]
 
 
 def _sam_share(path: Path) -> Optional[float]:

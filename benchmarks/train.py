@@ -52,11 +52,17 @@ METHODS: Dict[str, str] = {
     "sam-every-k": "SGD, with a SAM step every --sam-every steps (shared momentum)",
     "sam-last": "SGD, then SAM for the last --sam-last-fraction of the epochs (shared momentum)",
     "pre-sgd-sam": "RLSwitchingOptimizer, shipped policy switch-sgd-sam used zero-shot (frozen)",
+    "ppo-sgd-sam-adam": "RLSwitchingOptimizer, PPO policy over {sgd, sam, adam} (the online counterpart of "
+                        "pre-sgd-sam-adam)",
+    "pre-sgd-sam-adam": "RLSwitchingOptimizer, shipped policy switch-sgd-sam-adam used zero-shot (frozen)",
     "lr-dqn": "QLearningRateOptimizer over that SGD, shipped policy lr-dqn used zero-shot (frozen), on top of "
               "the cosine schedule",
+    "lr-dqn-online": "QLearningRateOptimizer as lr-dqn, its DQN learning online from scratch",
 }
 RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam", "pre-sgd-sam",
-              "lr-dqn")
+              "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "lr-dqn", "lr-dqn-online")
+#: RL methods whose policy is frozen (shipped, constant or random); the others follow --policy-train
+_FROZEN = ("const-sgd", "random-sgd-sam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn")
 
 CONVERGENCE_DEFINITION = ("convergence epoch: the first epoch (1-based) whose test accuracy is within "
                           "0.5 percentage points of the run's final-epoch test accuracy")
@@ -238,25 +244,29 @@ class _Stepper:
             self.opt = torch.optim.AdamW(params, lr=cfg.adam_lr, weight_decay=cfg.adamw_weight_decay, **fused_kw)
         elif m == "adam":
             self.opt = torch.optim.Adam(params, lr=cfg.adam_lr, **fused_kw)
-        elif m == "lr-dqn":
+        elif m in ("lr-dqn", "lr-dqn-online"):
             self.opt = self.rl = QLearningRateOptimizer(
                 params, base=("sgd", {"nesterov": True}), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                momentum=cfg.momentum, control=("lr",), policy="lr-dqn", interval=cfg.interval, seed=cfg.seed,
-                total_epochs=cfg.epochs, total_steps=cfg.epochs * steps_per_epoch)
+                momentum=cfg.momentum, control=("lr",), policy="lr-dqn" if m == "lr-dqn" else "dqn",
+                interval=cfg.interval, seed=cfg.seed, total_epochs=cfg.epochs,
+                total_steps=cfg.epochs * steps_per_epoch, train_policy=None if m in _FROZEN else cfg.policy_train)
         else:
             sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
             choices: Dict[str, Dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
             policy: Any = {"dqn-sgd-sam": "dqn", "ppo-sgd-sam": "ppo", "ppo-sgd-sam-adamw": "ppo",
-                           "const-sgd": "constant:sgd", "pre-sgd-sam": "switch-sgd-sam",
+                           "ppo-sgd-sam-adam": "ppo", "const-sgd": "constant:sgd", "pre-sgd-sam": "switch-sgd-sam",
+                           "pre-sgd-sam-adam": "switch-sgd-sam-adam",
                            "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share))}[m]
             if m == "const-sgd":
                 choices = {"sgd": sgd}
             if m == "ppo-sgd-sam-adamw":
                 choices["adamw"] = {"lr": cfg.adam_lr, "weight_decay": cfg.adamw_weight_decay}
+            if m in ("ppo-sgd-sam-adam", "pre-sgd-sam-adam"):  # as the static "adam" row: no weight decay
+                choices["adam"] = {"lr": cfg.adam_lr, "weight_decay": 0.0}
             self.opt = self.rl = RLSwitchingOptimizer(
                 params, choices=choices, policy=policy, interval=cfg.interval, lr=cfg.lr, momentum=cfg.momentum,
                 seed=cfg.seed, total_epochs=cfg.epochs, total_steps=cfg.epochs * steps_per_epoch,
-                train_policy=cfg.policy_train if m not in ("const-sgd", "random-sgd-sam", "pre-sgd-sam") else None)
+                train_policy=None if m in _FROZEN else cfg.policy_train)
         self.sam_from_epoch = cfg.epochs - int(round(cfg.sam_last_fraction * cfg.epochs))
 
     @property
@@ -268,7 +278,7 @@ class _Stepper:
     @property
     def current(self) -> str:
         m = self.method
-        if m == "lr-dqn":  # the agent's lr factor, 2^-k
+        if m in ("lr-dqn", "lr-dqn-online"):  # the agent's lr factor, 2^-k
             k = round(-math.log2(self.rl.factors["lr"]))
             return f"lr x2^-{k}" if k else "lr x1"
         if self.rl is not None:
