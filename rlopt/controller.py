@@ -26,7 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from .choices import ChoiceSpec
-from .features import ObservationBuilder, SignalTracker, Signals, global_grad_norm
+from .features import ObservationBuilder, SignalTracker, Signals
 from .policies import (ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy,
                        policy_class)
 from .rewards import RewardContext
@@ -280,36 +280,32 @@ class RLControlledOptimizer(Optimizer):
     def _guarded_step(self, i: int, closure, loss) -> None:
         spec, inner, fused = self._specs[i], self._inner[i], self._fused[i]
         grads, device = self._grads()
-        grad_norm = global_grad_norm(grads, device)
-        finite = torch.isfinite(grad_norm)
-        if isinstance(loss, torch.Tensor):
-            finite = finite & torch.isfinite(loss.detach()).all().to(device)
-        elif loss is not None and not math.isfinite(float(loss)):
-            finite = finite & False
-        self.tracker.record(self._params, loss, grad_norm, finite, keep_run=spec.needs_closure)
-        target = inner
-        if spec.needs_closure:  # SAM: ascend, evaluate again, come back
-            inner.first_step(zero_grad=True, grad_norm=None if any(
-                g.get("adaptive") for g in inner.param_groups) else grad_norm)
-            try:
-                with torch.enable_grad():
-                    closure()
-            except BaseException:
-                inner.restore()
-                raise
-            grads2, _ = self._grads()
-            finite = finite & torch.isfinite(global_grad_norm(grads2, device))
-            self.tracker.amend(finite)  # a non-finite second gradient skips the step too
-            inner.restore()
-            target = inner.base_optimizer
-        if fused:
-            target.found_inf = (~finite).to(torch.float32)
-            try:
+        tracker = self.tracker
+        bad = tracker.begin(grads, loss, device)  # device flag: non-zero skips the step
+        try:
+            tracker.probe(self._params, bad)
+            target = inner
+            if spec.needs_closure:  # SAM: ascend, evaluate again, come back
+                inner.first_step(zero_grad=True)
+                try:
+                    with torch.enable_grad():
+                        closure()
+                finally:
+                    inner.restore()
+                tracker.check(self._grads()[0], bad)  # a non-finite second gradient skips the step too
+                target = inner.base_optimizer
+            if fused:
+                target.found_inf = bad
+                try:
+                    target.step()
+                finally:
+                    del target.found_inf
+            elif not bool(bad):  # host check: only where no fused kernel exists
                 target.step()
-            finally:
-                del target.found_inf
-        elif bool(finite):  # host check: only where no fused kernel exists
-            target.step()
+        except BaseException:
+            tracker.cancel()  # the step did not happen: it is not counted
+            raise
+        tracker.end()
 
     def _after_step(self, cost: float) -> None:
         ctl = self._ctl

@@ -4,10 +4,10 @@ vector at decision points.
 Two halves:
 
 * :class:`SignalTracker` accumulates, on the parameters' device and without any host
-  synchronisation, the training loss, the global gradient norm, how many steps were skipped
-  for non-finite values, and every ``signal_every`` steps the alignment of two successive
-  gradients (cosine and mean sign agreement). :meth:`SignalTracker.summary` reads everything
-  back in one transfer; optimizers call it only at decisions.
+  synchronisation, the training loss and how many steps were skipped for non-finite values
+  (every step), and every ``signal_every`` steps the global gradient norm and the alignment of
+  two successive gradients (cosine and mean sign agreement). :meth:`SignalTracker.summary`
+  reads everything back in one transfer; optimizers call it only at decisions.
 * :class:`ObservationBuilder` turns an interval's :class:`Signals` (plus validation metrics,
   progress and the previous action) into features scaled to about [-1, 1]. The layout is
   versioned (:data:`LAYOUT_VERSION`) and saved with every policy, so a checkpoint cannot be
@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 __all__ = ["LAYOUT_VERSION", "BASE_FEATURES", "Signals", "SignalTracker", "ObservationBuilder",
-           "observation_layout", "global_grad_norm"]
+           "observation_layout"]
 
 LAYOUT_VERSION = 1
 
@@ -84,95 +84,174 @@ def _log_ratio(a: float, b: float) -> float:
     return 0.0
 
 
-@torch.no_grad()
-def global_grad_norm(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """L2 norm over all gradients, as a float32 scalar on ``device``; inf/NaN if any entry is."""
-    if not grads:
-        return torch.zeros((), device=device)
-    norms = torch._foreach_norm(grads)
-    if all(n.device == device and n.dtype == torch.float32 for n in norms):  # the usual case: no casts
-        return torch.linalg.vector_norm(torch.stack(norms))
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
-
-
 class SignalTracker:
     """Device-side accumulators of one interval's training signals (see module doc).
 
+    An ordinary step costs three small device operations and no host synchronisation:
+    :meth:`begin` writes the loss into a window of recent steps and checks the gradients and
+    the loss for non-finite values with one fused kernel (GradScaler's), into a flag that fused
+    optimizers read as ``found_inf``; :meth:`end` folds the window into the interval's sums
+    every ``fold_every`` steps. Every ``signal_every`` steps :meth:`probe` takes a flat copy of
+    the gradient, whose norm is the gradient-norm sample and which the next step's gradient is
+    compared with (cosine and mean sign agreement).
+
     Args:
-        signal_every: gradient alignment is sampled every this many steps, each sample
-            comparing two successive gradients (it costs a flat copy of the gradient).
+        signal_every: gradient norm and alignment are sampled every this many steps.
+        fold_every: steps per fold of the window (default: 1 on the CPU, where a fold is cheap
+            and the run of skipped steps is then exact at every step; 8 elsewhere, so a long run
+            of non-finite steps is noticed up to about 2 x 8 steps late on an accelerator).
     """
 
     # slots of the accumulator vector
-    _LOSS, _LOSS_N, _GNORM, _GNORM_N, _SKIPPED, _COS, _SIGN, _ALIGN_N = range(8)
+    _LOSS, _LOSS_N, _SKIPPED, _GNORM, _GNORM_N, _COS, _SIGN, _ALIGN_N = range(8)
+    _STATE_VERSION = 2
 
-    def __init__(self, signal_every: int = 10):
-        if not isinstance(signal_every, int) or signal_every < 1:
+    def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
+        if isinstance(signal_every, bool) or not isinstance(signal_every, int) or signal_every < 1:
             raise ValueError(f"Invalid signal_every: {signal_every}")
+        if fold_every is not None and (isinstance(fold_every, bool) or not isinstance(fold_every, int)
+                                       or fold_every < 1):
+            raise ValueError(f"Invalid fold_every: {fold_every}")
         self.signal_every = signal_every
+        self._fold_arg = fold_every
+        self.fold_every = fold_every
         self.acc: Optional[torch.Tensor] = None  # 8 float64 sums
         self.run: Optional[torch.Tensor] = None  # [current run, longest run] of skipped steps
         self.steps = 0
+        self._win: Optional[torch.Tensor] = None  # (3, W) float32: loss, non-finite flag, loss given
+        self._pending = 0  # steps in the window not folded yet
         self._snap: Optional[torch.Tensor] = None
+        self._snap_norm: Optional[torch.Tensor] = None
         self._snap_ids: Optional[tuple] = None
         self._snap_ok: Optional[torch.Tensor] = None
         self._snap_step = -2
-        self._poll = None  # (pinned host tensor, event) for lagged reads on CUDA
+        self._poll = None  # (pinned host tensor, event, copy in flight) for lagged reads on CUDA
+        self._fused_check = True  # GradScaler's kernel exists on this device
 
     def _allocate(self, device: torch.device) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.acc = torch.zeros(8, dtype=dtype, device=device)
         self.run = torch.zeros(2, dtype=dtype, device=device)
+        self._make_window(device)
 
+    def _make_window(self, device: torch.device, width: int = 0) -> None:
+        self.fold_every = self._fold_arg or (1 if device.type == "cpu" else 8)
+        width = max(width, self.fold_every)
+        self._win = torch.zeros(3, width, dtype=torch.float32, device=device)
+        self._win[2] = 1.0
+        self._reset = self._win[1:].clone()
+        self._steps_idx = torch.arange(1, width + 1, dtype=self.acc.dtype, device=device)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+        self._pending = 0
+
+    # -------------------------------------------------------------- steps
     @torch.no_grad()
-    def record(self, params: Sequence[torch.Tensor], loss: Any, grad_norm: torch.Tensor,
-               finite: torch.Tensor, keep_run: bool = True) -> None:
-        """Account one step. ``finite`` (device bool) is False when the step was skipped.
-        ``keep_run``: remember the skip run before this step, for :meth:`amend` (SAM); callers
-        that never amend pass False and save a device op.
-
-        An ordinary step costs a handful of small device ops and no host synchronisation."""
+    def begin(self, grads: Sequence[torch.Tensor], loss: Any, device: torch.device) -> torch.Tensor:
+        """Account a step's loss and check its gradients. Returns the step's flag: a float32
+        scalar on ``device``, non-zero when the loss or a gradient is not finite (the step is
+        to be skipped); usable as a fused optimizer's ``found_inf``. Call :meth:`end` after the
+        step, and :meth:`check` with any further gradient the step uses."""
         if self.acc is None:
-            self._allocate(grad_norm.device)
-        dev, dtype = self.acc.device, self.acc.dtype
+            self._allocate(device)
+        j = self._pending
+        flag = self._win[1, j]
+        slot = self._win[0, j:j + 1]
+        tensors = list(grads)
         if isinstance(loss, torch.Tensor):
-            loss_v = loss.detach().reshape(()).to(dev, grad_norm.dtype)
-        elif loss is not None and math.isfinite(float(loss)):
-            loss_v = torch.full((), float(loss), dtype=grad_norm.dtype, device=dev)
+            slot.copy_(loss.detach().reshape(1))
+            tensors.append(slot)
+        elif loss is None:
+            self._win[2, j] = 0.0
+        elif math.isfinite(float(loss)):
+            slot.fill_(float(loss))
         else:
-            loss_v = None
-        ok = finite.to(dtype)
-        if loss_v is None:
-            self.acc[self._GNORM:self._SKIPPED + 1] += torch.stack(
-                [torch.where(finite, grad_norm.to(dtype), 0.0), ok, 1.0 - ok])
-        else:  # loss, loss count, grad norm, grad-norm count, skipped
-            vals = torch.where(finite, torch.stack([loss_v, grad_norm]).to(dtype), 0.0)
-            self.acc[:self._SKIPPED + 1] += torch.cat([vals[:1], ok[None], vals[1:], ok[None], 1.0 - ok[None]])
-        if keep_run:
-            self._run_before = self.run[0].clone()
-        cur = self.run[:1]
-        cur.add_(1.0).mul_(1.0 - ok)  # consecutive skipped steps
-        torch.maximum(self.run[1:], cur, out=self.run[1:])
-
-        probe_now = self.steps % self.signal_every == 0
-        if probe_now or self._snap_step == self.steps - 1:
-            ids = tuple(i for i, p in enumerate(params) if p.grad is not None)
-            if self._snap_step == self.steps - 1 and ids == self._snap_ids and ids:
-                self._compare(params, ids, finite)
-            if probe_now and ids:
-                self._snapshot(params, ids, finite)
-        self.steps += 1
+            flag.fill_(1.0)
+        self.check(tensors, flag)
+        return flag
 
     @torch.no_grad()
-    def amend(self, finite: torch.Tensor) -> None:
-        """Count the step recorded last (with ``keep_run=True``) as skipped when ``finite``
-        (device bool) is False after all: SAM knows only after its second gradient whether the
-        step is taken. The step's first-pass loss and gradient statistics stay in the means."""
+    def check(self, tensors: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
+        """Set ``flag`` non-zero if any of ``tensors`` holds a non-finite value (one fused
+        kernel per device and dtype; the tensors are left as they are)."""
+        if not tensors:
+            return
+        first = tensors[0]
+        if self._fused_check and all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+            groups = [list(tensors)]
+        else:
+            by: Dict[Any, List[torch.Tensor]] = {}
+            for t in tensors:
+                by.setdefault((t.device, t.dtype), []).append(t)
+            groups = list(by.values())
+        for group in groups:
+            dev = group[0].device
+            target = flag if dev == flag.device else torch.zeros((), dtype=torch.float32, device=dev)
+            if self._fused_check:
+                try:  # multiplies by one (exact) and sets target to 1 on inf or NaN
+                    torch._amp_foreach_non_finite_check_and_unscale_(
+                        group, target, self._one if dev == self._one.device else self._one.to(dev))
+                except NotImplementedError:
+                    self._fused_check = False
+            if not self._fused_check:
+                norms = torch._foreach_norm(group)
+                target.add_((~torch.isfinite(torch.stack([n.float() for n in norms]).sum())).float())
+            if target is not flag:
+                flag.add_(target.to(flag.device))
+
+    @torch.no_grad()
+    def probe(self, params: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
+        """Sample the gradient norm and alignment if this step is due (every ``signal_every``
+        steps, and the step after, which is compared with it). Call between :meth:`begin` and
+        the parameter update, with the gradients the step's statistics are about."""
+        probe_now = self.steps % self.signal_every == 0
+        compare = self._snap_step == self.steps - 1
+        if not (probe_now or compare):
+            return
+        ids = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        if not ids:
+            return
+        ok = flag == 0
+        if compare and ids == self._snap_ids:
+            self._compare(params, ids, ok)
+        if probe_now:
+            self._snapshot(params, ids, ok)
+
+    def cancel(self) -> None:
+        """Forget the step begun with :meth:`begin` (it raised before its update)."""
+        if self._win is not None:
+            self._win[1:, self._pending] = self._reset[:, self._pending]
+
+    def end(self) -> None:
+        """Close the step begun with :meth:`begin`."""
+        self._pending += 1
+        self.steps += 1
+        if self._pending == self.fold_every:
+            self._fold()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Add the window's steps to the interval's sums and the run of skipped steps."""
+        n = self._pending
+        if n == 0:
+            return
+        loss, flag, given = self._win[:, :n]
         dtype = self.acc.dtype
-        bad = (~finite).to(self.acc.device, dtype) * (self.run[0] == 0).to(dtype)  # not counted yet
-        self.acc[self._SKIPPED] += bad
-        self.run[0] = self.run[0] + bad * (self._run_before + 1.0)
-        self.run[1] = torch.maximum(self.run[1], self.run[0])
+        bad = (flag != 0).to(dtype)
+        with_loss = (flag == 0) & (given != 0)
+        self.acc[:self._SKIPPED + 1] += torch.stack([
+            torch.where(with_loss, loss, 0.0).to(dtype).sum(), with_loss.to(dtype).sum(), bad.sum()])
+        if n == 1:
+            cur = (self.run[0] + 1.0) * bad[0]
+        else:  # run at each step: bad steps since the last good one, plus the carried run if none yet
+            count = bad.cumsum(0)
+            last_good = torch.where(bad == 0, count, 0.0).cummax(0).values
+            runs = count - last_good + self.run[0] * (count == self._steps_idx[:n]).to(dtype)
+            cur = runs[-1]
+            self.run[1] = torch.maximum(self.run[1], runs.max())
+        self.run[0] = cur
+        self.run[1] = torch.maximum(self.run[1], cur)
+        self._win[1:, :n] = self._reset[:, :n]
+        self._pending = 0
 
     def _flat(self, params, ids, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         dev = self.acc.device
@@ -183,24 +262,30 @@ class SignalTracker:
             return torch.cat(grads, out=out)
         return torch.cat(grads)
 
-    def _snapshot(self, params, ids, finite) -> None:
+    def _snapshot(self, params, ids, ok) -> None:
         self._snap = self._flat(params, ids, out=self._snap)
-        self._snap_ids, self._snap_ok, self._snap_step = ids, finite.clone(), self.steps
+        norm = torch.linalg.vector_norm(self._snap)
+        ok = ok & torch.isfinite(norm)
+        self.acc[self._GNORM:self._GNORM_N + 1] += torch.stack([torch.where(ok, norm, 0.0), ok.float()]).to(
+            self.acc.dtype)
+        self._snap_norm, self._snap_ids, self._snap_ok, self._snap_step = norm, ids, ok, self.steps
 
-    def _compare(self, params, ids, finite) -> None:
+    def _compare(self, params, ids, ok) -> None:
         cur, prev = self._flat(params, ids), self._snap
         dot = torch.dot(cur, prev)
-        n1, n2 = torch.linalg.vector_norm(cur), torch.linalg.vector_norm(prev)
-        valid = finite & self._snap_ok & (n1 > 0) & (n2 > 0)
+        n1, n2 = torch.linalg.vector_norm(cur), self._snap_norm
+        valid = ok & self._snap_ok & (n1 > 0) & (n2 > 0)
         cos = torch.where(valid, dot / (n1 * n2).clamp_min(1e-30), 0.0)
         sign = torch.where(valid, (torch.sign(cur) * torch.sign(prev)).mean(), 0.0)
         self.acc[self._COS:] += torch.stack([cos, sign, valid.float()]).to(self.acc.dtype)
 
+    # -------------------------------------------------------------- reads
     def summary(self) -> Dict[str, float]:
         """Read the interval's sums back (one host transfer) and start a new interval."""
         if self.acc is None:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_cosine": math.nan,
                     "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0}
+        self._fold()
         v = torch.cat([self.acc, self.run]).tolist()
         self.acc.zero_()
         self.run[1] = self.run[0]
@@ -218,10 +303,12 @@ class SignalTracker:
         }
 
     def poll_skip_run(self) -> Optional[int]:
-        """Longest run of skipped steps so far in this interval, if known without waiting.
+        """Longest run of skipped steps so far in this interval (folded steps), if known without
+        waiting; None otherwise.
 
-        On the CPU the value is simply read. On CUDA a copy is started into pinned memory and
-        read at a later call once it has landed, so an ordinary step never waits for the GPU.
+        On the CPU the value is simply read. On CUDA a copy into pinned memory is started after
+        a fold and read at a later call once it has landed, so an ordinary step never waits for
+        the GPU.
         """
         if self.run is None:
             return None
@@ -229,43 +316,60 @@ class SignalTracker:
             return int(self.run[1])
         if self.run.device.type != "cuda":
             return None
-        value = None
-        if self._poll is not None and self._poll[1].query():
-            value = int(self._poll[0][0])
-            self._poll = None
         if self._poll is None:
-            host = torch.empty(1, dtype=torch.float64, pin_memory=True)
+            self._poll = [torch.empty(1, dtype=self.run.dtype, pin_memory=True), torch.cuda.Event(), False]
+        host, event, in_flight = self._poll
+        value = None
+        if in_flight and event.query():
+            value = int(host[0])
+            self._poll[2] = in_flight = False
+        if not in_flight and self._pending == 0:  # just folded: fetch the new value
             host.copy_(self.run[1:2], non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
-            self._poll = (host, event)
+            self._poll[2] = True
         return value
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         pending = self._snap is not None and self._snap_step == self.steps - 1
         return {
-            "signal_every": self.signal_every, "steps": self.steps,
+            "version": self._STATE_VERSION, "signal_every": self.signal_every, "fold_every": self._fold_arg,
+            "steps": self.steps, "window": None if self._win is None else self._win[:, :self._pending].clone(),
             "acc": None if self.acc is None else self.acc.clone(),
             "run": None if self.run is None else self.run.clone(),
             "snapshot": self._snap.clone() if pending else None,
+            "snapshot_norm": self._snap_norm.clone() if pending else None,
             "snapshot_ids": list(self._snap_ids) if pending else None,
             "snapshot_ok": self._snap_ok.clone() if pending else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
+        if state.get("version") != self._STATE_VERSION:
+            raise ValueError(f"Signal tracker state of version {state.get('version', 1)} cannot be loaded by "
+                             f"this rlopt (version {self._STATE_VERSION}); it was saved by an older release")
         self.steps = int(state["steps"])
         self.signal_every = int(state["signal_every"])
+        self._fold_arg = self.fold_every = None if state["fold_every"] is None else int(state["fold_every"])
         self.acc = None if state["acc"] is None else state["acc"].to(device).clone()
         self.run = None if state["run"] is None else state["run"].to(device).clone()
         self._poll = None
+        if self.acc is not None:  # the steps not folded yet come back into the window
+            window = state["window"]
+            self._make_window(device, width=window.shape[1])
+            self._win[:, :window.shape[1]] = window.to(device)
+            self._pending = window.shape[1]
+            if self._pending >= self.fold_every:
+                self._fold()
+        else:
+            self._win, self._pending = None, 0
         if state["snapshot"] is not None:
             self._snap = state["snapshot"].to(device).clone()
+            self._snap_norm = state["snapshot_norm"].to(device).clone()
             self._snap_ids = tuple(state["snapshot_ids"])
             self._snap_ok = state["snapshot_ok"].to(device).clone()
             self._snap_step = self.steps - 1
         else:
-            self._snap, self._snap_ids, self._snap_ok, self._snap_step = None, None, None, -2
+            self._snap, self._snap_norm, self._snap_ids, self._snap_ok, self._snap_step = None, None, None, None, -2
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -90,43 +90,50 @@ class SAM(Optimizer):
         if not norms:
             return None
         device = norms[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+        if not all(n.device == device and n.dtype == torch.float32 for n in norms):
+            norms = [n.to(device, torch.float32) for n in norms]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_norm: Optional[torch.Tensor] = None) -> None:
         """Move to ``w + e``; keep a copy of ``w``. ``grad_norm`` may be passed if already known."""
         if grad_norm is None:
             grad_norm = self.grad_norm()
+        self.restore()  # a first step not followed by restore() (an interrupted step) is undone first
+        moved = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             backups = []
-            for p in params:
+            for p in params:  # the copies of w stay allocated from step to step
                 state = self.state[p]
-                if "old_p" not in state or state["old_p"].shape != p.shape:
-                    state["old_p"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                backups.append(state["old_p"])
+                old = state.get("old_p")
+                if old is None or old.shape != p.shape or old.dtype != p.dtype or old.device != p.device:
+                    old = state["old_p"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                backups.append(old)
             torch._foreach_copy_(backups, params)
             scale = group["rho"] / (grad_norm.to(params[0].device) + 1e-12)
-            e_w = torch._foreach_mul([p.grad for p in params], scale)
+            grads = [p.grad for p in params]
+            if zero_grad:  # the gradients are dropped next: scale them in place, no new buffers
+                e_w = grads
+                torch._foreach_mul_(e_w, scale)
+            else:
+                e_w = torch._foreach_mul(grads, scale)
             if group["adaptive"]:
                 torch._foreach_mul_(e_w, torch._foreach_mul(params, params))
             torch._foreach_add_(params, e_w)
+            moved.append((params, backups))
+        self._moved = moved
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Return the weights to ``w`` (bit-exact) after :meth:`first_step`."""
-        for group in self.param_groups:
-            pairs = [(p, self.state[p]["old_p"]) for p in group["params"]
-                     if "old_p" in self.state.get(p, {})]
-            if pairs:
-                params, backups = zip(*pairs)
-                torch._foreach_copy_(list(params), list(backups))
-                for p in params:
-                    del self.state[p]["old_p"]
+        """Return the weights to ``w`` (bit-exact) after :meth:`first_step`; a no-op otherwise."""
+        moved, self._moved = self.__dict__.get("_moved"), None
+        for params, backups in moved or ():
+            torch._foreach_copy_(params, backups)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

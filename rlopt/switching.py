@@ -51,9 +51,10 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
         train_policy: learn online (True) or freeze (False); None keeps the policy's own mode
             (new policies learn, loaded ones are frozen).
         max_nonfinite_steps: raise after this many consecutive steps with a non-finite loss or
-            gradient (each is skipped and penalised); None never raises.
-        signal_every: sample gradient alignment every this many steps (None: 10, or interval // 2
-            when deciding every ``interval`` < 20 steps, so every interval holds samples).
+            gradient (each is skipped and penalised); None never raises. On a GPU the count is
+            read without waiting for the device, so the error may come up to about 16 steps late.
+        signal_every: sample the gradient norm and alignment every this many steps (None: 10, or
+            interval // 2 when deciding every ``interval`` < 20 steps, so every interval holds samples).
 
     Example:
         >>> opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], lr=0.1)

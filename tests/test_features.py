@@ -8,7 +8,7 @@ import torch
 
 from rlopt import RLSwitchingOptimizer
 from rlopt.features import (BASE_FEATURES, LAYOUT_VERSION, ObservationBuilder, Signals, SignalTracker,
-                            global_grad_norm, observation_layout)
+                            observation_layout)
 
 from conftest import make_closure, make_data, make_model, roundtrip
 
@@ -24,10 +24,16 @@ def _set(ps, flat):
     ps[0].grad, ps[1].grad = flat[:2].clone(), flat[2:].clone()
 
 
-def _record(tracker, ps, loss, finite=True):
-    grads = [p.grad for p in ps]
-    tracker.record(ps, torch.tensor(loss), global_grad_norm(grads, torch.device("cpu")), torch.tensor(finite))
+def _record(tracker, ps, loss):
+    """One step as the optimizers account it: begin (loss and finiteness), probe, end."""
+    flag = tracker.begin([p.grad for p in ps], torch.tensor(loss), torch.device("cpu"))
+    tracker.probe(ps, flag)
+    skipped = float(flag)  # the flag is a view of the window: read it before end() folds it
+    tracker.end()
+    return skipped
 
+
+NAN = [float("nan")] * 4
 
 G1 = [1.0, 2.0, -1.0, 0.0]
 G2 = [2.0, -1.0, -1.0, 3.0]
@@ -78,13 +84,15 @@ def test_alignment_is_sampled_every_n_steps():
     assert s1["grad_cosine"] == pytest.approx((_cos(G1, G2) + _cos(G2, G3) + _cos(G3, G1)) / 3, rel=1e-6)
 
 
-def test_skipped_steps_excluded_from_means_and_counted():
-    tracker, ps = SignalTracker(signal_every=1), _params()
+@pytest.mark.parametrize("fold_every", [1, 3, 8])
+def test_skipped_steps_excluded_from_means_and_counted(fold_every):
+    tracker, ps = SignalTracker(signal_every=1, fold_every=fold_every), _params()
     _set(ps, G1)
-    _record(tracker, ps, 1.0)
-    _set(ps, [float("nan")] * 4)
-    _record(tracker, ps, float("nan"), finite=False)
-    _record(tracker, ps, float("nan"), finite=False)
+    assert _record(tracker, ps, 1.0) == 0.0
+    _set(ps, NAN)
+    assert _record(tracker, ps, 2.0) == 1.0  # non-finite gradient
+    _set(ps, G3)
+    assert _record(tracker, ps, float("inf")) == 1.0  # non-finite loss
     _set(ps, G2)
     _record(tracker, ps, 3.0)
     s = tracker.summary()
@@ -94,50 +102,98 @@ def test_skipped_steps_excluded_from_means_and_counted():
     assert math.isnan(s["grad_cosine"])  # no two successive finite gradients
 
 
+@pytest.mark.parametrize("fold_every", [1, 2, 3, 5, 16])
+def test_skip_runs_folded_in_windows_match_step_by_step(fold_every):
+    """Longest and current run of skipped steps, carried across folds and decisions."""
+    pattern = [1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 1]
+    tracker, ps = SignalTracker(fold_every=fold_every), _params()
+    cur = longest = 0
+    for k, bad in enumerate(pattern):
+        _set(ps, NAN if bad else G1)
+        _record(tracker, ps, 1.0)
+        cur = cur + 1 if bad else 0
+        longest = max(longest, cur)
+        if k == 9:  # a decision in the middle of a run
+            s = tracker.summary()
+            assert (s["skipped"], s["longest_skip_run"]) == (sum(pattern[:10]), longest)
+            longest = cur
+    s = tracker.summary()
+    assert (s["skipped"], s["longest_skip_run"]) == (sum(pattern[10:]), longest)
+    assert tracker.run[0].item() == cur
+
+
+def test_check_flags_any_non_finite_tensor_and_leaves_values_alone():
+    tracker = SignalTracker()
+    a, b = torch.tensor([1.5, -2.0]), torch.tensor([3.0], dtype=torch.float64)
+    flag = tracker.begin([a, b], None, torch.device("cpu"))
+    assert float(flag) == 0.0 and torch.equal(a, torch.tensor([1.5, -2.0])) and b.item() == 3.0
+    tracker.check([torch.tensor([float("-inf")]), a], flag)
+    assert float(flag) == 1.0
+    tracker.end()
+    s = tracker.summary()
+    assert s["skipped"] == 1 and math.isnan(s["loss"])
+
+
+def test_loss_without_closure_is_not_averaged():
+    tracker, ps = SignalTracker(fold_every=4), _params()
+    _set(ps, G1)
+    for loss in (2.0, None, 4.0):
+        tracker.begin([p.grad for p in ps], None if loss is None else torch.tensor(loss), torch.device("cpu"))
+        tracker.end()
+    s = tracker.summary()
+    assert s["loss"] == pytest.approx(3.0) and s["skipped"] == 0
+
+
+def test_cancelled_step_is_not_counted():
+    tracker, ps = SignalTracker(fold_every=4), _params()
+    _set(ps, NAN)
+    tracker.begin([p.grad for p in ps], torch.tensor(1.0), torch.device("cpu"))
+    tracker.cancel()
+    _set(ps, G1)
+    _record(tracker, ps, 5.0)
+    s = tracker.summary()
+    assert s["skipped"] == 0 and s["loss"] == 5.0
+
+
 def test_summary_starts_a_new_interval_but_keeps_the_current_run():
     tracker, ps = SignalTracker(), _params()
-    _set(ps, G1)
-    _record(tracker, ps, 1.0, finite=False)
+    _set(ps, NAN)
+    _record(tracker, ps, 1.0)
     assert tracker.poll_skip_run() == 1
     first = tracker.summary()
     assert first["skipped"] == 1 and math.isnan(first["loss"])
-    _record(tracker, ps, 1.0, finite=False)
+    _record(tracker, ps, 1.0)
     assert tracker.poll_skip_run() == 2  # consecutive across the decision
     second = tracker.summary()
     assert second["skipped"] == 1 and second["longest_skip_run"] == 2
 
 
-def test_amend_counts_a_step_skipped_after_recording():
-    """SAM learns after recording that its second gradient was not finite."""
-    tracker, ps = SignalTracker(), _params()
-    _set(ps, G1)
-    _record(tracker, ps, 1.0, finite=False)
-    _record(tracker, ps, 1.0)
-    tracker.amend(torch.tensor(False))
-    assert tracker.poll_skip_run() == 2
-    _record(tracker, ps, 2.0, finite=False)
-    tracker.amend(torch.tensor(False))  # already counted: no double count
-    _record(tracker, ps, 4.0)
-    tracker.amend(torch.tensor(True))
-    s = tracker.summary()
-    assert s["skipped"] == 3 and s["longest_skip_run"] == 3
-
-
-def test_tracker_state_round_trip_keeps_pending_snapshot():
-    t1, ps = SignalTracker(signal_every=1), _params()
+@pytest.mark.parametrize("fold_every", [1, 4])
+def test_tracker_state_round_trip_keeps_pending_snapshot_and_window(fold_every):
+    t1, ps = SignalTracker(signal_every=1, fold_every=fold_every), _params()
     _set(ps, G1)
     _record(t1, ps, 1.0)
+    _set(ps, NAN)
+    _record(t1, ps, 2.0)
     t2 = SignalTracker(signal_every=5)
     t2.load_state_dict(roundtrip(t1.state_dict()), torch.device("cpu"))
-    _set(ps, G2)
-    _record(t1, ps, 3.0)
-    _record(t2, ps, 3.0)
+    for g, loss in ((G2, 3.0), (G3, 7.0)):
+        _set(ps, g)
+        _record(t1, ps, loss)
+        _record(t2, ps, loss)
     assert t1.summary() == t2.summary()
+
+
+def test_old_tracker_state_is_refused():
+    with pytest.raises(ValueError, match="older release"):
+        SignalTracker().load_state_dict({"signal_every": 10, "steps": 0, "acc": None}, torch.device("cpu"))
 
 
 def test_bad_signal_every():
     with pytest.raises(ValueError, match="Invalid signal_every"):
         SignalTracker(0)
+    with pytest.raises(ValueError, match="Invalid fold_every"):
+        SignalTracker(fold_every=0)
 
 
 # ------------------------------------------------------------------------ observations
