@@ -319,7 +319,7 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
         else:
             arrays = reader()
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = cpath.with_name(cpath.name + ".tmp.npz")
+            tmp = cpath.with_name(f"{cpath.name}.{os.getpid()}.tmp.npz")  # processes may build it at once
             np.savez(tmp, **arrays)
             os.replace(tmp, cpath)
         source = f"{source} (cache {cpath})"

@@ -164,7 +164,7 @@ def main(argv=None) -> List[Dict[str, Any]]:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=None, help="ResNet-18 batch (default 512 on CUDA, 8 on CPU)")
     ap.add_argument("--block", type=int, default=None, help="steps per timed block (default 100 CUDA, 50 CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 10 CUDA, 5 CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15 CUDA, 5 CPU)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/overhead_<cpu|gpu>)")
@@ -191,7 +191,7 @@ def main(argv=None) -> List[Dict[str, Any]]:
     for case in args.cases:
         batch = args.batch or (512 if gpu else 8) if case == "resnet18" else 64
         block = args.block or (100 if gpu else 50)
-        reps = args.repeats or (10 if gpu else 5)
+        reps = args.repeats or (15 if gpu else 5)
         if case == "mlp" and not args.block:
             block *= 4
         r = measure(case, device, batch, block, reps, args.warmup)

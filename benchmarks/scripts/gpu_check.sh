@@ -1,0 +1,15 @@
+#!/bin/bash
+# GPU check after a change to the step path: CUDA tests, overhead, CIFAR-10 speed bars; then, with the
+# time left before DEADLINE_S seconds, table runs (METHODS; DATASET:DATADIR:PROCS as in gpu_table.sh).
+# usage: [METHODS="..."] benchmarks/scripts/gpu_check.sh DEADLINE_S [DATASET:DATADIR:PROCS ...]
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
+mkdir -p $OUT/r
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
+timeout 120 python3 -m benchmarks.overhead --out $OUT/r/overhead_gpu 2>&1 | tail -4
+timeout 100 python3 -m benchmarks.speed --dataset cifar10 --data-dir data/cifar10-jpeg.tar.gz --methods sgd sam \
+  --epochs 4 --out $OUT/r/speed_cifar10_gpu 2>&1 | grep -v "^  epoch"
+B=$(( $1 - SECONDS - 60 ))
+echo "table budget: $B s"
+shift
+if [ $B -gt 60 ] && [ $# -gt 0 ]; then bash benchmarks/scripts/gpu_table.sh $B "$@"; fi
