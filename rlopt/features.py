@@ -138,7 +138,7 @@ class SignalTracker:
         self.fold_every = self._fold_arg or (1 if device.type == "cpu" else 8)
         width = max(width, self.fold_every)
         self._win = torch.zeros(3, width, dtype=torch.float32, device=device)
-        self._win[2] = 1.0
+        self._win[2].fill_(1.0)
         self._reset = self._win[1:].clone()
         self._steps_idx = torch.arange(1, width + 1, dtype=self.acc.dtype, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
@@ -160,8 +160,8 @@ class SignalTracker:
         if isinstance(loss, torch.Tensor):
             slot.copy_(loss.detach().reshape(1))
             tensors.append(slot)
-        elif loss is None:
-            self._win[2, j] = 0.0
+        elif loss is None:  # (not `win[2, j] = 0.0`: on CUDA that is a blocking host-to-device copy)
+            self._win[2, j].zero_()
         elif math.isfinite(float(loss)):
             slot.fill_(float(loss))
         else:

@@ -52,17 +52,27 @@ def test_constant_policy_equals_fused_torch_on_cuda(choice):
             assert p.device.type == "cuda" and torch.equal(p, q)
 
 
-def test_ordinary_steps_do_not_synchronise_with_the_host():
+@pytest.mark.parametrize("with_closure", [True, False])
+def test_ordinary_steps_do_not_synchronise_with_the_host(with_closure):
     model, x, y = _cuda_setup()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy="ppo", interval="epoch",
+    choices = ["sgd", "sam", "adam"] if with_closure else ["sgd", "adam"]  # SAM needs a closure
+    opt = RLSwitchingOptimizer(model.parameters(), choices=choices, policy="ppo", interval="epoch",
                                total_epochs=2)
     closure = make_closure(model, opt, x, y)
-    opt.step(closure)  # first step: lazy state, warm-up
+
+    def step():
+        if with_closure:
+            opt.step(closure)
+        else:  # the loop without a closure: backward first, then step()
+            closure()
+            opt.step()
+
+    step()  # first step: lazy state, warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(20):
-            opt.step(closure)
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     opt.epoch_end(val_loss=1.0, val_acc=0.5)  # decisions may synchronise
