@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -71,7 +73,7 @@ def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def measure(case: str, device: torch.device, batch: int, block: int, repeats: int, warmup: int,
-            log: Callable[[str], None] = print) -> Dict[str, Any]:
+            log: Callable[[str], None] = print, profile: int = 0) -> Dict[str, Any]:
     base, x, y = make_case(case, device, batch)
     names = ["plain", "wrapper, interval=epoch", "wrapper, interval=50"]
     models = {n: copy.deepcopy(base) for n in names}
@@ -96,6 +98,20 @@ def measure(case: str, device: torch.device, batch: int, block: int, repeats: in
 
     for n in names:
         run(n, warmup)
+    if profile:  # where the time goes: per configuration, the ops by device time and by host time
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        tables = []
+        for n in names:
+            with torch_profile(activities=acts) as prof:
+                run(n, profile)
+            avg = prof.key_averages()
+            tables.append(f"== {case} / {n}: {profile} steps, by device time\n"
+                          + avg.table(sort_by=sort, row_limit=25)
+                          + f"\n== {case} / {n}: by host time\n" + avg.table(sort_by="self_cpu_time_total", row_limit=25))
+        log("\n".join(tables))
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -166,6 +182,9 @@ def main(argv=None) -> List[Dict[str, Any]]:
     ap.add_argument("--block", type=int, default=None, help="steps per timed block (default 100 CUDA, 50 CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15 CUDA, 5 CPU)")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also print a torch.profiler table (device and host time per op) of STEPS steps of "
+                    "each configuration, after the warm-up")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/overhead_<cpu|gpu>)")
     ap.add_argument("--render", default=None, metavar="JSON",
@@ -187,6 +206,9 @@ def main(argv=None) -> List[Dict[str, Any]]:
     load0 = _loadavg()
     print(f"hardware: {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
           f"{env['torch_threads']} threads")
+    command = "python -m benchmarks.overhead " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    stem = Path(args.out or f"benchmarks/results/overhead_{'gpu' if gpu else 'cpu'}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for case in args.cases:
         batch = args.batch or (512 if gpu else 8) if case == "resnet18" else 64
@@ -194,21 +216,16 @@ def main(argv=None) -> List[Dict[str, Any]]:
         reps = args.repeats or (15 if gpu else 5)
         if case == "mlp" and not args.block:
             block *= 4
-        r = measure(case, device, batch, block, reps, args.warmup)
+        r = measure(case, device, batch, block, reps, args.warmup, profile=args.profile)
         results.append(r)
         print(f"{case}: plain {r['median_step_ms']['plain']:.3f} ms/step; " + "; ".join(
             f"{n} {r['median_step_ms'][n]:.3f} ms/step ({100 * o:+.1f}%)" for n, o in r["overhead"].items()))
-    if load0:
-        env["load"] = f"{load0} / {_loadavg()}"
-    import shlex
-    import sys
-    command = "python -m benchmarks.overhead " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    stem = Path(args.out or f"benchmarks/results/overhead_{'gpu' if gpu else 'cpu'}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(results, env, command)
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "environment": env, "results": results},
-                                                    indent=1))
+        if load0:
+            env["load"] = f"{load0} / {_loadavg()}"
+        md = to_markdown(results, env, command)  # written after every case: a cut-off run keeps what it measured
+        stem.with_suffix(".md").write_text(md)
+        stem.with_suffix(".json").write_text(json.dumps({"command": command, "environment": env,
+                                                         "results": results}, indent=1))
     print(md)
     print(f"wrote {stem.with_suffix('.md')} and .json")
     return results
