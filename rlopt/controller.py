@@ -281,8 +281,8 @@ class RLControlledOptimizer(Optimizer):
         spec, inner, fused = self._specs[i], self._inner[i], self._fused[i]
         grads, device = self._grads()
         tracker = self.tracker
-        bad = tracker.begin(grads, loss, device)  # device flag: non-zero skips the step
         try:
+            bad = tracker.begin(grads, loss, device)  # device flag: 1 skips the step
             tracker.probe(self._params, bad)
             target = inner
             if spec.needs_closure:  # SAM: ascend, evaluate again, come back
@@ -465,6 +465,10 @@ class RLControlledOptimizer(Optimizer):
                 f"{rl['choices']}; this one is {self.kind} over {list(self._action_names)} and "
                 f"{[s.name for s in self._specs]}"
             )
+        if rl["tracker"].get("version") != SignalTracker.STATE_VERSION:
+            raise ValueError(f"The signal tracker state is of version {rl['tracker'].get('version', 1)}; this "
+                             f"rlopt reads version {SignalTracker.STATE_VERSION} (the checkpoint was saved by an "
+                             "older release)")
         desc = self.policy.describe()
         saved = rl["policy"]
         for key in ("kind", "obs_dim", "action_names", "config"):

@@ -84,6 +84,9 @@ def _log_ratio(a: float, b: float) -> float:
     return 0.0
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 class SignalTracker:
     """Device-side accumulators of one interval's training signals (see module doc).
 
@@ -104,7 +107,7 @@ class SignalTracker:
 
     # slots of the accumulator vector
     _LOSS, _LOSS_N, _SKIPPED, _GNORM, _GNORM_N, _COS, _SIGN, _ALIGN_N = range(8)
-    _STATE_VERSION = 2
+    STATE_VERSION = 2
 
     def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
         if isinstance(signal_every, bool) or not isinstance(signal_every, int) or signal_every < 1:
@@ -126,7 +129,7 @@ class SignalTracker:
         self._snap_ok: Optional[torch.Tensor] = None
         self._snap_step = -2
         self._poll = None  # (pinned host tensor, event, copy in flight) for lagged reads on CUDA
-        self._fused_check = True  # GradScaler's kernel exists on this device
+        self._unfused = set()  # (device type, dtype) without GradScaler's kernel
 
     def _allocate(self, device: torch.device) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
@@ -162,21 +165,22 @@ class SignalTracker:
             tensors.append(slot)
         elif loss is None:  # (not `win[2, j] = 0.0`: on CUDA that is a blocking host-to-device copy)
             self._win[2, j].zero_()
-        elif math.isfinite(float(loss)):
+        elif math.isfinite(float(loss)) and abs(float(loss)) <= _FLOAT32_MAX:
             slot.fill_(float(loss))
-        else:
+        else:  # as a loss tensor would be: not finite in the float32 window
             flag.fill_(1.0)
         self.check(tensors, flag)
         return flag
 
     @torch.no_grad()
     def check(self, tensors: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
-        """Set ``flag`` non-zero if any of ``tensors`` holds a non-finite value (one fused
-        kernel per device and dtype; the tensors are left as they are)."""
+        """Set ``flag`` to 1 if any of ``tensors`` holds a non-finite value (one fused kernel per
+        device and dtype; the tensors are left as they are). The flag stays 0 or 1: fused
+        optimizers skip a step only for ``found_inf == 1``."""
         if not tensors:
             return
         first = tensors[0]
-        if self._fused_check and all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
             groups = [list(tensors)]
         else:
             by: Dict[Any, List[torch.Tensor]] = {}
@@ -186,17 +190,19 @@ class SignalTracker:
         for group in groups:
             dev = group[0].device
             target = flag if dev == flag.device else torch.zeros((), dtype=torch.float32, device=dev)
-            if self._fused_check:
+            key = (dev.type, group[0].dtype)
+            if key not in self._unfused:
                 try:  # multiplies by one (exact) and sets target to 1 on inf or NaN
                     torch._amp_foreach_non_finite_check_and_unscale_(
                         group, target, self._one if dev == self._one.device else self._one.to(dev))
-                except NotImplementedError:
-                    self._fused_check = False
-            if not self._fused_check:
+                except NotImplementedError:  # no kernel for this device or dtype: norms instead
+                    self._unfused.add(key)
+            if key in self._unfused:
                 norms = torch._foreach_norm(group)
-                target.add_((~torch.isfinite(torch.stack([n.float() for n in norms]).sum())).float())
+                bad = (~torch.isfinite(torch.stack([n.float() for n in norms]).sum())).float()
+                torch.maximum(target, bad, out=target)
             if target is not flag:
-                flag.add_(target.to(flag.device))
+                torch.maximum(flag, target.to(flag.device), out=flag)
 
     @torch.no_grad()
     def probe(self, params: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
@@ -217,7 +223,8 @@ class SignalTracker:
             self._snapshot(params, ids, ok)
 
     def cancel(self) -> None:
-        """Forget the step begun with :meth:`begin` (it raised before its update)."""
+        """Forget the step begun with :meth:`begin` (it raised before its update). A gradient
+        sample :meth:`probe` already took for it stays in the interval's sums."""
         if self._win is not None:
             self._win[1:, self._pending] = self._reset[:, self._pending]
 
@@ -333,7 +340,7 @@ class SignalTracker:
     def state_dict(self) -> Dict[str, Any]:
         pending = self._snap is not None and self._snap_step == self.steps - 1
         return {
-            "version": self._STATE_VERSION, "signal_every": self.signal_every, "fold_every": self._fold_arg,
+            "version": self.STATE_VERSION, "signal_every": self.signal_every, "fold_every": self._fold_arg,
             "steps": self.steps, "window": None if self._win is None else self._win[:, :self._pending].clone(),
             "acc": None if self.acc is None else self.acc.clone(),
             "run": None if self.run is None else self.run.clone(),
@@ -344,9 +351,9 @@ class SignalTracker:
         }
 
     def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
-        if state.get("version") != self._STATE_VERSION:
+        if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"Signal tracker state of version {state.get('version', 1)} cannot be loaded by "
-                             f"this rlopt (version {self._STATE_VERSION}); it was saved by an older release")
+                             f"this rlopt (version {self.STATE_VERSION}); it was saved by an older release")
         self.steps = int(state["steps"])
         self.signal_every = int(state["signal_every"])
         self._fold_arg = self.fold_every = None if state["fold_every"] is None else int(state["fold_every"])

@@ -97,9 +97,9 @@ class SAM(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_norm: Optional[torch.Tensor] = None) -> None:
         """Move to ``w + e``; keep a copy of ``w``. ``grad_norm`` may be passed if already known."""
+        self.restore()  # a first step not followed by restore() (an interrupted step) is undone first
         if grad_norm is None:
             grad_norm = self.grad_norm()
-        self.restore()  # a first step not followed by restore() (an interrupted step) is undone first
         moved = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

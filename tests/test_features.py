@@ -134,6 +134,27 @@ def test_check_flags_any_non_finite_tensor_and_leaves_values_alone():
     assert s["skipped"] == 1 and math.isnan(s["loss"])
 
 
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_flag_stays_one_whatever_the_path(fused_kernel):
+    """Fused optimizers skip a step only for found_inf == 1: several non-finite groups, a second
+    check (SAM) and the fallback without GradScaler's kernel must not count past 1."""
+    tracker = SignalTracker()
+    if not fused_kernel:
+        tracker._unfused.update({("cpu", torch.float32), ("cpu", torch.float64)})
+    nan32, nan64 = torch.tensor([float("nan")]), torch.tensor([float("inf")], dtype=torch.float64)
+    flag = tracker.begin([nan32, nan64], torch.tensor(float("nan")), torch.device("cpu"))
+    assert float(flag) == 1.0
+    tracker.check([nan32], flag)
+    assert float(flag) == 1.0
+    tracker.end()
+
+
+def test_huge_python_loss_is_a_skipped_step_not_an_error():
+    tracker = SignalTracker()
+    flag = tracker.begin([torch.ones(2)], 1e39, torch.device("cpu"))
+    assert float(flag) == 1.0
+
+
 def test_loss_without_closure_is_not_averaged():
     tracker, ps = SignalTracker(fold_every=4), _params()
     _set(ps, G1)

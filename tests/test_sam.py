@@ -138,6 +138,21 @@ def test_restore_is_bit_exact_and_survives_failing_second_pass():
         assert torch.equal(p, b)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_first_step_after_an_interrupted_one_equals_a_fresh_one(adaptive):
+    """A first_step not followed by restore() is undone before the next one measures anything."""
+    x, y = make_data()
+    (m1, s1), (m2, s2) = (_build(SAM, torch.optim.SGD, dict(lr=0.1, adaptive=adaptive, rho=0.5), False)
+                          for _ in range(2))
+    for model, sam in ((m1, s1), (m2, s2)):
+        make_closure(model, sam, x, y)()
+    s1.first_step()  # interrupted: no restore, gradients kept
+    s1.first_step()
+    s2.first_step()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_closure_required():
     model, sam = _build(SAM, torch.optim.SGD, dict(lr=0.1), False)
     with pytest.raises(RuntimeError, match="needs a closure"):
