@@ -255,3 +255,29 @@ def test_quickstart_notebook_executes(tmp_path):
     assert "epoch 5:" in outputs and "steps per optimizer" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
+
+
+# ------------------------------------------------------------------------------- policy probe
+@pytest.mark.parametrize("name", ["switch-sgd-sam", "lr-dqn"])
+def test_policy_probe_on_logged_decisions(tmp_path, name):
+    import rlopt
+    from benchmarks.policy_probe import main as probe_main
+
+    policy = rlopt.load_policy(name)
+    dim = policy.describe()["obs_dim"]
+    gen = torch.Generator().manual_seed(0)
+    obs = (torch.rand(5, dim, generator=gen) * 2 - 1).tolist()
+    log = tmp_path / "run.json"
+    log.write_text(json.dumps({"decisions": [{"observation": o} for o in obs]}))
+    res = probe_main([name, str(log)])
+    assert res["decisions"] == 5
+    shares = [v["greedy_share"] for v in res["actions"].values()]
+    assert sum(shares) == pytest.approx(1.0)
+    if res["kind"] == "probabilities":  # checked against the policy itself
+        first = policy.probabilities(torch.tensor(obs[0]))
+        means = torch.stack([policy.probabilities(torch.tensor(o)) for o in obs]).mean(0)
+        assert [v["mean"] for v in res["actions"].values()] == pytest.approx(means.tolist())
+        assert all(v["min"] <= p <= v["max"] for v, p in zip(res["actions"].values(), first.tolist()))
+    else:
+        q = torch.stack([policy.q_values(torch.tensor(o)) for o in obs])
+        assert shares == pytest.approx([(q.argmax(1) == i).float().mean().item() for i in range(q.shape[1])])
