@@ -179,15 +179,17 @@ class SignalTracker:
         optimizers skip a step only for ``found_inf == 1``."""
         if not tensors:
             return
-        first = tensors[0]
-        if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
-            groups = [list(tensors)]
-        else:
-            by: Dict[Any, List[torch.Tensor]] = {}
-            for t in tensors:
-                by.setdefault((t.device, t.dtype), []).append(t)
-            groups = list(by.values())
-        for group in groups:
+        dev = tensors[0].device
+        if dev == flag.device and (dev.type, None) not in self._unfused:
+            try:  # the common case in one call: GradScaler's kernel takes mixed dtypes, not devices
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._one)
+                return
+            except (RuntimeError, NotImplementedError):  # by device and dtype below (errors again there)
+                self._unfused.add((dev.type, None))
+        by: Dict[Any, List[torch.Tensor]] = {}
+        for t in tensors:
+            by.setdefault((t.device, t.dtype), []).append(t)
+        for group in by.values():
             dev = group[0].device
             target = flag if dev == flag.device else torch.zeros((), dtype=torch.float32, device=dev)
             key = (dev.type, group[0].dtype)
@@ -260,17 +262,17 @@ class SignalTracker:
         self._win[1:, :n] = self._reset[:, :n]
         self._pending = 0
 
-    def _flat(self, params, ids, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        dev = self.acc.device
-        grads = [params[i].grad.reshape(-1) for i in ids]
-        if not all(g.device == dev and g.dtype == torch.float32 for g in grads):
-            grads = [g.to(dev, torch.float32) for g in grads]
-        if out is not None and out.numel() == sum(g.numel() for g in grads):
-            return torch.cat(grads, out=out)
-        return torch.cat(grads)
+    def _flat(self, params, ids) -> torch.Tensor:
+        """The gradients of ``params[ids]`` as one float32 vector on the tracker's device."""
+        grads = [params[i].grad for i in ids]
+        try:  # one C++ call (flatten and concatenate), the common case: one device, one dtype
+            flat = torch._utils._flatten_dense_tensors(grads)
+        except RuntimeError:  # several devices
+            flat = torch.cat([g.reshape(-1).to(self.acc.device, torch.float32) for g in grads])
+        return flat.to(self.acc.device, torch.float32)
 
     def _snapshot(self, params, ids, ok) -> None:
-        self._snap = self._flat(params, ids, out=self._snap)
+        self._snap = self._flat(params, ids)
         norm = torch.linalg.vector_norm(self._snap)
         ok = ok & torch.isfinite(norm)
         self.acc[self._GNORM:self._GNORM_N + 1] += torch.stack([torch.where(ok, norm, 0.0), ok.float()]).to(
