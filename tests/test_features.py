@@ -136,11 +136,12 @@ def test_check_flags_any_non_finite_tensor_and_leaves_values_alone():
 
 @pytest.mark.parametrize("fused_kernel", [True, False])
 def test_flag_stays_one_whatever_the_path(fused_kernel):
+    # fused_kernel=False: the per-device-and-dtype path with the norm fallback (devices without the kernel)
     """Fused optimizers skip a step only for found_inf == 1: several non-finite groups, a second
     check (SAM) and the fallback without GradScaler's kernel must not count past 1."""
     tracker = SignalTracker()
     if not fused_kernel:
-        tracker._unfused.update({("cpu", torch.float32), ("cpu", torch.float64)})
+        tracker._unfused.update({("cpu", None), ("cpu", torch.float32), ("cpu", torch.float64)})
     nan32, nan64 = torch.tensor([float("nan")]), torch.tensor([float("inf")], dtype=torch.float64)
     flag = tracker.begin([nan32, nan64], torch.tensor(float("nan")), torch.device("cpu"))
     assert float(flag) == 1.0
