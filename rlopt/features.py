@@ -151,8 +151,8 @@ class SignalTracker:
     @torch.no_grad()
     def begin(self, grads: Sequence[torch.Tensor], loss: Any, device: torch.device) -> torch.Tensor:
         """Account a step's loss and check its gradients. Returns the step's flag: a float32
-        scalar on ``device``, non-zero when the loss or a gradient is not finite (the step is
-        to be skipped); usable as a fused optimizer's ``found_inf``. Call :meth:`end` after the
+        scalar on ``device``, 1 when the loss or a gradient is not finite (the step is to be
+        skipped), else 0; usable as a fused optimizer's ``found_inf``. Call :meth:`end` after the
         step, and :meth:`check` with any further gradient the step uses."""
         if self.acc is None:
             self._allocate(device)
