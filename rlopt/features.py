@@ -90,24 +90,38 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 class SignalTracker:
     """Device-side accumulators of one interval's training signals (see module doc).
 
-    An ordinary step costs three small device operations and no host synchronisation:
-    :meth:`begin` writes the loss into a window of recent steps and checks the gradients and
-    the loss for non-finite values with one fused kernel (GradScaler's), into a flag that fused
-    optimizers read as ``found_inf``; :meth:`end` folds the window into the interval's sums
-    every ``fold_every`` steps. Every ``signal_every`` steps :meth:`probe` takes a flat copy of
-    the gradient, whose norm is the gradient-norm sample and which the next step's gradient is
-    compared with (cosine and mean sign agreement).
+    Built to add as little as possible to a step, because on a GPU a training step is often
+    bound by the host launching kernels, and every extra operation shows:
+
+    * :meth:`begin` copies the loss into a window of recent steps (nothing when there is no
+      loss) and checks the gradients and the loss for non-finite values with one fused kernel
+      (GradScaler's), into a 0/1 flag that fused optimizers read as ``found_inf``.
+    * :meth:`end` only counts; every ``fold_every`` steps the window is folded into the
+      interval's sums and the run of skipped steps (one batch of small operations).
+    * Every ``signal_every`` steps :meth:`probe` takes a flat copy of the gradient (its norm is
+      the gradient-norm sample) and at the next step compares the new gradient with it (cosine,
+      mean sign agreement). The raw numbers go to a row of a small buffer; ratios and validity are
+      worked out when the buffer is folded, at decisions or when it is full.
+
+    No operation in an ordinary step reads a value back to the host, so none waits for the
+    device. On the CPU :meth:`poll_skip_run` is exact at every step; on CUDA it reads the run
+    from pinned memory once a copy has landed, so a long run of non-finite steps is noticed up
+    to about ``fold_every`` plus a few steps late.
 
     Args:
         signal_every: gradient norm and alignment are sampled every this many steps.
-        fold_every: steps per fold of the window (default: 1 on the CPU, where a fold is cheap
-            and the run of skipped steps is then exact at every step; 8 elsewhere, so a long run
-            of non-finite steps is noticed up to about 2 x 8 steps late on an accelerator).
+        fold_every: steps per fold of the window (default 32).
     """
 
     # slots of the accumulator vector
     _LOSS, _LOSS_N, _SKIPPED, _GNORM, _GNORM_N, _COS, _SIGN, _ALIGN_N = range(8)
-    STATE_VERSION = 2
+    # columns of a probe row: a gradient-norm sample and its step's flag; a comparison with the
+    # previous sample: this gradient's norm, dot product, mean sign agreement, flag, and the
+    # previous sample's norm and flag. NaN where a row holds no such entry.
+    _S_NORM, _S_FLAG, _C_NORM, _C_DOT, _C_SIGN, _C_FLAG, _C_PNORM, _C_PFLAG = range(8)
+    STATE_VERSION = 3
+    DEFAULT_FOLD_EVERY = 32
+    PROBE_ROWS = 16
 
     def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
         if isinstance(signal_every, bool) or not isinstance(signal_every, int) or signal_every < 1:
@@ -117,68 +131,86 @@ class SignalTracker:
             raise ValueError(f"Invalid fold_every: {fold_every}")
         self.signal_every = signal_every
         self._fold_arg = fold_every
-        self.fold_every = fold_every
-        self.acc: Optional[torch.Tensor] = None  # 8 float64 sums
+        self.fold_every = fold_every or self.DEFAULT_FOLD_EVERY
+        self.acc: Optional[torch.Tensor] = None  # 8 sums (float64; float32 on MPS)
         self.run: Optional[torch.Tensor] = None  # [current run, longest run] of skipped steps
         self.steps = 0
-        self._win: Optional[torch.Tensor] = None  # (3, W) float32: loss, non-finite flag, loss given
+        self._win: Optional[torch.Tensor] = None  # (2, W) float32: loss (NaN: none given), flag
         self._pending = 0  # steps in the window not folded yet
-        self._snap: Optional[torch.Tensor] = None
-        self._snap_norm: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None  # (R, 8) float32 probe rows
+        self._nrows = 0  # rows in use
+        self._snap: Optional[torch.Tensor] = None  # flat gradient of the last sample
         self._snap_ids: Optional[tuple] = None
-        self._snap_ok: Optional[torch.Tensor] = None
+        self._snap_stats: Optional[torch.Tensor] = None  # [norm, flag] of the last sample
         self._snap_step = -2
         self._poll = None  # (pinned host tensor, event, copy in flight) for lagged reads on CUDA
+        self._host_run: Optional[List[int]] = None  # CPU: [current run, longest, window steps seen]
         self._unfused = set()  # (device type, dtype) without GradScaler's kernel
 
     def _allocate(self, device: torch.device) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.acc = torch.zeros(8, dtype=dtype, device=device)
         self.run = torch.zeros(2, dtype=dtype, device=device)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
+        self._snap_stats = torch.zeros(2, dtype=torch.float32, device=device)
         self._make_window(device)
+        self._make_rows(device)
 
     def _make_window(self, device: torch.device, width: int = 0) -> None:
-        self.fold_every = self._fold_arg or (1 if device.type == "cpu" else 8)
         width = max(width, self.fold_every)
-        self._win = torch.zeros(3, width, dtype=torch.float32, device=device)
-        self._win[2].fill_(1.0)
-        self._reset = self._win[1:].clone()
+        self._win = torch.zeros(2, width, dtype=torch.float32, device=device)
+        self._win[0].fill_(math.nan)
+        self._reset = self._win.clone()
         self._steps_idx = torch.arange(1, width + 1, dtype=self.acc.dtype, device=device)
-        self._one = torch.ones((), dtype=torch.float32, device=device)
         self._pending = 0
+        self._make_views()
+
+    def _make_rows(self, device: torch.device, count: int = 0) -> None:
+        self._rows = torch.full((max(count, self.PROBE_ROWS), 8), math.nan, dtype=torch.float32, device=device)
+        self._nrows = 0
+        self._make_views()
+
+    def _make_views(self) -> None:
+        """Per-step views of the window and the probe rows (indexing costs a dispatch per step)."""
+        win, rows = self.__dict__.get("_win"), self.__dict__.get("_rows")
+        self._win_loss, self._win_flag = (win[0].unbind(), win[1].unbind()) if win is not None else ((), ())
+        self._row_views = [r.unbind() for r in rows] if rows is not None else []
 
     # -------------------------------------------------------------- steps
-    @torch.no_grad()
-    def begin(self, grads: Sequence[torch.Tensor], loss: Any, device: torch.device) -> torch.Tensor:
+    def begin(self, grads: List[torch.Tensor], loss: Any, device: torch.device) -> torch.Tensor:
         """Account a step's loss and check its gradients. Returns the step's flag: a float32
         scalar on ``device``, 1 when the loss or a gradient is not finite (the step is to be
         skipped), else 0; usable as a fused optimizer's ``found_inf``. Call :meth:`end` after the
         step, and :meth:`check` with any further gradient the step uses."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.begin(grads, loss, device)
         if self.acc is None:
             self._allocate(device)
         j = self._pending
-        flag = self._win[1, j]
-        slot = self._win[0, j:j + 1]
-        tensors = list(grads)
+        flag = self._win_flag[j]
         if isinstance(loss, torch.Tensor):
-            slot.copy_(loss.detach().reshape(1))
-            tensors.append(slot)
-        elif loss is None:  # (not `win[2, j] = 0.0`: on CUDA that is a blocking host-to-device copy)
-            self._win[2, j].zero_()
+            slot = self._win_loss[j]
+            slot.copy_(loss if loss.dim() == 0 else loss.reshape(()))
+            grads = [*grads, slot]
+        elif loss is None:  # the window keeps NaN: no loss to average
+            pass
         elif math.isfinite(float(loss)) and abs(float(loss)) <= _FLOAT32_MAX:
-            slot.fill_(float(loss))
+            self._win_loss[j].fill_(float(loss))
         else:  # as a loss tensor would be: not finite in the float32 window
             flag.fill_(1.0)
-        self.check(tensors, flag)
+        self.check(grads, flag)
         return flag
 
-    @torch.no_grad()
     def check(self, tensors: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
         """Set ``flag`` to 1 if any of ``tensors`` holds a non-finite value (one fused kernel per
         device and dtype; the tensors are left as they are). The flag stays 0 or 1: fused
         optimizers skip a step only for ``found_inf == 1``."""
         if not tensors:
             return
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.check(tensors, flag)
         dev = tensors[0].device
         if dev == flag.device and (dev.type, None) not in self._unfused:
             try:  # the common case in one call: GradScaler's kernel takes mixed dtypes, not devices
@@ -206,61 +238,93 @@ class SignalTracker:
             if target is not flag:
                 torch.maximum(flag, target.to(flag.device), out=flag)
 
-    @torch.no_grad()
     def probe(self, params: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
         """Sample the gradient norm and alignment if this step is due (every ``signal_every``
         steps, and the step after, which is compared with it). Call between :meth:`begin` and
         the parameter update, with the gradients the step's statistics are about."""
-        probe_now = self.steps % self.signal_every == 0
+        sample = self.steps % self.signal_every == 0
         compare = self._snap_step == self.steps - 1
-        if not (probe_now or compare):
+        if not (sample or compare):
             return
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.probe(params, flag)
         ids = tuple(i for i, p in enumerate(params) if p.grad is not None)
         if not ids:
             return
-        ok = flag == 0
-        if compare and ids == self._snap_ids:
-            self._compare(params, ids, ok)
-        if probe_now:
-            self._snapshot(params, ids, ok)
+        compare = compare and ids == self._snap_ids
+        if not (sample or compare):
+            return
+        if self._nrows == len(self._row_views):
+            self._fold_rows()
+        row = self._row_views[self._nrows]
+        self._nrows += 1
+        flat = self._flat(params, ids)
+        if compare:
+            prev = self._snap
+            torch.linalg.vector_norm(flat, out=row[self._C_NORM])
+            torch.dot(flat, prev, out=row[self._C_DOT])
+            torch.dot(torch.sign(flat), torch.sign(prev).mul_(1.0 / flat.numel()), out=row[self._C_SIGN])
+            row[self._C_FLAG].copy_(flag)
+            self._rows[self._nrows - 1, self._C_PNORM:].copy_(self._snap_stats)
+            self._snap = None
+        if sample:
+            stats = self._snap_stats
+            torch.linalg.vector_norm(flat, out=stats[0])
+            stats[1].copy_(flag)
+            self._rows[self._nrows - 1, self._S_NORM:self._S_FLAG + 1].copy_(stats)
+            self._snap, self._snap_ids, self._snap_step = flat, ids, self.steps
 
     def cancel(self) -> None:
         """Forget the step begun with :meth:`begin` (it raised before its update). A gradient
         sample :meth:`probe` already took for it stays in the interval's sums."""
         if self._win is not None:
-            self._win[1:, self._pending] = self._reset[:, self._pending]
+            self._win[:, self._pending] = self._reset[:, self._pending]
 
     def end(self) -> None:
         """Close the step begun with :meth:`begin`."""
         self._pending += 1
         self.steps += 1
-        if self._pending == self.fold_every:
+        if self._pending >= self.fold_every:
             self._fold()
 
-    @torch.no_grad()
     def _fold(self) -> None:
         """Add the window's steps to the interval's sums and the run of skipped steps."""
         n = self._pending
         if n == 0:
             return
-        loss, flag, given = self._win[:, :n]
-        dtype = self.acc.dtype
-        bad = (flag != 0).to(dtype)
-        with_loss = (flag == 0) & (given != 0)
-        self.acc[:self._SKIPPED + 1] += torch.stack([
-            torch.where(with_loss, loss, 0.0).to(dtype).sum(), with_loss.to(dtype).sum(), bad.sum()])
-        if n == 1:
-            cur = (self.run[0] + 1.0) * bad[0]
-        else:  # run at each step: bad steps since the last good one, plus the carried run if none yet
+        with torch.no_grad():
+            loss, flag = self._win[:, :n]
+            dtype = self.acc.dtype
+            bad = flag.to(dtype)
+            counted = (flag == 0) & loss.isfinite()  # NaN: no loss given
+            self.acc[:self._SKIPPED + 1] += torch.stack([
+                torch.where(counted, loss, 0.0).to(dtype).sum(), counted.to(dtype).sum(), bad.sum()])
+            # run at each step: bad steps since the last good one, plus the carried run if none yet
             count = bad.cumsum(0)
             last_good = torch.where(bad == 0, count, 0.0).cummax(0).values
             runs = count - last_good + self.run[0] * (count == self._steps_idx[:n]).to(dtype)
-            cur = runs[-1]
-            self.run[1] = torch.maximum(self.run[1], runs.max())
-        self.run[0] = cur
-        self.run[1] = torch.maximum(self.run[1], cur)
-        self._win[1:, :n] = self._reset[:, :n]
+            self.run.copy_(torch.stack([runs[-1], torch.maximum(self.run[1], runs.max())]))
+            self._win.copy_(self._reset)
         self._pending = 0
+        self._host_run = None
+
+    def _fold_rows(self) -> None:
+        """Add the probe rows to the interval's gradient sums."""
+        k = self._nrows
+        if k == 0:
+            return
+        with torch.no_grad():
+            dtype = self.acc.dtype
+            gn, gf, cn, dot, sign, cf, pn, pf = self._rows[:k].to(dtype).unbind(1)
+            ok = (gf == 0) & gn.isfinite()  # a finite sample of a step that was not skipped
+            valid = (cf == 0) & (pf == 0) & (cn > 0) & (pn > 0) & cn.isfinite() & pn.isfinite()
+            cos = torch.where(valid, dot / (cn * pn).clamp_min(1e-30), 0.0)
+            self.acc[self._GNORM:] += torch.stack([
+                torch.where(ok, gn, 0.0).sum(), ok.to(dtype).sum(), cos.sum(),
+                torch.where(valid, sign, 0.0).sum(), valid.to(dtype).sum()])
+            self._rows[:k].fill_(math.nan)
+        self._nrows = 0
 
     def _flat(self, params, ids) -> torch.Tensor:
         """The gradients of ``params[ids]`` as one float32 vector on the tracker's device."""
@@ -271,23 +335,6 @@ class SignalTracker:
             flat = torch.cat([g.reshape(-1).to(self.acc.device, torch.float32) for g in grads])
         return flat.to(self.acc.device, torch.float32)
 
-    def _snapshot(self, params, ids, ok) -> None:
-        self._snap = self._flat(params, ids)
-        norm = torch.linalg.vector_norm(self._snap)
-        ok = ok & torch.isfinite(norm)
-        self.acc[self._GNORM:self._GNORM_N + 1] += torch.stack([torch.where(ok, norm, 0.0), ok.float()]).to(
-            self.acc.dtype)
-        self._snap_norm, self._snap_ids, self._snap_ok, self._snap_step = norm, ids, ok, self.steps
-
-    def _compare(self, params, ids, ok) -> None:
-        cur, prev = self._flat(params, ids), self._snap
-        dot = torch.dot(cur, prev)
-        n1, n2 = torch.linalg.vector_norm(cur), self._snap_norm
-        valid = ok & self._snap_ok & (n1 > 0) & (n2 > 0)
-        cos = torch.where(valid, dot / (n1 * n2).clamp_min(1e-30), 0.0)
-        sign = torch.where(valid, (torch.sign(cur) * torch.sign(prev)).mean(), 0.0)
-        self.acc[self._COS:] += torch.stack([cos, sign, valid.float()]).to(self.acc.dtype)
-
     # -------------------------------------------------------------- reads
     def summary(self) -> Dict[str, float]:
         """Read the interval's sums back (one host transfer) and start a new interval."""
@@ -295,9 +342,11 @@ class SignalTracker:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_cosine": math.nan,
                     "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0}
         self._fold()
+        self._fold_rows()
         v = torch.cat([self.acc, self.run]).tolist()
         self.acc.zero_()
         self.run[1] = self.run[0]
+        self._host_run = None
 
         def mean(total, n):
             return total / n if n > 0 else math.nan
@@ -312,18 +361,26 @@ class SignalTracker:
         }
 
     def poll_skip_run(self) -> Optional[int]:
-        """Longest run of skipped steps so far in this interval (folded steps), if known without
-        waiting; None otherwise.
+        """Longest run of skipped steps so far in this interval, if known without waiting; None
+        otherwise.
 
-        On the CPU the value is simply read. On CUDA a copy into pinned memory is started after
-        a fold and read at a later call once it has landed, so an ordinary step never waits for
-        the GPU.
+        On the CPU it is exact: the folded run and the window are simply read. On CUDA a copy
+        of the folded run into pinned memory starts after each fold and is read at a later call
+        once it has landed, so an ordinary step never waits for the GPU.
         """
         if self.run is None:
             return None
-        if self.run.device.type == "cpu":
-            return int(self.run[1])
-        if self.run.device.type != "cuda":
+        kind = self.run.device.type
+        if kind == "cpu":  # folded run, then the window's steps not seen yet (usually one)
+            if self._host_run is None:
+                self._host_run = [*map(int, self.run.tolist()), 0]
+            cur, longest, seen = self._host_run
+            for k in range(seen, self._pending):
+                cur = cur + 1 if self._win_flag[k].item() else 0
+                longest = max(longest, cur)
+            self._host_run = [cur, longest, self._pending]
+            return longest
+        if kind != "cuda":
             return None
         if self._poll is None:
             self._poll = [torch.empty(1, dtype=self.run.dtype, pin_memory=True), torch.cuda.Event(), False]
@@ -341,15 +398,16 @@ class SignalTracker:
     # -------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         pending = self._snap is not None and self._snap_step == self.steps - 1
+        allocated = self.acc is not None
         return {
             "version": self.STATE_VERSION, "signal_every": self.signal_every, "fold_every": self._fold_arg,
-            "steps": self.steps, "window": None if self._win is None else self._win[:, :self._pending].clone(),
-            "acc": None if self.acc is None else self.acc.clone(),
-            "run": None if self.run is None else self.run.clone(),
+            "steps": self.steps, "window": self._win[:, :self._pending].clone() if allocated else None,
+            "acc": self.acc.clone() if allocated else None,
+            "run": self.run.clone() if allocated else None,
+            "probe_rows": self._rows[:self._nrows].clone() if allocated else None,
             "snapshot": self._snap.clone() if pending else None,
-            "snapshot_norm": self._snap_norm.clone() if pending else None,
+            "snapshot_stats": self._snap_stats.clone() if pending else None,
             "snapshot_ids": list(self._snap_ids) if pending else None,
-            "snapshot_ok": self._snap_ok.clone() if pending else None,
         }
 
     def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
@@ -358,32 +416,44 @@ class SignalTracker:
                              f"this rlopt (version {self.STATE_VERSION}); it was saved by an older release")
         self.steps = int(state["steps"])
         self.signal_every = int(state["signal_every"])
-        self._fold_arg = self.fold_every = None if state["fold_every"] is None else int(state["fold_every"])
-        self.acc = None if state["acc"] is None else state["acc"].to(device).clone()
-        self.run = None if state["run"] is None else state["run"].to(device).clone()
-        self._poll = None
-        if self.acc is not None:  # the steps not folded yet come back into the window
-            window = state["window"]
-            self._make_window(device, width=window.shape[1])
-            self._win[:, :window.shape[1]] = window.to(device)
-            self._pending = window.shape[1]
-            if self._pending >= self.fold_every:
-                self._fold()
-        else:
-            self._win, self._pending = None, 0
+        self._fold_arg = None if state["fold_every"] is None else int(state["fold_every"])
+        self.fold_every = self._fold_arg or self.DEFAULT_FOLD_EVERY
+        self._poll = self._host_run = None
+        self._snap, self._snap_ids, self._snap_step = None, None, -2
+        if state["acc"] is None:
+            self.acc = self.run = self._win = self._rows = None
+            self._pending = self._nrows = 0
+            return
+        self._allocate(device)
+        self.acc.copy_(state["acc"])
+        self.run.copy_(state["run"])
+        window, rows = state["window"], state["probe_rows"]
+        self._make_window(device, width=window.shape[1])
+        self._win[:, :window.shape[1]] = window.to(device)
+        self._pending = window.shape[1]
+        self._make_rows(device, count=rows.shape[0])
+        self._rows[:rows.shape[0]] = rows.to(device)
+        self._nrows = rows.shape[0]
+        if self._pending >= self.fold_every:
+            self._fold()
         if state["snapshot"] is not None:
             self._snap = state["snapshot"].to(device).clone()
-            self._snap_norm = state["snapshot_norm"].to(device).clone()
+            self._snap_stats.copy_(state["snapshot_stats"])
             self._snap_ids = tuple(state["snapshot_ids"])
-            self._snap_ok = state["snapshot_ok"].to(device).clone()
             self._snap_step = self.steps - 1
-        else:
-            self._snap, self._snap_norm, self._snap_ids, self._snap_ok, self._snap_step = None, None, None, None, -2
+
+    _VIEWS = ("_win_loss", "_win_flag", "_row_views")
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_poll"] = None  # CUDA events do not pickle; the next poll starts a new copy
+        for name in self._VIEWS:  # pickle does not keep views of a tensor; rebuilt on load
+            state.pop(name, None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._make_views()
 
 
 @dataclass

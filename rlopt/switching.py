@@ -52,7 +52,8 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
             (new policies learn, loaded ones are frozen).
         max_nonfinite_steps: raise after this many consecutive steps with a non-finite loss or
             gradient (each is skipped and penalised); None never raises. On a GPU the count is
-            read without waiting for the device, so the error may come up to about 16 steps late.
+            read without waiting for the device, so the error may come up to about 35 steps late
+            (the count is folded every 32 steps); on the CPU it comes at the step that completes the run.
         signal_every: sample the gradient norm and alignment every this many steps (None: 10, or
             interval // 2 when deciding every ``interval`` < 20 steps, so every interval holds samples).
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -82,6 +83,43 @@ def test_alignment_is_sampled_every_n_steps():
         _record(with_every_step, ps, 1.0)
     s1 = with_every_step.summary()
     assert s1["grad_cosine"] == pytest.approx((_cos(G1, G2) + _cos(G2, G3) + _cos(G3, G1)) / 3, rel=1e-6)
+
+
+def test_many_samples_between_decisions_match_a_hand_computation():
+    """More probe rows than the buffer holds (it is folded when full), and a sample at the last
+    step of an interval: its norm counts there, its comparison in the next interval."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, generator=gen).tolist() for _ in range(41)]
+    tracker, ps = SignalTracker(signal_every=1, fold_every=5), _params()
+    for g in grads[:40]:
+        _set(ps, g)
+        _record(tracker, ps, 1.0)
+    first = tracker.summary()
+    _set(ps, grads[40])
+    _record(tracker, ps, 1.0)
+    second = tracker.summary()
+    norm = lambda v: math.sqrt(sum(x * x for x in v))  # noqa: E731
+    pairs = list(zip(grads[:39], grads[1:40]))
+    assert first["grad_norm"] == pytest.approx(sum(map(norm, grads[:40])) / 40, rel=1e-6)
+    assert first["grad_cosine"] == pytest.approx(sum(_cos(a, b) for a, b in pairs) / 39, rel=1e-5)
+    assert first["grad_sign_agreement"] == pytest.approx(sum(_sign(a, b) for a, b in pairs) / 39)
+    assert second["grad_norm"] == pytest.approx(norm(grads[40]), rel=1e-6)
+    assert second["grad_cosine"] == pytest.approx(_cos(grads[39], grads[40]), rel=1e-5)
+
+
+def test_pickled_tracker_keeps_writing_into_its_window():
+    tracker, ps = SignalTracker(fold_every=4), _params()
+    _set(ps, G1)
+    _record(tracker, ps, 2.0)
+    clone = pickle.loads(pickle.dumps(tracker))
+    for t in (tracker, clone):
+        _set(ps, NAN)
+        _record(t, ps, 4.0)
+        _set(ps, G2)
+        _record(t, ps, 6.0)
+    a, b = tracker.summary(), clone.summary()
+    assert repr(a) == repr(b)  # repr: NaN == NaN
+    assert a["loss"] == pytest.approx(4.0) and a["skipped"] == 1 and a["longest_skip_run"] == 1
 
 
 @pytest.mark.parametrize("fold_every", [1, 3, 8])
