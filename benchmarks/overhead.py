@@ -13,7 +13,10 @@ configuration, the order rotated from round to round (interleaved, so drifts in 
 all configurations alike). Blocks are timed with ``torch.cuda.synchronize()`` (CUDA) at both ends.
 The figure per configuration is the median over rounds of the mean step time in a block;
 overhead = median(wrapper) / median(plain) - 1. ``--block`` is a multiple of 50, so each
-interval-50 block holds its decisions in proportion.
+interval-50 block holds its decisions in proportion. After the timing, one more block per
+configuration counts the operations torch dispatches inside ``opt.step()`` (exact, unlike a
+clock: on a GPU a ResNet-18 step is largely bound by the host launching kernels, so this count
+is what the wrapper's time overhead follows).
 
 Cases: ``resnet18`` (torchvision ResNet-18, CIFAR stem, 32x32 inputs) and ``mlp`` (784-256-10 on
 batch 64), where the fixed per-step cost of the wrapper (Python, small kernels) dominates.
@@ -23,6 +26,7 @@ only reported.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import shlex
@@ -30,11 +34,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlopt import RLSwitchingOptimizer
 
@@ -42,6 +47,27 @@ from .models import resnet18
 from .train import environment, resolve_device
 
 BARS = {"wrapper, interval=epoch": 0.03, "wrapper, interval=50": 0.05}
+VIEW_OPS = ("aten.view.default", "aten.select.int", "aten.slice.Tensor", "aten.unbind.int", "aten.alias.default",
+            "aten._reshape_alias.default", "aten.as_strided.default")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operations torch dispatches while active, by name. On a GPU most of those that
+    are not views launch a kernel, and a step bound by the host pays for every launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def per_step(self, steps: int) -> Dict[str, float]:
+        """Operations per step: all, and those that are not views."""
+        total = sum(self.ops.values())
+        views = sum(v for k, v in self.ops.items() if k in VIEW_OPS)
+        return {"all": total / steps, "not_views": (total - views) / steps}
 SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
@@ -81,7 +107,7 @@ def measure(case: str, device: torch.device, batch: int, block: int, repeats: in
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
 
-    def run(n: str, steps: int) -> float:
+    def run(n: str, steps: int, count: Optional[CountOps] = None) -> float:
         model, opt = models[n], opts[n]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -91,7 +117,11 @@ def measure(case: str, device: torch.device, batch: int, block: int, repeats: in
             with amp:
                 out = model(x)
             F.cross_entropy(out.float(), y).backward()
-            opt.step()
+            if count is None:
+                opt.step()
+            else:
+                with count:
+                    opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / steps
@@ -118,12 +148,18 @@ def measure(case: str, device: torch.device, batch: int, block: int, repeats: in
         for n in order:
             times[n].append(run(n, block))
         log(f"  {case} round {r + 1}/{repeats}: " + ", ".join(f"{n} {1e3 * times[n][-1]:.2f} ms" for n in names))
+    ops = {}
+    for n in names:  # operations dispatched by opt.step(), after the timing (counting slows steps down)
+        count = CountOps()
+        run(n, block, count)
+        ops[n] = count.per_step(block)
     med = {n: statistics.median(v) for n, v in times.items()}
     res = {"case": case, "batch": batch, "block": block, "repeats": repeats, "warmup": warmup,
            "params": sum(p.numel() for p in base.parameters()),
            "median_step_ms": {n: 1e3 * m for n, m in med.items()},
            "all_step_ms": {n: [1e3 * t for t in v] for n, v in times.items()},
            "overhead": {n: med[n] / med["plain"] - 1.0 for n in names if n != "plain"},
+           "step_ops": ops,
            "decisions": {n: len(opts[n].history) for n in names if n != "plain"}}
     return res
 
@@ -166,6 +202,14 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
                          + f"); with the fastest round instead of the median: " + ", ".join(
                              f"{n} {100 * (min(a[n]) / min(a['plain']) - 1):+.1f}%" for n in o)
                          + ". Differences smaller than the spread are noise, not overhead.")
+    if all("step_ops" in r for r in results):
+        lines += ["", "Operations torch dispatches per `opt.step()`, all / not views (an exact count; on a GPU "
+                  "most of the latter launch a kernel, and a host-bound step pays for each):", "",
+                  "| case | plain | wrapper (epoch) | wrapper (50) |", "|---|---|---|---|"]
+        for r in results:
+            lines.append(f"| {r['case']} | " + " | ".join(
+                f"{r['step_ops'][n]['all']:.1f} / {r['step_ops'][n]['not_views']:.1f}"
+                for n in ("plain", "wrapper, interval=epoch", "wrapper, interval=50")) + " |")
     lines += ["", "Per-round step times (ms) are in the JSON file next to this one."]
     if noisy:
         lines += ["", "Noise:", ""] + [f"- {t}" for t in noisy]
