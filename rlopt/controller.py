@@ -124,13 +124,15 @@ class RLControlledOptimizer(Optimizer):
     kind = ""
     _PICKLED = ("_specs", "_inner", "_explicit", "_fused", "_params", "_needs_closure", "policy",
                 "reward_fn", "tracker", "observer", "interval", "total_steps", "total_epochs",
-                "max_nonfinite_steps", "history", "_ctl", "_prev_signals", "_val", "_action_names")
+                "max_nonfinite_steps", "history", "_ctl", "_prev_signals", "_val", "_action_names",
+                "share_momentum")
 
     def __init__(self, params, defaults: Dict[str, Any], specs: Sequence[ChoiceSpec], *,
                  action_names: Sequence[str], policy: Any, interval: Union[str, int], seed: int,
                  total_steps: Optional[int], total_epochs: Optional[int],
                  reward: Optional[Callable[[RewardContext], float]], max_nonfinite_steps: Optional[int],
-                 signal_every: Optional[int], train_policy: Optional[bool], extra_features: Sequence[str] = ()):
+                 signal_every: Optional[int], train_policy: Optional[bool], extra_features: Sequence[str] = (),
+                 share_momentum: bool = True):
         _check_lr(defaults.get("lr"))
         if interval != "epoch" and not (isinstance(interval, int) and not isinstance(interval, bool)):
             raise TypeError(f"interval must be 'epoch' or a positive int, got {interval!r}")
@@ -144,6 +146,8 @@ class RLControlledOptimizer(Optimizer):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if reward is not None and not callable(reward):
             raise TypeError(f"reward must be callable, got {reward!r}")
+        if not isinstance(share_momentum, bool):
+            raise TypeError(f"share_momentum must be a bool, got {share_momentum!r}")
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
         super().__init__(params, defaults)
         self._specs: Tuple[ChoiceSpec, ...] = tuple(specs)
@@ -154,6 +158,8 @@ class RLControlledOptimizer(Optimizer):
             inner, fused = self._build_inner(spec)
             self._inner.append(inner)
             self._fused.append(fused)
+        self.share_momentum = share_momentum
+        self._link_momentum()
         self._needs_closure = any(s.needs_closure for s in self._specs)
         self._action_names = tuple(action_names)
         self.interval = interval
@@ -232,6 +238,24 @@ class RLControlledOptimizer(Optimizer):
                 "with a host synchronisation at every step", RuntimeWarning, stacklevel=4)
         self._prepare_state(spec, inner)
         return inner, fused
+
+    def _momentum_family(self) -> List[int]:
+        """Indices of the choices whose update is an SGD step (``sgd``, and ``sam`` over SGD)."""
+        return [i for i, o in enumerate(self._inner)
+                if isinstance(getattr(o, "base_optimizer", o), torch.optim.SGD)]
+
+    def _link_momentum(self) -> None:
+        """With ``share_momentum``, the SGD-family choices use one state (one momentum buffer per
+        parameter): a switch between SGD and SAM carries the velocity on, as a SAM-last schedule
+        does, instead of resuming the other choice's stale buffer or a zero one."""
+        family = self._momentum_family()
+        if not self.share_momentum or len(family) < 2:
+            return
+        first = self._inner[family[0]]
+        shared = getattr(first, "base_optimizer", first).state
+        for i in family[1:]:
+            inner = self._inner[i]
+            getattr(inner, "base_optimizer", inner).state = shared
 
     @staticmethod
     def _prepare_state(spec: ChoiceSpec, inner: Optimizer) -> None:
@@ -451,7 +475,7 @@ class RLControlledOptimizer(Optimizer):
         sd["rlopt"] = {
             "format": STATE_FORMAT, "kind": self.kind, "actions": list(self._action_names),
             "choices": [s.name for s in self._specs],
-            "inner": [o.state_dict() for o in self._inner],
+            "inner": [o.state_dict() for o in self._inner], "share_momentum": self.share_momentum,
             "policy": {**self.policy.describe(), "state": self.policy.state_dict()},
             "tracker": self.tracker.state_dict(), "observer": self.observer.state_dict(),
             "controller": dict(self._ctl), "val": dict(self._val),
@@ -495,8 +519,15 @@ class RLControlledOptimizer(Optimizer):
                     len(a["params"]) != len(b["params"]) for a, b in zip(sd["param_groups"], inner.param_groups)):
                 raise ValueError("An inner optimizer's state does not match this optimizer's parameter groups")
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        if rl.get("share_momentum", False) != self.share_momentum and len(self._momentum_family()) > 1:
+            warnings.warn(
+                f"The checkpoint was saved with share_momentum={rl.get('share_momentum', False)} and this "
+                f"optimizer has share_momentum={self.share_momentum}: "
+                + ("the SGD-family choices now share the first one's momentum buffers" if self.share_momentum
+                   else "each SGD-family choice starts from the shared buffers"), RuntimeWarning, stacklevel=2)
         for inner, sd in zip(self._inner, rl["inner"]):
             inner.load_state_dict(sd)
+        self._link_momentum()  # loading gave each inner optimizer its own state again
         self.policy.load_state_dict(saved["state"])
         device = self._params[0].device if self._params else torch.device("cpu")
         self.tracker.load_state_dict(rl["tracker"], device)

@@ -24,8 +24,9 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
                                    a_k = policy.act(o_k)
 
     Decisions happen at every :meth:`epoch_end` (``interval="epoch"``) or every ``interval``
-    steps. Each inner optimizer keeps its own state across switches (Adam's moments survive an
-    SGD stretch).
+    steps. Inner optimizers keep their state across switches: Adam's moments survive an SGD
+    stretch, and SGD and SAM share one momentum buffer (``share_momentum``), so switching between
+    them never resumes a stale one.
 
     Args:
         params: parameters or param-group dicts, as any torch optimizer takes. A group may set
@@ -56,6 +57,11 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
             (the count is folded every 32 steps); on the CPU it comes at the step that completes the run.
         signal_every: sample the gradient norm and alignment every this many steps (None: 10, or
             interval // 2 when deciding every ``interval`` < 20 steps, so every interval holds samples).
+        share_momentum: the SGD-family choices (``sgd``, and ``sam`` over SGD) share one momentum
+            buffer per parameter, so a switch between them carries the velocity on, as a schedule
+            that runs SAM's ascent on some steps of one SGD does (default). False gives each its own
+            buffer; a switch then resumes the buffer the other choice left behind, however old.
+            Other choices (Adam, AdamW) always keep their own state.
 
     Example:
         >>> opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], lr=0.1)
@@ -81,7 +87,7 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
                  total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
                  reward: Optional[Callable[[RewardContext], float]] = None,
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None):
+                 signal_every: Optional[int] = None, share_momentum: bool = True):
         if not isinstance(lr, (int, float)) or not 0.0 <= lr < float("inf"):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
@@ -93,7 +99,7 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
         super().__init__(params, defaults, specs, action_names=[s.name for s in specs], policy=policy,
                          interval=interval, seed=seed, total_steps=total_steps, total_epochs=total_epochs,
                          reward=reward, max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
-                         train_policy=train_policy)
+                         train_policy=train_policy, share_momentum=share_momentum)
 
     def _default_reward(self):
         return SwitchingReward()

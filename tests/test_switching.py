@@ -221,6 +221,85 @@ class Scripted(Policy):
         return {}
 
 
+
+def _sgd_sam(model, script, **kw):
+    return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=Scripted(script), interval=2,
+                                lr=0.1, **kw)
+
+
+def test_sgd_and_sam_share_one_momentum_buffer_across_switches():
+    """A switch between SGD and SAM carries the velocity on: the wrapper equals one SAM whose base
+    SGD also takes the plain steps (a schedule running SAM's ascent on some steps of one SGD)."""
+    x, y = make_data()
+    m_opt, m_ref = make_model(), make_model()
+    opt = _sgd_sam(m_opt, [0, 1, 1, 0, 1])
+    ref = ReferenceSAM(m_ref.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, fused=True)
+    ran = []
+    for k in range(10):
+        ran.append(opt.choice)
+        opt.step(make_closure(m_opt, opt, x, y))
+        closure = make_closure(m_ref, ref, x, y)
+        if ran[-1] == "sam":
+            ref.step(closure)
+        else:
+            closure()
+            ref.base_optimizer.step()
+        for p, q in zip(m_opt.parameters(), m_ref.parameters()):
+            assert torch.equal(p, q), f"step {k}"
+    assert ran == ["sgd"] * 2 + ["sam"] * 4 + ["sgd"] * 2 + ["sam"] * 2
+    assert opt.inner_optimizers["sgd"].state is opt.inner_optimizers["sam"].base_optimizer.state
+
+
+def test_separate_momentum_when_asked():
+    x, y = make_data()
+    model = make_model()
+    opt = _sgd_sam(model, [0, 1], share_momentum=False)
+    sgd, sam = opt.inner_optimizers["sgd"], opt.inner_optimizers["sam"].base_optimizer
+    assert sgd.state is not sam.state
+    for _ in range(2):
+        opt.step(make_closure(model, opt, x, y))
+    sgd_buffers = [sgd.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    assert all(not torch.any(sam.state[p]["momentum_buffer"]) for p in model.parameters())  # SAM starts at 0
+    for _ in range(2):
+        opt.step(make_closure(model, opt, x, y))
+    assert all(torch.equal(sgd.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), sgd_buffers))
+    with pytest.raises(TypeError, match="share_momentum must be a bool"):
+        RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], share_momentum="yes")
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+def test_shared_momentum_survives_checkpoints_and_copies(how):
+    x, y = make_data()
+    model = make_model()
+    opt = _sgd_sam(model, [0, 1, 0])
+    for _ in range(3):
+        opt.step(make_closure(model, opt, x, y))
+    if how == "state_dict":
+        m2 = make_model(seed=1)
+        m2.load_state_dict(model.state_dict())
+        o2 = _sgd_sam(m2, [0, 1, 0])
+        o2.load_state_dict(roundtrip(opt.state_dict()))
+        o2.policy.i = opt.policy.i  # the test double keeps its place in the script outside its state
+    else:
+        m2, o2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert o2.inner_optimizers["sgd"].state is o2.inner_optimizers["sam"].base_optimizer.state
+    for _ in range(3):
+        for m, o in ((model, opt), (m2, o2)):
+            o.step(make_closure(m, o, x, y))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), m2.parameters()))
+
+
+def test_loading_a_checkpoint_with_separate_momentum_warns():
+    x, y = make_data()
+    model = make_model()
+    opt = _sgd_sam(model, [0], share_momentum=False)
+    opt.step(make_closure(model, opt, x, y))
+    o2 = _sgd_sam(make_model(), [0])
+    with pytest.warns(RuntimeWarning, match="share_momentum=False"):
+        o2.load_state_dict(roundtrip(opt.state_dict()))
+    assert o2.inner_optimizers["sgd"].state is o2.inner_optimizers["sam"].base_optimizer.state
+
+
 @pytest.fixture(autouse=True)
 def _scripted_fits(monkeypatch):
     """Let a Scripted policy take whatever action set / layout the optimizer has."""
