@@ -153,14 +153,14 @@ def measure(case: str, device: torch.device, batch: int, block: int, repeats: in
         count = CountOps()
         run(n, block, count)
         ops[n] = count.per_step(block)
-    med = {n: statistics.median(v) for n, v in times.items()}
     res = {"case": case, "batch": batch, "block": block, "repeats": repeats, "warmup": warmup,
-           "params": sum(p.numel() for p in base.parameters()),
-           "median_step_ms": {n: 1e3 * m for n, m in med.items()},
-           "all_step_ms": {n: [1e3 * t for t in v] for n, v in times.items()},
-           "overhead": {n: med[n] / med["plain"] - 1.0 for n in names if n != "plain"},
-           "step_ops": ops,
+           "params": sum(p.numel() for p in base.parameters()), "step_ops": ops,
            "decisions": {n: len(opts[n].history) for n in names if n != "plain"}}
+    if repeats:  # --repeats 0: operation counts only
+        med = {n: statistics.median(v) for n, v in times.items()}
+        res.update({"median_step_ms": {n: 1e3 * m for n, m in med.items()},
+                    "all_step_ms": {n: [1e3 * t for t in v] for n, v in times.items()},
+                    "overhead": {n: med[n] / med["plain"] - 1.0 for n in names if n != "plain"}})
     return res
 
 
@@ -188,6 +188,9 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
               "wrapper (50) ms/step | overhead | bars met |", "|---|---|---|---|---|---|---|---|---|---|"]
     noisy = []
     for r in results:
+        if "median_step_ms" not in r:
+            lines.append(f"| {r['case']} | {r['params'] / 1e6:.2f}M | {r['batch']} | not timed | - | - | - | - | - | - |")
+            continue
         m, o, a = r["median_step_ms"], r["overhead"], r["all_step_ms"]
         ok = "-"
         if gpu and r["case"] == "resnet18":
@@ -224,7 +227,8 @@ def main(argv=None) -> List[Dict[str, Any]]:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=None, help="ResNet-18 batch (default 512 on CUDA, 8 on CPU)")
     ap.add_argument("--block", type=int, default=None, help="steps per timed block (default 100 CUDA, 50 CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15 CUDA, 5 CPU)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved rounds (default 15 CUDA, 5 CPU; 0: count operations only, no timing)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also print a torch.profiler table (device and host time per op) of STEPS steps of "
@@ -257,13 +261,16 @@ def main(argv=None) -> List[Dict[str, Any]]:
     for case in args.cases:
         batch = args.batch or (512 if gpu else 8) if case == "resnet18" else 64
         block = args.block or (100 if gpu else 50)
-        reps = args.repeats or (15 if gpu else 5)
+        reps = (15 if gpu else 5) if args.repeats is None else args.repeats
         if case == "mlp" and not args.block:
             block *= 4
         r = measure(case, device, batch, block, reps, args.warmup, profile=args.profile)
         results.append(r)
-        print(f"{case}: plain {r['median_step_ms']['plain']:.3f} ms/step; " + "; ".join(
-            f"{n} {r['median_step_ms'][n]:.3f} ms/step ({100 * o:+.1f}%)" for n, o in r["overhead"].items()))
+        if "median_step_ms" in r:
+            print(f"{case}: plain {r['median_step_ms']['plain']:.3f} ms/step; " + "; ".join(
+                f"{n} {r['median_step_ms'][n]:.3f} ms/step ({100 * o:+.1f}%)" for n, o in r["overhead"].items()))
+        print(f"{case}: operations per opt.step() (all / not views): " + "; ".join(
+            f"{n} {v['all']:.1f} / {v['not_views']:.1f}" for n, v in r["step_ops"].items()))
         if load0:
             env["load"] = f"{load0} / {_loadavg()}"
         md = to_markdown(results, env, command)  # written after every case: a cut-off run keeps what it measured

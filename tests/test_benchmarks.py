@@ -240,6 +240,18 @@ def test_demo_and_overhead_scripts_run(tmp_path):
                        "--out", str(tmp_path / "ovh")])
     assert set(r[0]["overhead"]) == {"wrapper, interval=epoch", "wrapper, interval=50"}
     assert (tmp_path / "ovh.md").is_file()
+    counted = overhead.main(["--cases", "mlp", "--repeats", "0", "--block", "20", "--warmup", "1", "--device", "cpu",
+                             "--out", str(tmp_path / "ops")])[0]
+    assert "overhead" not in counted and counted["step_ops"]["plain"]["all"] == 3.0
+    assert "not timed" in (tmp_path / "ops.md").read_text()
+
+
+def test_sam_payoff_study_runs(tmp_path):
+    from benchmarks import sam_payoff
+
+    out = sam_payoff.main(["--tasks", "4", "--variant-tasks", "0", "--out", str(tmp_path / "sp")])
+    assert json.loads((tmp_path / "sp.json").read_text())["meta"] == json.loads(json.dumps(out["meta"]))
+    assert "| sam_last - sgd |" in (tmp_path / "sp.md").read_text()
 
 
 def test_quickstart_notebook_executes(tmp_path):
