@@ -101,6 +101,29 @@ def _choice(options: Sequence[Any], g: torch.Generator) -> Any:
     return options[int(torch.randint(len(options), (), generator=g))]
 
 
+def _parse_field(text: str, like: Any) -> Any:
+    """``text`` ("a,b,c") typed like the default value ``like`` (a tuple of options or a number)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not isinstance(like, tuple):
+        if len(parts) != 1:
+            raise ValueError("one value expected")
+        return type(like)(parts[0])
+    kinds = {type(v) for v in like}
+    values = []
+    for t in parts:
+        if int in kinds and t.lstrip("-").isdigit():
+            values.append(int(t))
+        elif float in kinds:
+            values.append(float(t))
+        elif str in kinds:
+            values.append(t)
+        else:
+            values.append(int(t))
+    if not values:
+        raise ValueError("no values")
+    return tuple(values)
+
+
 @dataclass
 class TaskDistribution:
     """What :meth:`sample` draws from (each field: the options, drawn uniformly)."""
@@ -127,9 +150,19 @@ class TaskDistribution:
     """The subset file (None: :func:`fmnist_subset_path`)."""
 
     def __post_init__(self):
-        lo, hi = self.lr_range
-        if not 0.0 < lo <= hi < math.inf:
+        if len(self.lr_range) != 2 or not 0.0 < self.lr_range[0] <= self.lr_range[1] < math.inf:
             raise ValueError(f"Invalid lr_range: {self.lr_range}")
+        for name in ("mlp_width", "mlp_depth", "cnn_width", "cnn_depth", "batch_size", "epochs", "n_train",
+                     "teacher_d_in", "teacher_classes"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"Invalid {name}: {values}")
+        if not isinstance(self.n_val, int) or self.n_val < 1:
+            raise ValueError(f"Invalid n_val: {self.n_val}")
+        if not 0.0 <= self.cnn_share <= 1.0:
+            raise ValueError(f"Invalid cnn_share: {self.cnn_share}")
+        if not self.interval or any(v != "epoch" and (not isinstance(v, int) or v < 1) for v in self.interval):
+            raise ValueError(f"Invalid interval: {self.interval}")
         unknown = set(self.data) - {"teacher", "fmnist"}
         if not self.data or unknown:
             raise ValueError(f"Unknown data sources {sorted(unknown)}; expected 'teacher' and/or 'fmnist'")
@@ -159,6 +192,27 @@ class TaskDistribution:
             d_in=_choice(self.teacher_d_in, g) if data == "teacher" else 196,
             n_classes=_choice(self.teacher_classes, g) if data == "teacher" else 10,
         )
+
+    def with_overrides(self, items: Sequence[str]) -> "TaskDistribution":
+        """A copy with fields set from ``"field=v1,v2,..."`` strings (the command line's ``--task``).
+
+        Option fields take a comma-separated list, typed like their defaults (``interval`` takes
+        ``epoch`` or integers); ``lr_range`` takes ``lo,hi``; ``cnn_share`` and ``n_val`` one number.
+        """
+        known = {f.name for f in dataclasses.fields(self)} - {"fmnist_path"}
+        defaults = type(self)()
+        changes: Dict[str, Any] = {}
+        for item in items:
+            name, sep, text = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in known:
+                raise ValueError(f"Invalid task override {item!r}: expected FIELD=VALUES with FIELD one of "
+                                 f"{sorted(known)}")
+            try:
+                changes[name] = _parse_field(text, getattr(defaults, name))
+            except ValueError as e:
+                raise ValueError(f"Invalid task override {item!r}: {e}") from None
+        return dataclasses.replace(self, **changes)
 
     def mean_decisions(self, n: int = 256, seed: int = 0) -> float:
         g = torch.Generator().manual_seed(seed)

@@ -19,6 +19,8 @@ Command line (the shipped checkpoints' commands are in ``rlopt/pretrained/index.
     python -m rlopt.train_policy --kind switching --choices sgd,sam --algo ppo --episodes 200 \
         --seed 0 --out switch.pt
     python -m rlopt.train_policy --kind lr --episodes 150 --out lr.pt
+    python -m rlopt.train_policy --choices sgd,sam --episodes 300 --task epochs=20,30 \
+        --task label_noise=0.2,0.4 --out long.pt        # any TaskDistribution field
 
 Example:
     >>> from rlopt.train_policy import train_policy
@@ -237,6 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="checkpoint path")
     p.add_argument("--data", default="teacher,fmnist", help="task data sources: teacher and/or fmnist")
+    p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
+                   help="set a TaskDistribution field, e.g. --task epochs=10,20 --task label_noise=0.2,0.4 "
+                   "(repeatable; see rlopt.tasks.TaskDistribution)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keep-buffers", action="store_true", help="keep the replay buffer in the checkpoint")
     p.add_argument("--register", default=None, metavar="DESCRIPTION",
@@ -247,7 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     if not a.quiet and not a.no_progress:
         log.setLevel(logging.WARNING)  # the progress bar shows the running returns
-    dist = TaskDistribution(data=tuple(s for s in a.data.split(",") if s))
+    try:
+        dist = TaskDistribution(data=tuple(s for s in a.data.split(",") if s)).with_overrides(a.task)
+    except ValueError as e:
+        p.error(str(e))
     command = shlex.join(["python", "-m", "rlopt.train_policy", *argv])
     result = train_policy(a.kind, tuple(c for c in a.choices.split(",") if c), a.algo, a.episodes, a.seed, a.out,
                           distribution=dist, progress=not a.no_progress, keep_buffers=a.keep_buffers,

@@ -232,3 +232,25 @@ def test_invalid_arguments():
         train_policy(episodes=0, progress=False)
     with pytest.raises(ValueError, match="data"):
         TaskDistribution(data=("imagenet",))
+
+
+def test_task_overrides_from_the_command_line(tmp_path):
+    dist = TaskDistribution().with_overrides(["epochs=20,30", "label_noise=0.2,0.4", "interval=epoch,8",
+                                              "lr_range=0.02,0.1", "cnn_share=0.7", "n-train=256"])
+    assert (dist.epochs, dist.label_noise, dist.interval) == ((20, 30), (0.2, 0.4), ("epoch", 8))
+    assert (dist.lr_range, dist.cnn_share, dist.n_train) == ((0.02, 0.1), 0.7, (256,))
+    assert dist.mlp_width == TaskDistribution().mlp_width  # the rest stays
+    for bad, match in [("epochs=", "no values"), ("width=3", "FIELD one of"), ("epochs=a", "invalid literal"),
+                       ("epochs=0", "Invalid epochs"), ("cnn_share=0.1,0.2", "one value"),
+                       ("lr_range=0.2,0.1", "Invalid lr_range"), ("interval=soon", "Invalid interval"),
+                       ("label_noise=1.5", "Invalid label_noise")]:
+        with pytest.raises(ValueError, match=match):
+            TaskDistribution().with_overrides([bad])
+    out = tmp_path / "cli.pt"
+    main(["--episodes", "1", "--data", "teacher", "--task", "epochs=2", "--task", "n_train=64", "--out", str(out),
+          "--no-progress", "--quiet", "--threads", "1"])
+    meta = load_policy(out).metadata
+    assert meta["task_distribution"]["epochs"] == [2] and meta["task_distribution"]["n_train"] == [64]
+    assert "--task epochs=2 --task n_train=64" in meta["command"]
+    with pytest.raises(SystemExit):
+        main(["--episodes", "1", "--task", "epochs=0"])
