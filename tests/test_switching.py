@@ -657,7 +657,7 @@ def test_nonfinite_step_is_skipped_counted_and_penalised(choice, kw, mode):
     x, y = make_data()
     model = make_model()
     opt = _build_nonfinite(choice, kw, model, interval=5, max_nonfinite_steps=3,
-                           reward=SwitchingReward(acc=0, loss=0, cost=0, final=0))
+                           reward=SwitchingReward(acc=0, loss=0, cost=0, cost_per_decision=0, final=0))
     is_bad = [False]
     closure = _bad_closure(model, opt, x, y, BAD[mode], lambda: is_bad[0])
     for _ in range(3):
@@ -705,7 +705,7 @@ def test_dqn_policy_sees_the_penalty():
     model = make_model()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"],
                                policy=DQNConfig(learning_starts=100), interval=2, max_nonfinite_steps=None,
-                               reward=SwitchingReward(acc=0, loss=0, cost=0, final=0))
+                               reward=SwitchingReward(acc=0, loss=0, cost=0, cost_per_decision=0, final=0))
     closure = _bad_closure(model, opt, x, y, "loss", lambda: True)
     for _ in range(4):
         opt.step(closure)
@@ -839,3 +839,31 @@ def test_small_model_trains_and_records_decisions(policy, interval):
     assert [h["step"] for h in opt.history] == sorted(h["step"] for h in opt.history)
     if interval == "epoch":
         assert opt.history[1]["signals"]["val_acc"] is not None and not math.isnan(opt.history[1]["signals"]["val_acc"])
+
+
+def test_switching_reward_charges_compute_not_decisions():
+    """SAM over the whole budget costs `cost` however many decisions split it; one point of final
+    accuracy is worth about 2 * acc / 100 = 0.2."""
+    from rlopt.features import Signals
+    from rlopt.rewards import RewardContext
+
+    only_cost = SwitchingReward(acc=0, loss=0, skipped=0, final=0)
+
+    def charge(n, cost=2.0, share=1.0):
+        total, before = 0.0, None
+        for k in range(1, n + 1):
+            now = Signals(cost=cost, progress=share * k / n, steps=10)
+            total += only_cost(RewardContext(now=now, before=before, action="sam", final=k == n))
+            before = now
+        return total
+
+    for n in (1, 7, 30):
+        assert charge(n) == pytest.approx(-0.2)
+        assert charge(n, share=0.3) == pytest.approx(-0.06)  # SAM over 30% of the budget
+        assert charge(n, cost=1.0) == 0.0
+    unknown = RewardContext(now=Signals(cost=2.0), before=None, action="sam", final=False)
+    assert only_cost(unknown) == pytest.approx(-0.05)  # no budget: charged per decision
+    acc_only = SwitchingReward(loss=0, cost=0, skipped=0)
+    first, last = Signals(val_acc=0.50, val_fresh=True), Signals(val_acc=0.51, val_fresh=True)
+    gain = acc_only(RewardContext(now=last, before=first, action="sgd", final=True)) - 10 * 0.50
+    assert gain == pytest.approx(0.2)  # +1 point: 0.1 from the gain, 0.1 from the final bonus
