@@ -41,8 +41,15 @@ Needs numpy and torch only (the t quantiles come from ``benchmarks/table.py``'s 
 correlation is computed here).
 
 ``--variant-tasks`` also runs a variant distribution (longer budgets, more label noise;
-``--variant-epochs``, ``--variant-noise``). Results: ``benchmarks/results/sam_payoff.md`` and
-``.json`` (one row per task). Runs on the CPU with one thread.
+``--variant-epochs``, ``--variant-noise``; any other ``TaskDistribution`` field with a repeatable
+``--variant-set FIELD=VALUES``, comma-separated values parsed into the field's type, e.g.
+``--variant-set mlp_width=128,256 --variant-set data=fmnist``; ``--tasks 0`` skips the default
+distribution). Results: ``benchmarks/results/sam_payoff.md`` and ``.json`` (one row per task).
+Runs on the CPU with one thread.
+
+``python -m benchmarks.sam_payoff --tasks 0 --variant-tasks 80 --variant-name overfit --variant-epochs 30
+--variant-noise 0.2,0.4 --variant-set n_train=256,512 --variant-set mlp_width=128,256 --out
+benchmarks/results/sam_payoff_overfit``: a variant in the overfitting regime alone.
 """
 from __future__ import annotations
 
@@ -56,7 +63,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -73,7 +80,7 @@ CHOICES = ("sgd", "sam")
 ARMS = ("sgd", "sam", "sam_last", "sam_last_separate", "sgd_reorder")
 SWITCH_ARMS = ("sam_last", "sam_last_separate")
 COMPARISONS = (("sam", "sgd"), ("sam_last", "sgd"), ("sam_last_separate", "sgd"), ("sam_last", "sam_last_separate"),
-               ("sgd_reorder", "sgd"))
+               ("sgd_reorder", "sgd"), ("sam", "sgd_reorder"), ("sam_last", "sgd_reorder"))
 BY_FACTOR = (("sam", "sgd"), ("sam_last", "sgd"), ("sam_last", "sam_last_separate"), ("sgd_reorder", "sgd"))
 REORDER_OFFSET = 1_000_003  # batch-order seed of sgd_reorder: task seed + this
 
@@ -249,6 +256,7 @@ def factor_values(rows, lr_edges) -> Dict[str, List[str]]:
         "label_noise": [f"{x['label_noise']:.2f}" for x in c],
         "data": [x["data"] for x in c],
         "model": [x["model"] for x in c],
+        "width": [f"{x['model']} {x['width']}" for x in c],
         "epochs": [str(x["epochs"]) for x in c],
         "lr": [lr_bin(x["lr"], lr_edges) for x in c],
         "n_train": [str(x["n_train"]) for x in c],
@@ -376,6 +384,40 @@ def analyse(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ running
+def parse_field(tp: Any, text: str) -> Any:
+    """``text`` as a value of the type annotation ``tp`` (``Tuple[int, ...]``: "128,256";
+    ``Tuple[float, float]``: "0.01,0.2"; ``Union[str, int]``: an int where it parses as one)."""
+    if get_origin(tp) is tuple:
+        args, items = get_args(tp), text.split(",")
+        types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(types) != len(items):
+            raise ValueError(f"expected {len(types)} comma-separated values, got {text!r}")
+        return tuple(parse_field(t, x.strip()) for t, x in zip(types, items))
+    if get_origin(tp) is Union:
+        if type(None) in get_args(tp) and text.lower() == "none":
+            return None
+        for t in sorted((t for t in get_args(tp) if t is not type(None)), key=lambda t: t is str):
+            try:
+                return parse_field(t, text)
+            except ValueError:
+                pass
+        raise ValueError(f"cannot parse {text!r} as {tp}")
+    return tp(text)
+
+
+def variant_settings(epochs: str, noise: str, sets: Sequence[str]) -> Dict[str, Any]:
+    """The variant's ``TaskDistribution`` fields: ``--variant-epochs``/``--variant-noise``, then
+    every ``--variant-set FIELD=VALUES`` (a later setting of a field wins)."""
+    types = get_type_hints(TaskDistribution)
+    texts = {"epochs": epochs, "label_noise": noise}
+    for item in sets:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in types:
+            raise SystemExit(f"--variant-set {item!r}: expected FIELD=VALUES with FIELD one of {sorted(types)}")
+        texts[name.strip()] = value.strip()
+    return {k: parse_field(types[k], v) for k, v in texts.items()}
+
+
 def run_distribution(name: str, dist: TaskDistribution, n_tasks: int, seed: int, last_fraction: float,
                      log_every: int = 20) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
@@ -430,9 +472,9 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         s = res["summary"]
         dd = res["distribution"]
         L += [f"## Distribution `{res['name']}` ({s['tasks']} tasks, {res['wall_s']:.0f} s)", "",
-              f"`TaskDistribution` fields: epochs {dd['epochs']}, label_noise {dd['label_noise']}, lr_range "
-              f"{dd['lr_range']}, n_train {dd['n_train']}, batch_size {dd['batch_size']}, interval {dd['interval']}, "
-              f"data {dd['data']} (fmnist available: {dd['fmnist_available']}).", "",
+              "`TaskDistribution` fields: " + ", ".join(f"{k} {v}" for k, v in dd.items()
+                                                        if k not in ("note", "fmnist_path", "fmnist_available"))
+              + f" (fmnist available: {dd['fmnist_available']}).", "",
               "| arm | mean val acc (%) | mean train acc (%, noisy labels) | mean return | SAM share of steps | "
               "diverged | CPU s (all tasks) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -448,7 +490,8 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
                   f"{s['prefix_identical']['sam_last_separate']}/{s['tasks']} the `sam_last_separate` run's training "
                   "losses before the switch equal the `sgd` run's exactly. `share_momentum` as run: "
                   + ", ".join(f"`{a}` {'/'.join(str(v) for v in s['share_momentum'][a])}" for a in ARMS) + ".", "",
-              "Paired differences (the `sgd_reorder - sgd` row is the noise of one comparison; `sam_last - sgd` is SAM's "
+              "Paired differences (the `sgd_reorder - sgd` row is the noise of one comparison, and the `- sgd_reorder` rows "
+              "compare against that second SGD run, a check on the luck of the first; `sam_last - sgd` is SAM's "
               "own effect in the last 30% with the momentum buffer carried on at the switch; `sam_last - "
               "sam_last_separate` is what sharing the buffer changes against restarting SAM's from zero):", "",
               "| comparison | acc diff, mean [95% CI] (pt) | median | wins > 1 pt | losses > 1 pt | within 1 pt | "
@@ -515,6 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--variant-tasks", type=int, default=100, help="tasks of the variant distribution (0: skip)")
     ap.add_argument("--variant-epochs", default="10,15,20", help="variant: epochs options")
     ap.add_argument("--variant-noise", default="0.2,0.4", help="variant: label_noise options")
+    ap.add_argument("--variant-set", action="append", default=[], metavar="FIELD=VALUES",
+                    help="variant: set any TaskDistribution field (comma-separated values; repeatable)")
+    ap.add_argument("--variant-name", default="long-noisy", help="variant: name in the report")
     ap.add_argument("--seed", type=int, default=0, help="task sampler seed, as train_policy --seed")
     ap.add_argument("--last-fraction", type=float, default=0.3, help="sam_last: SAM for this fraction of the epochs")
     ap.add_argument("--threads", type=int, default=1)
@@ -538,9 +584,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     start = time.perf_counter()
     plan = [("default", TaskDistribution(), a.tasks)]
     if a.variant_tasks > 0:
-        variant = TaskDistribution(epochs=tuple(int(x) for x in a.variant_epochs.split(",")),
-                                   label_noise=tuple(float(x) for x in a.variant_noise.split(",")))
-        plan.append((f"long-noisy (epochs {a.variant_epochs}, label_noise {a.variant_noise})", variant, a.variant_tasks))
+        settings = variant_settings(a.variant_epochs, a.variant_noise, a.variant_set)
+        variant = TaskDistribution(**settings)
+        described = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items())
+        plan.append((f"{a.variant_name} ({described})", variant, a.variant_tasks))
     results = [run_distribution(name, dist, n, a.seed, a.last_fraction) for name, dist, n in plan if n > 0]
     meta = {
         "command": shlex.join(["python", "-m", "benchmarks.sam_payoff", *argv]),
