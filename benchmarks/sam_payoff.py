@@ -42,14 +42,15 @@ correlation is computed here).
 
 ``--variant-tasks`` also runs a variant distribution (longer budgets, more label noise;
 ``--variant-epochs``, ``--variant-noise``; any other ``TaskDistribution`` field with a repeatable
-``--variant-set FIELD=VALUES``, comma-separated values parsed into the field's type, e.g.
+``--variant-set FIELD=VALUES`` as ``train_policy --task`` (``TaskDistribution.with_overrides``), e.g.
 ``--variant-set mlp_width=128,256 --variant-set data=fmnist``; ``--tasks 0`` skips the default
 distribution). Results: ``benchmarks/results/sam_payoff.md`` and ``.json`` (one row per task).
 Runs on the CPU with one thread.
 
-``python -m benchmarks.sam_payoff --tasks 0 --variant-tasks 80 --variant-name overfit --variant-epochs 30
---variant-noise 0.2,0.4 --variant-set n_train=256,512 --variant-set mlp_width=128,256 --out
-benchmarks/results/sam_payoff_overfit``: a variant in the overfitting regime alone.
+``python -m benchmarks.sam_payoff --tasks 0 --variant-tasks 100 --variant-name overfit-mlp --variant-epochs
+20,30,40 --variant-noise 0.2,0.4 --variant-set n_train=512,1024 --variant-set n_val=1024 --variant-set
+mlp_width=128,256 --variant-set cnn_share=0 --variant-set batch_size=32,64 --out
+benchmarks/results/sam_payoff_overfit_mlp``: a variant in the overfitting regime alone (about 8 min).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -384,40 +385,6 @@ def analyse(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ running
-def parse_field(tp: Any, text: str) -> Any:
-    """``text`` as a value of the type annotation ``tp`` (``Tuple[int, ...]``: "128,256";
-    ``Tuple[float, float]``: "0.01,0.2"; ``Union[str, int]``: an int where it parses as one)."""
-    if get_origin(tp) is tuple:
-        args, items = get_args(tp), text.split(",")
-        types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(types) != len(items):
-            raise ValueError(f"expected {len(types)} comma-separated values, got {text!r}")
-        return tuple(parse_field(t, x.strip()) for t, x in zip(types, items))
-    if get_origin(tp) is Union:
-        if type(None) in get_args(tp) and text.lower() == "none":
-            return None
-        for t in sorted((t for t in get_args(tp) if t is not type(None)), key=lambda t: t is str):
-            try:
-                return parse_field(t, text)
-            except ValueError:
-                pass
-        raise ValueError(f"cannot parse {text!r} as {tp}")
-    return tp(text)
-
-
-def variant_settings(epochs: str, noise: str, sets: Sequence[str]) -> Dict[str, Any]:
-    """The variant's ``TaskDistribution`` fields: ``--variant-epochs``/``--variant-noise``, then
-    every ``--variant-set FIELD=VALUES`` (a later setting of a field wins)."""
-    types = get_type_hints(TaskDistribution)
-    texts = {"epochs": epochs, "label_noise": noise}
-    for item in sets:
-        name, sep, value = item.partition("=")
-        if not sep or name.strip() not in types:
-            raise SystemExit(f"--variant-set {item!r}: expected FIELD=VALUES with FIELD one of {sorted(types)}")
-        texts[name.strip()] = value.strip()
-    return {k: parse_field(types[k], v) for k, v in texts.items()}
-
-
 def run_distribution(name: str, dist: TaskDistribution, n_tasks: int, seed: int, last_fraction: float,
                      log_every: int = 20) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
@@ -559,7 +526,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--variant-epochs", default="10,15,20", help="variant: epochs options")
     ap.add_argument("--variant-noise", default="0.2,0.4", help="variant: label_noise options")
     ap.add_argument("--variant-set", action="append", default=[], metavar="FIELD=VALUES",
-                    help="variant: set any TaskDistribution field (comma-separated values; repeatable)")
+                    help="variant: set a TaskDistribution field as train_policy --task does "
+                         "(TaskDistribution.with_overrides; repeatable)")
     ap.add_argument("--variant-name", default="long-noisy", help="variant: name in the report")
     ap.add_argument("--seed", type=int, default=0, help="task sampler seed, as train_policy --seed")
     ap.add_argument("--last-fraction", type=float, default=0.3, help="sam_last: SAM for this fraction of the epochs")
@@ -584,10 +552,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     start = time.perf_counter()
     plan = [("default", TaskDistribution(), a.tasks)]
     if a.variant_tasks > 0:
-        settings = variant_settings(a.variant_epochs, a.variant_noise, a.variant_set)
-        variant = TaskDistribution(**settings)
-        described = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items())
-        plan.append((f"{a.variant_name} ({described})", variant, a.variant_tasks))
+        settings = [f"epochs={a.variant_epochs}", f"label_noise={a.variant_noise}", *a.variant_set]
+        try:
+            variant = TaskDistribution().with_overrides(settings)  # a later setting of a field wins
+        except ValueError as err:
+            ap.error(str(err))
+        plan.append((f"{a.variant_name} ({', '.join(settings)})", variant, a.variant_tasks))
     results = [run_distribution(name, dist, n, a.seed, a.last_fraction) for name, dist, n in plan if n > 0]
     meta = {
         "command": shlex.join(["python", "-m", "benchmarks.sam_payoff", *argv]),
