@@ -105,7 +105,8 @@ def _inner_step(opt: Optimizer) -> None:
     """
     step = type(opt).step
     raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    if raw is None:
+    if raw is None or "step" in opt.__dict__ or getattr(opt, "_optimizer_step_pre_hooks", None) or \
+            getattr(opt, "_optimizer_step_post_hooks", None):  # patched or hooked: the full call
         opt.step()
     else:
         raw(opt)
@@ -411,6 +412,18 @@ class RLControlledOptimizer(Optimizer):
             return min(1.0, ctl["epoch"] / self.total_epochs)
         return math.nan
 
+    def _budget_share(self, steps: int) -> float:
+        """The share of the whole budget that ``steps`` steps of this interval were (NaN: unknown)."""
+        ctl = self._ctl
+        if self.total_steps is not None:
+            return steps / self.total_steps
+        if self.total_epochs is not None:
+            if self.interval == "epoch":
+                return 1.0 / self.total_epochs if steps else 0.0
+            if ctl["steps_per_epoch"] > 0:
+                return steps / (ctl["steps_per_epoch"] * self.total_epochs)
+        return math.nan
+
     def _decide(self, final: bool = False) -> None:
         ctl = self._ctl
         summary = self.tracker.summary()
@@ -423,7 +436,8 @@ class RLControlledOptimizer(Optimizer):
             val_loss=self._val.get("val_loss", math.nan), val_acc=self._val.get("val_acc", math.nan),
             steps=ctl["interval_steps"], skipped=summary["skipped"],
             cost=ctl["interval_cost"] / ctl["interval_steps"] / cheapest if ctl["interval_steps"] else math.nan,
-            progress=self._progress(), val_fresh=bool(ctl.get("val_fresh", False)),
+            progress=self._progress(), budget_share=self._budget_share(ctl["interval_steps"]),
+            val_fresh=bool(ctl.get("val_fresh", False)),
         )
         ctl["val_fresh"] = False
         obs = self.observer.build(signals, ctl["action"], max(s.cost for s in self._specs) / cheapest,
@@ -504,7 +518,8 @@ class RLControlledOptimizer(Optimizer):
                 f"{rl['choices']}; this one is {self.kind} over {list(self._action_names)} and "
                 f"{[s.name for s in self._specs]}"
             )
-        if rl["tracker"].get("version") != SignalTracker.STATE_VERSION:
+        tracker_version = rl["tracker"].get("version")
+        if tracker_version != SignalTracker.STATE_VERSION and tracker_version not in SignalTracker.MIGRATES:
             raise ValueError(f"The signal tracker state is of version {rl['tracker'].get('version', 1)}; this "
                              f"rlopt reads version {SignalTracker.STATE_VERSION} (the checkpoint was saved by an "
                              "older release)")
@@ -518,16 +533,24 @@ class RLControlledOptimizer(Optimizer):
             if len(sd["param_groups"]) != len(inner.param_groups) or any(
                     len(a["params"]) != len(b["params"]) for a, b in zip(sd["param_groups"], inner.param_groups)):
                 raise ValueError("An inner optimizer's state does not match this optimizer's parameter groups")
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         if rl.get("share_momentum", False) != self.share_momentum and len(self._momentum_family()) > 1:
             warnings.warn(
                 f"The checkpoint was saved with share_momentum={rl.get('share_momentum', False)} and this "
                 f"optimizer has share_momentum={self.share_momentum}: "
                 + ("the SGD-family choices now share the first one's momentum buffers" if self.share_momentum
-                   else "each SGD-family choice starts from the shared buffers"), RuntimeWarning, stacklevel=2)
+                   else "each SGD-family choice starts from a copy of the shared buffers"), RuntimeWarning,
+                stacklevel=2)
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for inner, sd in zip(self._inner, rl["inner"]):
             inner.load_state_dict(sd)
         self._link_momentum()  # loading gave each inner optimizer its own state again
+        if not self.share_momentum:  # loading keeps tensors that were one: give each its own copy
+            for i in self._momentum_family()[1:]:
+                target = getattr(self._inner[i], "base_optimizer", self._inner[i])
+                for st in target.state.values():
+                    for k, v in st.items():
+                        if torch.is_tensor(v):
+                            st[k] = v.clone()
         self.policy.load_state_dict(saved["state"])
         device = self._params[0].device if self._params else torch.device("cpu")
         self.tracker.load_state_dict(rl["tracker"], device)

@@ -64,6 +64,7 @@ class Signals:
     skipped: int = 0
     cost: float = math.nan  # mean gradient evaluations per step, relative to the cheapest choice
     progress: float = math.nan
+    budget_share: float = math.nan  # the interval's share of the whole budget, when the budget is known
     val_fresh: bool = False  # validation metrics were given during this interval
 
     @property
@@ -120,6 +121,7 @@ class SignalTracker:
     # previous sample's norm and flag. NaN where a row holds no such entry.
     _S_NORM, _S_FLAG, _C_NORM, _C_DOT, _C_SIGN, _C_FLAG, _C_PNORM, _C_PFLAG = range(8)
     STATE_VERSION = 3
+    MIGRATES = (2,)  # older state versions that load_state_dict converts
     DEFAULT_FOLD_EVERY = 32
     PROBE_ROWS = 16
 
@@ -143,7 +145,8 @@ class SignalTracker:
         self._snap_ids: Optional[tuple] = None
         self._snap_stats: Optional[torch.Tensor] = None  # [norm, flag] of the last sample
         self._snap_step = -2
-        self._poll = None  # (pinned host tensor, event, copy in flight) for lagged reads on CUDA
+        self._poll = None  # [pinned host tensor, event, copy in flight, folds copied] for lagged reads on CUDA
+        self._folds = 0
         self._host_run: Optional[List[int]] = None  # CPU: [current run, longest, window steps seen]
         self._unfused = set()  # (device type, dtype) without GradScaler's kernel
 
@@ -252,19 +255,19 @@ class SignalTracker:
         ids = tuple(i for i, p in enumerate(params) if p.grad is not None)
         if not ids:
             return
-        compare = compare and ids == self._snap_ids
+        compare = compare and self._snap is not None and ids == self._snap_ids  # (None: a retried step)
         if not (sample or compare):
             return
         if self._nrows == len(self._row_views):
             self._fold_rows()
         row = self._row_views[self._nrows]
         self._nrows += 1
-        flat = self._flat(params, ids)
+        flat = self._flat(params, ids, own=sample)
         if compare:
             prev = self._snap
             torch.linalg.vector_norm(flat, out=row[self._C_NORM])
             torch.dot(flat, prev, out=row[self._C_DOT])
-            torch.dot(torch.sign(flat), torch.sign(prev).mul_(1.0 / flat.numel()), out=row[self._C_SIGN])
+            torch.mean(torch.sign(flat).mul_(torch.sign(prev)), 0, out=row[self._C_SIGN])
             row[self._C_FLAG].copy_(flag)
             self._rows[self._nrows - 1, self._C_PNORM:].copy_(self._snap_stats)
             self._snap = None
@@ -308,6 +311,7 @@ class SignalTracker:
             self._win.copy_(self._reset)
         self._pending = 0
         self._host_run = None
+        self._folds += 1
 
     def _fold_rows(self) -> None:
         """Add the probe rows to the interval's gradient sums."""
@@ -326,14 +330,18 @@ class SignalTracker:
             self._rows[:k].fill_(math.nan)
         self._nrows = 0
 
-    def _flat(self, params, ids) -> torch.Tensor:
-        """The gradients of ``params[ids]`` as one float32 vector on the tracker's device."""
+    def _flat(self, params, ids, own: bool = False) -> torch.Tensor:
+        """The gradients of ``params[ids]`` as one float32 vector on the tracker's device; with
+        ``own``, never a view of a gradient (a kept snapshot must not change with it)."""
         grads = [params[i].grad for i in ids]
         try:  # one C++ call (flatten and concatenate), the common case: one device, one dtype
             flat = torch._utils._flatten_dense_tensors(grads)
         except RuntimeError:  # several devices
             flat = torch.cat([g.reshape(-1).to(self.acc.device, torch.float32) for g in grads])
-        return flat.to(self.acc.device, torch.float32)
+        flat = flat.to(self.acc.device, torch.float32)
+        if own and len(grads) == 1 and flat.data_ptr() == grads[0].data_ptr():  # one gradient: a view
+            flat = flat.clone()
+        return flat
 
     # -------------------------------------------------------------- reads
     def summary(self) -> Dict[str, float]:
@@ -383,16 +391,18 @@ class SignalTracker:
         if kind != "cuda":
             return None
         if self._poll is None:
-            self._poll = [torch.empty(1, dtype=self.run.dtype, pin_memory=True), torch.cuda.Event(), False]
-        host, event, in_flight = self._poll
+            self._poll = [torch.empty(1, dtype=self.run.dtype, pin_memory=True), torch.cuda.Event(), False, -1]
+        host, event, in_flight, copied = self._poll
         value = None
         if in_flight and event.query():
             value = int(host[0])
             self._poll[2] = in_flight = False
-        if not in_flight and self._pending == 0:  # just folded: fetch the new value
-            host.copy_(self.run[1:2], non_blocking=True)
-            event.record()
-            self._poll[2] = True
+        if not in_flight and copied != self._folds:  # folded since the last copy: fetch the new value
+            stream = torch.cuda.current_stream(self.run.device)
+            with torch.cuda.stream(stream):
+                host.copy_(self.run[1:2], non_blocking=True)
+            event.record(stream)
+            self._poll[2:] = [True, self._folds]
         return value
 
     # -------------------------------------------------------------- state
@@ -410,7 +420,27 @@ class SignalTracker:
             "snapshot_ids": list(self._snap_ids) if pending else None,
         }
 
+    @staticmethod
+    def _migrate(state: Dict[str, Any]) -> Dict[str, Any]:
+        """A version-2 state (rlopt before the per-step rewrite) in this version's layout."""
+        if state.get("version") != 2:
+            return state
+        state = dict(state, version=3)
+        window = state["window"]
+        if window is not None:  # rows loss, flag, loss given -> loss (NaN: none given), flag
+            loss = torch.where(window[2] != 0, window[0], torch.full_like(window[0], math.nan))
+            state["window"] = torch.stack([loss, window[1]])
+        state["probe_rows"] = None if state["acc"] is None else torch.zeros(0, 8)
+        if state.get("snapshot") is not None:
+            ok = torch.as_tensor(state.pop("snapshot_ok"), dtype=torch.float32)
+            norm = torch.as_tensor(state.pop("snapshot_norm"), dtype=torch.float32)
+            state["snapshot_stats"] = torch.stack([norm.reshape(()), 1.0 - ok.reshape(())])
+        else:
+            state["snapshot_stats"] = None
+        return state
+
     def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
+        state = self._migrate(state)
         if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"Signal tracker state of version {state.get('version', 1)} cannot be loaded by "
                              f"this rlopt (version {self.STATE_VERSION}); it was saved by an older release")
@@ -419,6 +449,7 @@ class SignalTracker:
         self._fold_arg = None if state["fold_every"] is None else int(state["fold_every"])
         self.fold_every = self._fold_arg or self.DEFAULT_FOLD_EVERY
         self._poll = self._host_run = None
+        self._folds = 0
         self._snap, self._snap_ids, self._snap_step = None, None, -2
         if state["acc"] is None:
             self.acc = self.run = self._win = self._rows = None

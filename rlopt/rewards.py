@@ -70,9 +70,8 @@ class SwitchingReward:
             elif _finite(now.loss, before.loss) and now.loss > 0 and before.loss > 0:
                 r += self.loss * math.log(before.loss / now.loss)
         if _finite(now.cost):
-            start = before.progress if before is not None else 0.0
-            if _finite(now.progress, start):
-                r -= self.cost * (now.cost - 1.0) * max(0.0, now.progress - start)
+            if _finite(now.budget_share):
+                r -= self.cost * (now.cost - 1.0) * now.budget_share
             else:
                 r -= self.cost_per_decision * (now.cost - 1.0)
         r -= self.skipped * now.skipped_frac

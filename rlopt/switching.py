@@ -54,7 +54,8 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
         max_nonfinite_steps: raise after this many consecutive steps with a non-finite loss or
             gradient (each is skipped and penalised); None never raises. On a GPU the count is
             read without waiting for the device, so the error may come up to about 35 steps late
-            (the count is folded every 32 steps); on the CPU it comes at the step that completes the run.
+            (the count is folded every 32 steps); on the CPU it comes at the step that completes the run;
+            on other devices (MPS) at the next decision.
         signal_every: sample the gradient norm and alignment every this many steps (None: 10, or
             interval // 2 when deciding every ``interval`` < 20 steps, so every interval holds samples).
         share_momentum: the SGD-family choices (``sgd``, and ``sam`` over SGD) share one momentum

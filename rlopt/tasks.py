@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,10 @@ def _choice(options: Sequence[Any], g: torch.Generator) -> Any:
     return options[int(torch.randint(len(options), (), generator=g))]
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _parse_field(text: str, like: Any) -> Any:
     """``text`` ("a,b,c") typed like the default value ``like`` (a tuple of options or a number)."""
     parts = [t.strip() for t in text.split(",") if t.strip()]
@@ -152,12 +157,13 @@ class TaskDistribution:
     def __post_init__(self):
         if len(self.lr_range) != 2 or not 0.0 < self.lr_range[0] <= self.lr_range[1] < math.inf:
             raise ValueError(f"Invalid lr_range: {self.lr_range}")
+        smallest = {"mlp_depth": 0, "teacher_classes": 2}  # 0 hidden layers: a linear model
         for name in ("mlp_width", "mlp_depth", "cnn_width", "cnn_depth", "batch_size", "epochs", "n_train",
                      "teacher_d_in", "teacher_classes"):
             values = getattr(self, name)
-            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+            if not values or any(not _is_int(v) or v < smallest.get(name, 1) for v in values):
                 raise ValueError(f"Invalid {name}: {values}")
-        if not isinstance(self.n_val, int) or self.n_val < 1:
+        if not _is_int(self.n_val) or self.n_val < 1:
             raise ValueError(f"Invalid n_val: {self.n_val}")
         if not 0.0 <= self.cnn_share <= 1.0:
             raise ValueError(f"Invalid cnn_share: {self.cnn_share}")

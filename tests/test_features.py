@@ -244,6 +244,35 @@ def test_tracker_state_round_trip_keeps_pending_snapshot_and_window(fold_every):
     assert t1.summary() == t2.summary()
 
 
+def test_version_2_tracker_state_is_migrated():
+    """A state saved by rlopt before the per-step rewrite: loss window with a 'loss given' row,
+    snapshot norm and ok flag; it resumes with the same sums."""
+    ps = _params()
+    v2 = {"version": 2, "signal_every": 1, "fold_every": 4, "steps": 2,
+          "window": torch.tensor([[2.0, 9.0], [0.0, 0.0], [1.0, 0.0]]),  # step 2 had no loss
+          "acc": torch.zeros(8, dtype=torch.float64), "run": torch.zeros(2, dtype=torch.float64),
+          "snapshot": torch.tensor(G1), "snapshot_norm": torch.tensor(math.sqrt(6)),
+          "snapshot_ids": [0, 1], "snapshot_ok": torch.tensor(True)}
+    tracker = SignalTracker()
+    tracker.load_state_dict(v2, torch.device("cpu"))
+    _set(ps, G2)
+    _record(tracker, ps, 4.0)
+    s = tracker.summary()
+    assert s["loss"] == pytest.approx(3.0)  # (2 + 4) / 2: the step without a loss is not averaged
+    assert s["grad_cosine"] == pytest.approx(_cos(G1, G2), rel=1e-6)
+
+
+def test_snapshot_of_a_single_gradient_is_a_copy():
+    tracker = SignalTracker(signal_every=2)
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor(G1)
+    _record(tracker, [p], 1.0)
+    p.grad.mul_(-3.0)  # changed in place, as SAM's ascent step does
+    p.grad = torch.tensor(G2)
+    _record(tracker, [p], 1.0)
+    assert tracker.summary()["grad_cosine"] == pytest.approx(_cos(G1, G2), rel=1e-6)
+
+
 def test_old_tracker_state_is_refused():
     with pytest.raises(ValueError, match="older release"):
         SignalTracker().load_state_dict({"signal_every": 10, "steps": 0, "acc": None}, torch.device("cpu"))

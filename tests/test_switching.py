@@ -852,7 +852,7 @@ def test_switching_reward_charges_compute_not_decisions():
     def charge(n, cost=2.0, share=1.0):
         total, before = 0.0, None
         for k in range(1, n + 1):
-            now = Signals(cost=cost, progress=share * k / n, steps=10)
+            now = Signals(cost=cost, progress=share * k / n, budget_share=share / n, steps=10)
             total += only_cost(RewardContext(now=now, before=before, action="sam", final=k == n))
             before = now
         return total
@@ -867,3 +867,74 @@ def test_switching_reward_charges_compute_not_decisions():
     first, last = Signals(val_acc=0.50, val_fresh=True), Signals(val_acc=0.51, val_fresh=True)
     gain = acc_only(RewardContext(now=last, before=first, action="sgd", final=True)) - 10 * 0.50
     assert gain == pytest.approx(0.2)  # +1 point: 0.1 from the gain, 0.1 from the final bonus
+
+
+@pytest.mark.parametrize("budget", [dict(total_steps=30), dict(total_epochs=3)])
+def test_cost_share_of_the_budget_as_the_optimizer_reports_it(budget):
+    """SAM for one interval of 5 steps in a 30-step budget is charged 5/30 of `cost`; with only
+    total_epochs the share is known once an epoch has been counted (per decision before that)."""
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=Scripted([1, 0, 0, 1, 0, 0, 0]),
+                               interval=5, lr=0.1, **budget)
+    for k in range(30):
+        opt.step(make_closure(model, opt, x, y))
+        if (k + 1) % 10 == 0:
+            opt.epoch_end(val_loss=1.0, val_acc=0.5)
+    shares = [h["signals"]["budget_share"] for h in opt.history[1:]]
+    if "total_steps" in budget:
+        assert shares[:6] == pytest.approx([5 / 30] * 6)
+    else:  # steps per epoch unknown until the first epoch ends
+        assert all(math.isnan(v) for v in shares[:2]) and shares[2:6] == pytest.approx([5 / 30] * 4)
+
+
+def test_a_step_that_raises_after_the_gradient_comparison_can_be_retried():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sam", "sgd"], policy="constant:sam", signal_every=2)
+    fail = [False]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if fail[0] and calls[0] % 2 == 0:  # SAM's second evaluation
+            fail[0] = False
+            raise RuntimeError("out of memory (simulated)")
+        return loss
+
+    opt.step(closure)
+    fail[0] = True
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step(closure)
+    for _ in range(3):
+        opt.step(closure)
+    opt.epoch_end(val_loss=1.0, val_acc=0.5)
+    assert opt.history[-1]["signals"]["steps"] == 4
+
+
+def test_separate_momentum_after_loading_a_shared_checkpoint_is_really_separate():
+    x, y = make_data()
+    model = make_model()
+    shared = _sgd_sam(model, [0])
+    shared.step(make_closure(model, shared, x, y))
+    opt = _sgd_sam(model, [0], share_momentum=False)
+    with pytest.warns(RuntimeWarning, match="share_momentum=True"):
+        opt.load_state_dict(roundtrip(shared.state_dict()))
+    sgd, sam = opt.inner_optimizers["sgd"], opt.inner_optimizers["sam"].base_optimizer
+    sam_before = [sam.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.step(make_closure(model, opt, x, y))  # an SGD step
+    assert all(torch.equal(sam.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), sam_before))
+    assert not all(torch.equal(sgd.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), sam_before))
+
+
+def test_hooks_registered_on_an_inner_optimizer_still_run():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd")
+    calls = []
+    opt.inner_optimizers["sgd"].register_step_post_hook(lambda o, args, kwargs: calls.append(1))
+    opt.step(make_closure(model, opt, x, y))
+    assert calls == [1]
