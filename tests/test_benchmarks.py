@@ -293,3 +293,22 @@ def test_policy_probe_on_logged_decisions(tmp_path, name):
     else:
         q = torch.stack([policy.q_values(torch.tensor(o)) for o in obs])
         assert shares == pytest.approx([(q.argmax(1) == i).float().mean().item() for i in range(q.shape[1])])
+
+
+def test_policy_probe_by_feature(tmp_path):
+    import rlopt
+    from benchmarks.policy_probe import main as probe_main
+
+    policy = rlopt.load_policy("switch-sgd-sam")
+    names = policy.obs_layout["names"]
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.rand(12, len(names), generator=gen) * 2 - 1
+    log = tmp_path / "run.json"
+    log.write_text(json.dumps({"decisions": [{"observation": o} for o in obs.tolist()]}))
+    by = probe_main(["switch-sgd-sam", str(log), "--by", "progress", "sam"])["by"]
+    assert sum(b["decisions"] for b in by["bins"]) == 12
+    p_sam = torch.stack([policy.probabilities(o) for o in obs])[:, 1]
+    x = obs[:, names.index("progress")]
+    assert by["correlation"] == pytest.approx(float(torch.corrcoef(torch.stack([x, p_sam]))[0, 1]), abs=1e-5)
+    with pytest.raises(ValueError, match="Unknown feature"):
+        probe_main(["switch-sgd-sam", str(log), "--by", "speed", "sam"])
