@@ -124,6 +124,9 @@ class TrainConfig:
     """RL methods: decide at each epoch end ("epoch") or every N steps."""
     policy_train: bool = True
     """RL methods: the policy learns online during the run."""
+    pretrained: Optional[str] = None
+    """pre-sgd-sam, pre-sgd-sam-adam, lr-dqn: the frozen policy to use (a shipped name or a checkpoint
+    path; None: the method's shipped policy). Give such runs a --tag: the run name does not include it."""
     sam_share: float = 0.5
     """random-sgd-sam: probability of choosing SAM at each decision."""
     sam_every: int = 2
@@ -247,15 +250,17 @@ class _Stepper:
         elif m in ("lr-dqn", "lr-dqn-online"):
             self.opt = self.rl = QLearningRateOptimizer(
                 params, base=("sgd", {"nesterov": True}), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                momentum=cfg.momentum, control=("lr",), policy="lr-dqn" if m == "lr-dqn" else "dqn",
+                momentum=cfg.momentum, control=("lr",),
+                policy=(cfg.pretrained or "lr-dqn") if m == "lr-dqn" else "dqn",
                 interval=cfg.interval, seed=cfg.seed, total_epochs=cfg.epochs,
                 total_steps=cfg.epochs * steps_per_epoch, train_policy=None if m in _FROZEN else cfg.policy_train)
         else:
             sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
             choices: Dict[str, Dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
             policy: Any = {"dqn-sgd-sam": "dqn", "ppo-sgd-sam": "ppo", "ppo-sgd-sam-adamw": "ppo",
-                           "ppo-sgd-sam-adam": "ppo", "const-sgd": "constant:sgd", "pre-sgd-sam": "switch-sgd-sam",
-                           "pre-sgd-sam-adam": "switch-sgd-sam-adam",
+                           "ppo-sgd-sam-adam": "ppo", "const-sgd": "constant:sgd",
+                           "pre-sgd-sam": cfg.pretrained or "switch-sgd-sam",
+                           "pre-sgd-sam-adam": cfg.pretrained or "switch-sgd-sam-adam",
                            "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share))}[m]
             if m == "const-sgd":
                 choices = {"sgd": sgd}

@@ -312,3 +312,21 @@ def test_policy_probe_by_feature(tmp_path):
     assert by["correlation"] == pytest.approx(float(torch.corrcoef(torch.stack([x, p_sam]))[0, 1]), abs=1e-5)
     with pytest.raises(ValueError, match="Unknown feature"):
         probe_main(["switch-sgd-sam", str(log), "--by", "speed", "sam"])
+
+
+def test_pre_methods_take_a_checkpoint_path(tmp_path):
+    from benchmarks.train import TrainConfig, _Stepper
+
+    import rlopt
+    from rlopt.train_policy import train_policy
+    from rlopt.tasks import TaskDistribution
+
+    path = tmp_path / "candidate.pt"
+    train_policy(episodes=1, out=path, progress=False, threads=None,
+                 distribution=TaskDistribution(data=("teacher",), epochs=(1,), n_train=(64,)))
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    stepper = _Stepper(TrainConfig(method="pre-sgd-sam", pretrained=str(path)), params, steps_per_epoch=4, fused=False)
+    expected = rlopt.load_policy(path)
+    for a, b in zip(stepper.rl.policy.state_dict()["actor"].values(), expected.state_dict()["actor"].values()):
+        assert torch.equal(a, b)
+    assert not stepper.rl.policy.training
