@@ -12,7 +12,10 @@ first; then ``--repeats`` rounds, each round timing a block of ``--block`` steps
 configuration, the order rotated from round to round (interleaved, so drifts in machine load hit
 all configurations alike). Blocks are timed with ``torch.cuda.synchronize()`` (CUDA) at both ends.
 The figure per configuration is the median over rounds of the mean step time in a block;
-overhead = median(wrapper) / median(plain) - 1. ``--block`` is a multiple of 50, so each
+overhead = median(wrapper) / median(plain) - 1. Because the rounds interleave the configurations, a
+paired figure is also given: the median over rounds of wrapper block / plain block of the same
+round, minus 1, which cancels drifts slower than a round. ``--pool A.json B.json ...`` pools the
+rounds of several runs into one paired median with a bootstrap 95% interval. ``--block`` is a multiple of 50, so each
 interval-50 block holds its decisions in proportion. After the timing, one more block per
 configuration counts the operations torch dispatches inside ``opt.step()`` (exact, unlike a
 clock: on a GPU a ResNet-18 step is largely bound by the host launching kernels, so this count
@@ -29,6 +32,7 @@ import argparse
 import collections
 import copy
 import json
+import random
 import shlex
 import statistics
 import sys
@@ -164,6 +168,47 @@ def measure(case: str, device: torch.device, batch: int, block: int, repeats: in
     return res
 
 
+def paired_overheads(all_step_ms: Dict[str, List[float]]) -> Dict[str, List[float]]:
+    """Per round, wrapper block time / plain block time of the same round, minus 1."""
+    plain = all_step_ms["plain"]
+    return {n: [w / p - 1.0 for w, p in zip(v, plain)] for n, v in all_step_ms.items() if n != "plain"}
+
+
+def median_ci(x: List[float], level: float = 0.95, resamples: int = 5000, seed: int = 0) -> List[float]:
+    """Percentile-bootstrap interval of the median of ``x``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(x, k=len(x))) for _ in range(resamples))
+    lo = int((1 - level) / 2 * resamples)
+    return [meds[lo], meds[resamples - 1 - lo]]
+
+
+def pool_markdown(runs: List[Dict[str, Any]], paths: List[str], case: str = "resnet18") -> str:
+    """Rounds of several saved runs of ``case`` pooled: paired median overhead, bootstrap interval, bars."""
+    rows, pooled = [], collections.defaultdict(list)
+    for path, run in zip(paths, runs):
+        r = next(r for r in run["results"] if r["case"] == case and "all_step_ms" in r)
+        pairs = paired_overheads(r["all_step_ms"])
+        for n, v in pairs.items():
+            pooled[n] += v
+        rows.append(f"| {path} | {r['repeats']} | {r['median_step_ms']['plain']:.2f} | " + " | ".join(
+            f"{100 * r['overhead'][n]:+.1f}% / {100 * statistics.median(pairs[n]):+.1f}%" for n in BARS) + " |")
+    env = runs[0]["environment"]
+    lines = [f"# RLSwitchingOptimizer per-step overhead, {case}, rounds of {len(runs)} runs pooled", "",
+             "- command: `python -m benchmarks.overhead --pool " + " ".join(paths) + "`",
+             f"- hardware: {env.get('gpu') or env.get('cpu')} ({env['device']}); torch {env['torch']}",
+             "- per run: ratio of the medians / median of the per-round paired ratios (wrapper block over the "
+             "plain block of the same round)", "",
+             "| run | rounds | plain ms/step (median) | wrapper, interval=epoch | wrapper, interval=50 |",
+             "|---|---|---|---|---|", *rows, "",
+             "| pooled | rounds | paired median overhead | 95% interval (bootstrap) | bar | point estimate within bar "
+             "| whole interval within bar |", "|---|---|---|---|---|---|---|"]
+    for n, bar in BARS.items():
+        med, (lo, hi) = statistics.median(pooled[n]), median_ci(pooled[n])
+        lines.append(f"| {n} | {len(pooled[n])} | {100 * med:+.1f}% | [{100 * lo:+.1f}%, {100 * hi:+.1f}%] | "
+                     f"{100 * bar:.0f}% | {'yes' if med <= bar else 'no'} | {'yes' if hi <= bar else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -186,7 +231,7 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
              + ("" if gpu else "; this is a CPU run: figures reported, bars not applicable"), ""]
     lines += ["| case | params | batch | rounds x steps | plain ms/step | wrapper (epoch) ms/step | overhead | "
               "wrapper (50) ms/step | overhead | bars met |", "|---|---|---|---|---|---|---|---|---|---|"]
-    noisy = []
+    noisy, paired = [], []
     for r in results:
         if "median_step_ms" not in r:
             lines.append(f"| {r['case']} | {r['params'] / 1e6:.2f}M | {r['batch']} | not timed | - | - | - | - | - | - |")
@@ -198,6 +243,9 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
         lines.append(f"| {r['case']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['repeats']} x {r['block']} | "
                      f"{m['plain']:.2f} | {m['wrapper, interval=epoch']:.2f} | {100 * o['wrapper, interval=epoch']:+.1f}% | "
                      f"{m['wrapper, interval=50']:.2f} | {100 * o['wrapper, interval=50']:+.1f}% | {ok} |")
+        pairs = paired_overheads(a)
+        paired.append(f"{r['case']}: " + ", ".join(
+            f"{n} {100 * statistics.median(v):+.1f}%" for n, v in pairs.items()))
         spread = {n: (max(v) - min(v)) / statistics.median(v) for n, v in a.items()}
         if max(spread.values()) > 0.1:
             noisy.append(f"{r['case']}: round-to-round spread of the step time up to {100 * max(spread.values()):.0f}% "
@@ -213,6 +261,9 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
             lines.append(f"| {r['case']} | " + " | ".join(
                 f"{r['step_ops'][n]['all']:.1f} / {r['step_ops'][n]['not_views']:.1f}"
                 for n in ("plain", "wrapper, interval=epoch", "wrapper, interval=50")) + " |")
+    if paired:
+        lines += ["", "Paired overhead (median over rounds of the wrapper's block time over the plain block time of "
+                  "the same round, minus 1):", ""] + [f"- {t}" for t in paired]
     lines += ["", "Per-round step times (ms) are in the JSON file next to this one."]
     if noisy:
         lines += ["", "Noise:", ""] + [f"- {t}" for t in noisy]
@@ -237,7 +288,16 @@ def main(argv=None) -> List[Dict[str, Any]]:
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/overhead_<cpu|gpu>)")
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only re-write the markdown from a JSON file written by an earlier run")
+    ap.add_argument("--pool", nargs="+", default=None, metavar="JSON",
+                    help="only pool the rounds of the ResNet-18 case of several saved runs (paired median overhead "
+                    "with a bootstrap interval); written to --out (.md)")
     args = ap.parse_args(argv)
+    if args.pool:
+        md = pool_markdown([json.loads(Path(f).read_text()) for f in args.pool], args.pool)
+        if args.out:
+            Path(args.out).with_suffix(".md").write_text(md)
+        print(md)
+        return []
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         md = to_markdown(saved["results"], saved["environment"], saved["command"])

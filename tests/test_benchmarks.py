@@ -246,6 +246,31 @@ def test_demo_and_overhead_scripts_run(tmp_path):
     assert "not timed" in (tmp_path / "ops.md").read_text()
 
 
+def test_overhead_paired_statistic_and_pooling(tmp_path):
+    from benchmarks import overhead
+
+    # a slow drift between rounds hits both configurations of a round alike: the paired figure sees
+    # the wrapper's constant +1%, the ratio of medians does not
+    plain = [10.0, 10.0, 10.0, 20.0, 20.0]
+    times = {"plain": plain, "wrapper, interval=epoch": [1.01 * p for p in plain],
+             "wrapper, interval=50": [1.01 * p for p in plain[:3]] + [10.1, 10.1]}
+    pairs = overhead.paired_overheads(times)
+    assert pairs["wrapper, interval=epoch"] == pytest.approx([0.01] * 5)
+    assert pairs["wrapper, interval=50"][-1] == pytest.approx(-0.495)
+    lo, hi = overhead.median_ci([0.01] * 9 + [0.5])
+    assert lo == pytest.approx(0.01) and hi <= 0.5
+    run = {"environment": {"gpu": "X", "device": "cuda", "torch": "2"}, "results": [
+        {"case": "resnet18", "repeats": 5, "all_step_ms": times, "median_step_ms": {"plain": 10.0},
+         "overhead": {n: 0.0 for n in overhead.BARS}}]}
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        (tmp_path / f"r{i}.json").write_text(json.dumps(run))
+    overhead.main(["--pool", *paths, "--out", str(tmp_path / "pooled")])
+    md = (tmp_path / "pooled.md").read_text()
+    assert "| wrapper, interval=epoch | 10 | +1.0% | [+1.0%, +1.0%] | 3% | yes | yes |" in md
+
+
 def test_sam_payoff_study_runs(tmp_path):
     from benchmarks import sam_payoff
 

@@ -2,17 +2,21 @@
 # Table runs in pieces on one GPU: for each DATASET:DATADIR:PROCS, PROCS processes under CUDA MPS share
 # the runs (--claim) and start none that would end after BUDGET_S seconds. Copy the runs folders back
 # (untar $OUT/r/runs_*.tgz in the repo root) between calls, or finished runs are made again.
-# usage: [METHODS="sgd sam ..."] benchmarks/scripts/gpu_table.sh BUDGET_S DATASET:DATADIR:PROCS [...]
+# usage: [METHODS="sgd sam ..."] [VAL=0.05] [SUFFIX=_full] [EXTRA="--tag x ..."] \
+#        benchmarks/scripts/gpu_table.sh BUDGET_S DATASET:DATADIR:PROCS [...]
+# VAL is the validation hold-out; SUFFIX names the results folder <dataset>_resnet18_e30<SUFFIX>
+# (use one for any VAL other than 0.05, so the runs of the main tables are not replaced).
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
 B=$1; shift
 mkdir -p $OUT/r
 nvidia-cuda-mps-control -d; sleep 1
 for spec in "$@"; do
   IFS=: read -r D DD P <<< "$spec"
-  rm -f benchmarks/results/${D}_resnet18_e30/runs/*.claim
+  R=benchmarks/results/${D}_resnet18_e30${SUFFIX}
+  rm -f $R/runs/*.claim
   for i in $(seq 1 $P); do
-    timeout $((B + 40)) python3 -m benchmarks.table --dataset $D --data-dir $DD --val-fraction 0.05 --epochs 30 \
-      --seeds 3 --claim --time-budget $B ${METHODS:+--methods $METHODS} > /tmp/table_${D}_$i.log 2>&1 &
+    timeout $((B + 40)) python3 -m benchmarks.table --dataset $D --data-dir $DD --val-fraction ${VAL:-0.05} --epochs 30 \
+      --seeds 3 --claim --time-budget $B --out $R ${METHODS:+--methods $METHODS} $EXTRA > /tmp/table_${D}_$i.log 2>&1 &
     sleep 2
   done
 done
@@ -22,6 +26,7 @@ grep -h "final test acc\|not started\|skipped\|Error\|error" /tmp/table_*.log
 tail -n 3 /tmp/table_*.log > $OUT/r/table_logs.txt
 for spec in "$@"; do
   IFS=: read -r D DD P <<< "$spec"
-  tar czf $OUT/r/runs_${D}_$(date +%s).tgz benchmarks/results/${D}_resnet18_e30/runs
-  echo "$D: $(ls benchmarks/results/${D}_resnet18_e30/runs/*.json | wc -l) runs"
+  R=benchmarks/results/${D}_resnet18_e30${SUFFIX}
+  tar czf $OUT/r/runs_${D}${SUFFIX}_$(date +%s).tgz $R/runs
+  echo "$D$SUFFIX: $(ls $R/runs/*.json | wc -l) runs"
 done
