@@ -18,16 +18,20 @@ cost term charges by compute, not by decision: running SAM (c = 2) over the whol
 ``cost`` (0.2) whatever the interval, so SAM throughout pays off where it gains more than one
 point, and SAM over the last 30% where it gains more than 0.3. Without a known budget the share
 is unknown and the charge is ``cost_per_decision * (c - 1)`` per interval.
+
+:class:`BaselineReward` pays the same terms measured against a reference run of the same task
+(for meta-training: plain SGD from the same initial weights with the same batch order), so the
+policy is paid for what it gains over that reference, not for the progress any optimizer makes.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 from .features import Signals
 
-__all__ = ["RewardContext", "SwitchingReward"]
+__all__ = ["RewardContext", "SwitchingReward", "BaselineReward"]
 
 
 @dataclass
@@ -64,9 +68,9 @@ class SwitchingReward:
             # Validation terms only where validation was measured during this interval (with a
             # decision every N steps most intervals see none): elsewhere the training loss.
             if now.val_fresh and _finite(now.val_acc, before.val_acc):
-                r += self.acc * (now.val_acc - before.val_acc)
+                r += self.acc * (now.val_acc - before.val_acc - self._ref_gain(now, before, 1))
             if now.val_fresh and _finite(now.val_loss, before.val_loss) and now.val_loss > 0 and before.val_loss > 0:
-                r += self.loss * math.log(before.val_loss / now.val_loss)
+                r += self.loss * (math.log(before.val_loss / now.val_loss) - self._ref_gain(now, before, 0))
             elif _finite(now.loss, before.loss) and now.loss > 0 and before.loss > 0:
                 r += self.loss * math.log(before.loss / now.loss)
         if _finite(now.cost):
@@ -77,10 +81,64 @@ class SwitchingReward:
         r -= self.skipped * now.skipped_frac
         if ctx.final:
             if _finite(now.val_acc):
-                r += self.final * now.val_acc
+                r += self.final * (now.val_acc - self._ref_level(now))
             elif _finite(now.loss) and now.loss > 0:
                 r -= self.final / 10 * math.log(now.loss)
         return r
+
+    # the reference run's terms; none here (BaselineReward)
+    def _ref_gain(self, now: Signals, before: Signals, which: int) -> float:
+        return 0.0
+
+    def _ref_level(self, now: Signals) -> float:
+        return 0.0
+
+
+@dataclass
+class BaselineReward(SwitchingReward):
+    """:class:`SwitchingReward` relative to a reference run of the same task.
+
+    ``reference`` holds the reference run's ``(val_loss, val_acc)`` after each of its epochs. Each
+    validation term subtracts what the reference gained over the same epochs (accuracy gain,
+    log-drop of the loss), and the final bonus pays the final accuracy minus the reference's: a
+    policy that only matches the reference earns about nothing but the compute charge. The epoch
+    of a validation figure is read from the progress through the budget, so the budget must be
+    known and validation metrics given at every epoch end, as :func:`rlopt.tasks.run_episode`
+    does. Where the progress is unknown the terms are those of :class:`SwitchingReward`, and so
+    is the training-loss term of intervals without validation (decisions every N steps): the
+    reference records no training loss. For meta-training, decide per epoch (`--task interval=epoch`)
+    so that every term is relative.
+
+    Meta-training uses it with plain SGD as the reference (``train_policy(reward="paired")``):
+    the differences between tasks (an easy task raises everyone's accuracy) cancel, and what is
+    left is what the choices changed.
+    """
+
+    reference: Sequence[Tuple[float, float]] = ()
+
+    def __post_init__(self):
+        ref = [tuple(map(float, r)) for r in self.reference]
+        if not ref or any(len(r) != 2 or not all(map(math.isfinite, r)) or r[0] <= 0 for r in ref):
+            raise ValueError("BaselineReward needs reference = [(val_loss > 0, val_acc), ...] per epoch, all finite")
+        self.reference = ref
+
+    def _epoch(self, s: Signals) -> Optional[int]:
+        """0-based index into ``reference`` of the epoch whose validation ``s`` carries."""
+        if not _finite(s.progress):
+            return None
+        k = int(s.progress * len(self.reference) + 1e-6)
+        return min(k, len(self.reference)) - 1 if k >= 1 else None
+
+    def _ref_gain(self, now: Signals, before: Signals, which: int) -> float:
+        k, j = self._epoch(now), self._epoch(before)
+        if k is None or j is None:
+            return 0.0
+        a, b = self.reference[k][which], self.reference[j][which]
+        return a - b if which == 1 else math.log(b / a)
+
+    def _ref_level(self, now: Signals) -> float:
+        k = self._epoch(now)
+        return 0.0 if k is None else self.reference[k][1]
 
 
 # --------------------------------------------------------------------------------------------

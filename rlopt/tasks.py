@@ -320,10 +320,11 @@ def run_episode(task: Task, optimizer) -> Dict[str, Any]:
 
     Returns the episode's summary: return (sum of the rewards the policy was paid), number of
     decisions, final validation loss and accuracy, the share of each action, whether the run
-    stopped early on non-finite values.
+    stopped early on non-finite values, and ``val_curve``: ``(val_loss, val_acc)`` after each
+    epoch (a non-finite loss reads 1e6).
     """
     cfg, model = task.config, task.model
-    bs, diverged = cfg.batch_size, False
+    bs, diverged, curve = cfg.batch_size, False, []
     try:
         for _ in range(cfg.epochs):
             order = torch.randperm(cfg.n_train, generator=task.generator)
@@ -339,7 +340,9 @@ def run_episode(task: Task, optimizer) -> Dict[str, Any]:
 
                 optimizer.step(closure)
             val_loss, val_acc = _evaluate(model, task.val_x, task.val_y)
-            optimizer.epoch_end(val_loss=val_loss if math.isfinite(val_loss) else 1e6, val_acc=val_acc)
+            val_loss = val_loss if math.isfinite(val_loss) else 1e6
+            curve.append((val_loss, val_acc))
+            optimizer.epoch_end(val_loss=val_loss, val_acc=val_acc)
     except RuntimeError as err:  # max_nonfinite_steps reached: the run is over
         if "not finite" not in str(err):
             raise
@@ -352,6 +355,6 @@ def run_episode(task: Task, optimizer) -> Dict[str, Any]:
         counts[h["action"]] += 1
     return {
         "return": float(sum(rewards)), "decisions": len(optimizer.history), "val_loss": val_loss,
-        "val_acc": val_acc, "diverged": diverged,
+        "val_acc": val_acc, "diverged": diverged, "val_curve": curve,
         "action_share": {a: c / max(1, len(optimizer.history)) for a, c in zip(names, counts)},
     }

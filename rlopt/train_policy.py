@@ -48,6 +48,7 @@ import torch
 from .features import LAYOUT_VERSION
 from .lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
 from .policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
+from .rewards import BaselineReward
 from .switching import RLSwitchingOptimizer
 from .tasks import TaskDistribution, build_task, run_episode
 
@@ -86,19 +87,33 @@ def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, 
     return cfg
 
 
-def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int):
+def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int, reward=None):
     cfg = task.config
     common = dict(policy=policy, interval=cfg.interval, seed=seed, total_steps=cfg.total_steps,
                   total_epochs=cfg.epochs, train_policy=True)
     if kind == "switching":
-        return RLSwitchingOptimizer(task.model.parameters(), choices=list(choices), lr=cfg.lr, **common)
+        return RLSwitchingOptimizer(task.model.parameters(), choices=list(choices), lr=cfg.lr, reward=reward,
+                                    **common)
     return QLearningRateOptimizer(task.model.parameters(), base="sgd", lr=cfg.lr, control=("lr",), **common)
 
 
-def _command(kind, choices, algo, episodes, seed, out, data, register) -> str:
+def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int) -> BaselineReward:
+    """Train ``cfg``'s task with SGD alone (the same wrapper, initial weights and batch order as
+    the policy's episode) and return the reward relative to that run."""
+    task = build_task(cfg, fmnist)
+    ref = _make_optimizer("switching", task, choices, "constant:sgd", seed)
+    curve = run_episode(task, ref)["val_curve"]
+    if len(curve) < cfg.epochs:  # the reference diverged: pad with its last figures
+        curve += [curve[-1] if curve else (1e6, 0.0)] * (cfg.epochs - len(curve))
+    return BaselineReward(reference=curve)
+
+
+def _command(kind, choices, algo, episodes, seed, out, data, register, reward="default") -> str:
     args = ["python", "-m", "rlopt.train_policy", "--kind", kind]
     if kind == "switching":
         args += ["--choices", ",".join(choices), "--algo", algo]
+        if reward != "default":
+            args += ["--reward", reward]
     args += ["--episodes", str(episodes), "--seed", str(seed), "--data", ",".join(data)]
     if out is not None:
         args += ["--out", os.fspath(out)]
@@ -123,7 +138,7 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
                  episodes: int = 200, seed: int = 0, out: "Optional[str | os.PathLike]" = None, *,
                  distribution: Optional[TaskDistribution] = None, progress: bool = True,
                  keep_buffers: bool = False, command: Optional[str] = None, register: Optional[str] = None,
-                 threads: Optional[int] = 1) -> TrainResult:
+                 threads: Optional[int] = 1, reward: str = "default") -> TrainResult:
     """Meta-train a policy over ``episodes`` tasks of ``distribution`` (see the module doc).
 
     Args:
@@ -141,6 +156,10 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         register: a one-line description: also list the checkpoint in ``index.json`` next to
             ``out`` (its name is the file's stem), with the command and the measured time.
         threads: ``torch.set_num_threads`` for the run (None: leave it).
+        reward: ``"default"`` (:class:`~rlopt.rewards.SwitchingReward`) or ``"paired"``
+            (switching only): before each episode the task is also trained with SGD alone, and the
+            policy is paid relative to that run (:class:`~rlopt.rewards.BaselineReward`). Costs
+            one SGD run per episode more.
     """
     if kind not in ("switching", "lr"):
         raise ValueError(f"Unknown kind '{kind}'; expected 'switching' or 'lr'")
@@ -150,10 +169,14 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         raise ValueError(f"Unknown algo '{algo}'; expected 'ppo' or 'dqn'")
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"Invalid episodes: {episodes}")
+    if reward not in ("default", "paired"):
+        raise ValueError(f"Unknown reward '{reward}'; expected 'default' or 'paired'")
+    if reward == "paired" and (kind != "switching" or "sgd" not in choices):
+        raise ValueError("reward='paired' needs kind='switching' with 'sgd' among the choices (the reference run)")
     choices = tuple(choices)
     dist = distribution if distribution is not None else TaskDistribution()
     if command is None:
-        command = _command(kind, choices, algo, episodes, seed, out, dist.data, register)
+        command = _command(kind, choices, algo, episodes, seed, out, dist.data, register, reward)
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -174,10 +197,14 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         warnings.filterwarnings("ignore", message=".*runs without fused kernels.*")
         for e in range(episodes):
             cfg = dist.sample(g, seed * 100003 + e)
+            fn = _reference_reward(cfg, fmnist, choices, seed) if reward == "paired" else None
             task = build_task(cfg, fmnist)
-            opt = _make_optimizer(kind, task, choices, policy, seed)
+            opt = _make_optimizer(kind, task, choices, policy, seed, fn)
             policy = opt.policy  # the first episode built it from the config; later ones reuse it
             summary = run_episode(task, opt)
+            summary.pop("val_curve")
+            if fn is not None:
+                summary["ref_val_acc"] = fn.reference[-1][1]
             records.append({"episode": e, "task": cfg.short(), **summary})
             log.info("episode %d  return %.3f  val_acc %.3f  %s", e, summary["return"], summary["val_acc"],
                      cfg.short())
@@ -198,7 +225,9 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         "choices": list(choices) if kind == "switching" else ["sgd"],
         "task_distribution": dist.describe(), "episodes": episodes, "seed": seed,
         "task_seeds": f"seed * 100003 + episode, episode = 0..{episodes - 1}",
+        "reward": reward,
         "returns": [round(r, 4) for r in returns], "val_acc": [round(r["val_acc"], 4) for r in records],
+        **({"sgd_val_acc": [round(r["ref_val_acc"], 4) for r in records]} if reward == "paired" else {}),
         "tasks": [r["task"] for r in records], "decisions": [r["decisions"] for r in records],
         "diverged": [e for e, r in enumerate(records) if r["diverged"]],
         "action_share_last_20": {a: round(sum(r["action_share"][a] for r in records[-20:]) / len(records[-20:]), 4)
@@ -242,6 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
                    help="set a TaskDistribution field, e.g. --task epochs=10,20 --task label_noise=0.2,0.4 "
                    "(repeatable; see rlopt.tasks.TaskDistribution)")
+    p.add_argument("--reward", choices=("default", "paired"), default="default",
+                   help="paired: pay the policy relative to an SGD run of the same task (switching only)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keep-buffers", action="store_true", help="keep the replay buffer in the checkpoint")
     p.add_argument("--register", default=None, metavar="DESCRIPTION",
@@ -256,10 +287,12 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         dist = TaskDistribution(data=tuple(s for s in a.data.split(",") if s)).with_overrides(a.task)
     except ValueError as e:
         p.error(str(e))
+    if a.reward == "paired" and a.kind != "switching":
+        p.error("--reward paired is for --kind switching")
     command = shlex.join(["python", "-m", "rlopt.train_policy", *argv])
     result = train_policy(a.kind, tuple(c for c in a.choices.split(",") if c), a.algo, a.episodes, a.seed, a.out,
                           distribution=dist, progress=not a.no_progress, keep_buffers=a.keep_buffers,
-                          command=command, register=a.register, threads=a.threads)
+                          command=command, register=a.register, threads=a.threads, reward=a.reward)
     n = max(1, len(result.returns) // 5)
     first, last = result.returns[:n], result.returns[-n:]
     print(f"{a.kind}/{result.metadata['algo']}: {a.episodes} episodes in {result.wall_time_s:.1f} s; "

@@ -355,3 +355,21 @@ def test_pre_methods_take_a_checkpoint_path(tmp_path):
     for a, b in zip(stepper.rl.policy.state_dict()["actor"].values(), expected.state_dict()["actor"].values()):
         assert torch.equal(a, b)
     assert not stepper.rl.policy.training
+
+
+def test_policy_eval_pairs_policies_with_their_controls(tmp_path):
+    from benchmarks import policy_eval
+
+    out = policy_eval.main(["switch-sgd-sam", "--tasks", "2", "--data", "teacher",
+                            "--task", "epochs=2", "--task", "n_train=64", "--task", "mlp_width=8",
+                            "--task", "interval=epoch", "--out", str(tmp_path / "ev")])
+    s = out["summary"]
+    assert set(s) == {"sgd", "sam", "switch-sgd-sam", "random@switch-sgd-sam"}
+    assert s["sgd"]["sam_share"] == 0.0 and s["sam"]["sam_share"] == 1.0 and s["sam"]["grad_evals_x_sgd"] == 2.0
+    assert s["sgd"]["vs_sgd"]["mean"] == 0.0 and "vs_random_same_share" in s["switch-sgd-sam"]
+    for row in out["rows"]:  # a policy that chose SGD throughout ran exactly the sgd arm
+        if row["arms"]["switch-sgd-sam"]["sam_share"] == 0.0:
+            assert row["arms"]["switch-sgd-sam"]["val_acc"] == row["arms"]["sgd"]["val_acc"]
+    assert "| random@switch-sgd-sam |" in (tmp_path / "ev.md").read_text()
+    with pytest.raises(SystemExit):
+        policy_eval.main(["switch-sgd-sam-adam", "--tasks", "1"])  # three actions: not a sgd/sam policy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -254,3 +255,63 @@ def test_task_overrides_from_the_command_line(tmp_path):
     assert "--task epochs=2 --task n_train=64" in meta["command"]
     with pytest.raises(SystemExit):
         main(["--episodes", "1", "--task", "epochs=0"])
+
+
+def test_paired_reward_pays_nothing_for_matching_the_reference():
+    """An SGD-only run of the task paid relative to an SGD-only reference of the same task (same
+    weights, batch order) earns exactly nothing; SAM throughout earns its accuracy and loss over
+    the reference's, telescoped, plus the final bonus."""
+    from rlopt.rewards import BaselineReward
+    from rlopt.tasks import run_episode
+    from rlopt.train_policy import _make_optimizer, _reference_reward
+
+    cfg = dataclasses.replace(TINY.sample(torch.Generator().manual_seed(0), seed=5), interval="epoch", epochs=3)
+    reward = _reference_reward(cfg, None, ("sgd", "sam"), seed=0)
+    assert len(reward.reference) == 3
+    task = build_task(cfg)
+    opt = _make_optimizer("switching", task, ("sgd", "sam"), "constant:sgd", 0, reward)
+    out = run_episode(task, opt)
+    assert out["val_curve"] == reward.reference
+    paid = [h["reward"] for h in opt.history if h["reward"] is not None]
+    assert len(paid) == 3 and paid == [0.0, 0.0, 0.0]
+
+    no_charge = BaselineReward(reference=reward.reference, cost=0.0)
+    task = build_task(cfg)
+    opt = _make_optimizer("switching", task, ("sgd", "sam"), "constant:sam", 0, no_charge)
+    out = run_episode(task, opt)
+    (l1, a1), (lE, aE) = out["val_curve"][0], out["val_curve"][-1]
+    (r1, q1), (rE, qE) = reward.reference[0], reward.reference[-1]
+    expected = 10 * ((aE - qE) - (a1 - q1)) + (math.log(l1 / lE) - math.log(r1 / rE)) + 10 * (aE - qE)
+    assert out["return"] == pytest.approx(expected, abs=1e-9)
+    assert out["val_curve"] != reward.reference  # SAM did train differently
+
+
+def test_baseline_reward_checks_its_reference_and_reads_epochs_from_progress():
+    from rlopt.features import Signals
+    from rlopt.rewards import BaselineReward, RewardContext
+
+    for bad in ([], [(0.0, 0.5)], [(1.0, float("nan"))], [(1.0,)]):
+        with pytest.raises(ValueError, match="reference"):
+            BaselineReward(reference=bad)
+    r = BaselineReward(reference=[(2.0, 0.2), (1.0, 0.5), (0.5, 0.6), (0.25, 0.9)], loss=0, cost=0, skipped=0)
+    assert r._epoch(Signals(progress=0.1)) is None and r._epoch(Signals(progress=0.25)) == 0
+    assert r._epoch(Signals(progress=0.74)) == 1 and r._epoch(Signals(progress=1.0)) == 3
+    before = Signals(val_acc=0.5, progress=0.25, val_fresh=True)  # epoch 1: 0.3 above the reference
+    now = Signals(val_acc=0.7, progress=0.55, val_fresh=True)     # epoch 2 (read mid-epoch 3): 0.2 above
+    assert r(RewardContext(now=now, before=before, action="sam", final=False)) == pytest.approx(10 * (0.2 - 0.3))
+    last = Signals(val_acc=0.95, progress=1.0, val_fresh=True)
+    assert r(RewardContext(now=last, before=now, action="sam", final=True)) == pytest.approx(10 * (0.05 - 0.2) + 10 * 0.05)
+    # without a known budget the terms are the plain reward's
+    plain = Signals(val_acc=0.7, val_fresh=True)
+    assert r(RewardContext(now=plain, before=Signals(val_acc=0.5), action="sgd", final=False)) == pytest.approx(2.0)
+
+
+def test_paired_meta_training_records_the_reference(tmp_path):
+    result = train_policy(episodes=2, seed=1, distribution=TINY, progress=False, threads=None, reward="paired")
+    meta = result.metadata
+    assert meta["reward"] == "paired" and len(meta["sgd_val_acc"]) == 2
+    assert "--reward paired" in meta["command"]
+    with pytest.raises(ValueError, match="paired"):
+        train_policy(kind="lr", episodes=1, distribution=TINY, progress=False, threads=None, reward="paired")
+    with pytest.raises(ValueError, match="Unknown reward"):
+        train_policy(episodes=1, distribution=TINY, progress=False, threads=None, reward="relative")
