@@ -239,14 +239,22 @@ def _reusable(cfg: TrainConfig):
 #: the table's default rows: the reference rows, the learning-rate agent, the controls
 DEFAULT_METHODS = ["sgd", "sam", "adamw", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "pre-sgd-sam",
                    "lr-dqn", "random-sgd-sam", "sam-every-k", "sam-last", "lr-dqn-online", "pre-sgd-sam-adam",
-                   "ppo-sgd-sam-adam"]
+                   "ppo-sgd-sam-adam", "random-sgd-sam-adam"]
 
 
-def _sam_share(path: Path) -> Optional[float]:
+def _step_shares(path: Path) -> Optional[Dict[str, float]]:
     try:
-        return float(json.loads(path.read_text())["summary"]["step_share"].get("sam", 0.0))
+        return {k: float(v) for k, v in json.loads(path.read_text())["summary"]["step_share"].items()}
     except (OSError, ValueError, KeyError):
         return None
+
+
+#: random controls: the method whose run of the same seed sets their probabilities, and how
+_RANDOM_CONTROLS = {
+    "random-sgd-sam": (None, lambda s: {"sam_share": round(s.get("sam", 0.0), 4)}),  # None: --match-share
+    "random-sgd-sam-adam": ("pre-sgd-sam-adam", lambda s: {
+        "random_probs": ",".join(f"{s.get(c, 0.0):.4f}" for c in ("sgd", "sam", "adam"))}),
+}
 
 
 def _estimate(method: str, runs_dir: Path, done: Dict[str, float]) -> Optional[float]:
@@ -318,20 +326,21 @@ def main(argv=None) -> Dict[str, Any]:
     took: Dict[str, float] = {}
     for seed, method in jobs:
         cfg = TrainConfig(**{**base.__dict__, "method": method, "seed": seed, "out_dir": str(out / "runs")})
-        if method == "random-sgd-sam" and match and not args.smoke:
-            ref = TrainConfig(**{**cfg.__dict__, "method": match})
+        ref_method = _RANDOM_CONTROLS[method][0] or match if method in _RANDOM_CONTROLS else None
+        if ref_method and not args.smoke:
+            ref = TrainConfig(**{**cfg.__dict__, "method": ref_method})
             ref_path = Path(cfg.out_dir) / f"{ref.run_name()}.json"
-            share = _sam_share(ref_path)
+            shares = _step_shares(ref_path)
             ref_claim = Path(cfg.out_dir) / f"{ref.run_name()}.claim"
-            while share is None and args.claim and ref_claim.exists() and (
+            while shares is None and args.claim and ref_claim.exists() and (
                     args.time_budget is None or time.perf_counter() - t0 < args.time_budget - (took.get(method) or 0)):
                 time.sleep(5.0)  # another process is making it
-                share = _sam_share(ref_path)
-            if share is None:
-                print(f"[{cfg.run_name()}] skipped: needs the SAM share of {ref.run_name()}, not run yet")
+                shares = _step_shares(ref_path)
+            if shares is None:
+                print(f"[{cfg.run_name()}] skipped: needs the step shares of {ref.run_name()}, not run yet")
                 missing.append(cfg.run_name())
                 continue
-            cfg = TrainConfig(**{**cfg.__dict__, "sam_share": round(share, 4)})
+            cfg = TrainConfig(**{**cfg.__dict__, **_RANDOM_CONTROLS[method][1](shares)})
         old = _reusable(cfg) if (args.reuse or args.aggregate_only) and not args.smoke else None
         if old is not None:
             print(f"[{cfg.run_name()}] reusing {Path(cfg.out_dir) / (cfg.run_name() + '.json')} (same config)")

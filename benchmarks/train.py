@@ -49,6 +49,9 @@ METHODS: Dict[str, str] = {
     "ppo-sgd-sam-adamw": "RLSwitchingOptimizer, PPO policy over {sgd, sam, adamw}",
     "random-sgd-sam": "RLSwitchingOptimizer, random policy over {sgd, sam} picking SAM with probability --sam-share "
                       "(benchmarks.table: the SAM step share of ppo-sgd-sam's run of the same seed)",
+    "random-sgd-sam-adam": "RLSwitchingOptimizer, random policy over {sgd, sam, adam} with probabilities "
+                           "--random-probs (benchmarks.table: the step shares of pre-sgd-sam-adam's run of the "
+                           "same seed)",
     "sam-every-k": "SGD, with a SAM step every --sam-every steps (shared momentum)",
     "sam-last": "SGD, then SAM for the last --sam-last-fraction of the epochs (shared momentum)",
     "pre-sgd-sam": "RLSwitchingOptimizer, shipped policy switch-sgd-sam used zero-shot (frozen)",
@@ -60,12 +63,25 @@ METHODS: Dict[str, str] = {
     "lr-dqn-online": "QLearningRateOptimizer as lr-dqn, its DQN learning online from scratch",
 }
 RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam", "pre-sgd-sam",
-              "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "lr-dqn", "lr-dqn-online")
+              "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam", "lr-dqn", "lr-dqn-online")
 #: RL methods whose policy is frozen (shipped, constant or random); the others follow --policy-train
-_FROZEN = ("const-sgd", "random-sgd-sam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn")
+_FROZEN = ("const-sgd", "random-sgd-sam", "random-sgd-sam-adam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn")
 
 CONVERGENCE_DEFINITION = ("convergence epoch: the first epoch (1-based) whose test accuracy is within "
                           "0.5 percentage points of the run's final-epoch test accuracy")
+
+
+def _probs(text: Optional[str], n: int) -> Optional[Tuple[float, ...]]:
+    """``"0.4,0.3,0.3"`` -> (0.4, 0.3, 0.3); None stays None (uniform)."""
+    if text is None:
+        return None
+    try:
+        probs = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated numbers") from None
+    if len(probs) != n:
+        raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated numbers")
+    return probs
 
 
 @dataclass
@@ -129,6 +145,9 @@ class TrainConfig:
     path; None: the method's shipped policy). Give such runs a --tag: the run name does not include it."""
     sam_share: float = 0.5
     """random-sgd-sam: probability of choosing SAM at each decision."""
+    random_probs: Optional[str] = None
+    """random-sgd-sam-adam: probabilities of sgd, sam and adam at each decision, comma-separated (e.g.
+    "0.4,0.3,0.3"); None: uniform."""
     sam_every: int = 2
     """sam-every-k: one SAM step every this many steps, SGD otherwise."""
     sam_last_fraction: float = 0.3
@@ -261,12 +280,13 @@ class _Stepper:
                            "ppo-sgd-sam-adam": "ppo", "const-sgd": "constant:sgd",
                            "pre-sgd-sam": cfg.pretrained or "switch-sgd-sam",
                            "pre-sgd-sam-adam": cfg.pretrained or "switch-sgd-sam-adam",
-                           "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share))}[m]
+                           "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share)),
+                           "random-sgd-sam-adam": RandomConfig(probs=_probs(cfg.random_probs, 3))}[m]
             if m == "const-sgd":
                 choices = {"sgd": sgd}
             if m == "ppo-sgd-sam-adamw":
                 choices["adamw"] = {"lr": cfg.adam_lr, "weight_decay": cfg.adamw_weight_decay}
-            if m in ("ppo-sgd-sam-adam", "pre-sgd-sam-adam"):  # as the static "adam" row: no weight decay
+            if m in ("ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam"):  # as "adam": no weight decay
                 choices["adam"] = {"lr": cfg.adam_lr, "weight_decay": 0.0}
             self.opt = self.rl = RLSwitchingOptimizer(
                 params, choices=choices, policy=policy, interval=cfg.interval, lr=cfg.lr, momentum=cfg.momentum,

@@ -202,7 +202,8 @@ def test_smoke_every_method(tmp_path):
         assert len(run["epochs"]) == 2 and run["summary"]["steps"] == 6
         assert 0.0 <= run["summary"]["final_test_acc"] <= 1.0
         assert abs(sum(run["summary"]["step_share"].values()) - 1.0) < 1e-9
-        if cfg["method"] in ("dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam"):
+        if cfg["method"] in ("dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam",
+                             "random-sgd-sam-adam"):
             assert run["decisions"] and any(d["reward"] is not None for d in run["decisions"])
         if cfg["method"] == "sam-every-k":
             assert run["summary"]["step_share"] == {"sgd": 0.5, "sam": 0.5}
@@ -228,6 +229,14 @@ def test_table_in_pieces_matches_random_share_and_aggregates(tmp_path):
     ppo, rnd = agg["runs"]["ppo-sgd-sam"][0], agg["runs"]["random-sgd-sam"][0]
     assert rnd["config"]["sam_share"] == round(ppo["summary"]["step_share"].get("sam", 0.0), 4)
     assert "missing runs" in (tmp_path / "t" / "table.md").read_text()
+    # the three-way control takes all three step shares of the shipped three-way policy's run
+    skipped = main(tiny + ["--methods", "random-sgd-sam-adam"])
+    assert skipped["missing"] == ["fmnist-subset_small-cnn_random-sgd-sam-adam_e2_s0"]
+    three = main(tiny + ["--methods", "pre-sgd-sam-adam", "random-sgd-sam-adam"])
+    pre, rnd3 = three["runs"]["pre-sgd-sam-adam"][0], three["runs"]["random-sgd-sam-adam"][0]
+    shares = pre["summary"]["step_share"]
+    assert rnd3["config"]["random_probs"] == ",".join(f"{shares.get(c, 0.0):.4f}" for c in ("sgd", "sam", "adam"))
+    assert set(rnd3["summary"]["step_share"]) <= {"sgd", "sam", "adam"}
 
 
 def test_demo_and_overhead_scripts_run(tmp_path):
