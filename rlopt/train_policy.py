@@ -21,6 +21,8 @@ Command line (the shipped checkpoints' commands are in ``rlopt/pretrained/index.
     python -m rlopt.train_policy --kind lr --episodes 150 --out lr.pt
     python -m rlopt.train_policy --choices sgd,sam --episodes 300 --task epochs=20,30 \
         --task label_noise=0.2,0.4 --out long.pt        # any TaskDistribution field
+    python -m rlopt.train_policy --choices sgd,sam --task interval=epoch --reward paired --out p.pt
+        # paid relative to an SGD run of each task (rewards.BaselineReward)
 
 Example:
     >>> from rlopt.train_policy import train_policy
