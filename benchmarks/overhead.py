@@ -186,18 +186,26 @@ def pool_markdown(runs: List[Dict[str, Any]], paths: List[str], case: str = "res
     """Rounds of several saved runs of ``case`` pooled: paired median overhead, bootstrap interval, bars."""
     rows, pooled = [], collections.defaultdict(list)
     for path, run in zip(paths, runs):
-        r = next(r for r in run["results"] if r["case"] == case and "all_step_ms" in r)
+        r = next((r for r in run["results"] if r["case"] == case and "all_step_ms" in r), None)
+        if r is None:
+            raise ValueError(f"{path}: no timed {case} case to pool")
         pairs = paired_overheads(r["all_step_ms"])
         for n, v in pairs.items():
             pooled[n] += v
         rows.append(f"| {path} | {r['repeats']} | {r['median_step_ms']['plain']:.2f} | " + " | ".join(
             f"{100 * r['overhead'][n]:+.1f}% / {100 * statistics.median(pairs[n]):+.1f}%" for n in BARS) + " |")
     env = runs[0]["environment"]
+    hardware = {(run["environment"].get("gpu") or run["environment"].get("cpu"), run["environment"]["torch"])
+                for run in runs}
+    if len(hardware) > 1:
+        raise ValueError(f"runs on different hardware or torch versions cannot be pooled: {sorted(hardware)}")
     lines = [f"# RLSwitchingOptimizer per-step overhead, {case}, rounds of {len(runs)} runs pooled", "",
              "- command: `python -m benchmarks.overhead --pool " + " ".join(paths) + "`",
              f"- hardware: {env.get('gpu') or env.get('cpu')} ({env['device']}); torch {env['torch']}",
              "- per run: ratio of the medians / median of the per-round paired ratios (wrapper block over the "
-             "plain block of the same round)", "",
+             "plain block of the same round)",
+             "- the interval resamples rounds as independent; rounds of one run share its machine state, so "
+             "it is too narrow if the runs differ", "",
              "| run | rounds | plain ms/step (median) | wrapper, interval=epoch | wrapper, interval=50 |",
              "|---|---|---|---|---|", *rows, "",
              "| pooled | rounds | paired median overhead | 95% interval (bootstrap) | bar | point estimate within bar "

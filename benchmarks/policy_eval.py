@@ -123,7 +123,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         policy = rlopt.load_policy(p)
         if tuple(policy.action_names) != CHOICES:
             ap.error(f"{p}: actions {list(policy.action_names)}, expected {list(CHOICES)}")
-        policies[Path(p).stem if Path(p).suffix else p] = policy
+        name = Path(p).stem if Path(p).suffix else p
+        if name in policies:
+            ap.error(f"two policies named {name!r}: give checkpoints distinct file names")
+        if not getattr(getattr(policy, "config", None), "deterministic_eval", True):
+            ap.error(f"{p}: a frozen policy that samples its actions would make results depend on task order")
+        policies[name] = policy
     start = time.perf_counter()
     rows = evaluate(policies, dist, a.tasks, a.seed)
     meta = {"command": "python -m benchmarks.policy_eval " + shlex.join(argv), "tasks": a.tasks, "seed": a.seed,

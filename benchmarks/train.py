@@ -79,8 +79,9 @@ def _probs(text: Optional[str], n: int) -> Optional[Tuple[float, ...]]:
         probs = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated numbers") from None
-    if len(probs) != n:
-        raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated numbers")
+    if len(probs) != n or any(not p >= 0 for p in probs) or not sum(probs) > 0:
+        raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated non-negative numbers "
+                         "with a positive sum")
     return probs
 
 

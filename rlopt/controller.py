@@ -394,6 +394,8 @@ class RLControlledOptimizer(Optimizer):
         ctl = self._ctl
         ctl["val_fresh"] = ctl.get("val_fresh", False) or bool(val)
         ctl["epoch"] += 1
+        if val:
+            ctl["val_epoch"] = ctl["epoch"]
         ctl["steps_per_epoch"] = ctl["step"] - ctl["epoch_start_step"]
         ctl["epoch_start_step"] = ctl["step"]
         final = (self.total_epochs is not None and ctl["epoch"] == self.total_epochs) or self._progress() >= 1.0
@@ -437,7 +439,7 @@ class RLControlledOptimizer(Optimizer):
             steps=ctl["interval_steps"], skipped=summary["skipped"],
             cost=ctl["interval_cost"] / ctl["interval_steps"] / cheapest if ctl["interval_steps"] else math.nan,
             progress=self._progress(), budget_share=self._budget_share(ctl["interval_steps"]),
-            val_fresh=bool(ctl.get("val_fresh", False)),
+            val_fresh=bool(ctl.get("val_fresh", False)), val_epoch=int(ctl.get("val_epoch", 0)),
         )
         ctl["val_fresh"] = False
         obs = self.observer.build(signals, ctl["action"], max(s.cost for s in self._specs) / cheapest,

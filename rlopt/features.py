@@ -66,6 +66,7 @@ class Signals:
     progress: float = math.nan
     budget_share: float = math.nan  # the interval's share of the whole budget, when the budget is known
     val_fresh: bool = False  # validation metrics were given during this interval
+    val_epoch: int = 0  # epochs completed when the validation metrics in use were given (0: none yet)
 
     @property
     def skipped_frac(self) -> float:

@@ -72,7 +72,7 @@ class SwitchingReward:
             if now.val_fresh and _finite(now.val_loss, before.val_loss) and now.val_loss > 0 and before.val_loss > 0:
                 r += self.loss * (math.log(before.val_loss / now.val_loss) - self._ref_gain(now, before, 0))
             elif _finite(now.loss, before.loss) and now.loss > 0 and before.loss > 0:
-                r += self.loss * math.log(before.loss / now.loss)
+                r += self._train_loss_term(math.log(before.loss / now.loss))
         if _finite(now.cost):
             if _finite(now.budget_share):
                 r -= self.cost * (now.cost - 1.0) * now.budget_share
@@ -87,6 +87,9 @@ class SwitchingReward:
         return r
 
     # the reference run's terms; none here (BaselineReward)
+    def _train_loss_term(self, log_drop: float) -> float:
+        return self.loss * log_drop
+
     def _ref_gain(self, now: Signals, before: Signals, which: int) -> float:
         return 0.0
 
@@ -100,14 +103,13 @@ class BaselineReward(SwitchingReward):
 
     ``reference`` holds the reference run's ``(val_loss, val_acc)`` after each of its epochs. Each
     validation term subtracts what the reference gained over the same epochs (accuracy gain,
-    log-drop of the loss), and the final bonus pays the final accuracy minus the reference's: a
-    policy that only matches the reference earns about nothing but the compute charge. The epoch
-    of a validation figure is read from the progress through the budget, so the budget must be
-    known and validation metrics given at every epoch end, as :func:`rlopt.tasks.run_episode`
-    does. Where the progress is unknown the terms are those of :class:`SwitchingReward`, and so
-    is the training-loss term of intervals without validation (decisions every N steps): the
-    reference records no training loss. For meta-training, decide per epoch (`--task interval=epoch`)
-    so that every term is relative.
+    log-drop of the loss), and the final bonus pays the final accuracy minus the reference's at
+    the same epoch: a run that matches the reference earns nothing but the compute charge. The
+    epoch of a validation figure is ``Signals.val_epoch`` (the epochs completed when it was given),
+    so validation metrics must be given at every epoch end, as :func:`rlopt.tasks.run_episode`
+    does. Intervals without validation (decisions every N steps) earn no training-loss term: the
+    reference records no training loss, and an un-referenced term would pay for progress any
+    optimizer makes.
 
     Meta-training uses it with plain SGD as the reference (``train_policy(reward="paired")``):
     the differences between tasks (an easy task raises everyone's accuracy) cancel, and what is
@@ -124,10 +126,11 @@ class BaselineReward(SwitchingReward):
 
     def _epoch(self, s: Signals) -> Optional[int]:
         """0-based index into ``reference`` of the epoch whose validation ``s`` carries."""
-        if not _finite(s.progress):
-            return None
-        k = int(s.progress * len(self.reference) + 1e-6)
+        k = s.val_epoch
         return min(k, len(self.reference)) - 1 if k >= 1 else None
+
+    def _train_loss_term(self, log_drop: float) -> float:
+        return 0.0
 
     def _ref_gain(self, now: Signals, before: Signals, which: int) -> float:
         k, j = self._epoch(now), self._epoch(before)

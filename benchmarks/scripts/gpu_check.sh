@@ -5,6 +5,8 @@
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
 mkdir -p $OUT/r
 exec > >(tee $OUT/r/check.log) 2>&1  # the whole log comes back, not only the reply's tail
+TEE=$!
+trap 'exec >&- 2>&-; wait $TEE' EXIT  # let tee finish writing the log before the command returns
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
 timeout 120 python3 -m benchmarks.overhead --out $OUT/r/overhead_gpu 2>&1 | tail -4
@@ -15,7 +17,7 @@ if [ -n "$COMPILE_SPEED" ]; then  # the same bars with torch.compile'd model (co
     --epochs 9 --compile --out $OUT/r/speed_cifar10_gpu_compile 2>&1 | grep -v "^  epoch"
 fi
 # $OUT returns at most 8 files: the measurements go back as one archive (untar it in /tmp)
-(cd $OUT/r && tar czf checks_$(date +%s).tgz check.log *.md *.json && rm -f *.md *.json)
+(cd $OUT/r && shopt -s nullglob && tar czf checks_$(date +%s).tgz check.log *.md *.json; rm -f *.md *.json)
 B=$(( $1 - SECONDS - 60 ))
 echo "table budget: $B s"
 shift
