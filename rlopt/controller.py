@@ -356,10 +356,21 @@ class RLControlledOptimizer(Optimizer):
             run = self.tracker.poll_skip_run()
             if run is not None and run >= self.max_nonfinite_steps:
                 self._raise_nonfinite(run)
-        if isinstance(self.interval, int) and ctl["interval_steps"] >= self.interval:
-            self._decide(final=self._progress() >= 1.0)
-        elif isinstance(self.interval, int) and self.total_steps is not None and ctl["step"] == self.total_steps:
-            self._decide(final=True)  # the budget ends between two decision points
+        if isinstance(self.interval, int):
+            last = self._last_budget_step()
+            if last and self.total_epochs is not None:
+                return  # epoch_end follows: it makes the final decision, paid on the final validation
+            if ctl["interval_steps"] >= self.interval:
+                self._decide(final=self._progress() >= 1.0)
+            elif last:
+                self._decide(final=True)  # the budget ends between two decision points
+
+    def _last_budget_step(self) -> bool:
+        ctl = self._ctl
+        if self.total_steps is not None:
+            return ctl["step"] == self.total_steps
+        return (self.total_epochs is not None and ctl["epoch"] == self.total_epochs - 1
+                and self._progress() >= 1.0)
 
     def _raise_nonfinite(self, run: int) -> None:
         raise RuntimeError(

@@ -47,7 +47,9 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
             0, AdamW 1e-2).
         seed: seeds the policy (network initialisation and exploration). The global RNG is not touched.
         total_steps, total_epochs: the budget, when known: it gives the progress feature and
-            ends the episode (a truncation, bootstrapped) at the last decision.
+            ends the episode (a truncation, bootstrapped) at the last decision. With ``interval=N``
+            and ``total_epochs`` given, the last decision waits for the last ``epoch_end()``, so
+            that its reward sees the final validation metrics.
         reward: callable ``reward(RewardContext) -> float`` (default :class:`~rlopt.rewards.SwitchingReward`).
         train_policy: learn online (True) or freeze (False); None keeps the policy's own mode
             (new policies learn, loaded ones are frozen).

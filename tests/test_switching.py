@@ -888,6 +888,32 @@ def test_cost_share_of_the_budget_as_the_optimizer_reports_it(budget):
         assert all(math.isnan(v) for v in shares[:2]) and shares[2:6] == pytest.approx([5 / 30] * 4)
 
 
+@pytest.mark.parametrize("budget", [dict(total_steps=30, total_epochs=3), dict(total_epochs=3)])
+def test_final_decision_every_n_steps_is_paid_on_the_final_validation(budget):
+    """With decisions every N steps and a known number of epochs, the budget's last step leaves
+    the final decision to epoch_end, so the final bonus sees the last epoch's validation."""
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1,
+                               **budget)
+    for k in range(30):
+        opt.step(make_closure(model, opt, x, y))
+        if (k + 1) % 10 == 0:
+            opt.epoch_end(val_loss=1.0 - 0.1 * (k + 1) / 10, val_acc=0.5 + 0.1 * (k + 1) / 10)
+    last = opt.history[-1]
+    assert last["final"] and last["step"] == 30 and sum(h["final"] for h in opt.history) == 1
+    assert last["signals"]["val_epoch"] == 3 and last["signals"]["val_fresh"]
+    assert last["signals"]["val_acc"] == pytest.approx(0.8)
+    assert [h["step"] for h in opt.history] == [0, 5, 10, 15, 20, 25, 30]
+    # without total_epochs nothing says epoch_end will follow: the last step decides
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1,
+                               total_steps=30)
+    for k in range(30):
+        opt.step(make_closure(model, opt, x, y))
+    assert opt.history[-1]["final"] and opt.history[-1]["step"] == 30
+
+
 def test_a_step_that_raises_after_the_gradient_comparison_can_be_retried():
     x, y = make_data()
     model = make_model()
