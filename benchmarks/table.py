@@ -326,7 +326,7 @@ def main(argv=None) -> Dict[str, Any]:
     took: Dict[str, float] = {}
     for seed, method in jobs:
         cfg = TrainConfig(**{**base.__dict__, "method": method, "seed": seed, "out_dir": str(out / "runs")})
-        ref_method = _RANDOM_CONTROLS[method][0] or match if method in _RANDOM_CONTROLS else None
+        ref_method = (_RANDOM_CONTROLS[method][0] or match) if method in _RANDOM_CONTROLS else None
         if ref_method and not args.smoke:
             ref = TrainConfig(**{**cfg.__dict__, "method": ref_method})
             ref_path = Path(cfg.out_dir) / f"{ref.run_name()}.json"
