@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.optim import Optimizer
 
+from . import distributed
 from .choices import ChoiceSpec
 from .features import ObservationBuilder, SignalTracker, Signals
 from .policies import (ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy,
@@ -133,7 +134,7 @@ class RLControlledOptimizer(Optimizer):
                  total_steps: Optional[int], total_epochs: Optional[int],
                  reward: Optional[Callable[[RewardContext], float]], max_nonfinite_steps: Optional[int],
                  signal_every: Optional[int], train_policy: Optional[bool], extra_features: Sequence[str] = (),
-                 share_momentum: bool = True):
+                 share_momentum: bool = True, process_group: Any = distributed.AUTO):
         _check_lr(defaults.get("lr"))
         if interval != "epoch" and not (isinstance(interval, int) and not isinstance(interval, bool)):
             raise TypeError(f"interval must be 'epoch' or a positive int, got {interval!r}")
@@ -149,6 +150,7 @@ class RLControlledOptimizer(Optimizer):
             raise TypeError(f"reward must be callable, got {reward!r}")
         if not isinstance(share_momentum, bool):
             raise TypeError(f"share_momentum must be a bool, got {share_momentum!r}")
+        distributed.check_group_arg(process_group)
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
         super().__init__(params, defaults)
         self._specs: Tuple[ChoiceSpec, ...] = tuple(specs)
@@ -178,6 +180,8 @@ class RLControlledOptimizer(Optimizer):
                                          last_decision_step=-1, skipped_total=0)
         self._prev_signals: Optional[Signals] = None
         self._val: Dict[str, float] = {}
+        self._process_group = process_group
+        self._synced_group = None  # the group this rank's policy was last made equal over
         self._decide()
 
     # ----------------------------------------------------------------- hooks
@@ -440,17 +444,29 @@ class RLControlledOptimizer(Optimizer):
     def _decide(self, final: bool = False) -> None:
         ctl = self._ctl
         summary = self.tracker.summary()
+        val, val_fresh, val_epoch = self._val, bool(ctl.get("val_fresh", False)), int(ctl.get("val_epoch", 0))
+        group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
+        if group is not None:  # data-parallel ranks: one observation and one reward for all
+            means, top = distributed.reduce_signals(
+                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement")}
+                | {k: self._val.get(k, math.nan) for k in ("val_loss", "val_acc")},
+                {"skipped": summary["skipped"], "longest_skip_run": summary["longest_skip_run"],
+                 "val_fresh": val_fresh, "val_epoch": val_epoch}, group)
+            summary = {**summary, **means, "skipped": int(top["skipped"]),
+                       "longest_skip_run": int(top["longest_skip_run"])}
+            val = {k: means[k] for k in ("val_loss", "val_acc") if not math.isnan(means[k])}
+            val_fresh, val_epoch = bool(top["val_fresh"]), int(top["val_epoch"])
         if self.max_nonfinite_steps is not None and summary["longest_skip_run"] >= self.max_nonfinite_steps:
             self._raise_nonfinite(summary["longest_skip_run"])
         cheapest = min(s.cost for s in self._specs)
         signals = Signals(
             loss=summary["loss"], grad_norm=summary["grad_norm"], grad_cosine=summary["grad_cosine"],
             grad_sign_agreement=summary["grad_sign_agreement"],
-            val_loss=self._val.get("val_loss", math.nan), val_acc=self._val.get("val_acc", math.nan),
+            val_loss=val.get("val_loss", math.nan), val_acc=val.get("val_acc", math.nan),
             steps=ctl["interval_steps"], skipped=summary["skipped"],
             cost=ctl["interval_cost"] / ctl["interval_steps"] / cheapest if ctl["interval_steps"] else math.nan,
             progress=self._progress(), budget_share=self._budget_share(ctl["interval_steps"]),
-            val_fresh=bool(ctl.get("val_fresh", False)), val_epoch=int(ctl.get("val_epoch", 0)),
+            val_fresh=val_fresh, val_epoch=val_epoch,
         )
         ctl["val_fresh"] = False
         obs = self.observer.build(signals, ctl["action"], max(s.cost for s in self._specs) / cheapest,
@@ -463,7 +479,12 @@ class RLControlledOptimizer(Optimizer):
             if not math.isfinite(reward):
                 raise ValueError(f"The reward function returned {reward}")
             info = self.policy.observe(reward, obs, terminal=False, truncated=final)
+        if group is not None and self.__dict__.get("_synced_group") is not group:
+            distributed.broadcast_policy(self.policy, group)  # the ranks may have had different seeds
+            self._synced_group = group
         action = self.policy.act(obs)
+        if group is not None:
+            action = distributed.agree(action, self.policy, group)
         if not (isinstance(action, int) and 0 <= action < len(self._action_names)):
             raise ValueError(f"The policy returned an invalid action: {action!r}")
         self._apply_action(action)
@@ -577,6 +598,9 @@ class RLControlledOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED + self._EXTRA_PICKLED if k in self.__dict__})
+        group = self.__dict__.get("_process_group", distributed.AUTO)
+        if group is None or isinstance(group, str):  # a ProcessGroup does not pickle: a copy uses "auto"
+            state["_process_group"] = group
         return state
 
     _EXTRA_PICKLED: Tuple[str, ...] = ()

@@ -104,7 +104,7 @@ class QLearningRateOptimizer(RLControlledOptimizer):
             with its weight-decay term off when weight decay is not controlled.
         objective_memory: ``M`` of ``objective_position``.
         max_lr_halvings, max_wd_halvings, max_wd_growths: the bounds above.
-        train_policy, max_nonfinite_steps, signal_every: as in
+        train_policy, max_nonfinite_steps, signal_every, process_group: as in
             :class:`~rlopt.switching.RLSwitchingOptimizer`.
 
     Example:
@@ -137,7 +137,7 @@ class QLearningRateOptimizer(RLControlledOptimizer):
                  reward: Optional[Callable[[RewardContext], float]] = None, objective_memory: int = 5,
                  max_lr_halvings: int = 10, max_wd_halvings: int = 8, max_wd_growths: int = 8,
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None):
+                 signal_every: Optional[int] = None, process_group: Any = "auto"):
         if isinstance(lr, bool) or not isinstance(lr, (int, float)):
             raise TypeError(f"Invalid learning rate: {lr!r} (expected a float)")
         if not 0.0 < lr < math.inf:
@@ -179,6 +179,7 @@ class QLearningRateOptimizer(RLControlledOptimizer):
         super().__init__(params, defaults, [spec], action_names=action_names, policy=policy, interval=interval,
                          seed=seed, total_steps=total_steps, total_epochs=total_epochs, reward=reward,
                          max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
+                         process_group=process_group,
                          train_policy=train_policy, extra_features=extra)
 
     # ------------------------------------------------------------------ arguments

@@ -65,6 +65,13 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
             that runs SAM's ascent on some steps of one SGD does (default). False gives each its own
             buffer; a switch then resumes the buffer the other choice left behind, however old.
             Other choices (Adam, AdamW) always keep their own state.
+        process_group: which data-parallel ranks take every decision together (DDP): ``"auto"``
+            (default) is torch.distributed's default group when it is initialised with more than
+            one rank; a ``ProcessGroup`` is that group; ``None`` lets each rank decide alone
+            (independent runs). Synchronised ranks average their signals and validation metrics
+            (ranks that give none are left out of the mean) and take the same action, with equal
+            policies even when their seeds differ: two small all-reduces per decision, never one
+            inside an ordinary step. See :mod:`rlopt.distributed`.
 
     Example:
         >>> opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], lr=0.1)
@@ -90,7 +97,7 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
                  total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
                  reward: Optional[Callable[[RewardContext], float]] = None,
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None, share_momentum: bool = True):
+                 signal_every: Optional[int] = None, share_momentum: bool = True, process_group: Any = "auto"):
         if not isinstance(lr, (int, float)) or not 0.0 <= lr < float("inf"):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
@@ -102,7 +109,7 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
         super().__init__(params, defaults, specs, action_names=[s.name for s in specs], policy=policy,
                          interval=interval, seed=seed, total_steps=total_steps, total_epochs=total_epochs,
                          reward=reward, max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
-                         train_policy=train_policy, share_momentum=share_momentum)
+                         train_policy=train_policy, share_momentum=share_momentum, process_group=process_group)
 
     def _default_reward(self):
         return SwitchingReward()
