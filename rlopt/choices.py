@@ -27,7 +27,7 @@ import torch
 
 from .sam import SAM
 
-__all__ = ["Family", "ChoiceSpec", "FAMILIES", "resolve_choices"]
+__all__ = ["Family", "ChoiceSpec", "FAMILIES", "register_family", "resolve_choices"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,47 @@ FAMILIES: Dict[str, Family] = {
     "adam": Family(torch.optim.Adam, _ADAM_DEFAULTS, lr_scale=0.01),
     "adamw": Family(torch.optim.AdamW, dict(_ADAM_DEFAULTS, weight_decay=1e-2), lr_scale=0.01),
 }
+
+# Constructor arguments of torch optimizers that are implementation options, not hyper-parameters.
+_NOT_HPARAMS = ("lr", "foreach", "fused", "maximize", "capturable", "differentiable")
+
+
+def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, Any]] = None, *,
+                    lr_scale: float = 1.0, cost: float = 1.0, follows_momentum: bool = False) -> Family:
+    """Make any ``torch.optim.Optimizer`` subclass a choice family, by ``name``.
+
+    ``choices=["sgd", name]`` then runs it, with the rules of this module: it steps at the
+    wrapper's ``lr * lr_scale``, costs ``cost`` gradient evaluations per step, and a choice may
+    set any key of ``defaults``. ``defaults`` are its hyper-parameters other than ``lr`` (None:
+    read from an instance, leaving out options such as ``foreach``). ``follows_momentum``: the
+    wrapper's ``momentum`` reaches it (it must have a ``momentum`` hyper-parameter). Families that
+    evaluate the gradient twice (as SAM) cannot be registered. Register before building an
+    optimizer or loading a checkpoint that names the family.
+
+    Example: a learned update rule written as a torch optimizer,
+    ``register_family("learned", LearnedRule, lr_scale=0.01)``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"A family name must be a non-empty string, got {name!r}")
+    if name in FAMILIES:
+        raise ValueError(f"A choice family named '{name}' exists already")
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer subclass, got {optimizer!r}")
+    if defaults is None:
+        probe = torch.nn.Parameter(torch.zeros(1))
+        try:
+            defaults = optimizer([probe], lr=1.0).defaults
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"Could not read {optimizer.__name__}'s defaults ({err}); pass defaults=") from None
+    defaults = {k: v for k, v in dict(defaults).items() if k not in _NOT_HPARAMS}
+    lr_scale = _check_float("lr_scale", lr_scale, name)
+    cost = _check_float("cost", cost, name, positive=True)
+    if follows_momentum and "momentum" not in defaults:
+        raise ValueError(f"follows_momentum needs a 'momentum' hyper-parameter; {name} has {sorted(defaults)}")
+    family = Family(optimizer, defaults, lr_scale=lr_scale, cost=cost, follows_momentum=bool(follows_momentum))
+    FAMILIES[name] = family
+    return family
+
 
 # Keys a choice may carry besides its family's hyper-parameters.
 _META_KEYS = ("family", "lr", "lr_scale", "cost")

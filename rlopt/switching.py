@@ -33,7 +33,9 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
             ``lr``, ``momentum``, ``weight_decay`` or any inner hyper-parameter; it wins over the
             choice's own value for that group.
         choices: ``["sgd", "sam", "adam"]``; ``[(name, kwargs), ...]``; or ``{name: kwargs}``. Names
-            are ``sgd``, ``sam``, ``adam``, ``adamw``, or any name with a ``family`` key. Per-choice
+            are ``sgd``, ``sam``, ``adam``, ``adamw``, families added with
+            :func:`rlopt.choices.register_family` (any torch optimizer), or any name with a
+            ``family`` key. Per-choice
             keys: the family's hyper-parameters, ``lr`` or ``lr_scale``, ``cost``.
             See :mod:`rlopt.choices` for how they combine with the base ``lr``.
         policy: ``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<choice>"``, a pretrained policy's

@@ -1,0 +1,94 @@
+"""Any torch optimizer as a choice family (``rlopt.choices.register_family``): the extension point
+for a learned update rule."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlopt import RLSwitchingOptimizer
+from rlopt.choices import FAMILIES, register_family
+
+pytestmark = pytest.mark.filterwarnings("ignore:Choice .* runs without fused kernels:RuntimeWarning")
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p <- p - lr * sign(grad + wd * p): a stand-in for any user optimizer (no fused kernels)."""
+
+    def __init__(self, params, lr=0.01, weight_decay=0.0, foreach=None):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad + group["weight_decay"] * p), alpha=-group["lr"])
+
+
+@pytest.fixture
+def signsgd():
+    register_family("signsgd", SignSGD, lr_scale=0.1)
+    yield
+    del FAMILIES["signsgd"]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def test_registered_family_runs_like_the_optimizer_itself(signsgd):
+    x, y = torch.randn(5, 16, 6), torch.randint(0, 3, (5, 16))
+    a, b = _model(), _model()
+    with pytest.warns(RuntimeWarning, match="without fused kernels"):
+        opt = RLSwitchingOptimizer(a.parameters(), choices={"s": {"family": "signsgd", "weight_decay": 0.01}},
+                                   policy="constant:s", lr=0.5)
+    ref = SignSGD(b.parameters(), lr=0.05, weight_decay=0.01)  # lr * lr_scale
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    for xb, yb in zip(x, y):
+        for m, o, s in ((a, opt, sched), (b, ref, ref_sched)):
+            o.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            o.step()
+            s.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    restored = RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd"}},
+                                    policy="constant:s", lr=0.5)
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert restored.inner_optimizers["s"].param_groups[0]["weight_decay"] == 0.01
+
+
+def test_switching_between_sgd_and_a_registered_family(signsgd):
+    model = _model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "signsgd"], policy="random", interval=2, lr=0.1)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    first = F.cross_entropy(model(x), y).item()
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert {h["choice"] for h in opt.history} == {"sgd", "signsgd"}
+    assert F.cross_entropy(model(x), y).item() < first
+
+
+@pytest.mark.parametrize("args,kwargs,err,msg", [
+    (("sgd", SignSGD), {}, ValueError, "exists already"),
+    (("x", torch.nn.Linear), {}, TypeError, "Optimizer subclass"),
+    (("", SignSGD), {}, TypeError, "non-empty string"),
+    (("x", SignSGD), {"follows_momentum": True}, ValueError, "follows_momentum needs"),
+    (("x", SignSGD), {"cost": 0}, ValueError, "Invalid cost"),
+    (("x", SignSGD), {"lr_scale": -1}, ValueError, "Invalid lr_scale"),
+])
+def test_bad_registrations(args, kwargs, err, msg):
+    before = dict(FAMILIES)
+    with pytest.raises(err, match=msg):
+        register_family(*args, **kwargs)
+    assert FAMILIES == before
+
+
+def test_unknown_option_of_a_registered_family(signsgd):
+    with pytest.raises(TypeError, match="Unknown option"):
+        RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd", "momentum": 0.9}})
