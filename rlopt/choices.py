@@ -19,6 +19,7 @@ that hold for every choice, documented once here:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -40,6 +41,7 @@ class Family:
     cost: float = 1.0  # gradient evaluations per step
     follows_momentum: bool = False  # takes the wrapper group's momentum unless pinned
     needs_closure: bool = False
+    fused_found_inf: bool = True  # its fused=True step skips on found_inf (torch's own optimizers)
 
 
 _SGD_DEFAULTS = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
@@ -66,8 +68,13 @@ def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, 
     set any key of ``defaults``. ``defaults`` are its hyper-parameters other than ``lr`` (None:
     read from an instance, leaving out options such as ``foreach``). ``follows_momentum``: the
     wrapper's ``momentum`` reaches it (it must have a ``momentum`` hyper-parameter). Families that
-    evaluate the gradient twice (as SAM) cannot be registered. Register before building an
-    optimizer or loading a checkpoint that names the family.
+    evaluate the gradient twice (as SAM) or need a closure (as LBFGS) cannot be registered.
+    Register before building an optimizer or loading a checkpoint that names the family.
+
+    Non-finite steps: rlopt checks on the host at every step (a warning says so when the
+    optimizer is built), since it cannot know whether the class's own fused step honours
+    ``found_inf``. A subclass of ``torch.optim.SGD`` counts as an SGD-family choice: with
+    ``share_momentum`` it shares the ``sgd`` choice's momentum buffers.
 
     Example: a learned update rule written as a torch optimizer,
     ``register_family("learned", LearnedRule, lr_scale=0.01)``.
@@ -78,6 +85,9 @@ def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, 
         raise ValueError(f"A choice family named '{name}' exists already")
     if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer subclass, got {optimizer!r}")
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(f"{optimizer.__name__}.step needs a closure (as LBFGS); rlopt's choices step without one")
     if defaults is None:
         probe = torch.nn.Parameter(torch.zeros(1))
         try:
@@ -89,7 +99,8 @@ def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, 
     cost = _check_float("cost", cost, name, positive=True)
     if follows_momentum and "momentum" not in defaults:
         raise ValueError(f"follows_momentum needs a 'momentum' hyper-parameter; {name} has {sorted(defaults)}")
-    family = Family(optimizer, defaults, lr_scale=lr_scale, cost=cost, follows_momentum=bool(follows_momentum))
+    family = Family(optimizer, defaults, lr_scale=lr_scale, cost=cost, follows_momentum=bool(follows_momentum),
+                    fused_found_inf=False)
     FAMILIES[name] = family
     return family
 

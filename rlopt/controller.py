@@ -181,6 +181,7 @@ class RLControlledOptimizer(Optimizer):
         self._prev_signals: Optional[Signals] = None
         self._val: Dict[str, float] = {}
         self._process_group = process_group
+        self._group = None  # the group resolved at the last decision (None: this rank decides alone)
         self._synced_group = None  # the group this rank's policy was last made equal over
         self._decide()
 
@@ -228,7 +229,10 @@ class RLControlledOptimizer(Optimizer):
         extra = {"base_optimizer": torch.optim.SGD} if cls.__name__ == "SAM" else {}
         wants_fused = spec.options.get("fused", None)
         fused = False
-        if wants_fused is not False and not spec.options.get("foreach"):
+        if wants_fused and not spec.kind.fused_found_inf:
+            raise ValueError(f"Choice '{spec.name}': rlopt does not run family '{spec.family}' fused (its fused "
+                             "step is not known to skip on found_inf)")
+        if wants_fused is not False and spec.kind.fused_found_inf and not spec.options.get("foreach"):
             try:
                 inner = cls(groups, fused=True, **extra)
                 fused = True
@@ -321,12 +325,17 @@ class RLControlledOptimizer(Optimizer):
         device = grads[0].device if grads else self._params[0].device
         return grads, device
 
+    def _collective_device(self, group) -> torch.device:
+        return distributed.collective_device(group, self._params[0].device if self._params else torch.device("cpu"))
+
     def _guarded_step(self, i: int, closure, loss) -> None:
         spec, inner, fused = self._specs[i], self._inner[i], self._fused[i]
         grads, device = self._grads()
         tracker = self.tracker
         try:
-            bad = tracker.begin(grads, loss, device)  # device flag: 1 skips the step
+            # device flag: 1 skips the step. Data-parallel ranks judge by the gradients alone, equal
+            # on every rank, so that they skip the same steps (a rank's own loss still is not averaged)
+            bad = tracker.begin(grads, loss, device, loss_skips=self.__dict__.get("_group") is None)
             tracker.probe(self._params, bad)
             target = inner
             if spec.needs_closure:  # SAM: ascend, evaluate again, come back
@@ -356,7 +365,7 @@ class RLControlledOptimizer(Optimizer):
         ctl["step"] += 1
         ctl["interval_steps"] += 1
         ctl["interval_cost"] += cost
-        if self.max_nonfinite_steps is not None:
+        if self.max_nonfinite_steps is not None and self.__dict__.get("_group") is None:  # ranks: at decisions
             run = self.tracker.poll_skip_run()
             if run is not None and run >= self.max_nonfinite_steps:
                 self._raise_nonfinite(run)
@@ -445,17 +454,21 @@ class RLControlledOptimizer(Optimizer):
         ctl = self._ctl
         summary = self.tracker.summary()
         val, val_fresh, val_epoch = self._val, bool(ctl.get("val_fresh", False)), int(ctl.get("val_epoch", 0))
-        group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
+        group = self._group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
         if group is not None:  # data-parallel ranks: one observation and one reward for all
+            device = self._collective_device(group)
+            given = {k: self._val.get(k, math.nan) if val_fresh else math.nan for k in ("val_loss", "val_acc")}
             means, top = distributed.reduce_signals(
-                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement")}
-                | {k: self._val.get(k, math.nan) for k in ("val_loss", "val_acc")},
+                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement")} | given,
                 {"skipped": summary["skipped"], "longest_skip_run": summary["longest_skip_run"],
-                 "val_fresh": val_fresh, "val_epoch": val_epoch}, group)
+                 "val_fresh": val_fresh, "val_epoch": val_epoch}, group, device)
             summary = {**summary, **means, "skipped": int(top["skipped"]),
                        "longest_skip_run": int(top["longest_skip_run"])}
-            val = {k: means[k] for k in ("val_loss", "val_acc") if not math.isnan(means[k])}
-            val_fresh, val_epoch = bool(top["val_fresh"]), int(top["val_epoch"])
+            # the metrics given since the last decision, over the ranks that gave them; else the
+            # last ones (equal on every rank, as they were reduced too)
+            self._val.update({k: means[k] for k in given if not math.isnan(means[k])})
+            val, val_fresh, val_epoch = self._val, bool(top["val_fresh"]), int(top["val_epoch"])
+            ctl["val_epoch"] = val_epoch
         if self.max_nonfinite_steps is not None and summary["longest_skip_run"] >= self.max_nonfinite_steps:
             self._raise_nonfinite(summary["longest_skip_run"])
         cheapest = min(s.cost for s in self._specs)
@@ -480,11 +493,11 @@ class RLControlledOptimizer(Optimizer):
                 raise ValueError(f"The reward function returned {reward}")
             info = self.policy.observe(reward, obs, terminal=False, truncated=final)
         if group is not None and self.__dict__.get("_synced_group") is not group:
-            distributed.broadcast_policy(self.policy, group)  # the ranks may have had different seeds
+            distributed.broadcast_policy(self.policy, group, device)  # the ranks may have had different seeds
             self._synced_group = group
         action = self.policy.act(obs)
         if group is not None:
-            action = distributed.agree(action, self.policy, group)
+            action = distributed.agree(action, self.policy, group, device)
         if not (isinstance(action, int) and 0 <= action < len(self._action_names)):
             raise ValueError(f"The policy returned an invalid action: {action!r}")
         self._apply_action(action)
@@ -522,7 +535,7 @@ class RLControlledOptimizer(Optimizer):
         sd = super().state_dict()
         sd["rlopt"] = {
             "format": STATE_FORMAT, "kind": self.kind, "actions": list(self._action_names),
-            "choices": [s.name for s in self._specs],
+            "choices": [s.name for s in self._specs], "families": [s.family for s in self._specs],
             "inner": [o.state_dict() for o in self._inner], "share_momentum": self.share_momentum,
             "policy": {**self.policy.describe(), "state": self.policy.state_dict()},
             "tracker": self.tracker.state_dict(), "observer": self.observer.state_dict(),
@@ -552,6 +565,10 @@ class RLControlledOptimizer(Optimizer):
                 f"{rl['choices']}; this one is {self.kind} over {list(self._action_names)} and "
                 f"{[s.name for s in self._specs]}"
             )
+        families = [s.family for s in self._specs]
+        if "families" in rl and list(rl["families"]) != families:
+            raise ValueError(f"State dict's choices {rl['choices']} are of families {rl['families']}; this "
+                             f"optimizer's are of {families}")
         tracker_version = rl["tracker"].get("version")
         if tracker_version != SignalTracker.STATE_VERSION and tracker_version not in SignalTracker.MIGRATES:
             raise ValueError(f"The signal tracker state is of version {rl['tracker'].get('version', 1)}; this "
@@ -599,9 +616,28 @@ class RLControlledOptimizer(Optimizer):
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED + self._EXTRA_PICKLED if k in self.__dict__})
         group = self.__dict__.get("_process_group", distributed.AUTO)
-        if group is None or isinstance(group, str):  # a ProcessGroup does not pickle: a copy uses "auto"
+        if group is None or isinstance(group, str):
             state["_process_group"] = group
+        else:  # a ProcessGroup does not pickle; "auto" could widen a subgroup to every rank
+            if not self.__dict__.get("_copying", False):
+                warnings.warn("A pickled rlopt optimizer does not keep its ProcessGroup: the copy decides "
+                              "alone (process_group=None) until given one", RuntimeWarning, stacklevel=2)
+            state["_process_group"] = None
         return state
+
+    def __deepcopy__(self, memo):
+        """A deep copy decides with the same ranks: the ProcessGroup is shared, not copied."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        self._copying = True
+        try:
+            state = self.__getstate__()
+        finally:
+            del self._copying
+        new.__setstate__(copy.deepcopy(state, memo))
+        new._process_group = self.__dict__.get("_process_group", distributed.AUTO)
+        return new
 
     _EXTRA_PICKLED: Tuple[str, ...] = ()
 

@@ -8,14 +8,20 @@ rank sees its own training loss and, often, its own validation metrics.
 
 So at each decision point (never inside an ordinary step) the ranks:
 
-1. average their signals (:func:`reduce_signals`), so that every policy sees one observation and
-   one reward, those of the whole global batch;
+1. average their signals (:func:`reduce_signals`): the interval's training signals, and the
+   validation metrics given since the last decision, over the ranks that gave them. Every
+   policy then sees one observation and one reward, those of the whole global batch;
 2. check that they chose the same action (:func:`agree`). They do when their policies are equal,
    which :func:`broadcast_policy` makes so at the first decision (the ranks may have been given
    different seeds). Should they ever differ, every rank takes rank 0's action and rank 0's policy.
 
 That is two small all-reduces per decision, and one object broadcast at the first. The policies
-stay on the CPU; the collectives run on the device the process group's backend needs.
+stay on the CPU; the collectives run where the process group's backend needs them (the model's
+device for NCCL).
+
+Whether a step is skipped must not differ between ranks either. With a group the non-finite
+check looks at the gradients only, which DDP has made equal on every rank, not at each rank's
+own loss; and a long run of skipped steps raises at the next decision, on every rank at once.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ["check_group_arg", "resolve_group", "reduce_signals", "broadcast_policy", "agree"]
+__all__ = ["check_group_arg", "resolve_group", "collective_device", "reduce_signals", "broadcast_policy",
+           "agree"]
 
 AUTO = "auto"
 
@@ -36,9 +43,15 @@ def _dist():
     return dist
 
 
+def _outside(group: Any) -> bool:
+    """True for what ``new_group`` returns on a rank that is not a member."""
+    dist = _dist()
+    return dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER
+
+
 def check_group_arg(group: Any) -> None:
     """Raise a clear error for a ``process_group`` argument that is none of the accepted kinds."""
-    if group is None or (isinstance(group, str) and group == AUTO):
+    if group is None or (isinstance(group, str) and group == AUTO) or _outside(group):
         return
     if isinstance(group, str):
         raise ValueError(f"Invalid process_group: {group!r} (expected 'auto', None or a ProcessGroup)")
@@ -52,9 +65,10 @@ def resolve_group(group: Any):
 
     ``"auto"``: torch.distributed's default group, when it is initialised with more than one
     rank. ``None``: no synchronisation (each rank decides alone, e.g. independent runs). A
-    ``ProcessGroup``: that group, when it has more than one rank.
+    ``ProcessGroup``: that group, when it has more than one rank; on a rank outside it (what
+    ``new_group`` returns there), None.
     """
-    if group is None:
+    if group is None or _outside(group):
         return None
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
@@ -64,9 +78,15 @@ def resolve_group(group: Any):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _device(group) -> torch.device:
+def collective_device(group, device: torch.device) -> torch.device:
+    """Where the group's collectives take their tensors: the CPU for gloo (and MPI), else the
+    model's ``device`` (NCCL and other device backends), falling back to the current CUDA device."""
     backend = str(_dist().get_backend(group))
-    if backend == "nccl":
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if device.type != "cpu":
+        return device
+    if "nccl" in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -79,16 +99,15 @@ def _source(group) -> int:
     return dist.get_global_rank(group, 0)
 
 
-def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group) -> Tuple[Dict[str, float],
-                                                                                       Dict[str, float]]:
-    """Average ``means`` over the ranks that have a finite value (NaN where none has) and take
-    the maximum of ``maxima``: one all-reduce each."""
+def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group,
+                   device: torch.device) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Average ``means`` over the ranks that have a value (NaN: none; infinities count) and take
+    the maximum of ``maxima``: one all-reduce each, on ``device``."""
     dist = _dist()
-    device = _device(group)
     keys = list(means)
     values = torch.tensor([means[k] for k in keys], dtype=torch.float64)
-    finite = torch.isfinite(values)
-    packed = torch.stack([torch.where(finite, values, torch.zeros_like(values)), finite.double()]).to(device)
+    given = ~torch.isnan(values)
+    packed = torch.stack([torch.where(given, values, torch.zeros_like(values)), given.double()]).to(device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     total, count = packed.cpu().tolist()
     averaged = {k: (s / n if n > 0 else math.nan) for k, s, n in zip(keys, total, count)}
@@ -98,28 +117,27 @@ def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group) -> 
     return averaged, dict(zip(mkeys, top.cpu().tolist()))
 
 
-def broadcast_policy(policy, group) -> None:
+def broadcast_policy(policy, group, device: torch.device) -> None:
     """Give every rank the first rank's policy state (networks, optimizer, buffers, RNG)."""
     dist = _dist()
     holder = [policy.state_dict() if dist.get_rank(group) == 0 else None]
     dist.broadcast_object_list(holder, src=_source(group), group=group,
-                               device=_device(group) if _device(group).type == "cuda" else None)
+                               device=device if device.type != "cpu" else None)
     if dist.get_rank(group) != 0:
         policy.load_state_dict(holder[0])
 
 
-def agree(action: int, policy, group) -> int:
+def agree(action: int, policy, group, device: torch.device) -> int:
     """The action every rank takes: this rank's when all chose alike (the usual case); else the
     first rank's, whose policy state every rank then adopts."""
     dist = _dist()
     first = dist.get_rank(group) == 0
-    t = torch.tensor([action, -action, action if first else -1], dtype=torch.int64, device=_device(group))
+    t = torch.tensor([action, -action, action if first else -1], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    high, low, chosen = t[0].item(), -t[1].item(), t[2].item()
-    if high != low:
+    high, low, chosen = t.cpu().tolist()
+    if high != -low:
         warnings.warn(
             "The ranks' policies chose different actions at this decision; every rank now takes the "
             "first rank's action and policy state", RuntimeWarning, stacklevel=3)
-        broadcast_policy(policy, group)
+        broadcast_policy(policy, group, device)
     return int(chosen)
-

@@ -181,14 +181,16 @@ class SignalTracker:
         self._row_views = [r.unbind() for r in rows] if rows is not None else []
 
     # -------------------------------------------------------------- steps
-    def begin(self, grads: List[torch.Tensor], loss: Any, device: torch.device) -> torch.Tensor:
+    def begin(self, grads: List[torch.Tensor], loss: Any, device: torch.device,
+              loss_skips: bool = True) -> torch.Tensor:
         """Account a step's loss and check its gradients. Returns the step's flag: a float32
-        scalar on ``device``, 1 when the loss or a gradient is not finite (the step is to be
-        skipped), else 0; usable as a fused optimizer's ``found_inf``. Call :meth:`end` after the
-        step, and :meth:`check` with any further gradient the step uses."""
+        scalar on ``device``, 1 when a gradient (or, with ``loss_skips``, the loss) is not finite
+        (the step is to be skipped), else 0; usable as a fused optimizer's ``found_inf``. A
+        non-finite loss is never averaged. Call :meth:`end` after the step, and :meth:`check`
+        with any further gradient the step uses."""
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self.begin(grads, loss, device)
+                return self.begin(grads, loss, device, loss_skips)
         if self.acc is None:
             self._allocate(device)
         j = self._pending
@@ -196,12 +198,13 @@ class SignalTracker:
         if isinstance(loss, torch.Tensor):
             slot = self._win_loss[j]
             slot.copy_(loss if loss.dim() == 0 else loss.reshape(()))
-            grads = [*grads, slot]
+            if loss_skips:
+                grads = [*grads, slot]
         elif loss is None:  # the window keeps NaN: no loss to average
             pass
         elif math.isfinite(float(loss)) and abs(float(loss)) <= _FLOAT32_MAX:
             self._win_loss[j].fill_(float(loss))
-        else:  # as a loss tensor would be: not finite in the float32 window
+        elif loss_skips:  # as a loss tensor would be: not finite in the float32 window
             flag.fill_(1.0)
         self.check(grads, flag)
         return flag

@@ -92,7 +92,7 @@ def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, 
 def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int, reward=None):
     cfg = task.config
     common = dict(policy=policy, interval=cfg.interval, seed=seed, total_steps=cfg.total_steps,
-                  total_epochs=cfg.epochs, train_policy=True)
+                  total_epochs=cfg.epochs, train_policy=True, process_group=None)  # one process, its own episodes
     if kind == "switching":
         return RLSwitchingOptimizer(task.model.parameters(), choices=list(choices), lr=cfg.lr, reward=reward,
                                     **common)

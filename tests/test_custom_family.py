@@ -81,6 +81,7 @@ def test_switching_between_sgd_and_a_registered_family(signsgd):
     (("x", SignSGD), {"follows_momentum": True}, ValueError, "follows_momentum needs"),
     (("x", SignSGD), {"cost": 0}, ValueError, "Invalid cost"),
     (("x", SignSGD), {"lr_scale": -1}, ValueError, "Invalid lr_scale"),
+    (("x", torch.optim.LBFGS), {}, ValueError, "needs a closure"),
 ])
 def test_bad_registrations(args, kwargs, err, msg):
     before = dict(FAMILIES)
@@ -92,3 +93,30 @@ def test_bad_registrations(args, kwargs, err, msg):
 def test_unknown_option_of_a_registered_family(signsgd):
     with pytest.raises(TypeError, match="Unknown option"):
         RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd", "momentum": 0.9}})
+
+
+def test_a_registered_family_is_never_trusted_to_skip_fused(signsgd):
+    # rlopt cannot know whether a user class's fused step honours found_inf: asking is an error,
+    # and by default it runs with the host check
+    with pytest.raises(ValueError, match="does not run family 'signsgd' fused"):
+        RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd", "fused": True}})
+    model = _model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices={"s": {"family": "signsgd"}}, policy="constant:s")
+    before = [p.clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.full((2, 6), float("nan"))).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # skipped
+
+
+def test_checkpoint_of_another_family_under_the_same_name_is_refused(signsgd):
+    a = RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd"}, "t": {"family": "sgd"}},
+                             policy="constant:s")
+    b = RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "adam"}, "t": {"family": "sgd"}},
+                             policy="constant:s")
+    with pytest.raises(ValueError, match="families"):
+        b.load_state_dict(a.state_dict())

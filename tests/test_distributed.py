@@ -7,7 +7,7 @@ choose one action and end with equal parameters and equal policies. With ``proce
 """
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,73 +16,19 @@ from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
-WORKER = textwrap.dedent("""
-    import sys
-    import warnings
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel
-    from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
-
-    def run(case, rank):
-        kind, policy, mode = case.split("-")
-        sync = mode in ("sync", "diverge", "group")
-        torch.manual_seed(0)  # the same initial model on both ranks
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        net = DistributedDataParallel(model) if sync else model
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
-        x, y = torch.randn(12, 16, 8, generator=gen), torch.randint(0, 3, (12, 16), generator=gen)
-        group = dist.new_group([0, 1]) if mode == "group" else "auto" if sync else None
-        if kind == "switching":
-            opt = RLSwitchingOptimizer(net.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
-                                       interval=3, lr=0.05, seed=rank, total_steps=12, process_group=group)
-        else:
-            opt = QLearningRateOptimizer(net.parameters(), lr=0.05, interval=3, seed=rank, total_steps=12,
-                                         process_group=group)
-        for i in range(12):
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(net(x[i]), y[i])
-                loss.backward()
-                return loss
-            opt.step(closure)
-            if mode == "diverge" and i == 5 and rank == 1:  # rank 1's policy goes its own way
-                opt.policy.generator.manual_seed(12345)
-            if i % 4 == 3:  # only rank 0 evaluates, a common habit
-                opt.epoch_end(val_loss=1.0, val_acc=0.5 + 0.01 * i) if rank == 0 else opt.epoch_end()
-        return {"choices": [h["choice"] for h in opt.history],
-                "observations": [h["observation"] for h in opt.history],
-                "rewards": [h["reward"] for h in opt.history],
-                "params": [p.detach().clone() for p in model.parameters()],
-                "policy": opt.policy.state_dict()}
-
-    rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    results = {}
-    for case in sys.argv[4:]:
-        with warnings.catch_warnings(record=True) as log:
-            warnings.simplefilter("always")
-            results[case] = run(case, rank)
-        results[case]["disagreements"] = sum("ranks' policies chose different" in str(w.message) for w in log)
-    torch.save(results, out)
-    dist.destroy_process_group()
-""")
-
-
-CASES = ["switching-ppo-sync", "switching-dqn-sync", "lr-dqn-sync", "switching-ppo-group",
-         "switching-random-diverge", "switching-ppo-alone"]
+WORKER = Path(__file__).with_name("ddp_worker.py")
+SYNCED = ["switching-ppo-sync", "switching-dqn-sync", "lr-dqn-sync", "switching-ppo-group",
+          "switching-random-diverge", "switching-ppo-val", "switching-ppo-lossnan", "switching-ppo-gradnan"]
+CASES = SYNCED + ["switching-ppo-alone", "outside"]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Both ranks' results for every case, from one pair of processes (starting them dominates)."""
     tmp_path = tmp_path_factory.mktemp("ddp")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     init = f"file://{tmp_path / 'rendezvous'}"
     outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(outs[r]), *CASES],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), init, str(outs[r]), *CASES],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     logs = []
     for p in procs:
@@ -93,7 +39,17 @@ def ranks(tmp_path_factory):
                 q.kill()
             pytest.fail("the ranks did not finish within 180 s (a collective waited forever)")
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return [torch.load(o, weights_only=True) for o in outs]
+    return Ranks(torch.load(o, weights_only=True) for o in outs)
+
+
+class Ranks(list):
+    """Both ranks' results; ``case(name)`` gives them, or fails with a rank's error."""
+
+    def case(self, name):
+        for r in self:
+            if "error" in r[name]:
+                pytest.fail(f"case {name} raised:\n{r[name]['error']}")
+        return [r[name] for r in self]
 
 
 def _tensors(state):
@@ -106,9 +62,9 @@ def _tensors(state):
     return []
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.endswith("-alone")])
+@pytest.mark.parametrize("case", SYNCED)
 def test_ranks_decide_together(ranks, case):
-    a, b = ranks[0][case], ranks[1][case]
+    a, b = ranks.case(case)
     assert a["choices"] == b["choices"]
     assert a["observations"] == b["observations"]
     assert a["rewards"] == b["rewards"]
@@ -116,7 +72,8 @@ def test_ranks_decide_together(ranks, case):
         assert torch.equal(p, q)
     ta, tb = _tensors(a["policy"]), _tensors(b["policy"])
     assert len(ta) == len(tb) and all(torch.equal(u, v) for u, v in zip(ta, tb))
-    if case.startswith("switching"):
+    assert a["skipped"] == b["skipped"]
+    if case.startswith("switching") and not case.endswith("-gradnan"):
         assert len(set(a["choices"])) > 1  # the run did switch, so agreement was tested
     if not case.endswith("-diverge"):  # equal policies from the first decision (seeds 0 and 1): never a disagreement
         assert a["disagreements"] == b["disagreements"] == 0
@@ -124,8 +81,36 @@ def test_ranks_decide_together(ranks, case):
         assert a["disagreements"] == b["disagreements"] >= 1
 
 
+def test_validation_is_averaged_over_the_ranks_that_gave_it(ranks):
+    # epoch 1: rank 0 gave 1.0 and rank 1 gave 3.0; later only rank 0 (0.8, 0.6). Rank 1's old
+    # figure must not come back, also after every rank loaded rank 0's checkpoint mid-run.
+    for res in ranks.case("switching-ppo-val"):
+        assert res["val_loss"][1:] == pytest.approx([2.0, 0.8, 0.6])
+
+
+def test_one_ranks_nonfinite_loss_skips_no_step(ranks):
+    # rank 1's loss at step 6 is NaN while every gradient is finite: no rank skips it, none raises
+    # (max_nonfinite_steps=1), and the replicas stay equal (checked above)
+    for res in ranks.case("switching-ppo-lossnan"):
+        assert res["raised"] is None and sum(res["skipped"]) == 0
+
+
+def test_nonfinite_gradients_raise_on_every_rank_at_the_same_decision(ranks):
+    a, b = ranks.case("switching-ppo-gradnan")
+    assert a["raised"] is not None and a["raised"] == b["raised"]
+    assert "not finite" in a["raised"][1]
+
+
+def test_subgroups_and_copies(ranks):
+    for res in ranks.case("switching-ppo-group"):
+        assert res["deepcopy_keeps_group"]
+        assert res["pickled_group"] is None and res["pickle_warned"]
+    for res in ranks.case("outside"):
+        assert res["decisions"] == 4  # rank 1 outside the group, rank 0 alone in it: no waiting
+
+
 def test_ranks_alone_differ(ranks):
-    a, b = ranks[0]["switching-ppo-alone"], ranks[1]["switching-ppo-alone"]
+    a, b = ranks.case("switching-ppo-alone")
     assert a["observations"][1:] != b["observations"][1:]  # their own losses and seeds
 
 
