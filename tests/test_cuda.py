@@ -165,3 +165,35 @@ def test_learning_rate_agent_runs_on_cuda():
     losses = [opt.step(make_closure(model, opt, x, y)).detach() for _ in range(40)]
     assert len(opt.history) >= 10
     assert float(losses[-1]) < float(losses[0])
+
+
+NCCL_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from rlopt import distributed
+from rlopt.policies import policy_class
+dist.init_process_group("nccl", init_method=sys.argv[1], rank=0, world_size=1)
+group = dist.group.WORLD
+dev = distributed.collective_device(group, torch.device("cuda", 0))
+assert dev.type == "cuda", dev
+means, top = distributed.reduce_signals({"loss": 2.0, "val_acc": float("nan")}, {"skipped": 3}, group, dev)
+assert means["loss"] == 2.0 and means["val_acc"] != means["val_acc"] and top["skipped"] == 3.0, (means, top)
+policy = policy_class("ppo")(4, ("sgd", "sam"))
+distributed.broadcast_policy(policy, group, dev)
+assert distributed.agree(1, policy, group, dev) == 1
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="needs NCCL")
+def test_nccl_collectives_take_tensors_on_the_model_device(tmp_path):
+    # one rank is all one GPU allows: it runs every collective of rlopt.distributed through NCCL
+    import subprocess
+    import sys
+
+    script = tmp_path / "nccl.py"
+    script.write_text(NCCL_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), f"file://{tmp_path / 'rdv'}"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
