@@ -325,6 +325,10 @@ class RLControlledOptimizer(Optimizer):
         device = grads[0].device if grads else self._params[0].device
         return grads, device
 
+    def _in_group(self) -> bool:
+        """Whether this rank takes its decisions with others (resolved at the last decision)."""
+        return self.__dict__.get("_group") is not None and torch.distributed.is_initialized()
+
     def _collective_device(self, group) -> torch.device:
         return distributed.collective_device(group, self._params[0].device if self._params else torch.device("cpu"))
 
@@ -335,7 +339,7 @@ class RLControlledOptimizer(Optimizer):
         try:
             # device flag: 1 skips the step. Data-parallel ranks judge by the gradients alone, equal
             # on every rank, so that they skip the same steps (a rank's own loss still is not averaged)
-            bad = tracker.begin(grads, loss, device, loss_skips=self.__dict__.get("_group") is None)
+            bad = tracker.begin(grads, loss, device, loss_skips=not self._in_group())
             tracker.probe(self._params, bad)
             target = inner
             if spec.needs_closure:  # SAM: ascend, evaluate again, come back
@@ -365,7 +369,7 @@ class RLControlledOptimizer(Optimizer):
         ctl["step"] += 1
         ctl["interval_steps"] += 1
         ctl["interval_cost"] += cost
-        if self.max_nonfinite_steps is not None and self.__dict__.get("_group") is None:  # ranks: at decisions
+        if self.max_nonfinite_steps is not None and not self._in_group():  # ranks: at decisions
             run = self.tracker.poll_skip_run()
             if run is not None and run >= self.max_nonfinite_steps:
                 self._raise_nonfinite(run)
@@ -417,6 +421,7 @@ class RLControlledOptimizer(Optimizer):
         self._val.update(val)
         ctl = self._ctl
         ctl["val_fresh"] = ctl.get("val_fresh", False) or bool(val)
+        ctl["val_fresh_keys"] = sorted(set(ctl.get("val_fresh_keys", ())) | set(val))
         ctl["epoch"] += 1
         if val:
             ctl["val_epoch"] = ctl["epoch"]
@@ -457,7 +462,8 @@ class RLControlledOptimizer(Optimizer):
         group = self._group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
         if group is not None:  # data-parallel ranks: one observation and one reward for all
             device = self._collective_device(group)
-            given = {k: self._val.get(k, math.nan) if val_fresh else math.nan for k in ("val_loss", "val_acc")}
+            fresh = ctl.get("val_fresh_keys", list(self._val) if val_fresh else [])  # (older checkpoints)
+            given = {k: self._val.get(k, math.nan) if k in fresh else math.nan for k in ("val_loss", "val_acc")}
             means, top = distributed.reduce_signals(
                 {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement")} | given,
                 {"skipped": summary["skipped"], "longest_skip_run": summary["longest_skip_run"],
@@ -481,7 +487,7 @@ class RLControlledOptimizer(Optimizer):
             progress=self._progress(), budget_share=self._budget_share(ctl["interval_steps"]),
             val_fresh=val_fresh, val_epoch=val_epoch,
         )
-        ctl["val_fresh"] = False
+        ctl["val_fresh"], ctl["val_fresh_keys"] = False, []
         obs = self.observer.build(signals, ctl["action"], max(s.cost for s in self._specs) / cheapest,
                                   self._extra_features(signals))
         reward, info = None, {}
@@ -616,8 +622,8 @@ class RLControlledOptimizer(Optimizer):
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED + self._EXTRA_PICKLED if k in self.__dict__})
         group = self.__dict__.get("_process_group", distributed.AUTO)
-        if group is None or isinstance(group, str):
-            state["_process_group"] = group
+        if group is None or isinstance(group, str) or distributed.outside(group):
+            state["_process_group"] = None if distributed.outside(group) else group
         else:  # a ProcessGroup does not pickle; "auto" could widen a subgroup to every rank
             if not self.__dict__.get("_copying", False):
                 warnings.warn("A pickled rlopt optimizer does not keep its ProcessGroup: the copy decides "
@@ -636,8 +642,14 @@ class RLControlledOptimizer(Optimizer):
         finally:
             del self._copying
         new.__setstate__(copy.deepcopy(state, memo))
-        new._process_group = self.__dict__.get("_process_group", distributed.AUTO)
+        for key in ("_process_group", "_group", "_synced_group"):  # the same ranks, already in step
+            new.__dict__[key] = self.__dict__.get(key)
         return new
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
+        self._synced_group = None  # made equal again at the next decision
 
     _EXTRA_PICKLED: Tuple[str, ...] = ()
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ["check_group_arg", "resolve_group", "collective_device", "reduce_signals", "broadcast_policy",
+__all__ = ["outside", "check_group_arg", "resolve_group", "collective_device", "reduce_signals", "broadcast_policy",
            "agree"]
 
 AUTO = "auto"
@@ -43,7 +43,7 @@ def _dist():
     return dist
 
 
-def _outside(group: Any) -> bool:
+def outside(group: Any) -> bool:
     """True for what ``new_group`` returns on a rank that is not a member."""
     dist = _dist()
     return dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER
@@ -51,7 +51,7 @@ def _outside(group: Any) -> bool:
 
 def check_group_arg(group: Any) -> None:
     """Raise a clear error for a ``process_group`` argument that is none of the accepted kinds."""
-    if group is None or (isinstance(group, str) and group == AUTO) or _outside(group):
+    if group is None or (isinstance(group, str) and group == AUTO) or outside(group):
         return
     if isinstance(group, str):
         raise ValueError(f"Invalid process_group: {group!r} (expected 'auto', None or a ProcessGroup)")
@@ -68,7 +68,7 @@ def resolve_group(group: Any):
     ``ProcessGroup``: that group, when it has more than one rank; on a rank outside it (what
     ``new_group`` returns there), None.
     """
-    if group is None or _outside(group):
+    if group is None or outside(group):
         return None
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):

@@ -62,24 +62,35 @@ def run(case, rank):
             epoch = i // 4
             if rank == 0:  # rank 0 evaluates every epoch
                 opt.epoch_end(val_loss=1.0 - 0.2 * epoch, val_acc=0.5 + 0.01 * i)
-            elif mode == "val" and epoch == 0:  # rank 1 once, at the first epoch
+            elif mode == "val" and epoch == 0:  # rank 1: both metrics at the first epoch,
                 opt.epoch_end(val_loss=3.0, val_acc=0.1)
+            elif mode == "val" and epoch == 1:  # the accuracy alone at the second, none at the third
+                opt.epoch_end(val_acc=0.2)
             else:
                 opt.epoch_end()
     out = {"choices": [h["choice"] for h in opt.history],
            "observations": [h["observation"] for h in opt.history],
            "rewards": [h["reward"] for h in opt.history],
            "val_loss": [h["signals"]["val_loss"] for h in opt.history],
+           "val_acc": [h["signals"]["val_acc"] for h in opt.history],
            "skipped": [h["signals"]["skipped"] for h in opt.history],
            "params": [p.detach().clone() for p in model.parameters()],
            "policy": opt.policy.state_dict(), "raised": raised}
     if mode == "group":
-        out["deepcopy_keeps_group"] = copy.deepcopy(opt)._process_group is group
+        twin = copy.deepcopy(opt)
+        out["deepcopy_keeps_group"] = twin._process_group is group and twin._in_group()
         with warnings.catch_warnings(record=True) as log:
             warnings.simplefilter("always")
             out["pickled_group"] = pickle.loads(pickle.dumps(opt))._process_group
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "auto" pickles as it is, and the copy is in step at once
+            out["pickled_auto_in_group"] = pickle.loads(pickle.dumps(opt_auto(net))).__dict__["_group"] is not None
         out["pickle_warned"] = any("does not keep its ProcessGroup" in str(w.message) for w in log)
     return out
+
+
+def opt_auto(net):
+    return RLSwitchingOptimizer(net.parameters(), choices=["sgd", "adam"], policy="constant:sgd")
 
 
 def outside_member(rank):

@@ -82,10 +82,12 @@ def test_ranks_decide_together(ranks, case):
 
 
 def test_validation_is_averaged_over_the_ranks_that_gave_it(ranks):
-    # epoch 1: rank 0 gave 1.0 and rank 1 gave 3.0; later only rank 0 (0.8, 0.6). Rank 1's old
-    # figure must not come back, also after every rank loaded rank 0's checkpoint mid-run.
+    # epoch 1: rank 0 gave loss 1.0 and accuracy 0.53, rank 1 3.0 and 0.1; epoch 2: rank 0 0.8 and
+    # 0.57, rank 1 the accuracy 0.2 alone; epoch 3: rank 0 alone (0.6, 0.61). Rank 1's old loss must
+    # not come back, also after every rank loaded rank 0's checkpoint mid-run.
     for res in ranks.case("switching-ppo-val"):
         assert res["val_loss"][1:] == pytest.approx([2.0, 0.8, 0.6])
+        assert res["val_acc"][1:] == pytest.approx([0.315, 0.385, 0.61])
 
 
 def test_one_ranks_nonfinite_loss_skips_no_step(ranks):
@@ -105,6 +107,7 @@ def test_subgroups_and_copies(ranks):
     for res in ranks.case("switching-ppo-group"):
         assert res["deepcopy_keeps_group"]
         assert res["pickled_group"] is None and res["pickle_warned"]
+        assert res["pickled_auto_in_group"]
     for res in ranks.case("outside"):
         assert res["decisions"] == 4  # rank 1 outside the group, rank 0 alone in it: no waiting
 
