@@ -642,8 +642,8 @@ class RLControlledOptimizer(Optimizer):
         finally:
             del self._copying
         new.__setstate__(copy.deepcopy(state, memo))
-        for key in ("_process_group", "_group", "_synced_group"):  # the same ranks, already in step
-            new.__dict__[key] = self.__dict__.get(key)
+        new._process_group = self.__dict__.get("_process_group", distributed.AUTO)  # the same ranks,
+        new._group, new._synced_group = self.__dict__.get("_group"), self.__dict__.get("_synced_group")  # in step
         return new
 
     def __setstate__(self, state):
