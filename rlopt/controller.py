@@ -458,7 +458,7 @@ class RLControlledOptimizer(Optimizer):
     def _decide(self, final: bool = False) -> None:
         ctl = self._ctl
         summary = self.tracker.summary()
-        val, val_fresh, val_epoch = self._val, bool(ctl.get("val_fresh", False)), int(ctl.get("val_epoch", 0))
+        val_fresh, val_epoch = bool(ctl.get("val_fresh", False)), int(ctl.get("val_epoch", 0))
         group = self._group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
         if group is not None:  # data-parallel ranks: one observation and one reward for all
             device = self._collective_device(group)
@@ -473,7 +473,7 @@ class RLControlledOptimizer(Optimizer):
             # the metrics given since the last decision, over the ranks that gave them; else the
             # last ones (equal on every rank, as they were reduced too)
             self._val.update({k: means[k] for k in given if not math.isnan(means[k])})
-            val, val_fresh, val_epoch = self._val, bool(top["val_fresh"]), int(top["val_epoch"])
+            val_fresh, val_epoch = bool(top["val_fresh"]), int(top["val_epoch"])
             ctl["val_epoch"] = val_epoch
         if self.max_nonfinite_steps is not None and summary["longest_skip_run"] >= self.max_nonfinite_steps:
             self._raise_nonfinite(summary["longest_skip_run"])
@@ -481,7 +481,7 @@ class RLControlledOptimizer(Optimizer):
         signals = Signals(
             loss=summary["loss"], grad_norm=summary["grad_norm"], grad_cosine=summary["grad_cosine"],
             grad_sign_agreement=summary["grad_sign_agreement"],
-            val_loss=val.get("val_loss", math.nan), val_acc=val.get("val_acc", math.nan),
+            val_loss=self._val.get("val_loss", math.nan), val_acc=self._val.get("val_acc", math.nan),
             steps=ctl["interval_steps"], skipped=summary["skipped"],
             cost=ctl["interval_cost"] / ctl["interval_steps"] / cheapest if ctl["interval_steps"] else math.nan,
             progress=self._progress(), budget_share=self._budget_share(ctl["interval_steps"]),
@@ -619,16 +619,18 @@ class RLControlledOptimizer(Optimizer):
         self._load_extra_state(rl)
 
     def __getstate__(self):
+        return self._copy_state(warn=True)
+
+    def _copy_state(self, warn: bool) -> Dict[str, Any]:
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED + self._EXTRA_PICKLED if k in self.__dict__})
         group = self.__dict__.get("_process_group", distributed.AUTO)
-        if group is None or isinstance(group, str) or distributed.outside(group):
-            state["_process_group"] = None if distributed.outside(group) else group
-        else:  # a ProcessGroup does not pickle; "auto" could widen a subgroup to every rank
-            if not self.__dict__.get("_copying", False):
+        if not (group is None or isinstance(group, str)):  # a ProcessGroup does not pickle, and "auto"
+            if warn and not distributed.outside(group):    # could widen a subgroup to every rank
                 warnings.warn("A pickled rlopt optimizer does not keep its ProcessGroup: the copy decides "
-                              "alone (process_group=None) until given one", RuntimeWarning, stacklevel=2)
-            state["_process_group"] = None
+                              "alone (process_group=None) until given one", RuntimeWarning, stacklevel=3)
+            group = None
+        state["_process_group"] = group
         return state
 
     def __deepcopy__(self, memo):
@@ -636,12 +638,7 @@ class RLControlledOptimizer(Optimizer):
         cls = type(self)
         new = cls.__new__(cls)
         memo[id(self)] = new
-        self._copying = True
-        try:
-            state = self.__getstate__()
-        finally:
-            del self._copying
-        new.__setstate__(copy.deepcopy(state, memo))
+        new.__setstate__(copy.deepcopy(self._copy_state(warn=False), memo))
         new._process_group = self.__dict__.get("_process_group", distributed.AUTO)  # the same ranks,
         new._group, new._synced_group = self.__dict__.get("_group"), self.__dict__.get("_synced_group")  # in step
         return new

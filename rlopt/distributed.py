@@ -15,8 +15,8 @@ So at each decision point (never inside an ordinary step) the ranks:
    which :func:`broadcast_policy` makes so at the first decision (the ranks may have been given
    different seeds). Should they ever differ, every rank takes rank 0's action and rank 0's policy.
 
-That is two small all-reduces per decision, and one object broadcast at the first. The policies
-stay on the CPU; the collectives run where the process group's backend needs them (the model's
+That is three small all-reduces per decision (two in step 1, one in step 2), and one object
+broadcast at the first. The policies stay on the CPU; the collectives run where the process group's backend needs them (the model's
 device for NCCL).
 
 Whether a step is skipped must not differ between ranks either. With a group the non-finite

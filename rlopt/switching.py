@@ -72,7 +72,7 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
             one rank; a ``ProcessGroup`` is that group; ``None`` lets each rank decide alone
             (independent runs). Synchronised ranks average their signals and validation metrics
             (ranks that give none are left out of the mean) and take the same action, with equal
-            policies even when their seeds differ: two small all-reduces per decision, never one
+            policies even when their seeds differ: three small all-reduces per decision, never one
             inside an ordinary step. See :mod:`rlopt.distributed`.
 
     Example:
