@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .data import load_dataset
 from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
@@ -75,6 +75,54 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     names = sorted({n for x in s for n in x["step_share"]})
     out["step_share"] = {n: sum(x["step_share"].get(n, 0.0) for x in s) / len(s) for n in names}
     return out
+
+
+#: methods that run one optimizer throughout (the "best static" comparison draws from these)
+STATIC_METHODS = ("sgd", "sam", "adam", "adamw")
+
+
+def welch_diff(a: Dict[str, float], b: Dict[str, float], n_a: int, n_b: int) -> Tuple[float, float]:
+    """Mean difference ``a - b`` of two groups given their means and sample stds, and the half-width of
+    its 95% interval (Welch's t; the t quantile at the Welch-Satterthwaite df rounded down, and at most
+    30, so slightly wide). NaN half-width when a group has fewer than two runs."""
+    diff = a["mean"] - b["mean"]
+    if n_a < 2 or n_b < 2:
+        return diff, math.nan
+    va, vb = a["std"] ** 2 / n_a, b["std"] ** 2 / n_b
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+    t = _T95[min(max(1, int(df)), len(_T95)) - 1]
+    return diff, t * se
+
+
+def compare_to_best_static(rows: List[Dict[str, Any]]) -> List[str]:
+    """Markdown lines: each method's final test accuracy against the static method with the highest
+    mean, with a Welch 95% interval of the difference and a verdict that the interval decides."""
+    static = [r for r in rows if r["method"] in STATIC_METHODS and r["n"] > 0]
+    if not static or len(rows) < 2:
+        return []
+    best = max(static, key=lambda r: r["final_test_acc"]["mean"])
+    b_acc, b_ge = best["final_test_acc"], best["grad_evals"]["mean"]
+    md = ["", f"Against the best static method, `{best['method']}` (highest mean final test accuracy): "
+          "difference in final test accuracy with its 95% interval (Welch's t over seeds). \"better\" or "
+          "\"worse\" only where the interval excludes 0; \"not separable\" otherwise. Cost: gradient "
+          "evaluations per run over the best static method's.", "",
+          "| method | n | difference (points) | 95% interval | verdict | cost (x best static) |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r is best:
+            continue
+        diff, half = welch_diff(r["final_test_acc"], b_acc, r["n"], best["n"])
+        if math.isnan(half):
+            interval, verdict = "-", "too few runs"
+        else:
+            interval = f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
+            verdict = "better" if diff - half > 0 else "worse" if diff + half < 0 else "not separable"
+        cost = r["grad_evals"]["mean"] / b_ge if b_ge else math.nan
+        md.append(f"| {r['method']} | {r['n']} | {100 * diff:+.2f} | {interval} | {verdict} | {cost:.2f} |")
+    return md
 
 
 def _pct(d, digits=2):
@@ -132,6 +180,7 @@ def write_outputs(out: Path, rows: List[Dict[str, Any]], runs: Dict[str, List[Di
           "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(l) + " |" for l in lines]
+    md += compare_to_best_static(rows)
     md += ["", "Methods:", ""] + [f"- `{r['method']}`: {METHODS[r['method']]}" for r in rows]
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:

@@ -2,6 +2,7 @@
 the demo and overhead scripts at toy sizes, and the quickstart notebook (executed with nbclient)."""
 import gzip
 import json
+import math
 import struct
 import sys
 import tarfile
@@ -382,3 +383,29 @@ def test_policy_eval_pairs_policies_with_their_controls(tmp_path):
     assert "| random@switch-sgd-sam |" in (tmp_path / "ev.md").read_text()
     with pytest.raises(SystemExit):
         policy_eval.main(["switch-sgd-sam-adam", "--tasks", "1"])  # three actions: not a sgd/sam policy
+
+
+def test_welch_difference_and_verdicts_against_best_static():
+    """The difference table: Welch's interval worked by hand, and verdicts that the interval decides."""
+    from benchmarks.table import compare_to_best_static, welch_diff
+
+    # a: 0.90 ± 0.01, b: 0.88 ± 0.02, three runs each. Var of the means 1e-4/3 and 4e-4/3; Welch df
+    # (5e-4/3)^2 / ((1e-4/3)^2/2 + (4e-4/3)^2/2) = 2.94 -> 2, t = 4.303; half-width 4.303 * sqrt(5e-4/3)
+    diff, half = welch_diff({"mean": 0.90, "std": 0.01}, {"mean": 0.88, "std": 0.02}, 3, 3)
+    assert diff == pytest.approx(0.02) and half == pytest.approx(4.303 * math.sqrt(5e-4 / 3))
+    assert math.isnan(welch_diff({"mean": 0.9, "std": math.nan}, {"mean": 0.8, "std": 0.01}, 1, 3)[1])
+
+    def row(method, mean, std, n=3, ge=100.0):
+        return {"method": method, "n": n, "final_test_acc": {"mean": mean, "std": std},
+                "grad_evals": {"mean": ge}}
+
+    rows = [row("sgd", 0.900, 0.001), row("sam", 0.920, 0.001, ge=200.0), row("ppo-sgd-sam", 0.950, 0.001, ge=150.0),
+            row("random-sgd-sam", 0.921, 0.02), row("pre-sgd-sam", 0.80, 0.001), row("dqn-sgd-sam", 0.93, 0.0, n=1)]
+    md = "\n".join(compare_to_best_static(rows))
+    assert "`sam`" in md  # the best static by mean; ppo's higher mean does not make it "static"
+    verdicts = {l.split(" | ")[0].lstrip("| "): l.split(" | ")[4] for l in md.splitlines() if l.startswith("| ")
+                and not l.startswith("| method")}
+    assert verdicts == {"sgd": "worse", "ppo-sgd-sam": "better", "random-sgd-sam": "not separable",
+                        "pre-sgd-sam": "worse", "dqn-sgd-sam": "too few runs"}
+    assert "| ppo-sgd-sam | 3 | +3.00 |" in md and md.splitlines()[-4].endswith("| 0.75 |")
+    assert compare_to_best_static([row("ppo-sgd-sam", 0.9, 0.01)]) == []

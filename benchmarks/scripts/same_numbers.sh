@@ -1,0 +1,35 @@
+#!/bin/bash
+# Do two commits train alike? Runs the same small CPU configs (embedded Fashion-MNIST subset, small CNN,
+# 3 epochs, one thread) on a worktree of OLD and on this checkout, then compares every epoch's losses and
+# accuracies and every decision (choice, reward, observation) for exact equality.
+# Use it before mixing table runs made on two commits. usage: benchmarks/scripts/same_numbers.sh OLD [METHOD ...]
+set -e
+OLD=$1; shift
+METHODS=${*:-"sgd sam adamw sam-last sam-every-k ppo-sgd-sam dqn-sgd-sam random-sgd-sam pre-sgd-sam ppo-sgd-sam-adam pre-sgd-sam-adam ppo-sgd-sam-adamw lr-dqn lr-dqn-online"}
+HERE=$(git rev-parse --show-toplevel)
+TMP=$(mktemp -d)
+git -C "$HERE" worktree add -q --detach "$TMP/old" "$OLD"
+trap 'git -C "$HERE" worktree remove --force "$TMP/old"; rm -rf "$TMP"' EXIT
+for tree in "$TMP/old" "$HERE"; do
+  out="$TMP/out_$([ "$tree" = "$HERE" ] && echo new || echo old)"
+  for m in $METHODS; do
+    (cd "$tree" && PYTHONPATH="$tree" python -m benchmarks.train --dataset fmnist-subset --model small-cnn \
+      --method "$m" --epochs 3 --seed 1 --threads 1 --val-fraction 0.1 --sam-share 0.5 \
+      --out-dir "$out" > /dev/null)
+  done
+done
+python - "$TMP/out_old" "$TMP/out_new" $METHODS <<'PY'
+import json, sys
+from pathlib import Path
+old, new, methods = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+def key(run):
+    return ([{k: v for k, v in e.items() if not k.endswith("seconds")} for e in run["epochs"]],
+            [(d["choice"], d["reward"], d.get("observation")) for d in run["decisions"]])
+differ = 0
+for m in methods:
+    name = f"fmnist-subset_small-cnn_{m}_e3_s1.json"
+    same = key(json.loads((old / name).read_text())) == key(json.loads((new / name).read_text()))
+    differ += not same
+    print(f"{m}: {'identical' if same else 'DIFFERENT'}")
+sys.exit(1 if differ else 0)
+PY
