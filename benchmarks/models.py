@@ -55,12 +55,30 @@ class SmallCNN(nn.Module):
 MODELS = ("resnet18", "resnet18-imagenet", "small-cnn")
 
 
-def build_model(name: str, num_classes: int, in_channels: int, width: int = 32) -> nn.Module:
-    """``"resnet18"`` (CIFAR stem), ``"resnet18-imagenet"`` or ``"small-cnn"``."""
+INITS = (None, "pytorch")
+
+
+def build_model(name: str, num_classes: int, in_channels: int, width: int = 32,
+                init: str | None = None) -> nn.Module:
+    """``"resnet18"`` (CIFAR stem), ``"resnet18-imagenet"`` or ``"small-cnn"``.
+
+    ``init="pytorch"`` re-initialises every convolution of a ResNet with PyTorch's layer default
+    (Kaiming-uniform, a = sqrt(5)) instead of torchvision's Kaiming-normal (fan-out); batch norm and
+    the last linear layer are the same under both."""
+    if init not in INITS:
+        raise ValueError(f"Unknown init {init!r}; expected None or 'pytorch'")
     if name == "resnet18":
-        return resnet18(num_classes, in_channels, "cifar")
-    if name == "resnet18-imagenet":
-        return resnet18(num_classes, in_channels, "imagenet")
-    if name == "small-cnn":
+        model = resnet18(num_classes, in_channels, "cifar")
+    elif name == "resnet18-imagenet":
+        model = resnet18(num_classes, in_channels, "imagenet")
+    elif name == "small-cnn":
+        if init is not None:
+            raise ValueError("init applies to the ResNets; the small CNN has PyTorch's default init")
         return SmallCNN(num_classes, in_channels, width)
-    raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}")
+    else:
+        raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}")
+    if init == "pytorch":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+    return model

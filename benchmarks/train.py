@@ -107,6 +107,10 @@ class TrainConfig:
     """"resnet18" (CIFAR stem), "resnet18-imagenet" or "small-cnn"."""
     width: int = 32
     """Channels of the small CNN's first layer."""
+    init: Optional[str] = None
+    """ResNet convolution initialisation. None: torchvision's (Kaiming-normal, fan-out); "pytorch":
+    PyTorch's layer default (Kaiming-uniform, a = sqrt(5)), as a hand-written ResNet gets. A set
+    value is part of the run name."""
     method: str = "sgd"
     """One of METHODS."""
     epochs: int = 30
@@ -171,7 +175,8 @@ class TrainConfig:
     """Free text stored with the run."""
 
     def run_name(self) -> str:
-        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{'_' + self.tag if self.tag else ''}"
+        init = f"_init-{self.init}" if self.init else ""
+        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{init}{'_' + self.tag if self.tag else ''}"
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -382,7 +387,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
                             cache_dir=cfg.cache_dir, max_train=cfg.max_train, max_test=cfg.max_test)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.width).to(device)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.width, init=cfg.init).to(device)
     cl = cfg.channels_last and device.type == "cuda"
     if cl:
         model = model.to(memory_format=torch.channels_last)

@@ -409,3 +409,24 @@ def test_welch_difference_and_verdicts_against_best_static():
                         "pre-sgd-sam": "worse", "dqn-sgd-sam": "too few runs"}
     assert "| ppo-sgd-sam | 3 | +3.00 |" in md and md.splitlines()[-4].endswith("| 0.75 |")
     assert compare_to_best_static([row("ppo-sgd-sam", 0.9, 0.01)]) == []
+
+
+def test_resnet_init_option():
+    """--init pytorch swaps torchvision's conv init (Kaiming-normal, fan-out) for PyTorch's layer
+    default; it changes the run name, and bad values are refused."""
+    from benchmarks.models import build_model
+    from benchmarks.train import TrainConfig
+
+    torch.manual_seed(0)
+    tv = build_model("resnet18", 10, 3).layer1[0].conv1.weight.detach()
+    torch.manual_seed(0)
+    pt = build_model("resnet18", 10, 3, init="pytorch").layer1[0].conv1.weight.detach()
+    # 64 -> 64 channels, 3x3: fan-out std sqrt(2 / 576) = 0.059; default bound 1 / sqrt(576), std 0.024
+    assert float(tv.std()) == pytest.approx(math.sqrt(2 / 576), rel=0.05)
+    assert float(pt.std()) == pytest.approx(1 / math.sqrt(576) / math.sqrt(3), rel=0.05)
+    assert TrainConfig(init="pytorch").run_name().endswith("_s0_init-pytorch")
+    assert TrainConfig().run_name().endswith("_s0")
+    with pytest.raises(ValueError, match="Unknown init"):
+        build_model("resnet18", 10, 3, init="xavier")
+    with pytest.raises(ValueError, match="small CNN"):
+        build_model("small-cnn", 10, 1, init="pytorch")

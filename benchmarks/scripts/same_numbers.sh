@@ -1,21 +1,25 @@
 #!/bin/bash
 # Do two commits train alike? Runs the same small CPU configs (embedded Fashion-MNIST subset, small CNN,
-# 3 epochs, one thread) on a worktree of OLD and on this checkout, then compares every epoch's losses and
-# accuracies and every decision (choice, reward, observation) for exact equality.
-# Use it before mixing table runs made on two commits. usage: benchmarks/scripts/same_numbers.sh OLD [METHOD ...]
+# 3 epochs, one thread) on worktrees of OLD and NEW (default HEAD), then compares every epoch's losses and
+# accuracies and every decision (choice, reward, observation) for exact equality; exit status 1 if any differ.
+# Use it before aggregating table runs made on two commits into one table.
+# usage: benchmarks/scripts/same_numbers.sh OLD [NEW] [-- METHOD ...]
 set -e
-OLD=$1; shift
+OLD=$1; NEW=HEAD; shift
+if [ $# -gt 0 ] && [ "$1" != -- ]; then NEW=$1; shift; fi
+[ "$1" = -- ] && shift
 METHODS=${*:-"sgd sam adamw sam-last sam-every-k ppo-sgd-sam dqn-sgd-sam random-sgd-sam pre-sgd-sam ppo-sgd-sam-adam pre-sgd-sam-adam ppo-sgd-sam-adamw lr-dqn lr-dqn-online"}
 HERE=$(git rev-parse --show-toplevel)
 TMP=$(mktemp -d)
+trap 'git -C "$HERE" worktree remove --force "$TMP/old" 2>/dev/null; git -C "$HERE" worktree remove --force "$TMP/new" 2>/dev/null; rm -rf "$TMP"' EXIT
 git -C "$HERE" worktree add -q --detach "$TMP/old" "$OLD"
-trap 'git -C "$HERE" worktree remove --force "$TMP/old"; rm -rf "$TMP"' EXIT
-for tree in "$TMP/old" "$HERE"; do
-  out="$TMP/out_$([ "$tree" = "$HERE" ] && echo new || echo old)"
+git -C "$HERE" worktree add -q --detach "$TMP/new" "$NEW"
+echo "old $(git -C "$TMP/old" rev-parse --short HEAD), new $(git -C "$TMP/new" rev-parse --short HEAD)"
+for side in old new; do
   for m in $METHODS; do
-    (cd "$tree" && PYTHONPATH="$tree" python -m benchmarks.train --dataset fmnist-subset --model small-cnn \
+    (cd "$TMP/$side" && PYTHONPATH="$TMP/$side" python -m benchmarks.train --dataset fmnist-subset --model small-cnn \
       --method "$m" --epochs 3 --seed 1 --threads 1 --val-fraction 0.1 --sam-share 0.5 \
-      --out-dir "$out" > /dev/null)
+      --out-dir "$TMP/out_$side" > /dev/null)
   done
 done
 python - "$TMP/out_old" "$TMP/out_new" $METHODS <<'PY'
