@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,10 +215,28 @@ def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def source_commit() -> Optional[str]:
+    """The commit of the code that runs: ``git rev-parse`` of this checkout, with ``+dirty`` when
+    tracked files of ``rlopt/`` or ``benchmarks/`` (results aside) differ from it; where there is no
+    git checkout (the GPU machine gets the files without ``.git``), ``$RLOPT_COMMIT``; else None."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "rlopt",
+                                          "benchmarks", ":!benchmarks/results"],
+                                   capture_output=True, text=True, timeout=10)
+            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("RLOPT_COMMIT") or None
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device)}
+           "torch_threads": torch.get_num_threads(), "device": str(device), "commit": source_commit()}
     try:
         import torchvision
         env["torchvision"] = torchvision.__version__

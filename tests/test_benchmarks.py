@@ -430,3 +430,24 @@ def test_resnet_init_option():
         build_model("resnet18", 10, 3, init="xavier")
     with pytest.raises(ValueError, match="small CNN"):
         build_model("small-cnn", 10, 1, init="pytorch")
+
+
+def test_run_logs_name_the_commit(monkeypatch):
+    """environment() records the code's commit: git's where there is a checkout, else $RLOPT_COMMIT."""
+    import subprocess
+
+    from benchmarks import train as tr
+
+    root = Path(tr.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert tr.environment(torch.device("cpu"))["commit"].split("+")[0] == head.stdout.strip()
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(tr.subprocess, "run", no_git)
+    monkeypatch.setenv("RLOPT_COMMIT", "abc123")
+    assert tr.source_commit() == "abc123"
+    monkeypatch.delenv("RLOPT_COMMIT")
+    assert tr.source_commit() is None

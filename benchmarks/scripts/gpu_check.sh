@@ -3,6 +3,7 @@
 # time left before DEADLINE_S seconds, table runs (METHODS; DATASET:DATADIR:PROCS as in gpu_table.sh).
 # usage: [METHODS="..."] [COMPILE_SPEED=1] benchmarks/scripts/gpu_check.sh DEADLINE_S [DATASET:DATADIR:PROCS ...]
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
+export RLOPT_COMMIT=${RLOPT_COMMIT:-$(cat data/COMMIT 2>/dev/null)}  # run logs name the code (no .git travels)
 mkdir -p $OUT/r
 exec > >(tee $OUT/r/check.log) 2>&1  # the whole log comes back, not only the reply's tail
 TEE=$!

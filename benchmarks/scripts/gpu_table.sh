@@ -7,6 +7,7 @@
 # VAL is the validation hold-out; SUFFIX names the results folder <dataset>_resnet18_e30<SUFFIX>
 # (use one for any VAL other than 0.05, so the runs of the main tables are not replaced).
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
+export RLOPT_COMMIT=${RLOPT_COMMIT:-$(cat data/COMMIT 2>/dev/null)}  # run logs name the code (no .git travels)
 if [ "${VAL:-0.05}" != 0.05 ] && [ -z "$SUFFIX" ]; then
   echo "VAL=$VAL needs a SUFFIX: the run names do not hold the hold-out, the main tables' runs would be replaced"; exit 2
 fi
