@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ImageDataset", "load_dataset", "DATASETS", "read_idx", "read_image_folder",
-           "stratified_split", "stratified_subset", "normalize", "augment_crop_flip", "iterate_batches",
+           "stratified_split", "stratified_subset", "normalize", "augment_crop_flip", "PAD_MODES", "iterate_batches",
            "SUBSET_PATH"]
 
 SUBSET_PATH = Path(__file__).resolve().parent / "data" / "fmnist_subset.npz"
@@ -349,15 +349,22 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and random horizontal flip, batched on ``x``'s device.
+PAD_MODES = ("zeros", "reflect")
 
+
+def augment_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
+                      generator: Optional[torch.Generator] = None, pad_mode: str = "zeros") -> torch.Tensor:
+    """Random crop with padding ``pad`` and random horizontal flip, batched on ``x``'s device.
+
+    ``pad_mode``: ``"zeros"`` pads with black pixels (torchvision's ``RandomCrop`` default, before
+    normalisation); ``"reflect"`` mirrors the border without repeating it (as airbench does).
     One gather for the whole batch (no Python loop over images, no host sync)."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"Unknown pad_mode {pad_mode!r}; expected one of {PAD_MODES}")
     n, c, h, w = x.shape
     dev = x.device
     if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad))
+        xp = F.pad(x, (pad, pad, pad, pad), mode="constant" if pad_mode == "zeros" else pad_mode)
         dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
         dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]          # (n, h, 1)

@@ -32,8 +32,8 @@ from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 from rlopt.controller import RLControlledOptimizer
 from rlopt.policies import RandomConfig
 
-from .data import ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
-from .models import build_model
+from .data import PAD_MODES, ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
+from .models import INITS, build_model
 
 __all__ = ["TrainConfig", "METHODS", "train", "classification_metrics", "convergence_epoch",
            "CONVERGENCE_DEFINITION", "environment", "cosine_warmup"]
@@ -142,6 +142,9 @@ class TrainConfig:
     """Random crop (padding `crop_pad` pixels) and horizontal flip of training batches."""
     crop_pad: int = 4
     """Padding of the random crop (pixels)."""
+    pad_mode: Optional[str] = None
+    """Padding of the random crop. None: zeros (black, torchvision's RandomCrop default);
+    "reflect": the border mirrored. A set value is part of the run name."""
     interval: Union[str, int] = "epoch"
     """RL methods: decide at each epoch end ("epoch") or every N steps."""
     policy_train: bool = True
@@ -177,7 +180,9 @@ class TrainConfig:
 
     def run_name(self) -> str:
         init = f"_init-{self.init}" if self.init else ""
-        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{init}{'_' + self.tag if self.tag else ''}"
+        pad = f"_pad-{self.pad_mode}" if self.pad_mode else ""
+        tag = f"_{self.tag}" if self.tag else ""
+        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{init}{pad}{tag}"
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -394,6 +399,12 @@ def resolve_device(name: str) -> torch.device:
 def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool = False,
           log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run one training run; return (and write, if ``cfg.out_dir``) its log as a dict."""
+    if cfg.method not in METHODS:  # the choices that fail late, checked before the data is loaded
+        raise ValueError(f"Unknown method {cfg.method!r}; expected one of {list(METHODS)}")
+    if cfg.init not in INITS:
+        raise ValueError(f"Unknown init {cfg.init!r}; expected None or 'pytorch'")
+    if cfg.pad_mode not in (None, *PAD_MODES):
+        raise ValueError(f"Unknown pad_mode {cfg.pad_mode!r}; expected None or one of {PAD_MODES}")
     device = resolve_device(cfg.device)
     if cfg.threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -452,7 +463,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
             if i >= steps_per_epoch:
                 break
             if cfg.augment:
-                xb = augment_crop_flip(xb, cfg.crop_pad, flip=True, generator=gen)
+                xb = augment_crop_flip(xb, cfg.crop_pad, flip=True, generator=gen, pad_mode=cfg.pad_mode or "zeros")
             xin = normalize(xb, mean, std, cl)
 
             def closure(xin=xin, yb=yb):

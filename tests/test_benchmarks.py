@@ -432,6 +432,26 @@ def test_resnet_init_option():
         build_model("small-cnn", 10, 1, init="pytorch")
 
 
+def test_reflect_padding_option():
+    """--pad-mode reflect crops from the mirrored image (no black border); it changes the run name,
+    and a bad value is refused before any data is loaded."""
+    from benchmarks.train import TrainConfig, train
+
+    x = torch.randint(1, 256, (16, 3, 6, 6), dtype=torch.uint8)
+    z = augment_crop_flip(x, pad=2, flip=False, generator=torch.Generator().manual_seed(0), pad_mode="reflect")
+    assert bool((z > 0).all())  # zero padding would bring zeros into most crops
+    for a, b in zip(x, z):
+        ref = torch.nn.functional.pad(a[None].float(), (2, 2, 2, 2), mode="reflect")[0].to(torch.uint8)
+        assert any(torch.equal(ref[:, i:i + 6, j:j + 6], b) for i in range(5) for j in range(5))
+    with pytest.raises(ValueError, match="Unknown pad_mode"):
+        augment_crop_flip(x, pad=2, pad_mode="edge")
+    assert TrainConfig(pad_mode="reflect").run_name().endswith("_s0_pad-reflect")
+    assert TrainConfig(init="pytorch", pad_mode="reflect", tag="t").run_name().endswith("_s0_init-pytorch_pad-reflect_t")
+    for bad, msg in ((dict(pad_mode="edge"), "pad_mode"), (dict(init="xavier"), "init"), (dict(method="sg"), "method")):
+        with pytest.raises(ValueError, match=f"Unknown {msg}"):
+            train(TrainConfig(dataset="no-such-data", **bad))  # refused before the data set is looked up
+
+
 def test_run_logs_name_the_commit(monkeypatch):
     """environment() records the code's commit: git's where there is a checkout, else $RLOPT_COMMIT."""
     import subprocess
