@@ -97,6 +97,22 @@ def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict
         )
 
 
+#: group keys that say how an optimizer runs on this machine, not what it has learnt
+_KERNEL_KEYS = ("fused", "foreach", "capturable")
+
+
+def _with_own_kernels(sd: Dict[str, Any], inner: Optimizer) -> Dict[str, Any]:
+    """``sd`` with ``inner``'s own kernel choice (fused, foreach, capturable) in every group.
+
+    A checkpoint saved where a choice ran unfused (another device, ``fused=False``) would
+    otherwise switch the inner optimizer's kernel under the wrapper, which decides once at
+    construction how each choice steps. torch places loaded state by these flags, so they are
+    set before the load, not after."""
+    groups = [{**saved, **{k: own[k] for k in _KERNEL_KEYS if k in own}}
+              for saved, own in zip(sd["param_groups"], inner.param_groups)]
+    return {**sd, "param_groups": groups}
+
+
 def _inner_step(opt: Optimizer) -> None:
     """``opt.step()`` without torch's per-call wrapper (a profiler range and the step hooks).
 
@@ -343,7 +359,7 @@ class RLControlledOptimizer(Optimizer):
             tracker.probe(self._params, bad)
             target = inner
             if spec.needs_closure:  # SAM: ascend, evaluate again, come back
-                inner.first_step(zero_grad=True)
+                inner.first_step(zero_grad=True, found_inf=bad)
                 try:
                     with torch.enable_grad():
                         closure()
@@ -599,7 +615,7 @@ class RLControlledOptimizer(Optimizer):
                 stacklevel=2)
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for inner, sd in zip(self._inner, rl["inner"]):
-            inner.load_state_dict(sd)
+            inner.load_state_dict(_with_own_kernels(sd, inner))
         self._link_momentum()  # loading gave each inner optimizer its own state again
         if not self.share_momentum:  # loading keeps tensors that were one: give each its own copy
             for i in self._momentum_family()[1:]:

@@ -89,6 +89,14 @@ def _log_ratio(a: float, b: float) -> float:
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+def _refuse_sparse(tensors: Sequence[torch.Tensor]) -> None:
+    """Sparse gradients get a clear error before the step changes anything (checked only off the
+    common path: the fused check kernel refuses them first)."""
+    if any(t.layout != torch.strided for t in tensors):
+        raise RuntimeError("rlopt does not support sparse gradients (from nn.Embedding(sparse=True) or "
+                           "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
+
+
 class SignalTracker:
     """Device-side accumulators of one interval's training signals (see module doc).
 
@@ -224,7 +232,10 @@ class SignalTracker:
                 torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._one)
                 return
             except (RuntimeError, NotImplementedError):  # by device and dtype below (errors again there)
+                _refuse_sparse(tensors)
                 self._unfused.add((dev.type, None))
+        else:
+            _refuse_sparse(tensors)
         by: Dict[Any, List[torch.Tensor]] = {}
         for t in tensors:
             by.setdefault((t.device, t.dtype), []).append(t)

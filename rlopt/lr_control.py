@@ -63,7 +63,7 @@ class QLearningRateOptimizer(RLControlledOptimizer):
         inner lr = scheduled group lr * agent factor * base lr_scale     (lr_scale is 1 unless set)
 
     ``reset`` returns the factor to 1, i.e. to the *scheduled* learning rate. :attr:`lr`
-    reports ``param_groups[0]["lr"] * factor``. Weight decay works the same way on each group's
+    reports the inner learning rate of group 0 (the product above). Weight decay works the same way on each group's
     ``weight_decay`` (a group with ``weight_decay=0`` stays at 0).
 
     **Observation.** The base features of :mod:`rlopt.features` (loss level and trend,
@@ -242,7 +242,8 @@ class QLearningRateOptimizer(RLControlledOptimizer):
 
     def _extra_features(self, signals: Signals) -> Sequence[float]:
         if not self._initial:
-            self._initial = {"lr": self.param_groups[0]["lr"], "weight_decay": self.param_groups[0]["weight_decay"]}
+            self._initial = {"lr": self.param_groups[0]["lr"] * self._specs[0].lr_scale,
+                             "weight_decay": self.param_groups[0]["weight_decay"]}
         feats = [self._objective_position(signals.loss), self._level("lr", self.lr)]
         if "weight_decay" in self._control:
             feats.append(self._level("weight_decay", self.weight_decay))
@@ -297,8 +298,9 @@ class QLearningRateOptimizer(RLControlledOptimizer):
     # ---------------------------------------------------------------- properties
     @property
     def lr(self) -> float:
-        """Current effective learning rate of group 0: ``param_groups[0]["lr"] * factor``."""
-        return self.param_groups[0]["lr"] * self._factors["lr"]
+        """Learning rate group 0's inner optimizer runs at now: ``param_groups[0]["lr"] * factor``
+        times the base's ``lr_scale`` (1 unless set)."""
+        return self.param_groups[0]["lr"] * self._specs[0].lr_scale * self._factors["lr"]
 
     @property
     def weight_decay(self) -> float:

@@ -95,13 +95,22 @@ class SAM(Optimizer):
         return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_norm: Optional[torch.Tensor] = None) -> None:
-        """Move to ``w + e``; keep a copy of ``w``. ``grad_norm`` may be passed if already known."""
+    def first_step(self, zero_grad: bool = False, grad_norm: Optional[torch.Tensor] = None,
+                   found_inf: Optional[torch.Tensor] = None) -> None:
+        """Move to ``w + e``; keep a copy of ``w``. ``grad_norm`` may be passed if already known.
+
+        ``found_inf``: a 0-dim flag on the device, 1 when this step will be skipped (a non-finite
+        gradient), as a GradScaler or :class:`RLSwitchingOptimizer` computes it. Then the weights
+        stay at ``w``, so the second pass of a skipped step sees finite weights (and leaves
+        batch-norm statistics finite), and any non-finite entry of ``e`` is 0. Decided on the
+        device, without a host sync; it costs one buffer the size of the parameters, kept
+        between steps, and a few more kernels per step.
+        """
         self.restore()  # a first step not followed by restore() (an interrupted step) is undone first
         if grad_norm is None:
             grad_norm = self.grad_norm()
         moved = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -115,6 +124,10 @@ class SAM(Optimizer):
             torch._foreach_copy_(backups, params)
             scale = group["rho"] / (grad_norm.to(params[0].device) + 1e-12)
             grads = [p.grad for p in params]
+            if found_inf is not None:
+                self._perturb_finite(gi, params, grads, scale, found_inf, group["adaptive"])
+                moved.append((params, backups))
+                continue
             if zero_grad:  # the gradients are dropped next: scale them in place, no new buffers
                 e_w = grads
                 torch._foreach_mul_(e_w, scale)
@@ -127,6 +140,48 @@ class SAM(Optimizer):
         self._moved = moved
         if zero_grad:
             self.zero_grad()
+
+    def _perturb_finite(self, gi: int, params, grads, scale: torch.Tensor, found_inf: torch.Tensor,
+                        adaptive: bool) -> None:
+        """``w += e`` with ``e`` computed in flat buffers (one per device and dtype) so that one
+        kernel can zero its non-finite entries; ``e = 0`` where ``found_inf`` is 1. For finite
+        gradients the result is bit-identical to the plain path."""
+        for flat, views, idx in self._flat_views(gi, params):
+            sub = [params[i] for i in idx]
+            torch._foreach_copy_(views, [grads[i] for i in idx])
+            keep = scale.to(flat.device) * (1 - found_inf.to(flat.device, scale.dtype))
+            flat.mul_(keep)
+            if adaptive:
+                torch._foreach_mul_(views, torch._foreach_mul(sub, sub))
+            flat.nan_to_num_(0.0, 0.0, 0.0)
+            torch._foreach_add_(sub, views)
+
+    def _flat_views(self, gi: int, params):
+        """Per device and dtype: a flat buffer and one view of it per parameter, with the
+        parameter's own strides where it is dense (so foreach kernels keep their fast path);
+        kept between steps and rebuilt when the parameters with a gradient change."""
+        key = tuple((id(p), p.shape, p.stride(), p.dtype, p.device) for p in params)
+        cache = self.__dict__.setdefault("_flat_cache", {})
+        hit = cache.get(gi)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        parts = {}
+        for i, p in enumerate(params):
+            parts.setdefault((p.device, p.dtype), []).append(i)
+        out = []
+        for (device, dtype), idx in parts.items():
+            flat = torch.empty(sum(params[i].numel() for i in idx), dtype=dtype, device=device)
+            views, offset = [], 0
+            for i in idx:
+                p = params[i]
+                chunk = flat.narrow(0, offset, p.numel())
+                dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) or (
+                    p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d))
+                views.append(chunk.as_strided(p.shape, p.stride()) if dense else chunk.view(p.shape))
+                offset += p.numel()
+            out.append((flat, views, idx))
+        cache[gi] = (key, out)
+        return out
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -300,6 +300,17 @@ def test_level_features():
     assert [_feature(opt, "wd_level", k) for k in range(3)] == pytest.approx(wd)
 
 
+def test_lr_reports_the_rate_in_use_with_a_base_lr_scale():
+    """lr is what the inner optimizer runs at, lr_scale included; the level feature is relative."""
+    model = make_model()
+    opt = scripted(model.parameters(), ["lr:keep", "lr:halve"], base=("sgd", {"lr_scale": 0.5}), lr=0.1,
+                   interval=1)
+    run_steps(model, opt, make_data(2))  # decisions: keep (construction), halve, keep
+    assert inner_lr(opt) == opt.lr == 0.025
+    assert [h["lr"] for h in opt.history] == [0.05, 0.025, 0.025]
+    assert [_feature(opt, "lr_level", k) for k in range(3)] == pytest.approx([1.0, 1.0, 1.0 - 2 / 10])
+
+
 # ------------------------------------------------------------------------------- rewards
 def test_rewards():
     now = Signals(loss=0.5, val_acc=0.8, val_loss=0.6, steps=10, skipped=1)

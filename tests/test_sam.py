@@ -233,3 +233,44 @@ def test_bad_inputs(kwargs, err, msg):
     base = kwargs.pop("base_optimizer", torch.optim.SGD)
     with pytest.raises(err, match=msg):
         SAM(make_model().parameters(), base, **{"lr": 0.1, **kwargs})
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_first_step_with_found_inf_flag(adaptive):
+    """found_inf=0: the same perturbation as without the flag, bit for bit (channels_last conv
+    weights and a second dtype included); found_inf=1 or a non-finite gradient: finite weights,
+    and with the flag set, w itself."""
+    def build():
+        with torch.random.fork_rng(devices=[]):  # the tests leave the global RNG alone
+            torch.manual_seed(0)
+            m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+        m.to(memory_format=torch.channels_last)
+        m[2].double()
+        return m, SAM(m.parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+
+    def grads(m):
+        m.zero_grad()
+        out = m[2](m[1](m[0](x)).double())
+        out.square().mean().backward()
+
+    (m1, s1), (m2, s2) = build(), build()
+    assert m1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    grads(m1), grads(m2)
+    s1.first_step()
+    s2.first_step(found_inf=torch.zeros(()))
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    s1.restore(), s2.restore()
+    w = [p.detach().clone() for p in m2.parameters()]
+    s2.first_step(found_inf=torch.ones(()))  # a skipped step: the weights stay at w
+    assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), w))
+    s2.restore()
+    m2[0].weight.grad[0, 0, 0, 0] = float("nan")  # not flagged: finite weights all the same
+    m2[2].weight.grad[0, 0] = float("inf")
+    s2.first_step(found_inf=torch.zeros(()))
+    assert all(bool(torch.isfinite(p).all()) for p in m2.parameters())
+    s2.restore()
+    assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), w))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -732,6 +733,71 @@ def test_nonfinite_first_step_then_normal_equals_torch_on_normal_steps(choice, r
         for p, q in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(p, q)
     assert_inner_matches(_inner_state(opt, choice), ref.state, m1.parameters(), m2.parameters(), exact=True)
+
+
+def test_skipped_sam_step_leaves_batch_norm_statistics_finite():
+    """A SAM step whose first gradient is not finite is skipped, and its second pass runs at w,
+    not at a NaN perturbation: the model's buffers (batch norm) stay finite, as under SGD."""
+    x, y = make_data()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(x.shape[1], 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sam", lr=0.1)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        (loss * (float("inf") if calls[0] == 1 else 1.0)).backward()  # the first gradient only
+        return loss
+
+    w = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert calls[0] == 2 and opt.tracker.summary()["skipped"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    assert bool(torch.isfinite(model[1].running_mean).all() and torch.isfinite(model[1].running_var).all())
+
+
+@pytest.mark.parametrize("saved,loaded", [(False, True), (True, False)])
+def test_checkpoint_moves_between_fused_and_unfused_choices(saved, loaded):
+    """A checkpoint keeps the loading optimizer's own kernels (fused or not): the inner groups'
+    implementation flags are not taken from the file, and training goes on alike."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*runs without fused kernels.*")  # fused=False, asked for
+        o1 = RLSwitchingOptimizer(m1.parameters(), choices=[("sgd", {"fused": saved})], policy="constant:sgd", lr=0.1)
+        o2 = RLSwitchingOptimizer(m2.parameters(), choices=[("sgd", {"fused": loaded})], policy="constant:sgd", lr=0.1)
+    for _ in range(3):
+        o1.step(make_closure(m1, o1, x, y))
+    m2.load_state_dict(m1.state_dict())
+    o2.load_state_dict(roundtrip(o1.state_dict()))
+    assert o2.inner_optimizers["sgd"].param_groups[0]["fused"] is loaded
+    for _ in range(3):
+        o1.step(make_closure(m1, o1, x, y))
+        o2.step(make_closure(m2, o2, x, y))
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_sparse_gradients_are_refused_before_anything_changes():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 3, sparse=True)
+    opt = RLSwitchingOptimizer(emb.parameters(), choices=["sgd", "adam"], policy="constant:sgd", lr=0.1)
+    w = emb.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = emb(torch.tensor([1, 2, 3])).square().sum()
+        loss.backward()
+        return loss
+
+    for _ in range(2):  # the first step and a later one (no gradient sample due)
+        with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+            opt.step(closure)
+    assert torch.equal(emb.weight, w) and opt.tracker.steps == 0
 
 
 # --------------------------------------------------------------------- groups, copies, edge cases
