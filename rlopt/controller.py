@@ -113,6 +113,18 @@ def _with_own_kernels(sd: Dict[str, Any], inner: Optimizer) -> Dict[str, Any]:
     return {**sd, "param_groups": groups}
 
 
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised inside rlopt that points at the caller's own line
+    (past rlopt's and torch's frames, however the call arrived)."""
+    import sys
+
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _inner_step(opt: Optimizer) -> None:
     """``opt.step()`` without torch's per-call wrapper (a profiler range and the step hooks).
 
@@ -162,6 +174,8 @@ class RLControlledOptimizer(Optimizer):
                 raise ValueError(f"Invalid {name}: {value}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not -2 ** 63 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"Invalid seed: {seed} (torch seeds are 64-bit)")
         if reward is not None and not callable(reward):
             raise TypeError(f"reward must be callable, got {reward!r}")
         if not isinstance(share_momentum, bool):
@@ -213,9 +227,32 @@ class RLControlledOptimizer(Optimizer):
         return 0
 
     def _sync_group(self, spec: ChoiceSpec, group: Dict[str, Any], inner_group: Dict[str, Any]) -> None:
+        """Carry the wrapper group's values to the inner group that steps next: ``lr`` (times the
+        choice's scale) and every hyper-parameter the choice takes from the wrapper group, so a
+        scheduler or a hand edit of ``param_groups`` (weight decay, momentum, betas...) reaches it."""
         inner_group["lr"] = group["lr"] * spec.lr_scale
-        if spec.kind.follows_momentum and not spec.pins_momentum:
-            inner_group["momentum"] = group["momentum"]
+        for key in self._followed(spec, group):
+            value = group[key]
+            if value is not None:  # weight_decay=None: the family's own default stays
+                inner_group[key] = value
+
+    def _followed(self, spec: ChoiceSpec, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """The hyper-parameters ``spec``'s inner group takes from wrapper group ``group``, by the
+        precedence of :mod:`rlopt.choices`: a key the user set in that group, ``momentum`` for the
+        families that follow it and ``weight_decay``, unless the choice pins its own."""
+        cache = self.__dict__.setdefault("_follow_cache", {})
+        keys = cache.get((spec.name, id(group)))
+        if keys is None:
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            explicit = self._explicit[index] if index < len(self._explicit) else {}
+            hp = spec.kind.defaults
+            wanted = {k for k in explicit if k in hp and k != "lr"}
+            if spec.kind.follows_momentum and not spec.pins_momentum:
+                wanted.add("momentum")
+            if "weight_decay" in hp and "weight_decay" not in spec.hparams:
+                wanted.add("weight_decay")
+            keys = cache[(spec.name, id(group))] = tuple(sorted(k for k in wanted if k in group))
+        return keys
 
     def _extra_features(self, signals: Signals) -> Sequence[float]:
         return ()
@@ -230,6 +267,7 @@ class RLControlledOptimizer(Optimizer):
         if "lr" in param_group:
             _check_lr(param_group["lr"])
         explicit = {k: v for k, v in param_group.items() if k != "params"}
+        self.__dict__.pop("_follow_cache", None)
         super().add_param_group(param_group)
         self._explicit.append(explicit)
         if "_inner" in self.__dict__:  # a group added after construction reaches every inner optimizer
@@ -332,9 +370,16 @@ class RLControlledOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            self._guarded_step(i, closure, loss)
+            self._guarded_step(i, closure, loss, self.__dict__.get("grad_scale"), self.__dict__.get("found_inf"))
         self._after_step(spec.cost)
         return loss
+
+    #: ``torch.amp.GradScaler.step`` calls :meth:`step` at every step, giving the scale of the
+    #: gradients (``grad_scale``, None once unscaled) and its own overflow flag (``found_inf``)
+    #: as attributes: the wrapper unscales on the device and skips an overflowed step as any
+    #: non-finite one (counted, no host sync), instead of the scaler reading the flag on the host
+    #: and not calling ``step()`` at all.
+    _step_supports_amp_scaling = True
 
     def _grads(self) -> Tuple[List[torch.Tensor], torch.device]:
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -348,14 +393,16 @@ class RLControlledOptimizer(Optimizer):
     def _collective_device(self, group) -> torch.device:
         return distributed.collective_device(group, self._params[0].device if self._params else torch.device("cpu"))
 
-    def _guarded_step(self, i: int, closure, loss) -> None:
+    def _guarded_step(self, i: int, closure, loss, grad_scale=None, scaler_inf=None) -> None:
         spec, inner, fused = self._specs[i], self._inner[i], self._fused[i]
         grads, device = self._grads()
         tracker = self.tracker
         try:
             # device flag: 1 skips the step. Data-parallel ranks judge by the gradients alone, equal
             # on every rank, so that they skip the same steps (a rank's own loss still is not averaged)
-            bad = tracker.begin(grads, loss, device, loss_skips=not self._in_group())
+            inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+            bad = tracker.begin(grads, loss, device, loss_skips=not self._in_group(), inv_scale=inv_scale,
+                                found_inf=scaler_inf)
             tracker.probe(self._params, bad)
             target = inner
             if spec.needs_closure:  # SAM: ascend, evaluate again, come back
@@ -404,6 +451,20 @@ class RLControlledOptimizer(Optimizer):
             return ctl["step"] == self.total_steps
         return (self.total_epochs is not None and ctl["epoch"] == self.total_epochs - 1
                 and self._progress() >= 1.0)
+
+    def _warn_no_loss(self, steps: int) -> None:
+        """Once per optimizer: steps were taken but none gave its loss (no closure)."""
+        if self.__dict__.get("_warned_no_loss"):
+            return
+        self._warned_no_loss = True
+        sam = [s.name for s in self._specs if s.needs_closure]
+        warnings.warn(
+            f"None of the last {steps} steps gave {type(self).__name__} its training loss (step() was called "
+            "without a closure, or the closure returned no number or tensor): the policy's loss features are missing and rewards built on the training "
+            "loss see no change. Pass the loss: "
+            + ("a closure that computes it (choices " + str(sam) + " need one)" if sam else
+               "opt.step(lambda: loss) after loss.backward(), or a closure that computes it"),
+            UserWarning, stacklevel=_user_stacklevel())
 
     def _raise_nonfinite(self, run: int) -> None:
         raise RuntimeError(
@@ -493,6 +554,8 @@ class RLControlledOptimizer(Optimizer):
             ctl["val_epoch"] = val_epoch
         if self.max_nonfinite_steps is not None and summary["longest_skip_run"] >= self.max_nonfinite_steps:
             self._raise_nonfinite(summary["longest_skip_run"])
+        if math.isnan(summary["loss"]) and summary["skipped"] < ctl["interval_steps"]:
+            self._warn_no_loss(ctl["interval_steps"])
         cheapest = min(s.cost for s in self._specs)
         signals = Signals(
             loss=summary["loss"], grad_norm=summary["grad_norm"], grad_cosine=summary["grad_cosine"],
@@ -613,6 +676,7 @@ class RLControlledOptimizer(Optimizer):
                 + ("the SGD-family choices now share the first one's momentum buffers" if self.share_momentum
                    else "each SGD-family choice starts from a copy of the shared buffers"), RuntimeWarning,
                 stacklevel=2)
+        self.__dict__.pop("_follow_cache", None)  # new group dicts
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for inner, sd in zip(self._inner, rl["inner"]):
             inner.load_state_dict(_with_own_kernels(sd, inner))

@@ -16,6 +16,7 @@ Two halves:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -190,46 +191,59 @@ class SignalTracker:
 
     # -------------------------------------------------------------- steps
     def begin(self, grads: List[torch.Tensor], loss: Any, device: torch.device,
-              loss_skips: bool = True) -> torch.Tensor:
+              loss_skips: bool = True, inv_scale: Optional[torch.Tensor] = None,
+              found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Account a step's loss and check its gradients. Returns the step's flag: a float32
         scalar on ``device``, 1 when a gradient (or, with ``loss_skips``, the loss) is not finite
         (the step is to be skipped), else 0; usable as a fused optimizer's ``found_inf``. A
         non-finite loss is never averaged. Call :meth:`end` after the step, and :meth:`check`
-        with any further gradient the step uses."""
+        with any further gradient the step uses. With GradScaler: ``inv_scale`` unscales the
+        gradients in place (in the same kernel), and its ``found_inf`` also skips the step."""
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self.begin(grads, loss, device, loss_skips)
+                return self.begin(grads, loss, device, loss_skips, inv_scale, found_inf)
         if self.acc is None:
             self._allocate(device)
         j = self._pending
         flag = self._win_flag[j]
-        if isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor) and loss.numel() > 0 and not loss.is_complex():
             slot = self._win_loss[j]
-            slot.copy_(loss if loss.dim() == 0 else loss.reshape(()))
+            # a scalar as it is; an unreduced loss (one value per sample) by its mean
+            slot.copy_(loss.reshape(()) if loss.numel() == 1 else loss.detach().float().mean())
             if loss_skips:
                 grads = [*grads, slot]
-        elif loss is None:  # the window keeps NaN: no loss to average
-            pass
+        elif not isinstance(loss, numbers.Real) or isinstance(loss, bool):
+            pass  # None, or what the closure returned is not a loss (a tuple...): not averaged
         elif math.isfinite(float(loss)) and abs(float(loss)) <= _FLOAT32_MAX:
             self._win_loss[j].fill_(float(loss))
         elif loss_skips:  # as a loss tensor would be: not finite in the float32 window
             flag.fill_(1.0)
-        self.check(grads, flag)
+        if inv_scale is None:
+            self.check(grads, flag)
+        else:  # the loss slot is not scaled: checked on its own
+            n = len(grads) - (len(grads) > 0 and grads[-1] is self._win_loss[j])
+            self.check(grads[:n], flag, inv_scale)
+            self.check(grads[n:], flag)
+        if found_inf is not None:
+            torch.maximum(flag, found_inf.to(flag.device, flag.dtype).reshape(()), out=flag)
         return flag
 
-    def check(self, tensors: Sequence[torch.Tensor], flag: torch.Tensor) -> None:
+    def check(self, tensors: Sequence[torch.Tensor], flag: torch.Tensor,
+              inv_scale: Optional[torch.Tensor] = None) -> None:
         """Set ``flag`` to 1 if any of ``tensors`` holds a non-finite value (one fused kernel per
-        device and dtype; the tensors are left as they are). The flag stays 0 or 1: fused
-        optimizers skip a step only for ``found_inf == 1``."""
+        device and dtype; the tensors are left as they are, or multiplied by ``inv_scale`` in
+        place when given). The flag stays 0 or 1: fused optimizers skip a step only for
+        ``found_inf == 1``."""
         if not tensors:
             return
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self.check(tensors, flag)
+                return self.check(tensors, flag, inv_scale)
+        one = self._one if inv_scale is None else inv_scale.to(self._one.device)
         dev = tensors[0].device
         if dev == flag.device and (dev.type, None) not in self._unfused:
             try:  # the common case in one call: GradScaler's kernel takes mixed dtypes, not devices
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._one)
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
                 return
             except (RuntimeError, NotImplementedError):  # by device and dtype below (errors again there)
                 _refuse_sparse(tensors)
@@ -244,12 +258,13 @@ class SignalTracker:
             target = flag if dev == flag.device else torch.zeros((), dtype=torch.float32, device=dev)
             key = (dev.type, group[0].dtype)
             if key not in self._unfused:
-                try:  # multiplies by one (exact) and sets target to 1 on inf or NaN
-                    torch._amp_foreach_non_finite_check_and_unscale_(
-                        group, target, self._one if dev == self._one.device else self._one.to(dev))
+                try:  # multiplies by one (exact) or inv_scale, and sets target to 1 on inf or NaN
+                    torch._amp_foreach_non_finite_check_and_unscale_(group, target, one.to(dev))
                 except NotImplementedError:  # no kernel for this device or dtype: norms instead
                     self._unfused.add(key)
             if key in self._unfused:
+                if inv_scale is not None:
+                    torch._foreach_mul_(group, inv_scale.to(dev))
                 norms = torch._foreach_norm(group)
                 bad = (~torch.isfinite(torch.stack([n.float() for n in norms]).sum())).float()
                 torch.maximum(target, bad, out=target)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
+import torch
+
 from .choices import ChoicesArg, resolve_choices
-from .controller import RLControlledOptimizer
+from .controller import RLControlledOptimizer, _check_lr
 from .rewards import RewardContext, SwitchingReward
 
 __all__ = ["RLSwitchingOptimizer"]
@@ -100,12 +102,14 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
                  reward: Optional[Callable[[RewardContext], float]] = None,
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
                  signal_every: Optional[int] = None, share_momentum: bool = True, process_group: Any = "auto"):
-        if not isinstance(lr, (int, float)) or not 0.0 <= lr < float("inf"):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay is not None and not 0.0 <= weight_decay < float("inf"):
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_lr(lr)
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if value is None and name == "weight_decay":
+                continue
+            if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)):
+                raise TypeError(f"Invalid {name} value: {value!r} (expected a float)")
+            if not 0.0 <= value < (1.0 if name == "momentum" else float("inf")):
+                raise ValueError(f"Invalid {name} value: {value}")
         specs = resolve_choices(choices, lr)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults, specs, action_names=[s.name for s in specs], policy=policy,

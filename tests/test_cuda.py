@@ -79,6 +79,38 @@ def test_ordinary_steps_do_not_synchronise_with_the_host(with_closure):
     assert len(opt.history) == 2
 
 
+@pytest.mark.filterwarnings("ignore:None of the last")  # no closure under GradScaler: no loss
+def test_grad_scaler_fp16_loop_does_not_synchronise_and_matches_torch():
+    """fp16 autocast with GradScaler: scaler.step(opt) calls the wrapper at every step (it supports
+    AMP scaling as torch's fused optimizers do), with no host sync, and equals fused torch SGD."""
+    results = []
+    for wrapped in (True, False):
+        model, x, y = _cuda_setup()
+        opt = (RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", lr=0.1)
+               if wrapped else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True))
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 14)
+
+        def step():
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(10):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append(model)
+    for p, q in zip(results[0].parameters(), results[1].parameters()):
+        assert torch.equal(p, q)
+
+
 def test_nonfinite_steps_are_skipped_on_cuda_and_a_long_run_raises():
     model, x, y = _cuda_setup()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd",

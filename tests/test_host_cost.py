@@ -24,6 +24,9 @@ def _params(n=8):
     return ps
 
 
+# steps without a closure on purpose: the count is of the bare step
+pytestmark = pytest.mark.filterwarnings("ignore:None of the last")
+
 def _ops_per_step(opt, steps=320):
     for _ in range(40):  # past the first fold and probe
         opt.step()

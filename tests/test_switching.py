@@ -505,6 +505,12 @@ ERRORS = [
     (dict(momentum=float("nan")), ValueError, "Invalid momentum"),
     (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay"),
     (dict(weight_decay=float("nan")), ValueError, "Invalid weight_decay"),
+    (dict(lr="0.1"), TypeError, "Invalid learning rate: '0.1'"),
+    (dict(lr=torch.tensor(0.1)), TypeError, "Invalid learning rate: tensor"),
+    (dict(momentum="0.9"), TypeError, "Invalid momentum value: '0.9'"),
+    (dict(weight_decay=True), TypeError, "Invalid weight_decay value: True"),
+    (dict(weight_decay="x"), TypeError, "Invalid weight_decay value: 'x'"),
+    (dict(seed=2 ** 70), ValueError, "Invalid seed"),
     (dict(choices=["sgd", "lion"]), ValueError, "Unknown choice 'lion'"),
     (dict(choices=[]), ValueError, "must not be empty"),
     (dict(choices="sgd"), TypeError, "not a string"),
@@ -798,6 +804,108 @@ def test_sparse_gradients_are_refused_before_anything_changes():
         with pytest.raises(RuntimeError, match="does not support sparse gradients"):
             opt.step(closure)
     assert torch.equal(emb.weight, w) and opt.tracker.steps == 0
+
+
+def test_param_group_edits_reach_the_inner_optimizers():
+    """A hand edit of param_groups (as a weight-decay schedule makes) reaches every choice that
+    takes the value from the wrapper; a choice that pins its own keeps it."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    opt = RLSwitchingOptimizer(m1.parameters(), choices=[("sgd", {}), ("adamw", {"weight_decay": 0.05}), "adam"],
+                               policy="constant:sgd", lr=0.1, weight_decay=0.0)
+    ref = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, fused=True)
+    for o in (opt, ref):
+        o.param_groups[0]["weight_decay"] = 0.5
+        o.param_groups[0]["momentum"] = 0.5
+    for _ in range(3):
+        opt.step(make_closure(m1, opt, x, y))
+        make_closure(m2, ref, x, y)()
+        ref.step()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    inner = {name: o.param_groups[0] for name, o in opt.inner_optimizers.items()}
+    assert inner["sgd"]["weight_decay"] == 0.5 and inner["sgd"]["momentum"] == 0.5
+    opt._ctl["action"] = 2  # the next steps run adam (as a decision would choose it)
+    opt.step(make_closure(m1, opt, x, y))
+    assert inner["adam"]["weight_decay"] == 0.5
+    opt._ctl["action"] = 1
+    opt.step(make_closure(m1, opt, x, y))
+    assert inner["adamw"]["weight_decay"] == 0.05  # pinned by the choice
+
+
+def test_steps_without_a_loss_warn_once_and_the_loss_can_be_passed():
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", interval=2)
+    with pytest.warns(UserWarning, match="training loss") as caught:
+        for _ in range(4):  # two decisions without a loss: one warning
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert len([w for w in caught if "training loss" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # it points at the caller's line
+    for _ in range(2):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(lambda: loss)  # after backward(): the loss reaches the policy
+    assert opt.history[-1]["signals"]["loss"] == pytest.approx(loss.detach().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("returned", ["vector", "tuple"])
+def test_closure_may_return_an_unreduced_loss_or_a_tuple(returned):
+    """As with torch optimizers, step() returns what the closure returned; an unreduced loss is
+    tracked by its mean, anything else is not tracked."""
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sam", interval=2)
+
+    def closure():
+        opt.zero_grad()
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        per_sample.mean().backward()
+        return per_sample if returned == "vector" else (per_sample.mean(), "extra")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tuple case: no loss reaches the policy
+        out = [opt.step(closure) for _ in range(2)]
+    assert isinstance(out[0], torch.Tensor if returned == "vector" else tuple)
+    loss = opt.history[-1]["signals"]["loss"]
+    assert (loss > 0) if returned == "vector" else math.isnan(loss)
+
+
+@pytest.mark.filterwarnings("ignore:None of the last")  # GradScaler: no closure, no loss
+@pytest.mark.parametrize("choice,ref_cls,unscale_first", [
+    ("sgd", torch.optim.SGD, False), ("adam", torch.optim.Adam, False), ("sgd", torch.optim.SGD, True)])
+def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, unscale_first):
+    """With torch.amp.GradScaler the wrapper equals torch's fused optimizer under the same scaler,
+    an overflowed step included (skipped on the device), and every step reaches the budget."""
+    x, y = make_data()
+    lr = 0.1 if choice == "sgd" else 1e-3
+    extra = dict(momentum=0.9) if choice == "sgd" else {}
+    results = []
+    for wrapped in (True, False):
+        model = make_model()
+        opt = (RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy=f"constant:{choice}",
+                                    lr=0.1, interval=2, total_steps=6) if wrapped
+               else ref_cls(model.parameters(), lr=lr, fused=True, **extra))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for t in range(6):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            if t == 2:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        results.append((model, opt, scaler.get_scale()))
+    (m1, o1, s1), (m2, _, s2) = results
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    assert s1 == s2 == 2.0 ** 9  # one overflow: the scale was halved once
+    assert o1._ctl["step"] == 6 and o1.history[-1]["final"]
+    assert sum(h["signals"]["skipped"] for h in o1.history) == 1
 
 
 # --------------------------------------------------------------------- groups, copies, edge cases
