@@ -9,8 +9,8 @@ that hold for every choice, documented once here:
   ``lr`` (meant at the base learning rate; stored as ``lr / base_lr``). An LR scheduler on the
   wrapper therefore moves every inner optimizer by the same factor.
 * **Momentum.** ``sgd`` and ``sam`` use the wrapper group's ``momentum`` (so OneCycleLR's
-  momentum cycling reaches them) unless the choice pins its own ``momentum``. Adam's ``betas``
-  are the choice's own.
+  momentum cycling reaches them) unless the choice pins its own ``momentum``, which then obeys
+  the wrapper's range ``[0, 1)``. Adam's ``betas`` are the choice's own.
 * **Weight decay and the rest.** Precedence, highest first: a value set explicitly in a user's
   parameter group, the choice's own keyword, the wrapper's ``weight_decay`` argument, the family
   default (torch's defaults, e.g. AdamW 1e-2).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -152,11 +153,16 @@ class ChoiceSpec:
         return hp
 
 
+def _is_real(value: Any) -> bool:
+    """A real number or a one-element tensor; not a bool, nor a string that float() would parse."""
+    return not isinstance(value, bool) and (isinstance(value, numbers.Real)
+                                            or isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
 def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"Invalid {name} for choice '{choice}': {value!r}") from None
+    if not _is_real(value):
+        raise TypeError(f"Invalid {name} for choice '{choice}': {value!r}")
+    value = float(value)
     if not (0.0 < value if positive else 0.0 <= value) or math.isinf(value):
         raise ValueError(f"Invalid {name} for choice '{choice}': {value}")
     return value
@@ -165,6 +171,8 @@ def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> 
 def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float) -> ChoiceSpec:
     if not isinstance(name, str) or not name:
         raise TypeError(f"A choice name must be a non-empty string, got {name!r}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"The options of choice '{name}' must be a dict, got {kwargs!r}")
     kwargs = dict(kwargs or {})
     family = kwargs.pop("family", name)
     if family not in FAMILIES:
@@ -189,9 +197,19 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float) -> Choi
     else:
         lr_scale = _check_float("lr_scale", kwargs.pop("lr_scale", kind.lr_scale), name)
     cost = _check_float("cost", kwargs.pop("cost", kind.cost), name, positive=True)
-    for key in ("momentum", "weight_decay", "rho", "eps", "dampening"):
+    if "momentum" in kwargs:
+        # A pinned momentum stands in for the wrapper's, so it obeys the wrapper's range, [0, 1).
+        momentum = kwargs["momentum"]
+        if not _is_real(momentum):
+            raise TypeError(f"Invalid momentum value: {momentum!r} (choice '{name}')")
+        if not 0.0 <= float(momentum) < (1.0 if kind.follows_momentum else math.inf):
+            raise ValueError(f"Invalid momentum value: {float(momentum)} (choice '{name}')")
+    for key in ("weight_decay", "rho", "eps", "dampening"):
         if key in kwargs:
             _check_float(key, kwargs[key], name)
+    for key, default in kind.defaults.items():  # flags (nesterov, amsgrad, adaptive): no truthy strings
+        if isinstance(default, bool) and key in kwargs and not isinstance(kwargs[key], bool):
+            raise TypeError(f"{key} for choice '{name}' must be a bool, got {kwargs[key]!r}")
     options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
     # Let torch validate the hyper-parameters with its own messages (betas, nesterov, eps, ...).
     probe = torch.nn.Parameter(torch.zeros(1))

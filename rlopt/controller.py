@@ -180,6 +180,8 @@ class RLControlledOptimizer(Optimizer):
             raise TypeError(f"reward must be callable, got {reward!r}")
         if not isinstance(share_momentum, bool):
             raise TypeError(f"share_momentum must be a bool, got {share_momentum!r}")
+        if train_policy is not None and not isinstance(train_policy, bool):
+            raise TypeError(f"Invalid policy training mode: {train_policy!r} (train_policy must be a bool or None)")
         distributed.check_group_arg(process_group)
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
         super().__init__(params, defaults)
@@ -418,8 +420,8 @@ class RLControlledOptimizer(Optimizer):
                 target.found_inf = bad
                 try:
                     _inner_step(target)
-                finally:
-                    del target.found_inf
+                finally:  # None, as torch reads it (getattr(opt, "found_inf", None)); a delattr
+                    target.found_inf = None  # breaks torch.compile(opt.step)
             elif not bool(bad):  # host check: only where no fused kernel exists
                 _inner_step(target)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .choices import FAMILIES, ChoiceSpec, resolve_choices
@@ -27,6 +28,11 @@ DEFAULT_DQN_CONFIG = DQNConfig(gamma=0.9, epsilon_decay=0.93, learning_starts=8,
 
 #: Default reward (chosen on benchmarks/lr_control.py; see benchmarks/results/lr_control.md).
 DEFAULT_REWARD = "log_improvement"
+
+#: Largest ``max_lr_halvings`` / ``max_wd_halvings``: 2**-1022 is the smallest normal float64.
+MAX_HALVINGS = 1 - sys.float_info.min_exp  # 1022
+#: Largest ``max_wd_growths``: 1.25**3180 ~ 1.5e308 is finite, 1.25**3181 overflows.
+MAX_GROWTHS = int(math.log(sys.float_info.max) / math.log(1.25))  # 3180
 
 
 class QLearningRateOptimizer(RLControlledOptimizer):
@@ -103,7 +109,9 @@ class QLearningRateOptimizer(RLControlledOptimizer):
             (see the module constant ``DEFAULT_REWARD`` and ``benchmarks/results/lr_control.md``),
             with its weight-decay term off when weight decay is not controlled.
         objective_memory: ``M`` of ``objective_position``.
-        max_lr_halvings, max_wd_halvings, max_wd_growths: the bounds above.
+        max_lr_halvings, max_wd_halvings, max_wd_growths: the bounds above; positive, the
+            halvings at most :data:`MAX_HALVINGS` (1022) and the growths at most
+            :data:`MAX_GROWTHS` (3180), so that both bounds are normal positive float64 values.
         train_policy, max_nonfinite_steps, signal_every, process_group: as in
             :class:`~rlopt.switching.RLSwitchingOptimizer`.
 
@@ -148,10 +156,15 @@ class QLearningRateOptimizer(RLControlledOptimizer):
                                          or not 0.0 <= weight_decay < math.inf):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         control = self._check_control(control)
-        for name, value in (("objective_memory", objective_memory), ("max_lr_halvings", max_lr_halvings),
-                            ("max_wd_halvings", max_wd_halvings), ("max_wd_growths", max_wd_growths)):
+        for name, value, most, bound in (("objective_memory", objective_memory, None, ""),
+                                         ("max_lr_halvings", max_lr_halvings, MAX_HALVINGS, "2**-n"),
+                                         ("max_wd_halvings", max_wd_halvings, MAX_HALVINGS, "2**-n"),
+                                         ("max_wd_growths", max_wd_growths, MAX_GROWTHS, "1.25**n")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value}")
+            if most is not None and value > most:
+                raise ValueError(f"Invalid {name}: {value} (at most {most}: the bound {bound} must be a normal "
+                                 "positive float64)")
         spec = self._resolve_base(base, lr)
         if weight_decay is not None and "weight_decay" in spec.hparams:
             raise ValueError("Give weight_decay either as the argument or in the base's options, not both")
@@ -205,6 +218,8 @@ class QLearningRateOptimizer(RLControlledOptimizer):
         if isinstance(base, str):
             name, kwargs = base, {}
         elif isinstance(base, (tuple, list)) and len(base) == 2 and isinstance(base[0], str):
+            if base[1] is not None and not isinstance(base[1], Mapping):
+                raise TypeError(f"The options of base '{base[0]}' must be a dict, got {base[1]!r}")
             name, kwargs = base[0], dict(base[1] or {})
         else:
             raise TypeError(f"base must be a name or a (name, kwargs) pair, got {base!r}")

@@ -1,6 +1,8 @@
 """Sharpness-Aware Minimization (SAM) around any torch optimizer."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +25,9 @@ class SAM(Optimizer):
         params: iterable of parameters or dicts defining parameter groups.
         base_optimizer: the optimizer *class* that makes the update (``torch.optim.SGD`` by default).
         rho: neighbourhood radius (default 0.05). ``rho=0`` is the base optimizer with twice the cost.
-        adaptive: ASAM (Kwon et al., 2021): scale the perturbation by ``|w|``.
+        adaptive: ASAM (Kwon et al., 2021): the perturbation is scaled elementwise by ``w^2``
+            and normalised by ``||w g||`` (``|w|``-scaled gradient), ``e = rho * w^2 g / ||w g||``
+            as above, so that ``|| e / |w| || = rho`` (a radius in scale-invariant units).
         **kwargs: hyper-parameters of the base optimizer (``lr``, ``momentum``, ...).
 
     ``step(closure)`` follows the torch closure convention (as ``LBFGS``): the closure clears
@@ -55,16 +59,23 @@ class SAM(Optimizer):
 
     def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float = 0.05,
                  adaptive: bool = False, **kwargs):
-        if not 0.0 <= rho < float("inf"):
-            raise ValueError(f"Invalid rho: {rho}")
+        if isinstance(rho, bool) or not isinstance(rho, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"Invalid rho: {rho} (expected a float)")
+        if isinstance(rho, torch.Tensor) and rho.numel() != 1:
+            raise ValueError(f"Invalid rho: a tensor rho must have one element, got shape {tuple(rho.shape)}")
+        if not 0.0 <= rho < math.inf:
+            raise ValueError(f"Invalid rho: {float(rho)}")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         lr = kwargs.get("lr")  # torch's own check (lr < 0) lets NaN through
-        if isinstance(lr, float) and not 0.0 <= lr < float("inf"):
-            raise ValueError(f"Invalid learning rate: {lr}")
+        if (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+                or isinstance(lr, torch.Tensor) and lr.numel() == 1) and not 0.0 <= lr < math.inf:
+            raise ValueError(f"Invalid learning rate: {float(lr)}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"
             )
-        defaults = dict(rho=rho, adaptive=bool(adaptive), **kwargs)
+        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
         super().__init__(params, defaults)
         # The base optimizer works on the very same group dicts: an LR scheduler on SAM reaches it.
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)

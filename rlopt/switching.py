@@ -53,7 +53,9 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
         total_steps, total_epochs: the budget, when known: it gives the progress feature and
             ends the episode (a truncation, bootstrapped) at the last decision. With ``interval=N``
             and ``total_epochs`` given, the last decision waits for the last ``epoch_end()``, so
-            that its reward sees the final validation metrics.
+            that its reward sees the final validation metrics; the epoch's length is then known
+            only after the first ``epoch_end()``, so the compute charge of the first epoch's
+            intervals is the reward's flat per-decision one (give ``total_steps`` to avoid that).
         reward: callable ``reward(RewardContext) -> float`` (default :class:`~rlopt.rewards.SwitchingReward`).
         train_policy: learn online (True) or freeze (False); None keeps the policy's own mode
             (new policies learn, loaded ones are frozen).

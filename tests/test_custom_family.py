@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rlopt import RLSwitchingOptimizer
-from rlopt.choices import FAMILIES, register_family
+from rlopt.choices import FAMILIES, register_family, resolve_choices
 
 pytestmark = pytest.mark.filterwarnings("ignore:Choice .* runs without fused kernels:RuntimeWarning")
 
@@ -88,6 +88,47 @@ def test_bad_registrations(args, kwargs, err, msg):
     with pytest.raises(err, match=msg):
         register_family(*args, **kwargs)
     assert FAMILIES == before
+
+
+@pytest.fixture
+def rmsprop():
+    register_family("rmsprop", torch.optim.RMSprop)  # momentum and a bool flag (centered) of its own
+    yield
+    del FAMILIES["rmsprop"]
+
+
+CHOICE_ERRORS = [  # resolve_choices, the check behind every optimizer's choices (and lr_control's base)
+    ([("sgd", 3)], TypeError, "The options of choice 'sgd' must be a dict, got 3"),
+    ({"s": "fast"}, TypeError, "The options of choice 's' must be a dict"),
+    ([("sgd", {"momentum": 1.5})], ValueError, r"Invalid momentum value: 1.5 \(choice 'sgd'\)"),
+    ([("sgd", {"momentum": 1.0})], ValueError, "Invalid momentum value: 1.0"),
+    ([("sam", {"momentum": -0.5})], ValueError, r"Invalid momentum value: -0.5 \(choice 'sam'\)"),
+    ([("sgd", {"momentum": float("nan")})], ValueError, "Invalid momentum value: nan"),
+    ([("sgd", {"momentum": "0.9"})], TypeError, "Invalid momentum value: '0.9'"),
+    ([("sgd", {"nesterov": "yes"})], TypeError, "nesterov for choice 'sgd' must be a bool"),
+    ([("sgd", {"weight_decay": float("nan")})], ValueError, "Invalid weight_decay for choice 'sgd'"),
+    ([("sgd", {"weight_decay": "1e-4"})], TypeError, "Invalid weight_decay for choice 'sgd'"),
+    ([("sam", {"rho": float("inf")})], ValueError, "Invalid rho for choice 'sam'"),
+    ([("sam", {"adaptive": "no"})], TypeError, "adaptive for choice 'sam' must be a bool"),
+    ([("adam", {"betas": (0.9, 1.5)})], ValueError, "Invalid options for choice 'adam'.*beta"),
+    ([("adam", {"eps": -1.0})], ValueError, "Invalid eps for choice 'adam'"),
+    ([("adam", {"lr": "0.001"})], TypeError, "Invalid learning rate for choice 'adam'"),
+    # a registered family: its own bool flags are checked too; its momentum need only be >= 0
+    ([("rmsprop", {"centered": "no"})], TypeError, "centered for choice 'rmsprop' must be a bool"),
+    ([("rmsprop", {"momentum": -0.1})], ValueError, "Invalid momentum value: -0.1"),
+]
+
+
+@pytest.mark.parametrize("choices,err,msg", CHOICE_ERRORS,
+                         ids=[f"{i}-{e[2][:30]}" for i, e in enumerate(CHOICE_ERRORS)])
+def test_bad_choice_options(choices, err, msg, rmsprop):
+    with pytest.raises(err, match=msg):
+        resolve_choices(choices, 0.1)
+
+
+def test_momentum_of_a_registered_family_is_its_own(rmsprop):
+    (spec,) = resolve_choices([("rmsprop", {"momentum": 1.5, "centered": True})], 0.1)
+    assert spec.hparams == {"momentum": 1.5, "centered": True}
 
 
 def test_unknown_option_of_a_registered_family(signsgd):

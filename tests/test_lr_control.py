@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+import sys
 
 import pytest
 import torch
@@ -222,6 +223,29 @@ BAD = [
     (dict(policy="constant:lr:double"), ValueError, "Unknown action"),
     (dict(policy="nonsense"), ValueError, "Unknown policy"),
     (dict(base=("sgd", {"lr": 0.2})), ValueError, "lr=..."),
+    (dict(max_lr_halvings=2000), ValueError, "Invalid max_lr_halvings: 2000 \\(at most 1022"),
+    (dict(max_lr_halvings=1023), ValueError, "Invalid max_lr_halvings"),
+    (dict(max_wd_halvings=1023), ValueError, "Invalid max_wd_halvings"),
+    (dict(max_wd_growths=5000, weight_decay=0.1, control=("weight_decay",)), ValueError,
+     "Invalid max_wd_growths: 5000 \\(at most 3180"),
+    (dict(max_wd_growths=3181), ValueError, "Invalid max_wd_growths"),
+    (dict(train_policy="no"), TypeError, "Invalid policy training mode: 'no'"),
+    (dict(train_policy=1), TypeError, "Invalid policy training mode"),
+    # the base's options are checked as a switching optimizer's choice is (rlopt.choices)
+    (dict(base=("sgd", 3)), TypeError, "options of base 'sgd' must be a dict"),
+    (dict(base=("sgd", {"momentum": 1.5})), ValueError, "Invalid momentum value: 1.5 \\(choice 'sgd'\\)"),
+    (dict(base=("sam", {"momentum": -0.1})), ValueError, "Invalid momentum value: -0.1 \\(choice 'sam'\\)"),
+    (dict(base=("sgd", {"momentum": "0.9"})), TypeError, "Invalid momentum value"),
+    (dict(base=("sgd", {"nesterov": "no"})), TypeError, "nesterov for choice 'sgd' must be a bool"),
+    (dict(base=("sgd", {"weight_decay": True})), TypeError, "Invalid weight_decay for choice 'sgd'"),
+    (dict(base=("sgd", {"weight_decay": float("inf")})), ValueError, "Invalid weight_decay for choice 'sgd'"),
+    (dict(base=("sam", {"rho": "a"})), TypeError, "Invalid rho for choice 'sam'"),
+    (dict(base=("sam", {"rho": -0.05})), ValueError, "Invalid rho for choice 'sam'"),
+    (dict(base=("sam", {"adaptive": "no"})), TypeError, "adaptive for choice 'sam' must be a bool"),
+    (dict(base=("adam", {"betas": (0.9, 1.0)})), ValueError, "Invalid options for choice 'adam'.*beta"),
+    (dict(base=("adam", {"betas": (float("nan"), 0.999)})), ValueError, "Invalid options for choice 'adam'"),
+    (dict(base=("adamw", {"eps": -1e-8})), ValueError, "Invalid eps for choice 'adamw'"),
+    (dict(base=("adamw", {"amsgrad": 1})), TypeError, "amsgrad for choice 'adamw' must be a bool"),
 ]
 
 
@@ -229,6 +253,25 @@ BAD = [
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         QLearningRateOptimizer(P, **kwargs)
+
+
+def test_largest_bounds_are_normal_floats_and_run():
+    """The limits of max_lr_halvings / max_wd_halvings / max_wd_growths are the real ones: at
+    them the bounds are normal positive floats and the lr_level/wd_level features are finite."""
+    from rlopt.lr_control import MAX_GROWTHS, MAX_HALVINGS
+
+    model = make_model()
+    opt = QLearningRateOptimizer(model.parameters(), weight_decay=1e-3, control=("lr", "weight_decay"),
+                                 policy="random", interval=2, max_lr_halvings=MAX_HALVINGS,
+                                 max_wd_halvings=MAX_HALVINGS, max_wd_growths=MAX_GROWTHS)
+    for lo, hi in opt._bounds.values():
+        assert lo >= sys.float_info.min and math.isfinite(hi)
+    run_steps(model, opt, make_data(4))
+    opt._factors = {"lr": opt._bounds["lr"][0], "weight_decay": opt._bounds["weight_decay"][0]}  # at the floor
+    run_steps(model, opt, make_data(4, seed=2))
+    assert len(opt.history) >= 4
+    assert all(math.isfinite(v) for h in opt.history for v in h["observation"])
+    assert 0.0 < inner_lr(opt) and 0.0 < inner_wd(opt)
 
 
 def test_policy_of_other_action_set_rejected():

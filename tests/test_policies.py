@@ -91,6 +91,8 @@ def test_replay_buffer_wraps_around_and_round_trips():
     assert other.reward.tolist() == [3.0, 4.0, 9.0]
     with pytest.raises(ValueError):
         ReplayBuffer(2, 2).load_state_dict(buf.state_dict())
+    with pytest.raises(ValueError, match="position 2"):  # a wrapped ring cannot continue in a larger one
+        ReplayBuffer(4, 2).load_state_dict(buf.state_dict())
 
 
 def test_rollout_buffer_full_and_reset():
@@ -237,6 +239,61 @@ def test_state_dict_round_trip_continues_identically(kind):
     assert_tree_equal(p1.state_dict(), p2.state_dict())
 
 
+def _other_buffer(kind):  # another rollout_len / replay capacity: the networks fit, the buffer does not
+    return SMALL[kind](seed=1, **({"rollout_len": 5} if kind == "ppo" else {"buffer_size": 2}))
+
+
+def _tampered(kind, edit):
+    def make():
+        state = _drive_and_state(SMALL[kind](seed=1))
+        edit(state)
+        return state
+    return make
+
+
+def _drive_and_state(policy):
+    _drive(policy, n=5)
+    return copy.deepcopy(policy.state_dict())
+
+
+def _bad_adam_moment(state):
+    entry = next(iter(state["optimizer"]["state"].values()))
+    entry["exp_avg"] = torch.zeros(1)
+
+
+BAD_POLICY_STATES = {  # name: kind -> a state that the small policy of that kind must refuse whole
+    "other buffer size": lambda kind: _drive_and_state(_other_buffer(kind)),
+    "other hidden size": lambda kind: _drive_and_state(SMALL[kind](seed=1, hidden=8)),
+    "bad Adam moment": lambda kind: _tampered(kind, _bad_adam_moment)(),
+    "bad rng": lambda kind: _tampered(kind, lambda s: s.update(rng=s["rng"][:-1]))(),
+    "missing counter": lambda kind: _tampered(kind, lambda s: s.pop("n_updates"))(),
+    "non-bool training": lambda kind: _tampered(kind, lambda s: s.update(training="no"))(),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_POLICY_STATES))
+@pytest.mark.parametrize("kind", ["dqn", "ppo"])
+def test_failed_policy_load_changes_nothing(kind, bad):
+    """A state that does not fit is refused before anything is loaded: every tensor of the
+    policy's state_dict, its RNG state and its buffers stay as they were, and it acts on as if
+    the load had not been tried."""
+    policy = SMALL[kind]()
+    _drive(policy, n=5)  # non-trivial networks, Adam moments, buffer contents, pending decision
+    untouched = copy.deepcopy(policy)
+    before = copy.deepcopy(policy.state_dict())
+    buffer = policy.buffer if kind == "dqn" else policy.rollout
+    raw = {k: v.clone() for k, v in vars(buffer).items() if isinstance(v, torch.Tensor)}
+    rng = policy.generator.get_state()
+    state = BAD_POLICY_STATES[bad](kind)
+    with pytest.raises(ValueError):
+        policy.load_state_dict(state)
+    assert_tree_equal(before, policy.state_dict())
+    assert torch.equal(policy.generator.get_state(), rng)
+    assert all(torch.equal(getattr(buffer, k), v) for k, v in raw.items())
+    assert _drive(policy, n=6, seed=4) == _drive(untouched, n=6, seed=4)
+    assert_tree_equal(policy.state_dict(), untouched.state_dict())
+
+
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_save_load_round_trip_frozen_by_default(kind, tmp_path):
     policy = SMALL[kind]()
@@ -306,27 +363,41 @@ def test_mismatched_policy_checkpoint_is_rejected(name, kw, msg, tmp_path):
 
 
 POLICY_ERRORS = [
-    (lambda: DQNConfig(lr=0.0), "Invalid lr"),
-    (lambda: DQNConfig(epsilon_decay=1.5), "Invalid epsilon_decay"),
-    (lambda: DQNConfig(epsilon_start=0.1, epsilon_end=0.5), "Invalid epsilon range"),
-    (lambda: DQNConfig(gamma=float("nan")), "Invalid gamma"),
-    (lambda: DQNConfig(target_update=0), "Invalid target_update"),
-    (lambda: PPOConfig(actor_lr=float("nan")), "Invalid actor_lr"),
-    (lambda: PPOConfig(gae_lambda=1.5), "Invalid gae_lambda"),
-    (lambda: PPOConfig(rollout_len=0), "Invalid rollout_len"),
-    (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(1.0,))), "Invalid action probabilities"),
-    (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(-1.0, 2.0))), "Invalid action probabilities"),
-    (lambda: ConstantPolicy(3, ["a", "b"], ConstantConfig(action=5)), "Invalid action index"),
-    (lambda: DQNPolicy(0, ["a"]), "Invalid observation size"),
-    (lambda: DQNPolicy(3, []), "Invalid action names"),
-    (lambda: DQNPolicy(3, ["a"]).act(torch.zeros(4)), "Observation has 4 features"),
+    (lambda: DQNConfig(lr=0.0), ValueError, "Invalid lr"),
+    (lambda: DQNConfig(epsilon_decay=1.5), ValueError, "Invalid epsilon_decay"),
+    (lambda: DQNConfig(epsilon_start=0.1, epsilon_end=0.5), ValueError, "Invalid epsilon range"),
+    (lambda: DQNConfig(gamma=float("nan")), ValueError, "Invalid gamma"),
+    (lambda: DQNConfig(target_update=0), ValueError, "Invalid target_update"),
+    (lambda: PPOConfig(actor_lr=float("nan")), ValueError, "Invalid actor_lr"),
+    (lambda: PPOConfig(gae_lambda=1.5), ValueError, "Invalid gae_lambda"),
+    (lambda: PPOConfig(rollout_len=0), ValueError, "Invalid rollout_len"),
+    (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(1.0,))), ValueError, "Invalid action probabilities"),
+    (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(-1.0, 2.0))), ValueError,
+     "Invalid action probabilities"),
+    (lambda: ConstantPolicy(3, ["a", "b"], ConstantConfig(action=5)), ValueError, "Invalid action index"),
+    (lambda: DQNPolicy(0, ["a"]), ValueError, "Invalid observation size"),
+    (lambda: DQNPolicy(3, []), ValueError, "Invalid action names"),
+    (lambda: DQNPolicy(3, ["a"]).act(torch.zeros(4)), ValueError, "Observation has 4 features"),
+    (lambda: DQNPolicy(3, ["a"], train="no"), TypeError, "Invalid policy training mode: 'no'"),
+    (lambda: PPOPolicy(3, ["a"]).train("no"), TypeError, "Invalid policy training mode: 'no'"),
+    (lambda: RandomPolicy(3, ["a"]).train(1), TypeError, "Invalid policy training mode: 1"),
+    (lambda: RLSwitchingOptimizer(make_model().parameters(), choices=["sgd", "adam"], train_policy="no"), TypeError,
+     "Invalid policy training mode: 'no'"),
+    (lambda: DQNPolicy(3, ["a"]).load_state_dict([]), TypeError, "must be a dict"),
 ]
 
 
-@pytest.mark.parametrize("make,msg", POLICY_ERRORS, ids=[e[1] for e in POLICY_ERRORS])
-def test_policy_bad_inputs(make, msg):
-    with pytest.raises(ValueError, match=msg):
+@pytest.mark.parametrize("make,err,msg", POLICY_ERRORS, ids=[f"{i}-{e[2]}" for i, e in enumerate(POLICY_ERRORS)])
+def test_policy_bad_inputs(make, err, msg):
+    with pytest.raises(err, match=msg):
         make()
+
+
+def test_train_mode_unchanged_by_a_refused_flag():
+    policy = SMALL["ppo"]().eval()
+    with pytest.raises(TypeError):
+        policy.train("yes")
+    assert policy.training is False
 
 
 def test_random_policy_probabilities_are_followed():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -224,6 +225,16 @@ ERRORS = [
     (dict(lr=-0.1), ValueError, "Invalid learning rate"),
     (dict(lr=float("nan")), ValueError, "Invalid learning rate"),
     (dict(momentum=-0.5), ValueError, "Invalid momentum"),
+    (dict(rho="a"), TypeError, "Invalid rho: a"),
+    (dict(rho=None), TypeError, "Invalid rho"),
+    (dict(rho=True), TypeError, "Invalid rho"),
+    (dict(rho=torch.tensor(float("nan"))), ValueError, "Invalid rho: nan"),
+    (dict(rho=torch.tensor(-0.1)), ValueError, "Invalid rho"),
+    (dict(rho=torch.tensor([0.05, 0.1])), ValueError, "Invalid rho"),
+    (dict(adaptive="no"), TypeError, "adaptive must be a bool"),
+    (dict(adaptive=1), TypeError, "adaptive must be a bool"),
+    (dict(adaptive=None), TypeError, "adaptive must be a bool"),
+    (dict(lr=torch.tensor(float("nan"))), ValueError, "Invalid learning rate"),
 ]
 
 
@@ -231,8 +242,17 @@ ERRORS = [
 def test_bad_inputs(kwargs, err, msg):
     kwargs = dict(kwargs)
     base = kwargs.pop("base_optimizer", torch.optim.SGD)
+    model = make_model()
+    before = [p.clone() for p in model.parameters()]
     with pytest.raises(err, match=msg):
-        SAM(make_model().parameters(), base, **{"lr": 0.1, **kwargs})
+        SAM(model.parameters(), base, **{"lr": 0.1, **kwargs})
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_rho_of_any_real_type_is_accepted():
+    for rho in (torch.tensor(0.05), 0, 1, np.float32(0.05), np.float64(0.05)):
+        sam = SAM(make_model().parameters(), rho=rho, lr=0.1)
+        assert sam.param_groups[0]["rho"] is rho and sam.param_groups[0]["adaptive"] is False
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

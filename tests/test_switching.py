@@ -908,6 +908,24 @@ def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, uns
     assert sum(h["signals"]["skipped"] for h in o1.history) == 1
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's graph-break notes; the missing loss
+def test_compiled_step_equals_the_eager_step():
+    """torch.compile(opt.step) (as torch documents for its own optimizers) runs and steps alike."""
+    x, y = make_data()
+    models, opts = [make_model(), make_model()], []
+    for m in models:
+        opts.append(RLSwitchingOptimizer(m.parameters(), choices=["sgd", "adam"], policy="constant:sgd", lr=0.1))
+    steps = [torch.compile(opts[0].step, backend="eager"), opts[1].step]
+    for _ in range(3):
+        for m, opt, step in zip(models, opts, steps):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q)
+    assert opts[0]._ctl["step"] == opts[1]._ctl["step"] == 3
+
+
 # --------------------------------------------------------------------- groups, copies, edge cases
 def test_add_param_group_reaches_every_inner_optimizer():
     x, y = make_data()

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,7 +75,7 @@ class Policy(abc.ABC):
         self.config = config
         self.seed = int(seed)
         self.obs_layout = dict(obs_layout) if obs_layout else None
-        self.training = bool(train)
+        self.training = _check_mode(train)
         self.metadata: Dict[str, Any] = {}
         self.last_info: Dict[str, float] = {}
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -96,7 +97,9 @@ class Policy(abc.ABC):
         return {}
 
     def train(self, mode: bool = True) -> "Policy":
-        self.training = bool(mode)
+        """Learn online (``True``) or freeze (``False``). ``mode`` must be a bool: a string such
+        as ``"no"`` is refused rather than read as true."""
+        self.training = _check_mode(mode)
         return self
 
     def eval(self) -> "Policy":
@@ -113,8 +116,35 @@ class Policy(abc.ABC):
         """Everything that evolves: networks, optimizers, buffers, counters and the RNG."""
         return {"training": self.training, "rng": self.generator.get_state()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.training = bool(state["training"])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned. All or nothing: the whole state is checked
+        first (:meth:`_check_state`: keys, network and optimizer shapes, buffer sizes, counters,
+        the RNG state), then loaded (:meth:`_load_state`). A state that does not fit this policy
+        (another ``hidden``, ``rollout_len``/``buffer_size`` or observation size) raises
+        ``ValueError`` and leaves the policy exactly as it was. Subclasses extend those two
+        methods, not this one."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"A policy state must be a dict, got {type(state).__name__}")
+        self._check_state(state)
+        self._load_state(state)
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`_load_state` can load ``state`` completely. Changes
+        nothing."""
+        _require_keys(state, ("training", "rng"), f"{type(self).__name__} state")
+        if not isinstance(state["training"], bool):
+            raise ValueError(f"Invalid training flag in the policy state: {state['training']!r}")
+        rng, own = state["rng"], self.generator.get_state()
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == own.dtype and rng.shape == own.shape):
+            raise ValueError("The policy state's RNG state does not fit a CPU torch.Generator")
+        try:
+            torch.Generator().set_state(rng)  # a scratch generator: ours changes only in _load_state
+        except RuntimeError as err:
+            raise ValueError(f"Invalid RNG state in the policy state: {err}") from None
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        """Load a state that :meth:`_check_state` accepted."""
+        self.training = state["training"]
         self.generator.set_state(state["rng"])
 
     def describe(self) -> Dict[str, Any]:
@@ -163,6 +193,72 @@ class Policy(abc.ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(actions={list(self.action_names)}, obs_dim={self.obs_dim}, "
                 f"training={self.training})")
+
+
+def _check_mode(mode: Any) -> bool:
+    if not isinstance(mode, bool):
+        raise TypeError(f"Invalid policy training mode: {mode!r} (train, or an optimizer's train_policy, "
+                        "must be a bool)")
+    return mode
+
+
+# ----------------------------------------------------- state checks shared by the subclasses
+def _require_keys(state: Any, keys: Iterable[str], what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{what} lacks {missing}")
+
+
+def _check_count(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Invalid {what} in the policy state: {value!r}")
+
+
+def _check_module_state(module: torch.nn.Module, saved: Any, what: str) -> None:
+    """``saved`` loads into ``module`` with ``strict=True``: the same keys, tensors of the same
+    shapes (``Module.load_state_dict`` copies what fits before it reports what does not)."""
+    own = module.state_dict()
+    _require_keys(saved, own, f"The {what} state")
+    unexpected = sorted(set(saved) - set(own))
+    if unexpected:
+        raise ValueError(f"The {what} state has unexpected keys {unexpected}")
+    for key, tensor in own.items():
+        value = saved[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"The {what} state's {key} has shape {shape}, this policy's {tuple(tensor.shape)} "
+                "(another hidden size, observation size or action set)"
+            )
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, what: str) -> None:
+    """``saved`` loads into ``optimizer``: the same groups with as many parameters each, and
+    per-parameter state tensors shaped as their parameters (torch checks only the former)."""
+    _require_keys(saved, ("state", "param_groups"), f"The {what} state")
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if (not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups)
+            or any(not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
+                   for g, s in zip(groups, saved_groups))):
+        raise ValueError(f"The {what} state's parameter groups do not fit this policy's")
+    params = dict(zip((i for s in saved_groups for i in s["params"]),
+                      (p for g in groups for p in g["params"])))
+    if not isinstance(saved["state"], Mapping):
+        raise ValueError(f"The {what} state's per-parameter state must be a dict")
+    for index, entry in saved["state"].items():
+        if index not in params or not isinstance(entry, Mapping):
+            raise ValueError(f"The {what} state has state for an unknown parameter {index!r}")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(f"The {what} state's {name} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
+
+
+def _check_pending_obs(obs: Any, obs_dim: int) -> None:
+    if obs is not None and not (isinstance(obs, torch.Tensor) and obs.numel() == obs_dim):
+        raise ValueError(f"The policy state's pending observation does not have {obs_dim} features")
 
 
 def load_policy(path: "str | os.PathLike", *, train: bool = False) -> Policy:

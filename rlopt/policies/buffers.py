@@ -1,7 +1,8 @@
 """Experience storage: a ring replay buffer (DQN) and a rollout buffer with GAE (PPO)."""
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Tuple
+import numbers
+from typing import Any, Dict, Mapping, NamedTuple, Tuple
 
 import torch
 
@@ -57,10 +58,29 @@ class ReplayBuffer:
                 "action": self.action[:n].clone(), "reward": self.reward[:n].clone(),
                 "terminal": self.terminal[:n].clone(), "pos": self.pos, "size": n}
 
+    def check_state(self, state: Dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state``; changes nothing.
+
+        The state must fit the capacity and observation size, and its ring position must be one
+        this buffer can continue from (a full buffer from a smaller capacity cannot)."""
+        keys = ("obs", "next_obs", "action", "reward", "terminal", "pos", "size")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            raise ValueError(f"Replay buffer state must be a dict with keys {list(keys)}")
+        n, pos = state["size"], state["pos"]
+        if (not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, pos))
+                or not 0 <= n <= self.capacity
+                or not (pos == n if n < self.capacity else 0 <= pos < self.capacity)):
+            raise ValueError(f"Replay buffer state (size {n!r}, position {pos!r}) does not fit this buffer's "
+                             f"capacity {self.capacity}")
+        for key in keys[:5]:
+            own = getattr(self, key)
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != (n, *own.shape[1:]):
+                raise ValueError(f"Replay buffer state's {key} does not fit this buffer's observation size "
+                                 f"{self.obs.shape[1]} and size {n}")
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state(state)
         n = int(state["size"])
-        if n > self.capacity or state["obs"].shape[1:] != self.obs.shape[1:]:
-            raise ValueError("Replay buffer state does not fit this buffer's capacity or observation size")
         for key in ("obs", "next_obs", "action", "reward", "terminal"):
             getattr(self, key).zero_()
             getattr(self, key)[:n] = state[key]
@@ -120,9 +140,21 @@ class RolloutBuffer:
         return {k: getattr(self, k).clone() for k in ("obs", "action", "logprob", "value", "reward", "done")} | {
             "pos": self.pos}
 
+    def check_state(self, state: Dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state``; changes nothing."""
+        keys = ("obs", "action", "logprob", "value", "reward", "done")
+        if not isinstance(state, Mapping) or any(k not in state for k in (*keys, "pos")):
+            raise ValueError(f"Rollout buffer state must be a dict with keys {[*keys, 'pos']}")
+        for key in keys:
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != getattr(self, key).shape:
+                raise ValueError("Rollout buffer state does not fit this buffer's length or observation size "
+                                 f"({key}: this buffer's {tuple(getattr(self, key).shape)})")
+        pos = state["pos"]
+        if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or not 0 <= pos <= self.size:
+            raise ValueError(f"Invalid rollout buffer position {pos!r} for length {self.size}")
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state["obs"].shape != self.obs.shape:
-            raise ValueError("Rollout buffer state does not fit this buffer's length or observation size")
+        self.check_state(state)
         for key in ("obs", "action", "logprob", "value", "reward", "done"):
             getattr(self, key).copy_(state[key])
         self.pos = int(state["pos"])

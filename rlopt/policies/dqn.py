@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Policy, register_policy
+from .base import (Policy, _check_count, _check_module_state, _check_optimizer_state, _check_pending_obs,
+                   _require_keys, register_policy)
 from .buffers import ReplayBuffer
 
 __all__ = ["DQNConfig", "DQNPolicy"]
@@ -151,7 +152,24 @@ class DQNPolicy(Policy):
         )
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_state(state)
+        _require_keys(state, ("q_net", "target_net", "optimizer", "buffer", "epsilon", "n_updates"), "DQN state")
+        _check_module_state(self.q_net, state["q_net"], "Q-network")
+        _check_module_state(self.target_net, state["target_net"], "target network")
+        _check_optimizer_state(self.optimizer, state["optimizer"], "Q-network optimizer")
+        self.buffer.check_state(state["buffer"])
+        eps = state["epsilon"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
+            raise ValueError(f"Invalid epsilon in the DQN state: {eps!r}")
+        _check_count(state["n_updates"], "n_updates")
+        _check_pending_obs(state.get("pending_obs"), self.obs_dim)
+        if state.get("pending_obs") is not None:
+            action = state.get("pending_action")
+            if isinstance(action, bool) or not isinstance(action, int) or not 0 <= action < self.n_actions:
+                raise ValueError(f"Invalid pending action in the DQN state: {action!r}")
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
         self.q_net.load_state_dict(state["q_net"])
         self.target_net.load_state_dict(state["target_net"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -160,4 +178,4 @@ class DQNPolicy(Policy):
         self.n_updates = int(state["n_updates"])
         po = state.get("pending_obs")
         self._pending = None if po is None else (po.clone(), int(state["pending_action"]))
-        super().load_state_dict(state)
+        super()._load_state(state)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from .base import Policy, register_policy
+from .base import (Policy, _check_count, _check_module_state, _check_optimizer_state, _check_pending_obs,
+                   _require_keys, register_policy)
 from .buffers import RolloutBuffer, compute_gae
 
 __all__ = ["PPOConfig", "PPOPolicy"]
@@ -173,7 +174,24 @@ class PPOPolicy(Policy):
         )
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_state(state)
+        _require_keys(state, ("actor", "critic", "optimizer", "rollout", "n_updates"), "PPO state")
+        _check_module_state(self.actor, state["actor"], "actor")
+        _check_module_state(self.critic, state["critic"], "critic")
+        _check_optimizer_state(self.optimizer, state["optimizer"], "actor-critic optimizer")
+        self.rollout.check_state(state["rollout"])
+        _check_count(state["n_updates"], "n_updates")
+        _check_pending_obs(state.get("pending_obs"), self.obs_dim)
+        if state.get("pending_obs") is not None:
+            pending = state.get("pending")
+            if (not isinstance(pending, (list, tuple)) or len(pending) != 3
+                    or isinstance(pending[0], bool) or not isinstance(pending[0], int)
+                    or not 0 <= pending[0] < self.n_actions
+                    or not all(isinstance(v, (int, float)) for v in pending[1:])):
+                raise ValueError(f"Invalid pending decision in the PPO state: {pending!r}")
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -182,4 +200,4 @@ class PPOPolicy(Policy):
         po = state.get("pending_obs")
         self._pending = None if po is None else (po.clone(), int(state["pending"][0]),
                                                   float(state["pending"][1]), float(state["pending"][2]))
-        super().load_state_dict(state)
+        super()._load_state(state)
