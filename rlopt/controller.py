@@ -113,6 +113,31 @@ def _with_own_kernels(sd: Dict[str, Any], inner: Optimizer) -> Dict[str, Any]:
     return {**sd, "param_groups": groups}
 
 
+_HOOK_DICTS = ("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+               "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+
+class _hooks_off:
+    """Inside: torch's ``Optimizer.state_dict`` / ``load_state_dict`` run none of the user's
+    state-dict hooks (the wrapper runs them around its whole state instead)."""
+
+    def __init__(self, opt: Optimizer):
+        self.opt, self.saved = opt, {}
+
+    def __enter__(self):
+        for name in _HOOK_DICTS:
+            self.saved[name] = self.opt.__dict__.get(name)
+            if self.saved[name] is not None:
+                setattr(self.opt, name, type(self.saved[name])())
+        return self
+
+    def __exit__(self, *exc):
+        for name, hooks in self.saved.items():
+            if hooks is not None:
+                setattr(self.opt, name, hooks)
+        return False
+
+
 def _user_stacklevel() -> int:
     """``stacklevel`` for a warning raised inside rlopt that points at the caller's own line
     (past rlopt's and torch's frames, however the call arrived)."""
@@ -618,8 +643,13 @@ class RLControlledOptimizer(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit for bit: the wrapper's groups, every inner optimizer's
         state, the policy (networks, optimizer, buffers, counters, RNG), the feature
-        accumulators, the decision history. Loadable with ``torch.load(weights_only=True)``."""
-        sd = super().state_dict()
+        accumulators, the decision history. Loadable with ``torch.load(weights_only=True)``.
+        State-dict hooks (``register_state_dict_pre_hook`` / ``_post_hook``) run around all of
+        it, so a post-hook sees the ``"rlopt"`` entry too."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        with _hooks_off(self):
+            sd = super().state_dict()
         sd["rlopt"] = {
             "format": STATE_FORMAT, "kind": self.kind, "actions": list(self._action_names),
             "choices": [s.name for s in self._specs], "families": [s.family for s in self._specs],
@@ -631,6 +661,10 @@ class RLControlledOptimizer(Optimizer):
             "history": copy.deepcopy(self.history),
             **self._extra_state(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def _extra_state(self) -> Dict[str, Any]:
@@ -640,7 +674,21 @@ class RLControlledOptimizer(Optimizer):
         pass
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; everything is checked before anything changes."""
+        """Load a :meth:`state_dict`; everything is checked before anything changes. Load hooks
+        run around all of it: a pre-hook may transform the ``"rlopt"`` entry, and a post-hook
+        sees the inner optimizers, the policy and the history loaded."""
+        if isinstance(state_dict, dict) and self._optimizer_load_state_dict_pre_hooks:
+            state_dict = state_dict.copy()
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        with _hooks_off(self):
+            self._load_checked(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_checked(self, state_dict: Dict[str, Any]) -> None:
         rl = state_dict.get("rlopt") if isinstance(state_dict, dict) else None
         if not isinstance(rl, dict) or rl.get("format") != STATE_FORMAT:
             raise ValueError(f"Not an rlopt optimizer state dict ({STATE_FORMAT}); it has keys "

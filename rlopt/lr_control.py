@@ -302,13 +302,13 @@ class QLearningRateOptimizer(RLControlledOptimizer):
         self._lowest = [float(v) for v in saved["lowest"]]
         self._initial = {k: float(v) for k, v in saved["initial"].items()}
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _load_checked(self, state_dict: Dict[str, Any]) -> None:
         rl = state_dict.get("rlopt") if isinstance(state_dict, dict) else None
         if isinstance(rl, dict) and rl.get("kind") == self.kind and (
                 "lr_control" not in rl or list(rl["lr_control"].get("control", [])) != list(self._control)):
             raise ValueError(f"State dict controls {rl.get('lr_control', {}).get('control')}, this optimizer "
                              f"controls {list(self._control)}")
-        super().load_state_dict(state_dict)
+        super()._load_checked(state_dict)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -926,6 +926,32 @@ def test_compiled_step_equals_the_eager_step():
     assert opts[0]._ctl["step"] == opts[1]._ctl["step"] == 3
 
 
+def test_state_dict_hooks_see_the_whole_state():
+    """torch's optimizer state-dict hooks run around the wrapper's whole state: a save post-hook
+    sees the "rlopt" entry, a load pre-hook can transform it, a load post-hook sees it loaded."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "adam"], policy="dqn", interval=2)
+    for _ in range(5):
+        o1.step(make_closure(m1, o1, x, y))
+    calls = []
+    o1.register_state_dict_pre_hook(lambda opt: calls.append("save-pre"))
+    o1.register_state_dict_post_hook(lambda opt, sd: calls.append(("save-post", "rlopt" in sd)))
+    sd = o1.state_dict()
+    o2 = RLSwitchingOptimizer(m2.parameters(), choices=["sgd", "adam"], policy="dqn", interval=2)
+
+    def drop_last_decision(opt, state):  # a pre-hook that edits the rlopt entry
+        state["rlopt"] = {**state["rlopt"], "history": state["rlopt"]["history"][:-1]}
+        calls.append("load-pre")
+
+    o2.register_load_state_dict_pre_hook(drop_last_decision)
+    o2.register_load_state_dict_post_hook(lambda opt: calls.append(("load-post", len(opt.history))))
+    o2.load_state_dict(sd)
+    n = len(o1.history) - 1
+    assert calls == ["save-pre", ("save-post", True), "load-pre", ("load-post", n)]
+    assert len(o2.history) == n and len(sd["rlopt"]["history"]) == n + 1  # the caller's dict is kept
+
+
 # --------------------------------------------------------------------- groups, copies, edge cases
 def test_add_param_group_reaches_every_inner_optimizer():
     x, y = make_data()
