@@ -952,6 +952,42 @@ def test_state_dict_hooks_see_the_whole_state():
     assert len(o2.history) == n and len(sd["rlopt"]["history"]) == n + 1  # the caller's dict is kept
 
 
+@pytest.mark.parametrize("choice", ["sgd", "sam", "adam"])
+def test_bf16_autocast_in_the_closure_equals_torch(choice):
+    """bf16 autocast inside the closure (the README's mixed-precision recipe) with each choice
+    equals torch's fused optimizer (SAM: the reference SAM) under the same autocast."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    opt = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "sam", "adam"], policy=f"constant:{choice}", lr=0.1)
+    ref = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+           "sam": lambda p: ReferenceSAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, fused=True),
+           "adam": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)}[choice](m2.parameters())
+
+    def closure_for(model, o):
+        def closure():
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(4):
+        opt.step(closure_for(m1, opt))
+        c2 = closure_for(m2, ref)
+        if choice == "sam":
+            c2()
+            ref.first_step()
+            c2()
+            ref.second_step()
+        else:
+            c2()
+            ref.step()
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p, q)
+
+
 # --------------------------------------------------------------------- groups, copies, edge cases
 def test_add_param_group_reaches_every_inner_optimizer():
     x, y = make_data()
