@@ -775,6 +775,8 @@ class RLControlledOptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # keys added in later releases, with the behaviour of the release that lacked them
+        self.__dict__.setdefault("share_momentum", False)  # (session 4) each choice had its own buffers
         self._group = distributed.resolve_group(self.__dict__.get("_process_group", distributed.AUTO))
         self._synced_group = None  # made equal again at the next decision
 

@@ -166,24 +166,39 @@ def _same_history(h1, h2):
     assert repr(h1) == repr(h2)  # repr: NaN == NaN
 
 
-@pytest.mark.parametrize("control", [("lr",), ("lr", "weight_decay")])
-def test_resume_bit_for_bit(tmp_path, control):
-    kw = dict(lr=0.05, weight_decay=1e-3, control=control, policy="dqn", interval=2, seed=3, total_steps=60)
+@pytest.mark.parametrize("control,base,policy,sched", [
+    (("lr",), "sgd", "dqn", False), (("lr", "weight_decay"), "sgd", "dqn", False),
+    (("lr",), "sam", "dqn", True), (("lr", "weight_decay"), "adamw", "ppo", True)])
+def test_resume_bit_for_bit(tmp_path, control, base, policy, sched):
+    kw = dict(lr=0.05, weight_decay=1e-3, control=control, base=base, policy=policy, interval=2, seed=3,
+              total_steps=60)
     m1 = make_model()
     o1 = QLearningRateOptimizer(m1.parameters(), **kw)
+    s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=7, gamma=0.7) if sched else None
     data = make_data(30, seed=5)
-    run_steps(m1, o1, data[:30])
+    for x, y in data:
+        o1.step(closure_for(m1, o1, x, y))
+        if s1 is not None:
+            s1.step()
     o1.epoch_end(val_loss=1.0, val_acc=0.4)
-    torch.save(o1.state_dict(), tmp_path / "opt.pt")
+    torch.save({"opt": o1.state_dict(), "sched": s1 and s1.state_dict()}, tmp_path / "opt.pt")
     m2 = make_model(seed=9)
     m2.load_state_dict(m1.state_dict())
     o2 = QLearningRateOptimizer(m2.parameters(), **kw)
-    o2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=7, gamma=0.7) if sched else None
+    ck = torch.load(tmp_path / "opt.pt", weights_only=True)
+    o2.load_state_dict(ck["opt"])
+    if s2 is not None:
+        s2.load_state_dict(ck["sched"])
     assert o2.factors == o1.factors and o2.lr == o1.lr
-    assert o1.policy.n_updates > 0  # the DQN is learning: its state must resume too
+    if policy == "dqn":
+        assert o1.policy.n_updates > 0  # the DQN is learning: its state must resume too
     for x, y in data[:30]:
         o1.step(closure_for(m1, o1, x, y))
         o2.step(closure_for(m2, o2, x, y))
+        for s in (s1, s2):
+            if s is not None:
+                s.step()
         for p1, p2 in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(p1, p2)
     _same_history(o1.history, o2.history)

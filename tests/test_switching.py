@@ -988,6 +988,32 @@ def test_bf16_autocast_in_the_closure_equals_torch(choice):
             assert torch.equal(p, q)
 
 
+def test_unpickling_a_state_from_before_later_keys():
+    """An optimizer pickled by an older release lacks the keys added since; __setstate__ gives
+    them the behaviour of that release (share_momentum: each choice its own buffers)."""
+    x, y = make_data()
+    m1 = make_model()
+    o1 = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=2,
+                              share_momentum=False)
+    copy_ = pickle.loads(pickle.dumps(o1))
+    state = dict(copy_.__dict__)
+    del state["share_momentum"]
+    old = RLSwitchingOptimizer.__new__(RLSwitchingOptimizer)
+    old.__setstate__(state)
+    assert old.share_momentum is False
+    params = [p for g in old.param_groups for p in g["params"]]
+    m2 = make_model()
+    for (name, _), q in zip(list(m2.named_parameters()), params):  # the unpickled optimizer's parameters
+        module, attr = name.rsplit(".", 1)
+        setattr(m2.get_submodule(module), attr, q)
+    for _ in range(3):
+        o1.step(make_closure(m1, o1, x, y))
+        old.step(make_closure(m2, old, x, y))
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(p, q)
+    assert old.state_dict()["rlopt"]["share_momentum"] is False
+
+
 # --------------------------------------------------------------------- groups, copies, edge cases
 def test_add_param_group_reaches_every_inner_optimizer():
     x, y = make_data()
