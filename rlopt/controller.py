@@ -206,7 +206,8 @@ class RLControlledOptimizer(Optimizer):
         if not isinstance(share_momentum, bool):
             raise TypeError(f"share_momentum must be a bool, got {share_momentum!r}")
         if train_policy is not None and not isinstance(train_policy, bool):
-            raise TypeError(f"Invalid policy training mode: {train_policy!r} (train_policy must be a bool or None)")
+            raise TypeError(f"Invalid policy training mode: {train_policy!r} (train_policy must be a bool "
+                            "or None)")
         distributed.check_group_arg(process_group)
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
         super().__init__(params, defaults)
@@ -487,8 +488,8 @@ class RLControlledOptimizer(Optimizer):
         sam = [s.name for s in self._specs if s.needs_closure]
         warnings.warn(
             f"None of the last {steps} steps gave {type(self).__name__} its training loss (step() was called "
-            "without a closure, or the closure returned no number or tensor): the policy's loss features are missing and rewards built on the training "
-            "loss see no change. Pass the loss: "
+            "without a closure, or the closure returned no number or tensor): the policy's loss features "
+            "are missing and rewards built on the training loss see no change. Pass the loss: "
             + ("a closure that computes it (choices " + str(sam) + " need one)" if sam else
                "opt.step(lambda: loss) after loss.backward(), or a closure that computes it"),
             UserWarning, stacklevel=_user_stacklevel())
