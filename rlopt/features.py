@@ -206,24 +206,24 @@ class SignalTracker:
             self._allocate(device)
         j = self._pending
         flag = self._win_flag[j]
+        checked_loss: List[torch.Tensor] = []  # the loss slot, checked with the gradients
         if isinstance(loss, torch.Tensor) and loss.numel() > 0 and not loss.is_complex():
             slot = self._win_loss[j]
             # a scalar as it is; an unreduced loss (one value per sample) by its mean
             slot.copy_(loss.reshape(()) if loss.numel() == 1 else loss.detach().float().mean())
             if loss_skips:
-                grads = [*grads, slot]
+                checked_loss = [slot]
         elif not isinstance(loss, numbers.Real) or isinstance(loss, bool):
             pass  # None, or what the closure returned is not a loss (a tuple...): not averaged
         elif math.isfinite(float(loss)) and abs(float(loss)) <= _FLOAT32_MAX:
             self._win_loss[j].fill_(float(loss))
         elif loss_skips:  # as a loss tensor would be: not finite in the float32 window
             flag.fill_(1.0)
-        if inv_scale is None:
-            self.check(grads, flag)
-        else:  # the loss slot is not scaled: checked on its own
-            n = len(grads) - (len(grads) > 0 and grads[-1] is self._win_loss[j])
-            self.check(grads[:n], flag, inv_scale)
-            self.check(grads[n:], flag)
+        if inv_scale is None:  # one kernel for the gradients and the loss
+            self.check([*grads, *checked_loss], flag)
+        else:  # the loss is not scaled: checked on its own
+            self.check(grads, flag, inv_scale)
+            self.check(checked_loss, flag)
         if found_inf is not None:
             torch.maximum(flag, found_inf.to(flag.device, flag.dtype).reshape(()), out=flag)
         return flag

@@ -31,6 +31,17 @@ def _reference(choice, params):
                fused=True)
 
 
+def _steps_without_sync(step, n: int) -> None:
+    """``n`` calls of ``step()``, any host synchronisation an error."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(n):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("choice", ["sgd", "adam", "sam"])
 def test_constant_policy_equals_fused_torch_on_cuda(choice):
     m1, x, y = _cuda_setup()
@@ -68,13 +79,7 @@ def test_ordinary_steps_do_not_synchronise_with_the_host(with_closure):
             opt.step()
 
     step()  # first step: lazy state, warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(20):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _steps_without_sync(step, 20)
     opt.epoch_end(val_loss=1.0, val_acc=0.5)  # decisions may synchronise
     assert len(opt.history) == 2
 
@@ -98,14 +103,8 @@ def test_grad_scaler_fp16_loop_does_not_synchronise_and_matches_torch():
             scaler.step(opt)
             scaler.update()
 
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(10):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        step()  # warm-up
+        _steps_without_sync(step, 10)
         results.append(model)
     for p, q in zip(results[0].parameters(), results[1].parameters()):
         assert torch.equal(p, q)
