@@ -207,10 +207,11 @@ class SignalTracker:
         j = self._pending
         flag = self._win_flag[j]
         checked_loss: List[torch.Tensor] = []  # the loss slot, checked with the gradients
-        if isinstance(loss, torch.Tensor) and loss.numel() > 0 and not loss.is_complex():
+        if isinstance(loss, torch.Tensor) and (loss.dim() == 0 or loss.numel() > 0) and not loss.is_complex():
             slot = self._win_loss[j]
             # a scalar as it is; an unreduced loss (one value per sample) by its mean
-            slot.copy_(loss.reshape(()) if loss.numel() == 1 else loss.detach().float().mean())
+            slot.copy_(loss if loss.dim() == 0 else loss.reshape(()) if loss.numel() == 1
+                       else loss.detach().float().mean())
             if loss_skips:
                 checked_loss = [slot]
         elif not isinstance(loss, numbers.Real) or isinstance(loss, bool):
