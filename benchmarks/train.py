@@ -221,9 +221,12 @@ def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 def source_commit() -> Optional[str]:
-    """The commit of the code that runs: ``git rev-parse`` of this checkout, with ``+dirty`` when
-    tracked files of ``rlopt/`` or ``benchmarks/`` (results aside) differ from it; where there is no
-    git checkout (the GPU machine gets the files without ``.git``), ``$RLOPT_COMMIT``; else None."""
+    """The commit of the code that runs: ``$RLOPT_COMMIT`` when set (a copy of a tree whose git
+    metadata is missing or not its own, as on the GPU machine, where ``gpu_table.sh`` sets it);
+    else ``git rev-parse`` of this checkout, with ``+dirty`` when tracked files of ``rlopt/`` or
+    ``benchmarks/`` (results aside) differ from it; else None."""
+    if os.environ.get("RLOPT_COMMIT"):
+        return os.environ["RLOPT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     git = ["git", "-C", str(root)]
     try:
@@ -235,7 +238,7 @@ def source_commit() -> Optional[str]:
             return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("RLOPT_COMMIT") or None
+    return None
 
 
 def environment(device: torch.device) -> Dict[str, Any]:

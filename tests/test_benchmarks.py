@@ -453,15 +453,20 @@ def test_reflect_padding_option():
 
 
 def test_run_logs_name_the_commit(monkeypatch):
-    """environment() records the code's commit: git's where there is a checkout, else $RLOPT_COMMIT."""
+    """environment() records the code's commit: $RLOPT_COMMIT when set (a copied tree), else git's
+    where there is a checkout, else None."""
     import subprocess
 
     from benchmarks import train as tr
 
+    monkeypatch.delenv("RLOPT_COMMIT", raising=False)
     root = Path(tr.__file__).resolve().parent.parent
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
         assert tr.environment(torch.device("cpu"))["commit"].split("+")[0] == head.stdout.strip()
+        monkeypatch.setenv("RLOPT_COMMIT", "abc123")  # the tree's own commit, named by the copier
+        assert tr.source_commit() == "abc123"
+        monkeypatch.delenv("RLOPT_COMMIT")
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")

@@ -61,6 +61,7 @@ def test_registered_family_runs_like_the_optimizer_itself(signsgd):
     assert restored.inner_optimizers["s"].param_groups[0]["weight_decay"] == 0.01
 
 
+@pytest.mark.filterwarnings("ignore:None of the last")  # steps without a closure: no loss, on purpose
 def test_switching_between_sgd_and_a_registered_family(signsgd):
     model = _model()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "signsgd"], policy="random", interval=2, lr=0.1)
