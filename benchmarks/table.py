@@ -22,6 +22,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -207,7 +208,9 @@ def plot_figures(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> List[Path]
             color = f"C{i % 10}"
             curves = np.array([[e[key] if e[key] is not None else np.nan for e in r["epochs"]] for r in rs]) * scale
             ep = np.arange(1, curves.shape[1] + 1)
-            m, sd = np.nanmean(curves, 0), np.nanstd(curves, 0)
+            with warnings.catch_warnings():  # no validation split: an all-NaN curve, left unplotted
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m, sd = np.nanmean(curves, 0), np.nanstd(curves, 0)
             ax.plot(ep, m, color=color, label=method)
             if len(rs) > 1:
                 ax.fill_between(ep, m - sd, m + sd, color=color, alpha=0.15)
