@@ -5,11 +5,19 @@
 Each method trains alone, in this one process, with the benchmark's settings (ResNet-18 CIFAR stem,
 batch 512, bf16 autocast, channels_last, data and augmentation on the GPU) on the whole training
 set (``--val-fraction 0``: 50,000 CIFAR-10 images per epoch, as the reference script). The figure
-per method is the median training time of epochs 2..E: epoch 1 holds cuDNN's autotuning and the
-lazy allocations. Evaluation is timed apart and not counted.
+per method is the median training time of epochs 2..E: epoch 1 holds cuDNN's autotuning, the lazy
+allocations and any compilation. Evaluation is timed apart and not counted.
 
-Bars (issue 3, CIFAR-10 on one H100): SGD at most 1.0 s per epoch, SAM at most 2.05x SGD. Other
-data sets or devices: figures are reported, bars not applied.
+``--variants eager reduce-overhead`` measures each method once per variant: ``eager`` (no
+compilation) or a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...). ``--repeats R``
+runs every (variant, method) R times in rounds, the order rotated from round to round, so that a
+machine that drifts during the call drifts for all of them; the figure is then the median of all
+timed epochs of the R runs, and each round's median is listed beside it. Only figures from one
+call compare well: machine starts differ by about 10% (see benchmarks/RESULTS.md).
+
+Bars (issue 3, CIFAR-10 on one H100): SGD at most 1.0 s per epoch, SAM at most 2.05x SGD, each
+variant judged on its own SGD and SAM. Other data sets or devices: figures are reported, bars not
+applied.
 """
 from __future__ import annotations
 
@@ -19,69 +27,125 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .data import load_dataset
-from .train import METHODS, TrainConfig, environment, resolve_device, train
+from .train import COMPILE_MODES, METHODS, TrainConfig, resolve_device, train
 
 SGD_BAR_S = 1.0
 SAM_RATIO_BAR = 2.05
+VARIANTS = ("eager", *COMPILE_MODES)
 
 
-def measure(methods: List[str], base: TrainConfig, log=print) -> Dict[str, Any]:
+def _variant_config(base: TrainConfig, method: str, variant: Optional[str]) -> TrainConfig:
+    kw = {**base.__dict__, "method": method, "out_dir": None}
+    if variant is not None:  # None: the base config's own compile settings
+        kw.update(compile=variant != "eager", compile_mode=None if variant in ("eager", "default") else variant)
+    return TrainConfig(**kw)
+
+
+def label(method: str, variant: Optional[str]) -> str:
+    """Row name: the method, with the variant when one was asked for."""
+    return method if variant is None else f"{method} [{variant}]"
+
+
+def measure(methods: Sequence[str], base: TrainConfig, variants: Sequence[Optional[str]] = (None,),
+            repeats: int = 1, log=print, on_run: Optional[Callable[[Dict[str, Any]], None]] = None
+            ) -> Dict[str, Any]:
+    """Train every (variant, method) ``repeats`` times; per row the seconds of every epoch of every run.
+    ``on_run`` gets the result so far after each run (a run cut off by a time limit keeps the others)."""
+    if repeats < 1:
+        raise ValueError(f"Invalid repeats: {repeats}")
+    for v in variants:
+        if v is not None and v not in VARIANTS:
+            raise ValueError(f"Unknown variant {v!r}; expected one of {VARIANTS}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"Unknown method {m!r}; expected one of {list(METHODS)}")
     data = load_dataset(base.dataset, base.data_dir, base.download, base.val_fraction, seed=0,
                         cache_dir=base.cache_dir)
+    pairs = [(v, m) for v in variants for m in methods]
+    runs: Dict[Tuple[Optional[str], str], List[Dict[str, Any]]] = {p: [] for p in pairs}
+    result: Dict[str, Any] = {}
+    for r in range(repeats):
+        k = r % len(pairs)
+        for v, m in pairs[k:] + pairs[:k]:
+            cfg = _variant_config(base, m, v)
+            log(f"== round {r + 1}/{repeats}: {label(m, v)}")
+            run = train(cfg, data=data, log=log)
+            runs[(v, m)].append({"secs": [e["train_seconds"] for e in run["epochs"]],
+                                 "eval_s": [e["eval_seconds"] for e in run["epochs"]],
+                                 "steps": run["summary"]["steps"] // cfg.epochs})
+            result = {"rows": _rows(runs), "variants": list(variants), "repeats": repeats,
+                      "data": data.summary(), "environment": run["environment"]}
+            if on_run is not None:
+                on_run(result)
+    return result
+
+
+def _rows(runs: Dict[Tuple[Optional[str], str], List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """One row per (variant, method) with at least one run, in the order of ``runs``."""
     rows = {}
-    for m in methods:
-        cfg = TrainConfig(**{**base.__dict__, "method": m, "out_dir": None})
-        run = train(cfg, data=data, log=log)
-        secs = [e["train_seconds"] for e in run["epochs"]]
-        timed = secs[1:] if len(secs) > 1 else secs
-        rows[m] = {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed),
-                   "first_epoch_s": secs[0], "all_s": secs,
-                   "eval_s_median": statistics.median(e["eval_seconds"] for e in run["epochs"]),
-                   "steps_per_epoch": run["summary"]["steps"] // cfg.epochs,
-                   "grad_evals": run["summary"]["grad_evals"]}
-    return {"rows": rows, "data": data.summary(), "environment": run["environment"]}
+    for (v, m), rs in runs.items():
+        if not rs:
+            continue
+        timed = [x["secs"][1:] if len(x["secs"]) > 1 else x["secs"] for x in rs]
+        pooled = [s for t in timed for s in t]
+        rows[label(m, v)] = {
+            "method": m, "variant": v, "median_s": statistics.median(pooled), "min_s": min(pooled),
+            "max_s": max(pooled), "round_medians_s": [statistics.median(t) for t in timed],
+            "first_epoch_s": [x["secs"][0] for x in rs], "all_s": [x["secs"] for x in rs],
+            "eval_s_median": statistics.median(s for x in rs for s in x["eval_s"]), "steps_per_epoch": rs[0]["steps"]}
+    return rows
 
 
 def bars(result: Dict[str, Any], dataset: str) -> Dict[str, Any]:
+    """Per variant: SGD's seconds and SAM's ratio to SGD, and whether the issue-3 bars hold."""
     rows, env = result["rows"], result["environment"]
-    applicable = dataset == "cifar10" and "H100" in env.get("gpu", "")
-    out: Dict[str, Any] = {"applicable": applicable}
-    if "sgd" in rows:
-        out["sgd_s"] = rows["sgd"]["median_s"]
-        out["sgd_ok"] = out["sgd_s"] <= SGD_BAR_S
-    if "sgd" in rows and "sam" in rows:
-        out["sam_ratio"] = rows["sam"]["median_s"] / rows["sgd"]["median_s"]
-        out["sam_ok"] = out["sam_ratio"] <= SAM_RATIO_BAR
+    out: Dict[str, Any] = {"applicable": dataset == "cifar10" and "H100" in env.get("gpu", ""), "variants": {}}
+    for v in result.get("variants", [None]):
+        sgd, sam = rows.get(label("sgd", v)), rows.get(label("sam", v))
+        b: Dict[str, Any] = {}
+        if sgd:
+            b["sgd_s"] = sgd["median_s"]
+            b["sgd_ok"] = b["sgd_s"] <= SGD_BAR_S
+        if sgd and sam:
+            b["sam_ratio"] = sam["median_s"] / sgd["median_s"]
+            b["sam_ok"] = b["sam_ratio"] <= SAM_RATIO_BAR
+        out["variants"][str(v or "as configured")] = b
     return out
 
 
 def to_markdown(result: Dict[str, Any], b: Dict[str, Any], command: str, epochs: int) -> str:
-    env, rows = result["environment"], result["rows"]
-    sgd = rows.get("sgd", {}).get("median_s")
+    env, rows, reps = result["environment"], result["rows"], result.get("repeats", 1)
+    runs = f"{reps} rounds, each running every row once, in a rotated order" if reps > 1 else "one run per row"
     lines = ["# Training speed per epoch", "",
              f"- command: `{command}`",
              f"- hardware: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_count']} CPU cores); "
              f"torch {env['torch']}, torchvision {env.get('torchvision', '?')}",
              f"- data: {result['data']}",
-             f"- {epochs} epochs per method, each method alone on the device; figure: median training seconds of "
-             f"epochs 2..{epochs} (epoch 1 holds cuDNN autotuning), evaluation excluded", ""]
-    lines += ["| method | s/epoch (median) | min-max | x SGD | first epoch s | eval s | steps/epoch |",
-              "|---|---|---|---|---|---|---|"]
-    for m, r in rows.items():
+             f"- {epochs} epochs per run, {runs}, each run alone on the device; figure: median training seconds "
+             f"of epochs 2..{epochs} of all runs of the row (epoch 1 holds cuDNN autotuning and any compilation), "
+             "evaluation excluded", ""]
+    lines += ["| row | runs | s/epoch (median) | min-max | round medians | x SGD | first epoch s | eval s | steps/epoch |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        sgd = rows.get(label("sgd", r["variant"]), {}).get("median_s")
         ratio = f"{r['median_s'] / sgd:.2f}" if sgd else "-"
-        lines.append(f"| {m} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {ratio} | "
-                     f"{r['first_epoch_s']:.2f} | {r['eval_s_median']:.3f} | {r['steps_per_epoch']} |")
+        rounds = ", ".join(f"{x:.3f}" for x in r["round_medians_s"])
+        first = ", ".join(f"{x:.2f}" for x in r["first_epoch_s"])
+        lines.append(f"| {name} | {len(r['all_s'])} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {rounds} | {ratio} | "
+                     f"{first} | {r['eval_s_median']:.3f} | {r['steps_per_epoch']} |")
     lines.append("")
     if b["applicable"]:
-        if "sgd_ok" in b:
-            lines.append(f"- bar: SGD epoch <= {SGD_BAR_S} s: **{'met' if b['sgd_ok'] else 'NOT met'}** "
-                         f"({b['sgd_s']:.3f} s)")
-        if "sam_ok" in b:
-            lines.append(f"- bar: SAM <= {SAM_RATIO_BAR}x SGD: **{'met' if b['sam_ok'] else 'NOT met'}** "
-                         f"({b['sam_ratio']:.2f}x)")
+        for v, vb in b["variants"].items():
+            tag = f" ({v})" if len(b["variants"]) > 1 else ""
+            if "sgd_ok" in vb:
+                lines.append(f"- bar{tag}: SGD epoch <= {SGD_BAR_S} s: **{'met' if vb['sgd_ok'] else 'NOT met'}** "
+                             f"({vb['sgd_s']:.3f} s)")
+            if "sam_ok" in vb:
+                lines.append(f"- bar{tag}: SAM <= {SAM_RATIO_BAR}x SGD: **{'met' if vb['sam_ok'] else 'NOT met'}** "
+                             f"({vb['sam_ratio']:.2f}x)")
     else:
         lines.append("- bars (CIFAR-10 on one H100) not applicable to this run: figures reported only")
     lines.append("- reference (plain PyTorch script, ../shared/data/README.md, H100): SGD 0.95-1.06 s, SAM 1.89-2.16 s")
@@ -93,21 +157,32 @@ def main(argv=None) -> Dict[str, Any]:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["sgd", "sam"], choices=list(METHODS))
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="measure each method eager and/or under these torch.compile modes (default: as "
+                         "--compile/--compile-mode say, one variant)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (variant, method), in rotating rounds")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/speed_<dataset>_<device>)")
     add_config_args(ap, skip=("method", "out_dir", "epochs", "val_fraction"))
-    ap.add_argument("--epochs", type=int, default=4, help="epochs per method (default 4; epoch 1 is not counted)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per run (default 4; epoch 1 is not counted)")
     ap.add_argument("--val-fraction", type=float, default=0.0, help="held-out share (default 0: all training images)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"Invalid repeats: {args.repeats}")
     base = config_from_args(args, method=args.methods[0], out_dir=None)
-    result = measure(args.methods, base)
-    b = bars(result, base.dataset)
     command = "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     dev = "gpu" if resolve_device(base.device).type == "cuda" else "cpu"
     stem = Path(args.out or f"benchmarks/results/speed_{base.dataset}_{dev}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(result, b, command, base.epochs)
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "bars": b, **result}, indent=1))
+
+    def write(result: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        b = bars(result, base.dataset)
+        md = to_markdown(result, b, command, base.epochs)
+        stem.with_suffix(".md").write_text(md)
+        stem.with_suffix(".json").write_text(json.dumps({"command": command, "bars": b, **result}, indent=1))
+        return md, b
+
+    result = measure(args.methods, base, variants=args.variants or [None], repeats=args.repeats, on_run=write)
+    md, b = write(result)
     print(md)
     return {"bars": b, **result}
 

@@ -9,7 +9,8 @@ verbatim, the environment (hardware, torch version), per-epoch metrics, per-step
 On CUDA the data live on the GPU, augmentation (random crop with padding + horizontal flip) is
 batched on the GPU, the forward/backward run under bf16 autocast in ``channels_last``, the step
 loop does not synchronise with the host (losses are accumulated on the device), and epochs are
-timed after ``torch.cuda.synchronize()``. ``--compile`` adds ``torch.compile``.
+timed after ``torch.cuda.synchronize()``. ``--compile`` adds ``torch.compile`` of the model
+(``--compile-mode reduce-overhead``: with CUDA graphs).
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "r
               "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam", "lr-dqn", "lr-dqn-online")
 #: RL methods whose policy is frozen (shipped, constant or random); the others follow --policy-train
 _FROZEN = ("const-sgd", "random-sgd-sam", "random-sgd-sam-adam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn")
+
+#: torch.compile modes accepted by --compile-mode (None: torch's default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 CONVERGENCE_DEFINITION = ("convergence epoch: the first epoch (1-based) whose test accuracy is within "
                           "0.5 percentage points of the run's final-epoch test accuracy")
@@ -171,6 +175,9 @@ class TrainConfig:
     """channels_last memory format (CUDA only)."""
     compile: bool = False
     """torch.compile the model."""
+    compile_mode: Optional[str] = None
+    """torch.compile's mode when `compile` is set: None (torch's default), "reduce-overhead" (CUDA
+    graphs of the forward and backward), "max-autotune" or "max-autotune-no-cudagraphs"."""
     threads: Optional[int] = None
     """torch.set_num_threads on CPU (None: leave torch's default)."""
     out_dir: Optional[str] = "benchmarks/runs"
@@ -408,6 +415,8 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         raise ValueError(f"Unknown init {cfg.init!r}; expected None or 'pytorch'")
     if cfg.pad_mode not in (None, *PAD_MODES):
         raise ValueError(f"Unknown pad_mode {cfg.pad_mode!r}; expected None or one of {PAD_MODES}")
+    if cfg.compile_mode not in (None, *COMPILE_MODES):
+        raise ValueError(f"Unknown compile_mode {cfg.compile_mode!r}; expected None or one of {COMPILE_MODES}")
     device = resolve_device(cfg.device)
     if cfg.threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -424,7 +433,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     cl = cfg.channels_last and device.type == "cuda"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
 
     tx, ty = data.train_x.to(device), data.train_y.to(device)
     vx, vy = data.val_x.to(device), data.val_y.to(device)

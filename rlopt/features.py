@@ -412,7 +412,7 @@ class SignalTracker:
         kind = self.run.device.type
         if kind == "cpu":  # folded run, then the window's steps not seen yet (usually one)
             if self._host_run is None:
-                self._host_run = [*map(int, self.run.tolist()), 0]
+                self._host_run = [int(a) for a in self.run.tolist()] + [0]
             cur, longest, seen = self._host_run
             for k in range(seen, self._pending):
                 cur = cur + 1 if self._win_flag[k].item() else 0

@@ -256,6 +256,44 @@ def test_demo_and_overhead_scripts_run(tmp_path):
     assert "not timed" in (tmp_path / "ops.md").read_text()
 
 
+def test_speed_script_variants_and_repeats(tmp_path):
+    """benchmarks.speed: every (variant, method) runs once per round; a row pools the timed epochs of
+    its runs and lists each round's median; bars are judged per variant; bad input is refused."""
+    from benchmarks import speed
+    from benchmarks.train import TrainConfig
+
+    res = speed.main(["--dataset", "fmnist-subset", "--model", "small-cnn", "--methods", "sgd", "sam",
+                      "--variants", "eager", "--repeats", "2", "--epochs", "2", "--batch-size", "256",
+                      "--max-steps-per-epoch", "2", "--threads", "1", "--out", str(tmp_path / "sp")])
+    assert list(res["rows"]) == ["sgd [eager]", "sam [eager]"]
+    for row in res["rows"].values():
+        assert len(row["all_s"]) == 2 and all(len(s) == 2 for s in row["all_s"])
+        timed = [s[1] for s in row["all_s"]]  # epoch 1 of each run is not counted
+        assert row["round_medians_s"] == timed and row["median_s"] == pytest.approx(sum(timed) / 2)
+    b = res["bars"]
+    assert not b["applicable"] and set(b["variants"]) == {"eager"}
+    assert b["variants"]["eager"]["sam_ratio"] == pytest.approx(
+        res["rows"]["sam [eager]"]["median_s"] / res["rows"]["sgd [eager]"]["median_s"])
+    md = (tmp_path / "sp.md").read_text()
+    assert "| sam [eager] | 2 |" in md and "2 rounds" in md
+    assert json.loads((tmp_path / "sp.json").read_text())["repeats"] == 2
+    # a variant sets torch.compile and its mode; None keeps the config's own
+    cfg = speed._variant_config(TrainConfig(compile=True, compile_mode="max-autotune"), "sgd", None)
+    assert (cfg.compile, cfg.compile_mode) == (True, "max-autotune")
+    cfg = speed._variant_config(TrainConfig(), "sam", "reduce-overhead")
+    assert (cfg.method, cfg.compile, cfg.compile_mode) == ("sam", True, "reduce-overhead")
+    assert speed._variant_config(TrainConfig(), "sgd", "default").compile_mode is None
+    assert not speed._variant_config(TrainConfig(compile=True), "sgd", "eager").compile
+    for bad, msg in (({"repeats": 0}, "Invalid repeats"), ({"variants": ["jit"]}, "Unknown variant"),
+                     ({"methods": ["sg"]}, "Unknown method")):
+        kw = {"methods": ["sgd"], "base": TrainConfig(dataset="no-such-data"), **bad}
+        with pytest.raises(ValueError, match=msg):  # refused before the data set is looked up
+            speed.measure(**kw)
+    with pytest.raises(ValueError, match="Unknown compile_mode"):
+        from benchmarks.train import train
+        train(TrainConfig(dataset="no-such-data", compile=True, compile_mode="fast"))
+
+
 def test_overhead_paired_statistic_and_pooling(tmp_path):
     from benchmarks import overhead
 

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Issue 3's speed bars on one machine start: the GPU's clocks and the host, a profile of the plain
+# ResNet-18 step (is it bound by the device or by the host launching kernels?), then
+# benchmarks.speed for SGD and SAM in each variant (eager, torch.compile modes), REPEATS rotating
+# rounds in one process. Everything comes back as one archive under $OUT/r.
+# usage: [VARIANTS="eager reduce-overhead"] [REPEATS=3] [EPOCHS=9] [PROFILE=1] [PAD_MODE=reflect] \
+#        benchmarks/scripts/gpu_speed.sh
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
+export RLOPT_COMMIT=${RLOPT_COMMIT:-$(cat data/COMMIT 2>/dev/null)}  # run logs name the code (no .git travels)
+export TORCH_LOGS=${TORCH_LOGS:-perf_hints,recompiles}  # why torch.compile skips CUDA graphs or recompiles
+VARIANTS=${VARIANTS:-eager reduce-overhead}
+REPEATS=${REPEATS:-3}
+EPOCHS=${EPOCHS:-9}
+mkdir -p $OUT/r
+exec > >(tee $OUT/r/speed.log) 2>&1
+TEE=$!
+trap 'exec >&- 2>&-; wait $TEE' EXIT
+clocks() { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,pstate \
+             --format=csv,noheader; }
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+lscpu | grep -E "Model name|^CPU\(s\)|MHz" ; uptime
+echo "gpu before: $(clocks)"
+if [ "${PROFILE:-1}" != 0 ]; then  # device time vs host time of 20 plain steps (footer of each table)
+  timeout 120 python3 -m benchmarks.overhead --cases resnet18 --repeats 0 --block 50 --profile 20 \
+    --out $OUT/r/step_profile 2>&1 | grep -E "^==|Self CPU time total|Self CUDA time total|operations per"
+fi
+PAD=${PAD_MODE:+--pad-mode $PAD_MODE}
+timeout $(( 560 - SECONDS )) python3 -m benchmarks.speed --dataset cifar10 --data-dir data/cifar10-jpeg.tar.gz \
+  --methods sgd sam --variants $VARIANTS --repeats $REPEATS --epochs $EPOCHS $PAD \
+  --out $OUT/r/speed_cifar10_gpu_${RLOPT_COMMIT:-local} 2>&1 | grep -v "^  epoch"
+echo "gpu after: $(clocks)"
+(cd $OUT/r && shopt -s nullglob && tar czf speed_$(date +%s).tgz speed.log *.md *.json; rm -f *.md *.json)
