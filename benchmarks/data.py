@@ -352,29 +352,49 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 PAD_MODES = ("zeros", "reflect")
 
 
+_GRIDS: Dict[Tuple[int, int, int, str], Tuple[torch.Tensor, ...]] = {}
+
+
+def _crop_grid(n: int, h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Index tensors of a batched crop, made once per shape and device: images ``(n, 1, 1)``,
+    rows ``(h, 1)``, columns ``(w,)`` and the columns reversed."""
+    key = (n, h, w, str(device))
+    if key not in _GRIDS:
+        if len(_GRIDS) > 16:  # a few batch shapes per run; never grow without bound
+            _GRIDS.clear()
+        cols = torch.arange(w, device=device)
+        _GRIDS[key] = (torch.arange(n, device=device).view(n, 1, 1), torch.arange(h, device=device).view(h, 1),
+                       cols, cols.flip(0))
+    return _GRIDS[key]
+
+
 def augment_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
                       generator: Optional[torch.Generator] = None, pad_mode: str = "zeros") -> torch.Tensor:
     """Random crop with padding ``pad`` and random horizontal flip, batched on ``x``'s device.
 
     ``pad_mode``: ``"zeros"`` pads with black pixels (torchvision's ``RandomCrop`` default, before
     normalisation); ``"reflect"`` mirrors the border without repeating it (as airbench does).
-    One gather for the whole batch (no Python loop over images, no host sync)."""
+    One gather for the whole batch, the flip folded into its column indices: no Python loop over
+    images, no host sync, and few operations, because an eager training step is largely bound by
+    the host launching them. Random draws, in this order: row offsets, column offsets, flips."""
     if pad_mode not in PAD_MODES:
         raise ValueError(f"Unknown pad_mode {pad_mode!r}; expected one of {PAD_MODES}")
     n, c, h, w = x.shape
     dev = x.device
-    if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad), mode="constant" if pad_mode == "zeros" else pad_mode)
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
-        rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]          # (n, h, 1)
-        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, :]          # (n, 1, w)
-        batch = torch.arange(n, device=dev)[:, None, None]
-        x = xp.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)       # (n, c, h, w)
-    if flip:
+    if pad <= 0:
+        if flip:
+            mask = torch.rand(n, device=dev, generator=generator) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        return x
+    xp = F.pad(x, (pad, pad, pad, pad), mode="constant" if pad_mode == "zeros" else pad_mode)
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=dev, generator=generator)
+    batch, rows, cols, reversed_cols = _crop_grid(n, h, w, dev)
+    if flip:  # a flipped crop reads its columns right to left
         mask = torch.rand(n, device=dev, generator=generator) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x
+        cols = torch.where(mask.view(n, 1, 1), reversed_cols, cols)
+    # (n, h, w, c): rows and columns picked per image, channels last; then viewed as (n, c, h, w)
+    return xp.permute(0, 2, 3, 1)[batch, dy + rows, dx + cols].permute(0, 3, 1, 2)
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,

@@ -186,6 +186,29 @@ def test_augmentation_and_batches():
     assert len(seen) == 9 and len(set(seen.tolist())) == 9
 
 
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_augmentation_matches_a_per_image_reference(pad_mode):
+    """The batched crop-and-flip equals cropping and flipping each image by hand with the same
+    random draws (row offsets, column offsets, flips, in that order), and leaves the generator where
+    those draws leave it: runs seeded before the gather was rewritten draw the same augmentations."""
+    n, pad = 37, 3
+    x = torch.randint(0, 256, (n, 3, 7, 9), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(4)
+    ref_g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        out = augment_crop_flip(x, pad=pad, flip=True, generator=g, pad_mode=pad_mode)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=ref_g)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=ref_g)
+        flips = torch.rand(n, generator=ref_g) < 0.5
+        mode = "constant" if pad_mode == "zeros" else pad_mode
+        for i in range(n):
+            padded = torch.nn.functional.pad(x[i:i + 1].float(), (pad,) * 4, mode=mode)[0].to(torch.uint8)
+            crop = padded[:, dy[i]:dy[i] + 7, dx[i]:dx[i] + 9]
+            assert torch.equal(out[i], crop.flip(2) if flips[i] else crop)
+        assert torch.equal(g.get_state(), ref_g.get_state())
+    assert out.is_contiguous(memory_format=torch.channels_last)  # normalize's channels_last copy is free
+
+
 # ------------------------------------------------------------------------------- end to end
 def test_smoke_every_method(tmp_path):
     from benchmarks.table import main
