@@ -8,8 +8,9 @@ set (``--val-fraction 0``: 50,000 CIFAR-10 images per epoch, as the reference sc
 per method is the median training time of epochs 2..E: epoch 1 holds cuDNN's autotuning, the lazy
 allocations and any compilation. Evaluation is timed apart and not counted.
 
-``--variants eager reduce-overhead`` measures each method once per variant: ``eager`` (no
-compilation) or a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...). ``--repeats R``
+``--variants eager cuda-graph reduce-overhead`` measures each method once per variant: ``eager``
+(no compilation), ``cuda-graph`` (the model's forward and backward replayed as CUDA graphs, eager's
+kernels) or a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...). ``--repeats R``
 runs every (variant, method) R times in rounds, the order rotated from round to round, so that a
 machine that drifts during the call drifts for all of them; the figure is then the median of all
 timed epochs of the R runs, and each round's median is listed beside it. Only figures from one
@@ -34,13 +35,15 @@ from .train import COMPILE_MODES, METHODS, TrainConfig, resolve_device, train
 
 SGD_BAR_S = 1.0
 SAM_RATIO_BAR = 2.05
-VARIANTS = ("eager", *COMPILE_MODES)
+VARIANTS = ("eager", "cuda-graph", *COMPILE_MODES)
 
 
 def _variant_config(base: TrainConfig, method: str, variant: Optional[str]) -> TrainConfig:
     kw = {**base.__dict__, "method": method, "out_dir": None}
     if variant is not None:  # None: the base config's own compile settings
-        kw.update(compile=variant != "eager", compile_mode=None if variant in ("eager", "default") else variant)
+        compiled = variant not in ("eager", "cuda-graph")
+        kw.update(compile=compiled, compile_mode=variant if compiled and variant != "default" else None,
+                  cuda_graph=variant == "cuda-graph")
     return TrainConfig(**kw)
 
 

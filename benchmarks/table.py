@@ -284,7 +284,8 @@ def _reusable(cfg: TrainConfig):
     except (OSError, ValueError):
         return None
     want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    same = all(old["config"].get(k) == v for k, v in want.items() if k not in _NOT_COMPARED)
+    default = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))  # a field newer than the log: its default
+    same = all(old["config"].get(k, default[k]) == v for k, v in want.items() if k not in _NOT_COMPARED)
     return old if same else None
 
 

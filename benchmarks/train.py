@@ -178,6 +178,10 @@ class TrainConfig:
     compile_mode: Optional[str] = None
     """torch.compile's mode when `compile` is set: None (torch's default), "reduce-overhead" (CUDA
     graphs of the forward and backward), "max-autotune" or "max-autotune-no-cudagraphs"."""
+    cuda_graph: bool = False
+    """CUDA only: replay the model's training forward and backward as CUDA graphs
+    (torch.cuda.make_graphed_callables): eager's kernels without launching them one by one.
+    Evaluation runs the model as usual."""
     threads: Optional[int] = None
     """torch.set_num_threads on CPU (None: leave torch's default)."""
     out_dir: Optional[str] = "benchmarks/runs"
@@ -390,9 +394,25 @@ def evaluate(model, x_u8, y, mean, std, cfg: TrainConfig, device, num_classes: i
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cuda" and cfg.bf16:  # no weight-cast cache: CUDA graphs replay their own casts
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graph)
     return torch.autocast("cpu", enabled=False)
+
+
+def graph_model(model: torch.nn.Module, sample: torch.Tensor, bf16: bool) -> torch.nn.Module:
+    """``model`` with its training-mode forward and backward captured as CUDA graphs, for inputs
+    shaped and laid out like ``sample`` (torch.cuda.make_graphed_callables; eval mode runs the model
+    as before). The warm-up and capture run the model four times in training mode; its buffers
+    (BatchNorm statistics) are put back afterwards, so training starts from the same state as
+    without graphs."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False, enabled=bf16)
+    with amp:
+        graphed = torch.cuda.make_graphed_callables(model, (sample,))
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    return graphed
 
 
 def _sync(device: torch.device) -> None:
@@ -417,7 +437,12 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         raise ValueError(f"Unknown pad_mode {cfg.pad_mode!r}; expected None or one of {PAD_MODES}")
     if cfg.compile_mode not in (None, *COMPILE_MODES):
         raise ValueError(f"Unknown compile_mode {cfg.compile_mode!r}; expected None or one of {COMPILE_MODES}")
+    if cfg.cuda_graph and cfg.compile:
+        raise ValueError("cuda_graph and compile exclude each other (compile_mode='reduce-overhead' makes CUDA "
+                         "graphs of the compiled model)")
     device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, not {device.type!r}")
     if cfg.threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
@@ -444,6 +469,8 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     steps_per_epoch = len(ty) // cfg.batch_size  # drop_last: every step has a full batch
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(ty)} training images")
+    if cfg.cuda_graph:  # every training batch has this shape and layout
+        fwd = graph_model(model, normalize(tx[:cfg.batch_size], mean, std, cl), cfg.bf16)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs

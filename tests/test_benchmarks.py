@@ -236,6 +236,25 @@ def test_smoke_every_method(tmp_path):
             assert run["summary"]["grad_evals"] == 12
 
 
+def test_run_logs_older_than_a_config_field_stay_reusable(tmp_path):
+    """A run log written before a TrainConfig field existed counts as having its default: the main
+    tables' logs predate compile_mode and cuda_graph and must still aggregate."""
+    import dataclasses
+
+    from benchmarks.table import _reusable
+    from benchmarks.train import TrainConfig
+
+    cfg = TrainConfig(method="sgd", out_dir=str(tmp_path))
+    saved = dataclasses.asdict(cfg)
+    del saved["cuda_graph"], saved["compile_mode"]
+    path = tmp_path / f"{cfg.run_name()}.json"
+    path.write_text(json.dumps({"config": saved}))
+    assert _reusable(cfg) is not None
+    assert _reusable(dataclasses.replace(cfg, cuda_graph=True)) is None  # a run without graphs is not one with
+    path.write_text(json.dumps({"config": {**saved, "lr": 0.1}}))
+    assert _reusable(cfg) is None
+
+
 def test_table_in_pieces_matches_random_share_and_aggregates(tmp_path):
     """Two processes' worth of --claim runs, then --aggregate-only: random switching gets the SAM
     share of ppo-sgd-sam's run of the same seed; a missing run is listed, not invented."""
@@ -307,14 +326,20 @@ def test_speed_script_variants_and_repeats(tmp_path):
     assert (cfg.method, cfg.compile, cfg.compile_mode) == ("sam", True, "reduce-overhead")
     assert speed._variant_config(TrainConfig(), "sgd", "default").compile_mode is None
     assert not speed._variant_config(TrainConfig(compile=True), "sgd", "eager").compile
+    cfg = speed._variant_config(TrainConfig(compile=True), "sgd", "cuda-graph")
+    assert (cfg.compile, cfg.cuda_graph) == (False, True)
     for bad, msg in (({"repeats": 0}, "Invalid repeats"), ({"variants": ["jit"]}, "Unknown variant"),
                      ({"methods": ["sg"]}, "Unknown method")):
         kw = {"methods": ["sgd"], "base": TrainConfig(dataset="no-such-data"), **bad}
         with pytest.raises(ValueError, match=msg):  # refused before the data set is looked up
             speed.measure(**kw)
+    from benchmarks.train import train
     with pytest.raises(ValueError, match="Unknown compile_mode"):
-        from benchmarks.train import train
         train(TrainConfig(dataset="no-such-data", compile=True, compile_mode="fast"))
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(TrainConfig(dataset="no-such-data", compile=True, cuda_graph=True))
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        train(TrainConfig(dataset="no-such-data", cuda_graph=True, device="cpu"))
 
 
 def test_overhead_paired_statistic_and_pooling(tmp_path):
@@ -511,6 +536,29 @@ def test_reflect_padding_option():
     for bad, msg in ((dict(pad_mode="edge"), "pad_mode"), (dict(init="xavier"), "init"), (dict(method="sg"), "method")):
         with pytest.raises(ValueError, match=f"Unknown {msg}"):
             train(TrainConfig(dataset="no-such-data", **bad))  # refused before the data set is looked up
+
+
+def test_graph_model_leaves_batchnorm_statistics_as_they_were(monkeypatch):
+    """--cuda-graph's capture runs the model in training mode several times (torch's warm-up); the
+    BatchNorm statistics are put back afterwards. CUDA graphs themselves: tests/test_cuda.py."""
+    from benchmarks.models import build_model
+    from benchmarks.train import graph_model
+
+    captured = []
+
+    def fake_make_graphed_callables(module, sample_args):
+        for _ in range(4):  # 3 warm-up passes and the capture, as torch does
+            module(*sample_args)
+        captured.append(sample_args[0].shape)
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    model = build_model("resnet18", 10, 3)
+    before = [b.clone() for b in model.buffers()]
+    assert graph_model(model, torch.randn(4, 3, 32, 32), bf16=False) is model
+    assert captured == [(4, 3, 32, 32)]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert model.training
 
 
 def test_run_logs_name_the_commit(monkeypatch):

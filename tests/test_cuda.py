@@ -207,6 +207,49 @@ def test_learning_rate_agent_runs_on_cuda():
     assert float(losses[-1]) < float(losses[0])
 
 
+def test_graphed_benchmark_model_trains_like_the_eager_one():
+    """The benchmarks' --cuda-graph: a ResNet-18 whose forward and backward replay as CUDA graphs
+    trains as the eager one (same kernels; cuDNN autotuning off so both pick the same algorithms),
+    its BatchNorm statistics untouched by the capture; eval mode runs the model as before."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.models import build_model
+    from benchmarks.train import graph_model
+
+    bench = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        torch.manual_seed(0)
+        eager = build_model("resnet18", 10, 3).to(DEV, memory_format=torch.channels_last)
+        graphed = copy.deepcopy(eager)
+        x = torch.randn(5, 16, 3, 32, 32, device=DEV)
+        y = torch.randint(0, 10, (5, 16), device=DEV)
+        batches = [xb.contiguous(memory_format=torch.channels_last) for xb in x]
+        fwd = graph_model(graphed, batches[0], bf16=True)
+        for b1, b2 in zip(eager.buffers(), graphed.buffers()):
+            assert torch.equal(b1, b2)  # the warm-up's four training-mode passes left no trace
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
+                for m in (eager, graphed)]
+        for xb, yb in zip(batches, y):
+            for f, opt in zip((eager, fwd), opts):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    out = f(xb)
+                F.cross_entropy(out.float(), yb).backward()
+                opt.step()
+        for t1, t2 in zip([*eager.parameters(), *eager.buffers()], [*graphed.parameters(), *graphed.buffers()]):
+            torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-4)
+        eager.eval()
+        graphed.eval()
+        with torch.no_grad():  # another batch size: eval mode does not use the graphs
+            torch.testing.assert_close(graphed(x[0, :7]), eager(x[0, :7]), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.backends.cudnn.benchmark = bench
+
+
 NCCL_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from rlopt import distributed

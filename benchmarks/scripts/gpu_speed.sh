@@ -2,8 +2,9 @@
 # Issue 3's speed bars on one machine start: the GPU's clocks and the host, a profile of the plain
 # ResNet-18 step (is it bound by the device or by the host launching kernels?), then
 # benchmarks.speed for SGD and SAM in each variant (eager, torch.compile modes), REPEATS rotating
-# rounds in one process. Everything comes back as one archive under $OUT/r.
-# usage: [VARIANTS="eager reduce-overhead"] [REPEATS=3] [EPOCHS=9] [PROFILE=1] [PAD_MODE=reflect] \
+# rounds in one process (a round cut off by the time limit keeps the runs it finished). Everything
+# comes back as one archive under $OUT/r. Run tests/test_cuda.py first: it checks the CUDA-graph path.
+# usage: [VARIANTS="eager cuda-graph reduce-overhead"] [REPEATS=3] [EPOCHS=9] [PROFILE=1] [PAD_MODE=reflect] \
 #        [DATASET=cifar10] [DATA=data/cifar10-jpeg.tar.gz] [EXTRA="more benchmarks.speed flags"] \
 #        benchmarks/scripts/gpu_speed.sh
 # (a dry run on a CPU: OUT=/tmp/o DATASET=fmnist-subset PROFILE=0 EPOCHS=2 REPEATS=1
@@ -11,7 +12,7 @@
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
 export RLOPT_COMMIT=${RLOPT_COMMIT:-$(cat data/COMMIT 2>/dev/null)}  # run logs name the code (no .git travels)
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints,recompiles}  # why torch.compile skips CUDA graphs or recompiles
-VARIANTS=${VARIANTS:-eager reduce-overhead}
+VARIANTS=${VARIANTS:-eager cuda-graph reduce-overhead}
 REPEATS=${REPEATS:-3}
 EPOCHS=${EPOCHS:-9}
 mkdir -p $OUT/r
