@@ -27,11 +27,12 @@ import json
 import shlex
 import statistics
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .data import load_dataset
-from .train import COMPILE_MODES, METHODS, TrainConfig, resolve_device, train
+from .train import COMPILE_MODES, METHODS, TrainConfig, environment, resolve_device, train
 
 SGD_BAR_S = 1.0
 SAM_RATIO_BAR = 2.05
@@ -59,28 +60,40 @@ def measure(methods: Sequence[str], base: TrainConfig, variants: Sequence[Option
     ``on_run`` gets the result so far after each run (a run cut off by a time limit keeps the others)."""
     if repeats < 1:
         raise ValueError(f"Invalid repeats: {repeats}")
+    variants, methods = list(dict.fromkeys(variants)), list(dict.fromkeys(methods))  # each once per round
     for v in variants:
         if v is not None and v not in VARIANTS:
             raise ValueError(f"Unknown variant {v!r}; expected one of {VARIANTS}")
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"Unknown method {m!r}; expected one of {list(METHODS)}")
+    device = resolve_device(base.device)
+    if "cuda-graph" in variants and device.type != "cuda":
+        raise ValueError(f"Variant 'cuda-graph' needs a CUDA device, not {device.type!r}")
     data = load_dataset(base.dataset, base.data_dir, base.download, base.val_fraction, seed=0,
                         cache_dir=base.cache_dir)
     pairs = [(v, m) for v in variants for m in methods]
     runs: Dict[Tuple[Optional[str], str], List[Dict[str, Any]]] = {p: [] for p in pairs}
+    errors: Dict[str, str] = {}  # a row whose run raised: not run again, the other rows go on
     result: Dict[str, Any] = {}
     for r in range(repeats):
         k = r % len(pairs)
         for v, m in pairs[k:] + pairs[:k]:
+            if label(m, v) in errors:
+                continue
             cfg = _variant_config(base, m, v)
             log(f"== round {r + 1}/{repeats}: {label(m, v)}")
-            run = train(cfg, data=data, log=log)
-            runs[(v, m)].append({"secs": [e["train_seconds"] for e in run["epochs"]],
-                                 "eval_s": [e["eval_seconds"] for e in run["epochs"]],
-                                 "steps": run["summary"]["steps"] // cfg.epochs})
-            result = {"rows": _rows(runs), "variants": list(variants), "repeats": repeats,
-                      "data": data.summary(), "environment": run["environment"]}
+            try:
+                run = train(cfg, data=data, log=log)
+            except Exception as e:  # noqa: BLE001 -- one variant failing must not lose the others' figures
+                errors[label(m, v)] = f"{type(e).__name__}: {e}"
+                log(f"== {label(m, v)} failed, not run again:\n{traceback.format_exc()}")
+            else:
+                runs[(v, m)].append({"secs": [e["train_seconds"] for e in run["epochs"]],
+                                     "eval_s": [e["eval_seconds"] for e in run["epochs"]],
+                                     "steps": run["summary"]["steps"] // cfg.epochs})
+            result = {"rows": _rows(runs), "errors": dict(errors), "variants": variants, "repeats": repeats,
+                      "data": data.summary(), "environment": environment(device)}
             if on_run is not None:
                 on_run(result)
     return result
@@ -140,6 +153,8 @@ def to_markdown(result: Dict[str, Any], b: Dict[str, Any], command: str, epochs:
         lines.append(f"| {name} | {len(r['all_s'])} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {rounds} | {ratio} | "
                      f"{first} | {r['eval_s_median']:.3f} | {r['steps_per_epoch']} |")
     lines.append("")
+    for name, err in result.get("errors", {}).items():
+        lines.append(f"- **{name} failed** (not run again): `{err}`")
     if b["applicable"]:
         for v, vb in b["variants"].items():
             tag = f" ({v})" if len(b["variants"]) > 1 else ""

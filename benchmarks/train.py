@@ -10,7 +10,8 @@ On CUDA the data live on the GPU, augmentation (random crop with padding + horiz
 batched on the GPU, the forward/backward run under bf16 autocast in ``channels_last``, the step
 loop does not synchronise with the host (losses are accumulated on the device), and epochs are
 timed after ``torch.cuda.synchronize()``. ``--compile`` adds ``torch.compile`` of the model
-(``--compile-mode reduce-overhead``: with CUDA graphs).
+(``--compile-mode reduce-overhead``: with CUDA graphs); ``--cuda-graph`` replays the model's eager
+forward and backward as CUDA graphs instead.
 """
 from __future__ import annotations
 
@@ -437,6 +438,8 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         raise ValueError(f"Unknown pad_mode {cfg.pad_mode!r}; expected None or one of {PAD_MODES}")
     if cfg.compile_mode not in (None, *COMPILE_MODES):
         raise ValueError(f"Unknown compile_mode {cfg.compile_mode!r}; expected None or one of {COMPILE_MODES}")
+    if cfg.compile_mode is not None and not cfg.compile:
+        raise ValueError(f"compile_mode {cfg.compile_mode!r} is set but compile is not")
     if cfg.cuda_graph and cfg.compile:
         raise ValueError("cuda_graph and compile exclude each other (compile_mode='reduce-overhead' makes CUDA "
                          "graphs of the compiled model)")
@@ -469,8 +472,12 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     steps_per_epoch = len(ty) // cfg.batch_size  # drop_last: every step has a full batch
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(ty)} training images")
-    if cfg.cuda_graph:  # every training batch has this shape and layout
-        fwd = graph_model(model, normalize(tx[:cfg.batch_size], mean, std, cl), cfg.bf16)
+    if cfg.cuda_graph:  # the capture's input: a batch made as the training batches are (shape, layout)
+        sample = tx[:cfg.batch_size]
+        if cfg.augment:  # a generator of its own: the run's draws stay as without graphs
+            sample = augment_crop_flip(sample, cfg.crop_pad, flip=True, pad_mode=cfg.pad_mode or "zeros",
+                                       generator=torch.Generator(device=device).manual_seed(0))
+        fwd = graph_model(model, normalize(sample, mean, std, cl), cfg.bf16)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs

@@ -329,17 +329,40 @@ def test_speed_script_variants_and_repeats(tmp_path):
     cfg = speed._variant_config(TrainConfig(compile=True), "sgd", "cuda-graph")
     assert (cfg.compile, cfg.cuda_graph) == (False, True)
     for bad, msg in (({"repeats": 0}, "Invalid repeats"), ({"variants": ["jit"]}, "Unknown variant"),
-                     ({"methods": ["sg"]}, "Unknown method")):
+                     ({"methods": ["sg"]}, "Unknown method"), ({"variants": ["cuda-graph"]}, "needs a CUDA device")):
         kw = {"methods": ["sgd"], "base": TrainConfig(dataset="no-such-data"), **bad}
         with pytest.raises(ValueError, match=msg):  # refused before the data set is looked up
             speed.measure(**kw)
     from benchmarks.train import train
     with pytest.raises(ValueError, match="Unknown compile_mode"):
         train(TrainConfig(dataset="no-such-data", compile=True, compile_mode="fast"))
+    with pytest.raises(ValueError, match="compile is not"):
+        train(TrainConfig(dataset="no-such-data", compile_mode="reduce-overhead"))
     with pytest.raises(ValueError, match="exclude each other"):
         train(TrainConfig(dataset="no-such-data", compile=True, cuda_graph=True))
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         train(TrainConfig(dataset="no-such-data", cuda_graph=True, device="cpu"))
+
+
+def test_speed_script_goes_on_after_a_failing_row(tmp_path, monkeypatch):
+    """A row whose run raises is reported and not run again; the other rows are still measured,
+    and a row asked for twice runs once per round."""
+    from benchmarks import speed
+
+    real_train = speed.train
+
+    def train(cfg, **kw):
+        if cfg.method == "sam":
+            raise RuntimeError("capture failed")
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(speed, "train", train)
+    res = speed.main(["--dataset", "fmnist-subset", "--model", "small-cnn", "--methods", "sam", "sgd", "sgd",
+                      "--repeats", "2", "--epochs", "2", "--batch-size", "256", "--max-steps-per-epoch", "1",
+                      "--threads", "1", "--out", str(tmp_path / "sp")])
+    assert list(res["rows"]) == ["sgd"] and len(res["rows"]["sgd"]["all_s"]) == 2
+    assert res["errors"] == {"sam": "RuntimeError: capture failed"}
+    assert "**sam failed** (not run again): `RuntimeError: capture failed`" in (tmp_path / "sp.md").read_text()
 
 
 def test_overhead_paired_statistic_and_pooling(tmp_path):

@@ -207,20 +207,26 @@ def test_learning_rate_agent_runs_on_cuda():
     assert float(losses[-1]) < float(losses[0])
 
 
-def test_graphed_benchmark_model_trains_like_the_eager_one():
-    """The benchmarks' --cuda-graph: a ResNet-18 whose forward and backward replay as CUDA graphs
-    trains as the eager one (same kernels; cuDNN autotuning off so both pick the same algorithms),
-    its BatchNorm statistics untouched by the capture; eval mode runs the model as before."""
-    import copy
+def _benchmarks():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder, not a package
+
+
+def test_graphed_benchmark_model_trains_like_the_eager_one():
+    """The benchmarks' --cuda-graph: a ResNet-18 whose forward and backward replay as CUDA graphs
+    trains exactly as the eager one (the same kernels, with cuDNN's deterministic algorithms and no
+    autotuning so both pick the same), a SAM step (two passes) included; the capture leaves the
+    BatchNorm statistics as they were; eval mode, at another batch size, runs the model as before."""
+    import copy
+
+    _benchmarks()
     from benchmarks.models import build_model
     from benchmarks.train import graph_model
 
-    bench = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
         torch.manual_seed(0)
         eager = build_model("resnet18", 10, 3).to(DEV, memory_format=torch.channels_last)
@@ -230,24 +236,49 @@ def test_graphed_benchmark_model_trains_like_the_eager_one():
         batches = [xb.contiguous(memory_format=torch.channels_last) for xb in x]
         fwd = graph_model(graphed, batches[0], bf16=True)
         for b1, b2 in zip(eager.buffers(), graphed.buffers()):
-            assert torch.equal(b1, b2)  # the warm-up's four training-mode passes left no trace
-        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
+            assert torch.equal(b1, b2)  # the warm-up's training-mode passes left no trace
+        opts = [SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, fused=True)
                 for m in (eager, graphed)]
-        for xb, yb in zip(batches, y):
+        for i, (xb, yb) in enumerate(zip(batches, y)):
             for f, opt in zip((eager, fwd), opts):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    out = f(xb)
-                F.cross_entropy(out.float(), yb).backward()
-                opt.step()
+                def closure(f=f, opt=opt, xb=xb, yb=yb):
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                        out = f(xb)
+                    loss = F.cross_entropy(out.float(), yb)
+                    loss.backward()
+                    return loss
+
+                if i == 2:  # a SAM step: the graphs replayed twice, at w and at w + e
+                    opt.step(closure)
+                else:
+                    closure()
+                    opt.base_optimizer.step()
         for t1, t2 in zip([*eager.parameters(), *eager.buffers()], [*graphed.parameters(), *graphed.buffers()]):
-            torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(t1, t2, rtol=0, atol=0)
         eager.eval()
         graphed.eval()
-        with torch.no_grad():  # another batch size: eval mode does not use the graphs
-            torch.testing.assert_close(graphed(x[0, :7]), eager(x[0, :7]), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(graphed(x[0, :7]), eager(x[0, :7]), rtol=0, atol=0)
     finally:
-        torch.backends.cudnn.benchmark = bench
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
+
+
+@pytest.mark.parametrize("method", ["sam", "ppo-sgd-sam"])
+def test_benchmark_run_with_cuda_graph_trains_as_without(method):
+    """train(cuda_graph=True) end to end (augmented batches, SAM's two passes, the RL wrapper, eval
+    each epoch and back): its losses follow the eager run's. Not to the bit: train() lets cuDNN
+    autotune, and the two runs may pick different algorithms."""
+    _benchmarks()
+    from benchmarks.train import TrainConfig, train
+
+    kw = dict(dataset="fmnist-subset", model="resnet18", method=method, epochs=2, max_steps_per_epoch=4,
+              batch_size=64, out_dir=None, interval=2)
+    runs = [train(TrainConfig(cuda_graph=g, **kw), log=lambda s: None) for g in (False, True)]
+    for e1, e2 in zip(runs[0]["epochs"], runs[1]["epochs"]):
+        assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=2e-2)
+        assert e2["test_loss"] == pytest.approx(e1["test_loss"], rel=5e-2)
+    assert runs[1]["summary"]["steps"] == 8
 
 
 NCCL_SCRIPT = """

@@ -4,16 +4,17 @@
 # benchmarks.speed for SGD and SAM in each variant (eager, torch.compile modes), REPEATS rotating
 # rounds in one process (a round cut off by the time limit keeps the runs it finished). Everything
 # comes back as one archive under $OUT/r. Run tests/test_cuda.py first: it checks the CUDA-graph path.
-# usage: [VARIANTS="eager cuda-graph reduce-overhead"] [REPEATS=3] [EPOCHS=9] [PROFILE=1] [PAD_MODE=reflect] \
+# usage: [VARIANTS="eager cuda-graph reduce-overhead"] [REPEATS=2] [EPOCHS=9] [PROFILE=1] [PAD_MODE=reflect] \
 #        [DATASET=cifar10] [DATA=data/cifar10-jpeg.tar.gz] [EXTRA="more benchmarks.speed flags"] \
 #        benchmarks/scripts/gpu_speed.sh
-# (a dry run on a CPU: OUT=/tmp/o DATASET=fmnist-subset PROFILE=0 EPOCHS=2 REPEATS=1
-#  EXTRA="--model small-cnn --max-steps-per-epoch 2" bash benchmarks/scripts/gpu_speed.sh)
+# (a dry run on a CPU, where cuda-graph cannot run: OUT=/tmp/o DATASET=fmnist-subset PROFILE=0 EPOCHS=2
+#  REPEATS=1 VARIANTS="eager reduce-overhead" EXTRA="--model small-cnn --max-steps-per-epoch 2" \
+#  bash benchmarks/scripts/gpu_speed.sh)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
 export RLOPT_COMMIT=${RLOPT_COMMIT:-$(cat data/COMMIT 2>/dev/null)}  # run logs name the code (no .git travels)
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints,recompiles}  # why torch.compile skips CUDA graphs or recompiles
 VARIANTS=${VARIANTS:-eager cuda-graph reduce-overhead}
-REPEATS=${REPEATS:-3}
+REPEATS=${REPEATS:-2}  # 3 variants x 2 methods x 2 rounds of 9 epochs fit in one call
 EPOCHS=${EPOCHS:-9}
 mkdir -p $OUT/r
 exec > >(tee $OUT/r/speed.log) 2>&1
