@@ -143,15 +143,15 @@ def to_markdown(result: Dict[str, Any], b: Dict[str, Any], command: str, epochs:
              f"- {epochs} epochs per run, {runs}, each run alone on the device; figure: median training seconds "
              f"of epochs 2..{epochs} of all runs of the row (epoch 1 holds cuDNN autotuning and any compilation), "
              "evaluation excluded", ""]
-    lines += ["| row | runs | s/epoch (median) | min-max | round medians | x SGD | first epoch s | eval s | steps/epoch |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| row | runs | s/epoch (median) | min-max | round medians | x SGD | first epoch s | eval s "
+              "| steps/epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         sgd = rows.get(label("sgd", r["variant"]), {}).get("median_s")
         ratio = f"{r['median_s'] / sgd:.2f}" if sgd else "-"
         rounds = ", ".join(f"{x:.3f}" for x in r["round_medians_s"])
         first = ", ".join(f"{x:.2f}" for x in r["first_epoch_s"])
-        lines.append(f"| {name} | {len(r['all_s'])} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | {rounds} | {ratio} | "
-                     f"{first} | {r['eval_s_median']:.3f} | {r['steps_per_epoch']} |")
+        lines.append(f"| {name} | {len(r['all_s'])} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} | "
+                     f"{rounds} | {ratio} | {first} | {r['eval_s_median']:.3f} | {r['steps_per_epoch']} |")
     lines.append("")
     for name, err in result.get("errors", {}).items():
         lines.append(f"- **{name} failed** (not run again): `{err}`")
