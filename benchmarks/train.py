@@ -175,14 +175,14 @@ class TrainConfig:
     channels_last: bool = True
     """channels_last memory format (CUDA only)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model. Part of the run name when set, with the mode."""
     compile_mode: Optional[str] = None
     """torch.compile's mode when `compile` is set: None (torch's default), "reduce-overhead" (CUDA
     graphs of the forward and backward), "max-autotune" or "max-autotune-no-cudagraphs"."""
     cuda_graph: bool = False
     """CUDA only: replay the model's training forward and backward as CUDA graphs
     (torch.cuda.make_graphed_callables): eager's kernels without launching them one by one.
-    Evaluation runs the model as usual."""
+    Evaluation runs the model as usual. Part of the run name when set."""
     threads: Optional[int] = None
     """torch.set_num_threads on CPU (None: leave torch's default)."""
     out_dir: Optional[str] = "benchmarks/runs"
@@ -193,8 +193,9 @@ class TrainConfig:
     def run_name(self) -> str:
         init = f"_init-{self.init}" if self.init else ""
         pad = f"_pad-{self.pad_mode}" if self.pad_mode else ""
+        fast = "_cudagraph" if self.cuda_graph else f"_compile-{self.compile_mode or 'default'}" if self.compile else ""
         tag = f"_{self.tag}" if self.tag else ""
-        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{init}{pad}{tag}"
+        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{init}{pad}{fast}{tag}"
 
 
 # ------------------------------------------------------------------------------------ metrics

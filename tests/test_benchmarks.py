@@ -556,6 +556,10 @@ def test_reflect_padding_option():
         augment_crop_flip(x, pad=2, pad_mode="edge")
     assert TrainConfig(pad_mode="reflect").run_name().endswith("_s0_pad-reflect")
     assert TrainConfig(init="pytorch", pad_mode="reflect", tag="t").run_name().endswith("_s0_init-pytorch_pad-reflect_t")
+    # a graphed or compiled run does not overwrite the log of the eager one
+    assert TrainConfig(cuda_graph=True, tag="t").run_name().endswith("_s0_cudagraph_t")
+    assert TrainConfig(compile=True).run_name().endswith("_s0_compile-default")
+    assert TrainConfig(compile=True, compile_mode="reduce-overhead").run_name().endswith("_s0_compile-reduce-overhead")
     for bad, msg in ((dict(pad_mode="edge"), "pad_mode"), (dict(init="xavier"), "init"), (dict(method="sg"), "method")):
         with pytest.raises(ValueError, match=f"Unknown {msg}"):
             train(TrainConfig(dataset="no-such-data", **bad))  # refused before the data set is looked up
