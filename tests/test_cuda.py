@@ -5,6 +5,9 @@ Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytes
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -308,6 +311,8 @@ def test_nccl_collectives_take_tensors_on_the_model_device(tmp_path):
 
     script = tmp_path / "nccl.py"
     script.write_text(NCCL_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])  # the child imports this checkout's rlopt, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, str(script), f"file://{tmp_path / 'rdv'}"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
