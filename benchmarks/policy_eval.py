@@ -3,7 +3,7 @@
 ``python -m benchmarks.policy_eval switch-sgd-sam path/to/candidate.pt --tasks 100 --seed 7
 --task epochs=20,30,40 ...``   (about 8 s per task and policy on one CPU thread for overfit-mlp tasks)
 
-Tasks are drawn as :func:`rlopt.train_policy.train_policy` draws them (``TaskDistribution.sample(g,
+Tasks are drawn as :func:`rlopt.meta.train_policy.train_policy` draws them (``TaskDistribution.sample(g,
 seed * 100003 + e)``), with ``--task FIELD=VALUES`` overrides as there. Pick a ``--seed`` other
 than the policies' meta-training seed: the task seeds then differ from every training task's.
 
@@ -35,7 +35,7 @@ import torch
 import rlopt
 from rlopt.policies import RandomConfig
 from rlopt.switching import RLSwitchingOptimizer
-from rlopt.tasks import TaskDistribution, build_task, run_episode
+from rlopt.meta.tasks import TaskDistribution, build_task, run_episode
 
 from .sam_payoff import CHOICES, _ci, mean_ci, sam_step_share
 

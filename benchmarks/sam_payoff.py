@@ -3,7 +3,7 @@
 ``python -m benchmarks.sam_payoff --tasks 300 --variant-tasks 100``   (about 8-10 min on one CPU thread)
 ``python -m benchmarks.sam_payoff --from-json benchmarks/results/sam_payoff.json``   (report only)
 
-What it measures. Tasks are drawn exactly as :func:`rlopt.train_policy.train_policy` draws them
+What it measures. Tasks are drawn exactly as :func:`rlopt.meta.train_policy.train_policy` draws them
 (``TaskDistribution.sample(g, seed * 100003 + e)`` with ``g = torch.Generator().manual_seed(seed)``,
 so with ``--seed 0`` task ``e`` is the ``e``-th task the shipped ``switch-sgd-sam`` policy was
 meta-trained on). Every task is run several times from scratch with ``build_task`` (same data,
@@ -74,8 +74,8 @@ from benchmarks.table import _T95  # two-sided 95% Student-t quantiles for 1-30 
 from rlopt.features import observation_layout
 from rlopt.policies import Policy
 from rlopt.switching import RLSwitchingOptimizer
-from rlopt.tasks import TaskConfig, TaskDistribution, build_task, run_episode
-from rlopt.train_policy import _make_optimizer  # the optimizer meta-training builds, exactly
+from rlopt.meta.tasks import TaskConfig, TaskDistribution, build_task, run_episode
+from rlopt.meta.train_policy import _make_optimizer  # the optimizer meta-training builds, exactly
 
 CHOICES = ("sgd", "sam")
 ARMS = ("sgd", "sam", "sam_last", "sam_last_separate", "sgd_reorder")
@@ -418,7 +418,7 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
          f"* Hardware: {meta['hardware']}; torch {meta['torch']}, Python {meta['python']}; "
          f"total wall time {meta['wall_s']:.0f} s",
          f"* Seeds: task sampler `torch.Generator().manual_seed({meta['seed']})`, task `e` has seed "
-         f"`{meta['seed']} * 100003 + e` (as `rlopt.train_policy`); policy seed {meta['seed']}; "
+         f"`{meta['seed']} * 100003 + e` (as `rlopt.meta.train_policy`); policy seed {meta['seed']}; "
          f"`sgd_reorder` re-seeds the batch order with `task seed + {REORDER_OFFSET}`; ridge folds seed 0.",
          f"* Arms (all run by `run_episode` with the `RLSwitchingOptimizer` that `train_policy._make_optimizer` builds, "
          f"choices sgd/sam, rho 0.05, "

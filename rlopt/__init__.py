@@ -12,7 +12,7 @@ def load_policy(name_or_path, *, train: bool = False):
     Loaded policies are frozen unless ``train=True``."""
     import os
 
-    from .pretrained import list_policies, load_pretrained
+    from .registry import list_policies, load_pretrained
 
     if isinstance(name_or_path, str) and not os.path.isfile(name_or_path):
         if name_or_path in list_policies():
@@ -24,7 +24,7 @@ def load_policy(name_or_path, *, train: bool = False):
 
 def list_policies():
     """Names of the pretrained policies shipped with rlopt, with a one-line description each."""
-    from .pretrained import list_policies as _list
+    from .registry import list_policies as _list
 
     return _list()
 

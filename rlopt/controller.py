@@ -59,7 +59,7 @@ def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, An
         elif os.path.isfile(name):
             policy = load_policy(name)
         else:
-            from .pretrained import list_policies, load_pretrained
+            from .registry import list_policies, load_pretrained
 
             if name not in list_policies():
                 raise ValueError(

@@ -106,7 +106,7 @@ class BaselineReward(SwitchingReward):
     log-drop of the loss), and the final bonus pays the final accuracy minus the reference's at
     the same epoch: a run that matches the reference earns nothing but the compute charge. The
     epoch of a validation figure is ``Signals.val_epoch`` (the epochs completed when it was given),
-    so validation metrics must be given at every epoch end, as :func:`rlopt.tasks.run_episode`
+    so validation metrics must be given at every epoch end, as :func:`rlopt.meta.tasks.run_episode`
     does. Intervals without validation (decisions every N steps) earn no training-loss term: the
     reference records no training loss, and an un-referenced term would pay for progress any
     optimizer makes.

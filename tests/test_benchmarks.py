@@ -462,8 +462,8 @@ def test_pre_methods_take_a_checkpoint_path(tmp_path):
     from benchmarks.train import TrainConfig, _Stepper
 
     import rlopt
-    from rlopt.train_policy import train_policy
-    from rlopt.tasks import TaskDistribution
+    from rlopt.meta.train_policy import train_policy
+    from rlopt.meta.tasks import TaskDistribution
 
     path = tmp_path / "candidate.pt"
     train_policy(episodes=1, out=path, progress=False, threads=None,

@@ -13,9 +13,9 @@ import torch
 import rlopt
 from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
 from rlopt.policies import DQNPolicy, PPOPolicy, load_policy
-from rlopt.pretrained import pretrained_info, pretrained_path
-from rlopt.tasks import TaskDistribution, build_task
-from rlopt.train_policy import main, train_policy
+from rlopt.registry import pretrained_info, pretrained_path
+from rlopt.meta.tasks import TaskDistribution, build_task
+from rlopt.meta.train_policy import main, train_policy
 
 from conftest import make_closure, make_data, make_model
 
@@ -48,8 +48,8 @@ def test_list_policies_has_the_shipped_names():
     for name in SHIPPED:
         assert isinstance(listed[name], str) and listed[name]
         info = pretrained_info(name)
-        assert info["command"].startswith("python -m rlopt.train_policy ")
-        assert f"--out rlopt/pretrained/{name}.pt" in info["command"]
+        assert info["command"].startswith("python -m rlopt.meta.train_policy ")
+        assert f"--out rlopt/registry/{name}.pt" in info["command"]
         assert info["episodes"] >= 1 and info["train_time_s"] > 0
         assert os.path.getsize(pretrained_path(name)) < 200_000
 
@@ -193,7 +193,7 @@ def test_meta_training_end_to_end(tmp_path, kind, algo):
     assert meta["returns"] == [round(r, 4) for r in result.returns]
     assert meta["seed"] == 3 and meta["episodes"] == 2 and meta["rlopt_version"] == rlopt.__version__
     assert meta["task_distribution"]["data"] == ["teacher"]
-    assert meta["command"].startswith("python -m rlopt.train_policy --kind " + kind)
+    assert meta["command"].startswith("python -m rlopt.meta.train_policy --kind " + kind)
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["policy"]["description"] == "tiny test policy" and index["policy"]["episodes"] == 2
     # the checkpoint drives a fresh optimizer of the same kind
@@ -220,7 +220,7 @@ def test_command_line(tmp_path, capsys):
     assert "1 episodes" in capsys.readouterr().out
     policy = load_policy(out)
     assert policy.action_names == ("sgd", "adam")
-    assert policy.metadata["command"] == (f"python -m rlopt.train_policy --kind switching --choices sgd,adam "
+    assert policy.metadata["command"] == (f"python -m rlopt.meta.train_policy --kind switching --choices sgd,adam "
                                           f"--episodes 1 --data teacher --out {out} --no-progress --quiet --threads 1")
 
 
@@ -264,8 +264,8 @@ def test_paired_reward_pays_nothing_for_matching_the_reference(interval):
     steps per epoch here); SAM throughout earns its accuracy and loss over the reference's,
     telescoped, plus the final bonus."""
     from rlopt.rewards import BaselineReward
-    from rlopt.tasks import run_episode
-    from rlopt.train_policy import _make_optimizer, _reference_reward
+    from rlopt.meta.tasks import run_episode
+    from rlopt.meta.train_policy import _make_optimizer, _reference_reward
 
     cfg = dataclasses.replace(TINY.sample(torch.Generator().manual_seed(0), seed=5), interval=interval, epochs=3)
     assert cfg.steps_per_epoch == 2

@@ -14,18 +14,18 @@
 The same policy object goes to a new optimizer each episode, so it learns across episodes;
 the last decision of an episode is a truncation (bootstrapped), never a terminal state.
 
-Command line (the shipped checkpoints' commands are in ``rlopt/pretrained/index.json``)::
+Command line (the shipped checkpoints' commands are in ``rlopt/registry/index.json``)::
 
-    python -m rlopt.train_policy --kind switching --choices sgd,sam --algo ppo --episodes 200 \
+    python -m rlopt.meta.train_policy --kind switching --choices sgd,sam --algo ppo --episodes 200 \
         --seed 0 --out switch.pt
-    python -m rlopt.train_policy --kind lr --episodes 150 --out lr.pt
-    python -m rlopt.train_policy --choices sgd,sam --episodes 300 --task epochs=20,30 \
+    python -m rlopt.meta.train_policy --kind lr --episodes 150 --out lr.pt
+    python -m rlopt.meta.train_policy --choices sgd,sam --episodes 300 --task epochs=20,30 \
         --task label_noise=0.2,0.4 --out long.pt        # any TaskDistribution field
-    python -m rlopt.train_policy --choices sgd,sam --task interval=epoch --reward paired --out p.pt
+    python -m rlopt.meta.train_policy --choices sgd,sam --task interval=epoch --reward paired --out p.pt
         # paid relative to an SGD run of each task (rewards.BaselineReward)
 
 Example:
-    >>> from rlopt.train_policy import train_policy
+    >>> from rlopt.meta.train_policy import train_policy
     >>> result = train_policy(kind="switching", choices=("sgd", "sam"), algo="ppo", episodes=20, out="p.pt")
     >>> result.returns[-5:], rlopt.load_policy("p.pt").metadata["command"]
 """
@@ -47,16 +47,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .features import LAYOUT_VERSION
-from .lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
-from .policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
-from .rewards import BaselineReward
-from .switching import RLSwitchingOptimizer
+from ..features import LAYOUT_VERSION
+from ..lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
+from ..policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
+from ..rewards import BaselineReward
+from ..switching import RLSwitchingOptimizer
 from .tasks import TaskDistribution, build_task, run_episode
 
 __all__ = ["train_policy", "TrainResult", "main"]
 
-log = logging.getLogger("rlopt.train_policy")
+log = logging.getLogger("rlopt.meta.train_policy")
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int) -> Baselin
 
 
 def _command(kind, choices, algo, episodes, seed, out, data, register, reward="default") -> str:
-    args = ["python", "-m", "rlopt.train_policy", "--kind", kind]
+    args = ["python", "-m", "rlopt.meta.train_policy", "--kind", kind]
     if kind == "switching":
         args += ["--choices", ",".join(choices), "--algo", algo]
         if reward != "default":
@@ -151,7 +151,7 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         episodes: training runs; one task each.
         seed: seeds the policy and the task sequence (task ``e`` has seed ``seed * 100003 + e``).
         out: checkpoint path (None: not saved).
-        distribution: the tasks (default :class:`~rlopt.tasks.TaskDistribution`).
+        distribution: the tasks (default :class:`~rlopt.meta.tasks.TaskDistribution`).
         progress: show a tqdm bar (when tqdm is installed).
         keep_buffers: keep the replay buffer / rollout in the checkpoint (larger file).
         command: the command recorded in the metadata (default: the equivalent CLI call).
@@ -220,7 +220,7 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
     wall = time.perf_counter() - start
     returns = [r["return"] for r in records]
     metadata = {
-        "trained_with": "rlopt.train_policy",
+        "trained_with": "rlopt.meta.train_policy",
         "optimizer_kind": kind, "algo": algo, "action_names": list(policy.action_names),
         "obs_layout_version": (policy.obs_layout or {}).get("version", LAYOUT_VERSION),
         "obs_layout": policy.obs_layout,
@@ -262,7 +262,7 @@ def _register(path: Path, description: str, command: str, episodes: int, wall: f
 
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m rlopt.train_policy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlopt.meta.train_policy", description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", choices=("switching", "lr"), default="switching")
     p.add_argument("--choices", default="sgd,sam", help="comma-separated switching choices")
     p.add_argument("--algo", choices=("ppo", "dqn"), default="ppo")
@@ -272,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     p.add_argument("--data", default="teacher,fmnist", help="task data sources: teacher and/or fmnist")
     p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
                    help="set a TaskDistribution field, e.g. --task epochs=10,20 --task label_noise=0.2,0.4 "
-                   "(repeatable; see rlopt.tasks.TaskDistribution)")
+                   "(repeatable; see rlopt.meta.tasks.TaskDistribution)")
     p.add_argument("--reward", choices=("default", "paired"), default="default",
                    help="paired: pay the policy relative to an SGD run of the same task (switching only)")
     p.add_argument("--threads", type=int, default=1)
@@ -291,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         p.error(str(e))
     if a.reward == "paired" and a.kind != "switching":
         p.error("--reward paired is for --kind switching")
-    command = shlex.join(["python", "-m", "rlopt.train_policy", *argv])
+    command = shlex.join(["python", "-m", "rlopt.meta.train_policy", *argv])
     result = train_policy(a.kind, tuple(c for c in a.choices.split(",") if c), a.algo, a.episodes, a.seed, a.out,
                           distribution=dist, progress=not a.no_progress, keep_buffers=a.keep_buffers,
                           command=command, register=a.register, threads=a.threads, reward=a.reward)

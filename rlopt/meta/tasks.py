@@ -44,7 +44,7 @@ def fmnist_subset_path() -> Optional[Path]:
     """The embedded Fashion-MNIST subset, or None where this install does not have it."""
     env = os.environ.get("RLOPT_FMNIST_SUBSET")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "fmnist_subset.npz")
+    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "fmnist_subset.npz")
     for path in candidates:
         if path.is_file():
             return path

@@ -1,7 +1,7 @@
 """Registry of pretrained policy checkpoints shipped inside the package.
 
 Each entry is ``<name>.pt`` in this folder, listed in ``index.json`` with a one-line description,
-the command that reproduces it (``python -m rlopt.train_policy ... --register ...``), the
+the command that reproduces it (``python -m rlopt.meta.train_policy ... --register ...``), the
 number of training episodes and the measured training time. Loaded policies are frozen unless
 ``train=True``.
 """
