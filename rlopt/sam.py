@@ -139,13 +139,17 @@ class SAM(Optimizer):
                 self._perturb_finite(gi, params, grads, scale, found_inf, group["adaptive"])
                 moved.append((params, backups))
                 continue
-            if zero_grad:  # the gradients are dropped next: scale them in place, no new buffers
+            # e = (w^2 * g) * scale, in the order the reference SAM multiplies (floating-point
+            # products are not associative: another order differs in the last bit on some inputs)
+            if group["adaptive"]:
+                e_w = torch._foreach_mul(params, params)  # w^2 as torch.pow(w, 2) computes it
+                torch._foreach_mul_(e_w, grads)
+                torch._foreach_mul_(e_w, scale)
+            elif zero_grad:  # the gradients are dropped next: scale them in place, no new buffers
                 e_w = grads
                 torch._foreach_mul_(e_w, scale)
             else:
                 e_w = torch._foreach_mul(grads, scale)
-            if group["adaptive"]:
-                torch._foreach_mul_(e_w, torch._foreach_mul(params, params))
             torch._foreach_add_(params, e_w)
             moved.append((params, backups))
         self._moved = moved
@@ -159,11 +163,14 @@ class SAM(Optimizer):
         gradients the result is bit-identical to the plain path."""
         for flat, views, idx in self._flat_views(gi, params):
             sub = [params[i] for i in idx]
-            torch._foreach_copy_(views, [grads[i] for i in idx])
+            if adaptive:  # (w^2 * g) * scale, the reference's order, as in first_step
+                w2 = torch._foreach_mul(sub, sub)
+                torch._foreach_mul_(w2, [grads[i] for i in idx])
+                torch._foreach_copy_(views, w2)
+            else:
+                torch._foreach_copy_(views, [grads[i] for i in idx])
             keep = scale.to(flat.device) * (1 - found_inf.to(flat.device, scale.dtype))
             flat.mul_(keep)
-            if adaptive:
-                torch._foreach_mul_(views, torch._foreach_mul(sub, sub))
             flat.nan_to_num_(0.0, 0.0, 0.0)
             torch._foreach_add_(sub, views)
 

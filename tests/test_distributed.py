@@ -68,8 +68,8 @@ def test_ranks_decide_together(ranks, case):
     assert a["choices"] == b["choices"]
     assert a["observations"] == b["observations"]
     assert a["rewards"] == b["rewards"]
-    for p, q in zip(a["params"], b["params"]):
-        assert torch.equal(p, q)
+    for p, q in zip(a["params"], b["params"]):  # both ranks run the same code on all-reduced
+        assert torch.equal(p, q)                     # gradients: equal by construction
     ta, tb = _tensors(a["policy"]), _tensors(b["policy"])
     assert len(ta) == len(tb) and all(torch.equal(u, v) for u, v in zip(ta, tb))
     assert a["skipped"] == b["skipped"]

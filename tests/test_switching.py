@@ -156,11 +156,13 @@ def test_constant_policy_matches_plain_torch(case, fused):
             ref.step()
         l_opt = opt.step(make_closure(m_opt, opt, x, y))
         assert opt.choice == case.choice
-        if fused:
+        if fused:  # bit for bit: the same fused kernel on both sides (SAM: the same perturbation
+            # arithmetic as the reference, then the same fused SGD step); found_inf=0 changes nothing
             assert torch.equal(l_opt, l_ref)
             for p, q in zip(m_opt.parameters(), m_ref.parameters()):
                 assert torch.equal(p, q)
-        else:
+        else:  # torch's default (for-loop) kernel against rlopt's fused one: other roundings,
+            # float32 tolerances over 10 steps
             torch.testing.assert_close(l_opt, l_ref, rtol=1e-5, atol=1e-6)
             for p, q in zip(m_opt.parameters(), m_ref.parameters()):
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -736,8 +738,8 @@ def test_nonfinite_first_step_then_normal_equals_torch_on_normal_steps(choice, r
         opt.step(_bad_closure(m1, opt, x, y, "loss", lambda: bad[0]))
         make_closure(m2, ref, x, y)()
         ref.step()
-        for p, q in zip(m1.parameters(), m2.parameters()):
-            assert torch.equal(p, q)
+        for p, q in zip(m1.parameters(), m2.parameters()):  # same fused kernel; the skipped step
+            assert torch.equal(p, q)                         # touched no parameter and no state
     assert_inner_matches(_inner_state(opt, choice), ref.state, m1.parameters(), m2.parameters(), exact=True)
 
 
@@ -901,6 +903,8 @@ def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, uns
             scaler.update()
         results.append((model, opt, scaler.get_scale()))
     (m1, o1, s1), (m2, _, s2) = results
+    # Bit for bit: GradScaler's scales are powers of two, so rlopt's g * (1 / scale) and the fused
+    # kernel's g / scale are the same number; the update is the same fused kernel.
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
     assert s1 == s2 == 2.0 ** 9  # one overflow: the scale was halved once
@@ -984,8 +988,8 @@ def test_bf16_autocast_in_the_closure_equals_torch(choice):
         else:
             c2()
             ref.step()
-        for p, q in zip(m1.parameters(), m2.parameters()):
-            assert torch.equal(p, q)
+        for p, q in zip(m1.parameters(), m2.parameters()):  # the same autocast forward, the same
+            assert torch.equal(p, q)                         # fused kernels (SAM: reference arithmetic)
 
 
 def test_unpickling_a_state_from_before_later_keys():
