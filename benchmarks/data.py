@@ -8,7 +8,8 @@ Sources, tried in this order by :func:`load_dataset`:
    - an ImageFolder tree ``train/<class>/*.{png,jpg}`` and ``test/<class>/*`` (for example the
      CIFAR-10 JPEG copy, extracted), or such a tree inside a ``.tar``/``.tar.gz`` file
      (``data_dir`` may be the archive itself, or a folder holding ``cifar10-jpeg.tar.gz``).
-2. ``download=True``: torchvision downloads the data set into ``data_dir`` (default ``./data``).
+2. ``download=True``: torchvision downloads the data set into ``data_dir`` (default: the git-ignored
+   ``data/`` folder of this repository, whatever the working directory).
 3. ``name="fmnist-subset"``: the small stratified Fashion-MNIST subset shipped in this repository
    (``benchmarks/data/fmnist_subset.npz``, made by ``python -m benchmarks.make_subset``).
 
@@ -19,7 +20,7 @@ A validation split is held out from the training set, stratified by class and se
 are rewarded on validation, the test set is only reported.
 
 Example:
-    >>> ds = load_dataset("fashion-mnist", data_dir="/work/shared/data/fashion-mnist")
+    >>> ds = load_dataset("fashion-mnist", data_dir="data/fashion-mnist")
     >>> ds.train_x.shape, ds.train_x.dtype, ds.val_x.shape, ds.test_x.shape
     (torch.Size([54000, 1, 28, 28]), torch.uint8, torch.Size([6000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
 """
@@ -42,9 +43,21 @@ import torch.nn.functional as F
 
 __all__ = ["ImageDataset", "load_dataset", "DATASETS", "read_idx", "read_image_folder",
            "stratified_split", "stratified_subset", "normalize", "augment_crop_flip", "PAD_MODES", "iterate_batches",
-           "SUBSET_PATH"]
+           "SUBSET_PATH", "DEFAULT_DATA_DIR", "MissingDataError"]
 
 SUBSET_PATH = Path(__file__).resolve().parent / "data" / "fmnist_subset.npz"
+#: where data is looked for without ``data_dir`` or ``$RLOPT_DATA_DIR``: ``data/`` at the repository root
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+class MissingDataError(FileNotFoundError):
+    """No copy of data set ``name`` under ``root`` (and no download asked for). Command-line tools
+    catch it and name their own flags (``--data-dir``, ``--download``) instead."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name, self.root = name, Path(root)
+        super().__init__(f"No {name} data under {root}: expected the torchvision layout, idx .gz files, "
+                         f"train/ and test/ image folders or an image tar; pass data_dir=... or download=True")
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot"]
@@ -278,7 +291,7 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
     Args:
         name: data set; aliases such as "fmnist", "cifar-10" are accepted.
         data_dir: folder (or archive) holding the data in one of the layouts in the module
-            docstring; default ``$RLOPT_DATA_DIR`` or ``./data``. Ignored for "fmnist-subset".
+            docstring; default ``$RLOPT_DATA_DIR`` or :data:`DEFAULT_DATA_DIR`. Ignored for "fmnist-subset".
         download: let torchvision download into ``data_dir`` when nothing is found there.
         val_fraction: share of each class of the training set held out for validation.
         seed: seed of the validation split (and of the ``max_*`` subsets).
@@ -299,7 +312,7 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
             arrays = {k: z[k] for k in z.files}
         source = f"embedded subset {SUBSET_PATH.name}"
     else:
-        root = Path(data_dir if data_dir is not None else os.environ.get("RLOPT_DATA_DIR", "data")).expanduser()
+        root = Path(data_dir if data_dir is not None else os.environ.get("RLOPT_DATA_DIR", DEFAULT_DATA_DIR)).expanduser()
         cache = Path(cache_dir if cache_dir is not None else
                      os.environ.get("RLOPT_CACHE_DIR", "~/.cache/rlopt/datasets")).expanduser()
         found = _locate(canon, root, channels)
@@ -308,9 +321,7 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
             _download(canon, root)
             found = _locate(canon, root, channels)
         if found is None:
-            raise FileNotFoundError(
-                f"No {canon} data under {root}: expected the torchvision layout, idx .gz files, "
-                f"train/ and test/ image folders or an image tar; pass data_dir=... or download=True")
+            raise MissingDataError(canon, root)
         reader, source, src_path = found
         cpath = _cache_path(cache, canon, str(src_path.resolve()))
         if cpath.is_file():

@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from .cli import parser, runs_path
 from .data import load_dataset
 from .train import CONVERGENCE_DEFINITION, METHODS, TrainConfig, environment, resolve_device, train
 
@@ -30,55 +31,93 @@ DEMO = dict(dataset="fmnist-subset", model="small-cnn", width=16, epochs=8, batc
             warmup_epochs=0.5, adam_lr=2e-3, interval=10, crop_pad=2)
 
 
+#: one colour per name, the same in every panel: a method and the optimizer it is named after share one
+COLOURS = {"sgd": "C0", "sam": "C1", "adamw": "C2", "adam": "C4", "ppo-sgd-sam-adamw": "C3", "ppo-sgd-sam": "C5",
+           "dqn-sgd-sam": "C6", "ppo-sgd-sam-adam": "C8", "pre-sgd-sam": "C9", "pre-sgd-sam-adam": "C7"}
+
+
+def colour(name: str) -> str:
+    """The colour of a method or optimizer choice (the default cycle for names not listed)."""
+    return COLOURS.get(name, f"C{sum(map(ord, name)) % 10}")
+
+
 def plot(out: Path, results: Dict[str, Dict[str, Any]]) -> Path:
+    """demo.png: test accuracy and losses per method (top), the RL method's optimizer per step and its
+    rewards (bottom). A final-decision reward (the end-of-run bonus) is marked and labelled, not
+    plotted on the scale of the others, so it does not flatten them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for i, (m, r) in enumerate(results.items()):
-        ep = [e["epoch"] for e in r["epochs"]]
-        axes[0].plot(ep, [100 * e["test_acc"] for e in r["epochs"]], color=f"C{i}", marker=".", label=m)
-        axes[1].plot(ep, [e["train_loss"] for e in r["epochs"]], color=f"C{i}", ls="--", lw=1)
-        axes[1].plot(ep, [e["val_loss"] for e in r["epochs"]], color=f"C{i}", label=m)
-    axes[0].set(title="test accuracy (%)", xlabel="epoch")
-    axes[1].set(title="validation loss (dashed: train loss)", xlabel="epoch")
-    axes[0].legend(fontsize=8)
     rl = next((r for r in results.values() if r["decisions"]), None)
+    fig, axes = plt.subplots(2 if rl is not None else 1, 2, figsize=(13, 8 if rl is not None else 4), squeeze=False)
+    acc_ax, loss_ax = axes[0]
+    for m, r in results.items():
+        ep = [e["epoch"] for e in r["epochs"]]
+        acc_ax.plot(ep, [100 * e["test_acc"] for e in r["epochs"]], color=colour(m), marker=".", label=m)
+        loss_ax.plot(ep, [e["train_loss"] for e in r["epochs"]], color=colour(m), ls="--", lw=1)
+        loss_ax.plot(ep, [e["val_loss"] for e in r["epochs"]], color=colour(m), marker=".", label=m)
+    acc_ax.set(title="test accuracy (%)", xlabel="epoch")
+    acc_ax.legend(fontsize=8, title="method", title_fontsize=8)
+    loss_ax.set(title="loss per epoch", xlabel="epoch")
+    handles = [Line2D([], [], color=colour(m), marker=".", label=m) for m in results]
+    handles += [Line2D([], [], color="0.3", label="validation (solid)"),
+                Line2D([], [], color="0.3", ls="--", lw=1, label="training (dashed)")]
+    loss_ax.legend(handles=handles, fontsize=8)
     if rl is not None:
-        ax = axes[2]
+        name = rl["config"]["method"]
+        ax = axes[1][0]
         names = sorted({s[2] for s in rl["choice_segments"]})
         for k, n in enumerate(names):
-            ax.broken_barh([(a, b - a) for a, b, c in rl["choice_segments"] if c == n], (k - 0.4, 0.8), color=f"C{k}")
+            ax.broken_barh([(a, b - a) for a, b, c in rl["choice_segments"] if c == n], (k - 0.4, 0.8),
+                           color=colour(n), label=n)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names)
-        ax2 = ax.twinx()
-        pts = [(d["step"], d["reward"]) for d in rl["decisions"] if d["reward"] is not None]
-        if pts:
-            ax2.plot(*zip(*pts), color="k", lw=0.8, alpha=0.6)
-            ax2.set_ylabel("reward (black)")
-        ax.set(title=f"{rl['config']['method']}: optimizer per step", xlabel="step")
-    for ax in axes:
+        ax.set(title=f"{name}: optimizer chosen at each step", xlabel="step")
+        ax.legend(fontsize=8, loc="upper right", ncol=len(names))
+        ax.set_ylim(-0.6, len(names) - 0.4 + 0.6)
+        rax = axes[1][1]
+        pts = [(d["step"], d["reward"], bool(d.get("final"))) for d in rl["decisions"] if d["reward"] is not None]
+        inner = [(s, r) for s, r, f in pts if not f]
+        finals = [(s, r) for s, r, f in pts if f]
+        if inner:
+            xs, ys = zip(*inner)
+            rax.plot(xs, ys, color=colour(name), marker=".", lw=1, label="reward per decision")
+            rax.axhline(0.0, color="0.5", lw=0.8)
+            lo, hi = min(ys), max(ys)
+            pad = 0.1 * (hi - lo or 1.0)
+            rax.set_ylim(lo - pad, hi + 3 * pad)
+            for s, r in finals:
+                rax.annotate(f"final reward {r:+.2f}\n(end-of-run bonus, off this scale)", xy=(s, hi + 2 * pad),
+                             ha="right", va="center", fontsize=8, color=colour(name),
+                             arrowprops=dict(arrowstyle="-", color=colour(name)))
+                rax.plot([s], [hi + 2 * pad], marker="^", color=colour(name), ls="")
+            rax.legend(fontsize=8, loc="lower left")
+        rax.set(title=f"{name}: reward of each decision", xlabel="step", ylabel="reward")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "demo.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def main(argv=None) -> Dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser("demo", __doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["ppo-sgd-sam-adamw", "sgd", "sam", "adamw"],
-                    help=f"methods to compare: {', '.join(METHODS)}")
-    ap.add_argument("--epochs", type=int, default=DEMO["epochs"])
+                    help=f"methods to compare, any of: {', '.join(METHODS)}")
+    ap.add_argument("--epochs", type=int, default=DEMO["epochs"], help="training epochs per method")
     ap.add_argument("--interval", default=DEMO["interval"], type=lambda s: s if s == "epoch" else int(s),
                     help="RL decision interval: 'epoch' or N steps")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model, data order and policy")
+    ap.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cuda' or 'cpu'")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: half the cores, 1 to 4: "
                     "oversubscribed OpenMP threads are much slower on a busy machine)")
-    ap.add_argument("--out", default="benchmarks/runs/demo", help="folder for demo.png, demo.md and the run logs")
+    ap.add_argument("--out", default=str(runs_path("demo")),
+                    help="folder for demo.png, demo.md, demo.json and the run logs")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -117,7 +156,7 @@ def main(argv=None) -> Dict[str, Any]:
     (out / "demo.json").write_text(json.dumps({m: r["summary"] for m, r in results.items()}, indent=1))
     fig = plot(out, results)
     print("\n".join(rows))
-    print(f"\nsaved {fig}, {out / 'demo.md'}; total {wall:.1f} s")
+    print(f"\nwrote {fig}, {out / 'demo.md'}, {out / 'demo.json'} and {out / 'runs'}/; total {wall:.1f} s")
     return results
 
 

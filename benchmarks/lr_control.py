@@ -10,12 +10,12 @@ weight decay 5e-4) for the same number of steps; only the learning rate differs:
 * ``agent-<reward>``: QLearningRateOptimizer(policy="dqn", control=("lr",)), deciding every
   ``interval`` steps, learning online from scratch within the run, one run per reward.
 
-Writes the table to ``benchmarks/results/lr_control.md``, the agent's learning-rate
-trajectories to ``benchmarks/results/lr_control_lr.png`` and the raw runs to
-``benchmarks/runs/lr_control.json`` (git-ignored).
+Writes into ``--out`` (default the git-ignored ``benchmarks/runs/lr_control/``) the table
+``lr_control.md``, the agent's learning-rate trajectories ``lr_control_lr.png`` and the raw runs
+``lr_control.json``; the committed study is in ``benchmarks/results/lr_control/``.
 
-    python -m benchmarks.lr_control                  # the full benchmark (3 seeds)
-    python -m benchmarks.lr_control --smoke          # a few seconds, nothing written
+    python -m benchmarks.lr_control --data-dir <Fashion-MNIST folder>   # the full benchmark (3 seeds)
+    python -m benchmarks.lr_control --smoke                              # a few seconds, nothing written
 """
 from __future__ import annotations
 
@@ -35,18 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.data import iterate_batches, load_dataset, normalize
+from benchmarks.cli import fail, missing_data_message, parser, runs_path
+from benchmarks.data import MissingDataError, iterate_batches, load_dataset, normalize
 from rlopt import QLearningRateOptimizer
 from rlopt.rewards import InverseDistanceReward, LogImprovementReward
 
-ROOT = Path(__file__).resolve().parent
 METHODS = ("constant", "step", "cosine", "plateau", "agent-log_improvement", "agent-inverse_distance")
 
 
 @dataclass
 class Config:
     data_dir: Optional[str] = None
-    """Folder with Fashion-MNIST (idx .gz files or the torchvision layout); None: $RLOPT_DATA_DIR or ./data."""
+    """Folder with Fashion-MNIST (idx .gz files or the torchvision layout); None: $RLOPT_DATA_DIR or data/ at the repository root."""
     download: bool = False
     """Let torchvision download Fashion-MNIST when data_dir holds none."""
     max_train: int = 15000
@@ -243,15 +243,18 @@ def plot(runs: List[Dict], cfg: Config, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny run, nothing written")
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--seeds", type=int, nargs="+")
-    ap.add_argument("--methods", nargs="+", choices=METHODS)
-    ap.add_argument("--max-train", type=int)
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--data-dir", help="Fashion-MNIST folder (default $RLOPT_DATA_DIR or ./data)")
+    d = Config()
+    ap = parser("lr_control", __doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny run (1,200 images, 1 epoch, seed 0), nothing written")
+    ap.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    ap.add_argument("--seeds", type=int, nargs="+", help=f"seeds (default {' '.join(map(str, d.seeds))})")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, help=f"methods (default all: {' '.join(METHODS)})")
+    ap.add_argument("--max-train", type=int, help=f"training images before the validation split (default {d.max_train})")
+    ap.add_argument("--threads", type=int, help=f"torch CPU threads (default {d.threads})")
+    ap.add_argument("--data-dir", help="Fashion-MNIST folder (default $RLOPT_DATA_DIR or data/ at the repository root)")
     ap.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
+    ap.add_argument("--out", default=str(runs_path("lr_control")),
+                    help="output folder for lr_control.md, lr_control_lr.png and lr_control.json")
     args = ap.parse_args(argv)
     cfg = Config()
     if args.smoke:
@@ -262,8 +265,11 @@ def main(argv=None) -> None:
             setattr(cfg, key, tuple(v) if isinstance(v, list) else v)
     cfg.download = cfg.download or args.download
     torch.set_num_threads(cfg.threads)
-    ds = load_dataset("fashion-mnist", data_dir=cfg.data_dir, download=cfg.download, max_train=cfg.max_train,
-                      seed=0)
+    try:
+        ds = load_dataset("fashion-mnist", data_dir=cfg.data_dir, download=cfg.download, max_train=cfg.max_train,
+                          seed=0)
+    except MissingDataError as e:
+        fail(ap, missing_data_message(e, "or --smoke --data-dir PATH for a quick check"))
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
     data = {k: normalize(getattr(ds, k), mean, std) if k.endswith("_x") else getattr(ds, k)
@@ -286,12 +292,13 @@ def main(argv=None) -> None:
     print(report)
     if args.smoke:
         return
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "lr_control.md").write_text(report)
-    plot(runs, cfg, ROOT / "results" / "lr_control_lr.png")
-    (ROOT / "runs").mkdir(exist_ok=True)
-    with open(ROOT / "runs" / "lr_control.json", "w") as f:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lr_control.md").write_text(report)
+    plot(runs, cfg, out / "lr_control_lr.png")
+    with open(out / "lr_control.json", "w") as f:
         json.dump({"config": asdict(cfg), "command": command, "runs": runs}, f)
+    print(f"wrote {out / 'lr_control.md'}, {out / 'lr_control_lr.png'} and {out / 'lr_control.json'}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ The subset is real Fashion-MNIST data: a stratified, seeded sample of the origin
 the 10k test set), stored as uint8 with ``np.savez_compressed``. It lets the demo, the notebook and
 the tests run offline with no download.
 
-Usage (the command that made the shipped file)::
+Usage (the command that made the shipped file; without ``--out`` it writes to the git-ignored
+``benchmarks/runs/fmnist_subset.npz`` instead)::
 
-    python -m benchmarks.make_subset --data-dir /work/shared/data/fashion-mnist \
-        --per-class-train 500 --per-class-test 100 --seed 0
+    python -m benchmarks.make_subset --data-dir data/fashion-mnist \
+        --per-class-train 500 --per-class-test 100 --seed 0 --out benchmarks/data/fmnist_subset.npz
 
 ``--data-dir`` holds the four idx ``.gz`` files of the original release (the files torchvision
 downloads into ``FashionMNIST/raw/``).
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import REPO_DIR, fail, parser, runs_path
 from .data import FMNIST_CLASSES, SUBSET_PATH, _find_idx_dir, _read_fmnist_idx
 
 
@@ -30,17 +32,19 @@ def per_class_sample(labels: np.ndarray, per_class: int, rng: np.random.Generato
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", required=True, help="folder with the Fashion-MNIST idx .gz files")
-    ap.add_argument("--per-class-train", type=int, default=500)
-    ap.add_argument("--per-class-test", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(SUBSET_PATH))
+    ap = parser("make_subset", __doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True, help="folder with the Fashion-MNIST idx .gz files (required)")
+    ap.add_argument("--per-class-train", type=int, default=500, help="training images per class")
+    ap.add_argument("--per-class-test", type=int, default=100, help="test images per class")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    ap.add_argument("--out", default=str(runs_path(SUBSET_PATH.name)),
+                    help=f"output .npz file (the shipped subset is {SUBSET_PATH.relative_to(REPO_DIR)}; default "
+                    "%(default)s)")
     args = ap.parse_args(argv)
 
     d = _find_idx_dir(Path(args.data_dir))
     if d is None:
-        raise SystemExit(f"no Fashion-MNIST idx files under {args.data_dir}")
+        fail(ap, f"no Fashion-MNIST idx files under {args.data_dir}: pass --data-dir with the four idx .gz files")
     full = _read_fmnist_idx(d)
     rng = np.random.default_rng(args.seed)
     tr = per_class_sample(full["train_y"], args.per_class_train, rng)

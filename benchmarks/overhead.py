@@ -1,4 +1,4 @@
-"""Per-step overhead of RLSwitchingOptimizer over the plain inner optimizer (issue 2).
+"""Per-step overhead of RLSwitchingOptimizer over the plain inner optimizer.
 
 ``python -m benchmarks.overhead`` times, in one process and on the same model and batch,
 
@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlopt import RLSwitchingOptimizer
 
+from .cli import parser, runs_path
 from .models import resnet18
 from .train import environment, resolve_device
 
@@ -281,24 +282,26 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
 
 
 def main(argv=None) -> List[Dict[str, Any]]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["resnet18", "mlp"], choices=["resnet18", "mlp"])
-    ap.add_argument("--device", default="auto")
+    ap = parser("overhead", __doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=["resnet18", "mlp"], choices=["resnet18", "mlp"],
+                    help="models to time")
+    ap.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cuda' or 'cpu'")
     ap.add_argument("--batch", type=int, default=None, help="ResNet-18 batch (default 512 on CUDA, 8 on CPU)")
     ap.add_argument("--block", type=int, default=None, help="steps per timed block (default 100 CUDA, 50 CPU)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved rounds (default 15 CUDA, 5 CPU; 0: count operations only, no timing)")
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps of each configuration first")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also print a torch.profiler table (device and host time per op) of STEPS steps of "
-                    "each configuration, after the warm-up")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
-    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/overhead_<cpu|gpu>)")
+                    "each configuration, after the warm-up (default 0: none)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--out", default=None, help="output stem, .md and .json are added (default "
+                    "benchmarks/runs/overhead_<cpu|gpu>; give a path under benchmarks/results/ to commit a study)")
     ap.add_argument("--render", default=None, metavar="JSON",
-                    help="only re-write the markdown from a JSON file written by an earlier run")
+                    help="only re-write the markdown next to a JSON file written by an earlier run (default: none)")
     ap.add_argument("--pool", nargs="+", default=None, metavar="JSON",
                     help="only pool the rounds of the ResNet-18 case of several saved runs (paired median overhead "
-                    "with a bootstrap interval); written to --out (.md)")
+                    "with a bootstrap interval); written to --out (.md) when given (default: none)")
     args = ap.parse_args(argv)
     if args.pool:
         md = pool_markdown([json.loads(Path(f).read_text()) for f in args.pool], args.pool)
@@ -323,7 +326,7 @@ def main(argv=None) -> List[Dict[str, Any]]:
     print(f"hardware: {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
           f"{env['torch_threads']} threads")
     command = "python -m benchmarks.overhead " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    stem = Path(args.out or f"benchmarks/results/overhead_{'gpu' if gpu else 'cpu'}")
+    stem = Path(args.out) if args.out else runs_path(f"overhead_{'gpu' if gpu else 'cpu'}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for case in args.cases:
@@ -346,7 +349,7 @@ def main(argv=None) -> List[Dict[str, Any]]:
         stem.with_suffix(".json").write_text(json.dumps({"command": command, "environment": env,
                                                          "results": results}, indent=1))
     print(md)
-    print(f"wrote {stem.with_suffix('.md')} and .json")
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return results
 
 

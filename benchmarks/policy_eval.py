@@ -34,15 +34,15 @@ import torch
 
 import rlopt
 from rlopt.policies import RandomConfig
-from rlopt.switching import RLSwitchingOptimizer
 from rlopt.meta.tasks import TaskDistribution, build_task, run_episode
 
+from .cli import parser, runs_path
 from .sam_payoff import CHOICES, _ci, mean_ci, sam_step_share
 
 
 def _run(cfg, fmnist, policy: Any, seed: int) -> Dict[str, float]:
     task = build_task(cfg, fmnist)
-    opt = RLSwitchingOptimizer(task.model.parameters(), choices=list(CHOICES), lr=cfg.lr, policy=policy,
+    opt = rlopt.RLSwitchingOptimizer(task.model.parameters(), choices=list(CHOICES), lr=cfg.lr, policy=policy,
                                interval=cfg.interval, seed=seed, total_steps=cfg.total_steps,
                                total_epochs=cfg.epochs, train_policy=False)
     out = run_episode(task, opt)
@@ -102,14 +102,15 @@ def report(summary: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.policy_eval", description=__doc__.splitlines()[0])
+    ap = parser("policy_eval", __doc__.splitlines()[0])
     ap.add_argument("policies", nargs="+", help="switching policies over sgd,sam: pretrained names or checkpoint paths")
-    ap.add_argument("--tasks", type=int, default=50)
+    ap.add_argument("--tasks", type=int, default=50, help="held-out tasks")
     ap.add_argument("--seed", type=int, default=7, help="task seed (not the policies' meta-training seed)")
-    ap.add_argument("--data", default="teacher,fmnist")
-    ap.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="output stem (.md, .json)")
+    ap.add_argument("--data", default="teacher,fmnist", help="task data sources, comma-separated")
+    ap.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
+                    help="override a TaskConfig field's options, as train_policy --task (repeatable)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--out", default=str(runs_path("policy_eval")), help="output stem, .md and .json are added")
     a = ap.parse_args(argv)
     if a.tasks < 1:
         ap.error(f"--tasks must be at least 1, got {a.tasks}")
@@ -137,10 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     summary = summarize(rows)
     md = report(summary, meta)
     print(md)
-    if a.out:
-        Path(a.out).with_suffix(".md").write_text(md)
-        Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows},
-                                                               indent=1, default=str))
+    stem = Path(a.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows},
+                                                    indent=1, default=str))
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return {"meta": meta, "summary": summary, "rows": rows}
 
 

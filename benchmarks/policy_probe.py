@@ -20,6 +20,8 @@ import torch
 
 import rlopt
 
+from .cli import parser
+
 
 def logged_observations(paths: Sequence[str]) -> List[List[float]]:
     obs = []
@@ -71,11 +73,11 @@ def by_feature(policy: Any, observations: Sequence[Sequence[float]], feature: st
 
 
 def main(argv=None) -> Dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser("policy_probe", __doc__.splitlines()[0] + " Prints its report; writes nothing.")
     ap.add_argument("policy", help="a shipped policy name (rlopt.list_policies()) or a checkpoint path")
     ap.add_argument("runs", nargs="+", help="run logs (JSON) written by benchmarks.train / benchmarks.table")
     ap.add_argument("--by", nargs=2, metavar=("FEATURE", "ACTION"), default=None,
-                    help="also show how P(ACTION) follows FEATURE (PPO policies), e.g. --by progress sam")
+                    help="also show how P(ACTION) follows FEATURE (PPO policies), e.g. --by progress sam (default: not shown)")
     args = ap.parse_args(argv)
     policy, observations = rlopt.load_policy(args.policy), logged_observations(args.runs)
     res = probe(policy, observations)

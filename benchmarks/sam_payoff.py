@@ -1,7 +1,7 @@
 """Does SAM pay off in the meta-training task distribution, and can anything observable predict when?
 
 ``python -m benchmarks.sam_payoff --tasks 300 --variant-tasks 100``   (about 8-10 min on one CPU thread)
-``python -m benchmarks.sam_payoff --from-json benchmarks/results/sam_payoff.json``   (report only)
+``python -m benchmarks.sam_payoff --from-json benchmarks/results/sam_payoff/default.json``   (report only)
 
 What it measures. Tasks are drawn exactly as :func:`rlopt.meta.train_policy.train_policy` draws them
 (``TaskDistribution.sample(g, seed * 100003 + e)`` with ``g = torch.Generator().manual_seed(seed)``,
@@ -44,13 +44,14 @@ correlation is computed here).
 ``--variant-epochs``, ``--variant-noise``; any other ``TaskDistribution`` field with a repeatable
 ``--variant-set FIELD=VALUES`` as ``train_policy --task`` (``TaskDistribution.with_overrides``), e.g.
 ``--variant-set mlp_width=128,256 --variant-set data=fmnist``; ``--tasks 0`` skips the default
-distribution). Results: ``benchmarks/results/sam_payoff.md`` and ``.json`` (one row per task).
+distribution). Results: ``--out`` (default the git-ignored ``benchmarks/runs/sam_payoff``) ``.md``
+and ``.json`` (one row per task); the committed study is ``benchmarks/results/sam_payoff/``.
 Runs on the CPU with one thread.
 
 ``python -m benchmarks.sam_payoff --tasks 0 --variant-tasks 100 --variant-name overfit-mlp --variant-epochs
 20,30,40 --variant-noise 0.2,0.4 --variant-set n_train=512,1024 --variant-set n_val=1024 --variant-set
 mlp_width=128,256 --variant-set cnn_share=0 --variant-set batch_size=32,64 --out
-benchmarks/results/sam_payoff_overfit_mlp``: a variant in the overfitting regime alone (about 8 min).
+benchmarks/runs/sam_payoff_overfit_mlp``: a variant in the overfitting regime alone (about 8 min).
 """
 from __future__ import annotations
 
@@ -70,10 +71,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from benchmarks.cli import parser, runs_path
 from benchmarks.table import _T95  # two-sided 95% Student-t quantiles for 1-30 degrees of freedom
 from rlopt.features import observation_layout
 from rlopt.policies import Policy
-from rlopt.switching import RLSwitchingOptimizer
+from rlopt import RLSwitchingOptimizer
 from rlopt.meta.tasks import TaskConfig, TaskDistribution, build_task, run_episode
 from rlopt.meta.train_policy import _make_optimizer  # the optimizer meta-training builds, exactly
 
@@ -520,7 +522,7 @@ def write_json(path: Path, meta: Dict[str, Any], results: List[Dict[str, Any]]) 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.sam_payoff", description=__doc__.splitlines()[0])
+    ap = parser("sam_payoff", __doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=300, help="tasks of the default TaskDistribution()")
     ap.add_argument("--variant-tasks", type=int, default=100, help="tasks of the variant distribution (0: skip)")
     ap.add_argument("--variant-epochs", default="10,15,20", help="variant: epochs options")
@@ -531,10 +533,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--variant-name", default="long-noisy", help="variant: name in the report")
     ap.add_argument("--seed", type=int, default=0, help="task sampler seed, as train_policy --seed")
     ap.add_argument("--last-fraction", type=float, default=0.3, help="sam_last: SAM for this fraction of the epochs")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/sam_payoff", help="output path without extension")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--out", default=str(runs_path("sam_payoff")), help="output stem, .md and .json are added")
     ap.add_argument("--from-json", default=None, metavar="PATH",
-                    help="no training: re-analyse the per-task rows of a saved .json and rewrite the report")
+                    help="no training: re-analyse the per-task rows of a saved .json and write the report to --out "
+                    "(default: train)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     if a.from_json:

@@ -14,9 +14,9 @@ kernels) or a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...). ``
 runs every (variant, method) R times in rounds, the order rotated from round to round, so that a
 machine that drifts during the call drifts for all of them; the figure is then the median of all
 timed epochs of the R runs, and each round's median is listed beside it. Only figures from one
-call compare well: machine starts differ by about 10% (see benchmarks/RESULTS.md).
+call compare well: machine starts differ by about 10% (``benchmarks/results/speed/``).
 
-Bars (issue 3, CIFAR-10 on one H100): SGD at most 1.0 s per epoch, SAM at most 2.05x SGD, each
+Bars (CIFAR-10 on one H100): SGD at most 1.0 s per epoch, SAM at most 2.05x SGD, each
 variant judged on its own SGD and SAM. Other data sets or devices: figures are reported, bars not
 applied.
 """
@@ -31,7 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .data import load_dataset
+from .cli import fail, missing_data_message, parser, runs_path
+from .data import MissingDataError, load_dataset
 from .train import COMPILE_MODES, METHODS, TrainConfig, environment, resolve_device, train
 
 SGD_BAR_S = 1.0
@@ -173,13 +174,14 @@ def to_markdown(result: Dict[str, Any], b: Dict[str, Any], command: str, epochs:
 def main(argv=None) -> Dict[str, Any]:
     from .train import add_config_args, config_from_args
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["sgd", "sam"], choices=list(METHODS))
+    ap = parser("speed", __doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["sgd", "sam"], choices=list(METHODS), help="methods to time")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                     help="measure each method eager and/or under these torch.compile modes (default: as "
                          "--compile/--compile-mode say, one variant)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per (variant, method), in rotating rounds")
-    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/speed_<dataset>_<device>)")
+    ap.add_argument("--out", default=None, help="output stem, .md and .json are added (default "
+                    "benchmarks/runs/speed_<dataset>_<cpu|gpu>; give a path under benchmarks/results/ to commit a study)")
     add_config_args(ap, skip=("method", "out_dir", "epochs", "val_fraction"))
     ap.add_argument("--epochs", type=int, default=4, help="epochs per run (default 4; epoch 1 is not counted)")
     ap.add_argument("--val-fraction", type=float, default=0.0, help="held-out share (default 0: all training images)")
@@ -189,7 +191,7 @@ def main(argv=None) -> Dict[str, Any]:
     base = config_from_args(args, method=args.methods[0], out_dir=None)
     command = "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     dev = "gpu" if resolve_device(base.device).type == "cuda" else "cpu"
-    stem = Path(args.out or f"benchmarks/results/speed_{base.dataset}_{dev}")
+    stem = Path(args.out) if args.out else runs_path(f"speed_{base.dataset}_{dev}")
     stem.parent.mkdir(parents=True, exist_ok=True)
 
     def write(result: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
@@ -199,9 +201,13 @@ def main(argv=None) -> Dict[str, Any]:
         stem.with_suffix(".json").write_text(json.dumps({"command": command, "bars": b, **result}, indent=1))
         return md, b
 
-    result = measure(args.methods, base, variants=args.variants or [None], repeats=args.repeats, on_run=write)
+    try:
+        result = measure(args.methods, base, variants=args.variants or [None], repeats=args.repeats, on_run=write)
+    except MissingDataError as e:
+        fail(ap, missing_data_message(e))
     md, b = write(result)
     print(md)
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return {"bars": b, **result}
 
 

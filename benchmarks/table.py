@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.table --dataset cifar10 --data-dir /path --methods sgd sam ppo-sgd-sam --epochs 30 --seeds 3``
 
-Writes into ``--out`` (default ``benchmarks/results/<dataset>_<model>_e<epochs>``):
+Writes into ``--out`` (default the git-ignored ``benchmarks/runs/<dataset>_<model>_e<epochs>``):
 ``table.md`` (header with hardware, torch version, command, epochs, seeds), ``table.csv``,
 ``summary.json``, one JSON log per run under ``runs/``, and figures ``curves.png`` (test accuracy,
 losses, macro F1, macro precision; mean over seeds with +-1 std band), ``rewards.png`` (reward per
@@ -26,7 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .data import load_dataset
+from .cli import fail, missing_data_message, parser, runs_path
+from .data import MissingDataError, load_dataset
 from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
                     config_from_args, train)
 
@@ -327,12 +328,15 @@ def _estimate(method: str, runs_dir: Path, done: Dict[str, float]) -> Optional[f
 
 
 def main(argv=None) -> Dict[str, Any]:
-    ap = argparse.ArgumentParser(description="Aggregate a methods x seeds benchmark into a table and figures.")
+    ap = parser("table", "Train and aggregate a methods x seeds benchmark into a table and figures. Needs the "
+                "data set (--data-dir or --download); --smoke runs a small offline table on the embedded subset.")
     ap.add_argument("--methods", nargs="+", default=None,
                     help=f"methods (space or comma separated; default {' '.join(DEFAULT_METHODS)}); "
                     f"all: {', '.join(METHODS)}")
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<dataset>_<model>_e<epochs>)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/runs/<dataset>_<model>_e<epochs>, "
+                    "or benchmarks/runs/smoke_<model>_e<epochs> with --smoke; give a folder under benchmarks/results/ "
+                    "to commit a study)")
     ap.add_argument("--smoke", action="store_true", help="every method, a few batches of tiny data, on CPU")
     ap.add_argument("--progress", action="store_true", help="tqdm progress bar per run")
     ap.add_argument("--reuse", default=True, action=argparse.BooleanOptionalAction,
@@ -351,7 +355,7 @@ def main(argv=None) -> Dict[str, Any]:
                     "longest finished run of that method, else twice the longest of any)")
     ap.add_argument("--aggregate-only", action="store_true",
                     help="train nothing: tabulate the saved runs that match (missing ones are listed)")
-    ap.add_argument("--note", action="append", default=[], help="a line added to the table's header")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the table's header (repeatable)")
     add_config_args(ap, skip=("method", "seed", "out_dir"))
     args = ap.parse_args(argv)
     default = list(METHODS) if args.smoke else DEFAULT_METHODS
@@ -364,13 +368,16 @@ def main(argv=None) -> Dict[str, Any]:
         base = TrainConfig(**{**base.__dict__, **SMOKE, "threads": args.threads, "method": methods[0]})
         if args.seeds == ap.get_default("seeds"):
             args.seeds = 1
-    out = Path(args.out or f"benchmarks/results/{'smoke' if args.smoke else base.dataset}_{base.model}_e{base.epochs}")
+    out = Path(args.out) if args.out else runs_path(f"{'smoke' if args.smoke else base.dataset}_{base.model}_e{base.epochs}")
     seeds = list(range(args.seeds))
-    print(CONVERGENCE_DEFINITION)
     t0 = time.perf_counter()
-    data = None if args.aggregate_only else load_dataset(
-        base.dataset, base.data_dir, base.download, base.val_fraction, seed=0, cache_dir=base.cache_dir,
-        max_train=base.max_train, max_test=base.max_test)
+    try:
+        data = None if args.aggregate_only else load_dataset(
+            base.dataset, base.data_dir, base.download, base.val_fraction, seed=0, cache_dir=base.cache_dir,
+            max_train=base.max_train, max_test=base.max_test)
+    except MissingDataError as e:
+        fail(ap, missing_data_message(e, "or --smoke for a small offline table on the embedded Fashion-MNIST subset"))
+    print(CONVERGENCE_DEFINITION)
     match = None if args.match_share == "none" else args.match_share
     # seed-major order: a budget or an interruption leaves whole seeds, not whole methods
     jobs = [(seed, m) for seed in seeds for m in methods]

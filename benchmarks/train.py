@@ -34,7 +34,8 @@ from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 from rlopt.controller import RLControlledOptimizer
 from rlopt.policies import RandomConfig
 
-from .data import PAD_MODES, ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
+from .cli import RUNS_DIR, fail, missing_data_message, parser
+from .data import PAD_MODES, MissingDataError, ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
 from .models import INITS, build_model
 
 __all__ = ["TrainConfig", "METHODS", "train", "classification_metrics", "convergence_epoch",
@@ -185,8 +186,8 @@ class TrainConfig:
     Evaluation runs the model as usual. Part of the run name when set."""
     threads: Optional[int] = None
     """torch.set_num_threads on CPU (None: leave torch's default)."""
-    out_dir: Optional[str] = "benchmarks/runs"
-    """Folder for the run's JSON log (None: do not write)."""
+    out_dir: Optional[str] = str(RUNS_DIR)
+    """Folder for the run's JSON log (None: do not write); default the git-ignored benchmarks/runs/."""
     tag: str = ""
     """Free text stored with the run."""
 
@@ -629,13 +630,19 @@ def config_from_args(args: argparse.Namespace, **override) -> TrainConfig:
 
 
 def main(argv=None) -> Dict[str, Any]:
-    ap = argparse.ArgumentParser(description="One benchmark training run. Methods: " + ", ".join(METHODS))
+    ap = parser("train", "One benchmark training run. Methods: " + ", ".join(METHODS))
     add_config_args(ap)
     ap.add_argument("--progress", action="store_true", help="tqdm progress bar")
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
     print(CONVERGENCE_DEFINITION)
-    return train(cfg, progress=args.progress)
+    try:
+        result = train(cfg, progress=args.progress)
+    except MissingDataError as e:
+        fail(ap, missing_data_message(e, "or --dataset fmnist-subset for the embedded subset"))
+    if "path" in result:
+        print(f"wrote {result['path']}")
+    return result
 
 
 if __name__ == "__main__":

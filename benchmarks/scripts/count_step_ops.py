@@ -15,6 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cli import HelpFormatter
 from benchmarks.overhead import CountOps, build, make_case
 
 
@@ -43,9 +44,10 @@ def training_step() -> None:
         print(f"{name}: {n['all']:.0f} operations, {n['not_views']:.0f} not views")
 
 
-ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--fold-every", type=int, default=0, help="tracker fold interval (0: the checkout's default)")
-ap.add_argument("--training-step", action="store_true", help="count one step of the benchmarks' training loop")
+ap = argparse.ArgumentParser(prog="count_step_ops.py", description=__doc__.splitlines()[0],
+                             formatter_class=HelpFormatter)
+ap.add_argument("--fold-every", type=int, default=0, help="tracker fold interval; 0 keeps the checkout's own (default: 0)")
+ap.add_argument("--training-step", action="store_true", help="count one step of the benchmarks' training loop instead of opt.step() alone")
 args = ap.parse_args()
 if args.training_step:
     training_step()
