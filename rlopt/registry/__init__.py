@@ -3,7 +3,9 @@
 Each entry is ``<name>.pt`` in this folder, listed in ``index.json`` with a one-line description,
 the command that reproduces it (``python -m rlopt.meta.train_policy ... --register ...``), the
 number of training episodes and the measured training time. Loaded policies are frozen unless
-``train=True``.
+``train=True``. Entries with ``"optimizer": "learned"`` are learned update rules
+(:class:`rlopt.learned.LearnedOptimizer`'s ``policy=``), written by ``python -m rlopt.learned.train``;
+:func:`load_pretrained` returns them as a :class:`rlopt.learned.LearnedRule`.
 """
 from __future__ import annotations
 
@@ -45,7 +47,12 @@ def pretrained_path(name: str) -> str:
 
 
 def load_pretrained(name: str, *, train: bool = False):
-    """Load a shipped policy by name (frozen unless ``train=True``)."""
+    """Load a shipped policy by name (frozen unless ``train=True``); a learned update rule
+    (``"optimizer": "learned"``) comes back as a :class:`rlopt.learned.LearnedRule`."""
+    if pretrained_info(name).get("optimizer") == "learned":
+        from ..learned.rule import load_rule
+
+        return load_rule(pretrained_path(name))
     from ..policies import load_policy
 
     return load_policy(pretrained_path(name), train=train)
