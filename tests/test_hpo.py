@@ -141,6 +141,32 @@ def test_factored_policy_log_prob_sums_to_one():
     torch.testing.assert_close(pol.log_prob(grid).sum(1).exp().sum(), torch.tensor(1.0))
 
 
+def test_meta_train_learns_a_prior_and_init_checks_the_grid():
+    from rlopt.hpo.meta import meta_train
+
+    grid = np.add.outer(np.abs(np.arange(5) - 3), np.abs(np.arange(4) - 1)).astype(float)  # best at (3, 1)
+    tables = [grid, grid + 0.1 * np.arange(4)]  # two tasks sharing the optimum
+    state = meta_train(tables, hidden=8, iterations=60, batch=32, lr=0.05, seed=0)
+    agent = ReinforceAgent(init=state, hidden=8)
+    pol = agent.init_state((5, 4), seed=123).policy  # the seed does not matter: the policy is loaded
+    logp = pol.log_prob(torch.tensor([[3, 1], [0, 3]])).sum(1)
+    assert logp[0] > logp[1] + 1.0
+    with pytest.raises(ValueError, match="does not fit this search space"):
+        agent.init_state((5, 5), seed=0)
+    with pytest.raises(ValueError, match="share one grid"):
+        meta_train([grid, grid[:, :3]])
+
+
+def test_pretrained_agent():
+    from rlopt.hpo.meta import list_pretrained, pretrained_agent
+
+    with pytest.raises(ValueError, match="No pretrained search policy"):
+        pretrained_agent("no-such-policy")
+    for name in list_pretrained():
+        agent = pretrained_agent(name)
+        assert isinstance(agent, ReinforceAgent) and agent.init is not None
+
+
 BAD_AGENT_ARGS = [
     (QLearningAgent, dict(alpha=0.0), "Invalid alpha"),
     (QLearningAgent, dict(alpha=float("nan")), "Invalid alpha"),
@@ -332,6 +358,7 @@ study.optimize(objective, n_trials=8)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_storage(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     optuna.create_study(study_name="shared", storage=url)

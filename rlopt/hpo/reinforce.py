@@ -178,7 +178,11 @@ class ReinforceAgent:
             torch.manual_seed(0 if seed is None else int(seed) % (2 ** 63))
             policy = POLICIES[self.policy](sizes, self.hidden)
         if self.init is not None:
-            policy.load_state_dict(self.init)
+            try:
+                policy.load_state_dict(self.init)
+            except RuntimeError as e:
+                raise ValueError(f"The initial policy does not fit this search space (grid sizes {sizes}, "
+                                 f"policy '{self.policy}', hidden {self.hidden}): {e}") from None
         return ReinforceState(policy=policy, optimizer=torch.optim.Adam(policy.parameters(), lr=self.lr))
 
     def loss(self, state: ReinforceState, actions: torch.Tensor, rewards: torch.Tensor, b: float) -> torch.Tensor:
