@@ -138,7 +138,7 @@ def main(argv=None) -> Dict[str, Any]:
         f"# Demo: {data.summary()}", "",
         f"- command: `{' '.join(['python -m benchmarks.demo'] + list(sys.argv[1:] if argv is None else argv))}`",
         f"- hardware: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_count']} cores, "
-        f"{torch.get_num_threads()} torch threads), torch {env['torch']}",
+        f"{torch.get_num_threads()} torch threads), torch {env['torch']}; code: commit {env.get('commit', 'unknown')}",
         f"- small CNN, {args.epochs} epochs, batch {DEMO['batch_size']}, one seed ({args.seed}); "
         f"RL decisions every {args.interval} steps; total wall time {wall:.1f} s",
         f"- {CONVERGENCE_DEFINITION}", "",

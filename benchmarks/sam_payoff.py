@@ -73,13 +73,19 @@ from torch.nn import functional as F
 
 from benchmarks.cli import parser, runs_path
 from benchmarks.table import _T95  # two-sided 95% Student-t quantiles for 1-30 degrees of freedom
-from rlopt.features import observation_layout
 from rlopt.policies import Policy
 from rlopt import RLSwitchingOptimizer
 from rlopt.meta.tasks import TaskConfig, TaskDistribution, build_task, run_episode
 from rlopt.meta.train_policy import _make_optimizer  # the optimizer meta-training builds, exactly
 
 CHOICES = ("sgd", "sam")
+
+
+def observation_layout(choices: Sequence[str] = CHOICES) -> Dict[str, Any]:
+    """The observation layout a switching policy over ``choices`` sees (read from the optimizer's
+    public ``observation_layout`` property)."""
+    opt = RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(1))], choices=list(choices), policy="constant:sgd")
+    return opt.observation_layout
 ARMS = ("sgd", "sam", "sam_last", "sam_last_separate", "sgd_reorder")
 SWITCH_ARMS = ("sam_last", "sam_last_separate")
 COMPARISONS = (("sam", "sgd"), ("sam_last", "sgd"), ("sam_last_separate", "sgd"), ("sam_last", "sam_last_separate"),
@@ -151,7 +157,8 @@ def run_arm(cfg: TaskConfig, fmnist: Optional[Path], arm: str, policy_seed: int,
         policy = "constant:sam"
     else:
         policy = ProgressSwitchPolicy(sam_from_epoch(cfg.epochs, last_fraction) / cfg.epochs)
-    opt = make_optimizer(task, policy, policy_seed, share_momentum=arm != "sam_last_separate")
+    shared = arm != "sam_last_separate"
+    opt = make_optimizer(task, policy, policy_seed, share_momentum=shared)
     start = time.perf_counter()
     summary = run_episode(task, opt)
     seconds = time.perf_counter() - start
@@ -159,7 +166,7 @@ def run_arm(cfg: TaskConfig, fmnist: Optional[Path], arm: str, policy_seed: int,
         "val_acc": summary["val_acc"], "val_loss": summary["val_loss"], "return": summary["return"],
         "diverged": summary["diverged"], "decisions": summary["decisions"],
         "sam_step_share": sam_step_share(opt.history, cfg.total_steps), "seconds": seconds,
-        "share_momentum": opt.share_momentum, **_fit(task),
+        "share_momentum": shared, **_fit(task),
     }
     return row, opt.history
 

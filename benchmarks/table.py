@@ -31,7 +31,7 @@ from .data import MissingDataError, load_dataset
 from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
                     config_from_args, train)
 
-__all__ = ["aggregate", "write_outputs", "main", "SMOKE"]
+__all__ = ["aggregate", "write_outputs", "compare_pairs", "CONTROL_PAIRS", "main", "SMOKE"]
 
 # two-sided 95% Student t quantiles, df = 1..30
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -127,6 +127,35 @@ def compare_to_best_static(rows: List[Dict[str, Any]]) -> List[str]:
     return md
 
 
+#: the comparisons a sceptic asks for, shown when both methods are in a table: each learned method
+#: against its control (random switching at its share, the same agent learning online, its base optimizer)
+CONTROL_PAIRS = ("dqn-sgd-sam:random-sgd-sam", "ppo-sgd-sam:random-sgd-sam", "pre-sgd-sam:ppo-sgd-sam",
+                 "pre-sgd-sam-adam:random-sgd-sam-adam", "pre-sgd-sam-adam:ppo-sgd-sam-adam",
+                 "lr-dqn:lr-dqn-online", "lr-dqn:sgd", "sam:sgd")
+
+
+def compare_pairs(rows: List[Dict[str, Any]], pairs: Sequence[str]) -> List[str]:
+    """Markdown lines: final test accuracy of A minus B for each "A:B" in ``pairs`` whose methods are
+    both in ``rows``, with a Welch 95% interval and the verdict it decides (as against the best static)."""
+    by = {r["method"]: r for r in rows}
+    md = []
+    for pair in pairs:
+        a, b = pair.split(":")
+        if a not in by or b not in by:
+            continue
+        diff, half = welch_diff(by[a]["final_test_acc"], by[b]["final_test_acc"], by[a]["n"], by[b]["n"])
+        if math.isnan(half):
+            interval, verdict = "-", "too few runs"
+        else:
+            interval = f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}]"
+            verdict = "A better" if diff - half > 0 else "B better" if diff + half < 0 else "not separable"
+        md.append(f"| {a} | {b} | {100 * diff:+.2f} | {interval} | {verdict} |")
+    if not md:
+        return []
+    return ["", "Controls: final test accuracy of method A minus method B, with its 95% interval (Welch's t over "
+            "seeds).", "", "| A | B | difference (points) | 95% interval | verdict |", "|---|---|---|---|---|"] + md
+
+
 def _pct(d, digits=2):
     m, sd, ci = d["mean"], d["std"], d["ci95"]
     if m is None or (isinstance(m, float) and math.isnan(m)):
@@ -183,6 +212,7 @@ def write_outputs(out: Path, rows: List[Dict[str, Any]], runs: Dict[str, List[Di
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(l) + " |" for l in lines]
     md += compare_to_best_static(rows)
+    md += compare_pairs(rows, header.get("pairs", CONTROL_PAIRS))
     md += ["", "Methods:", ""] + [f"- `{r['method']}`: {METHODS[r['method']]}" for r in rows]
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
@@ -355,9 +385,15 @@ def main(argv=None) -> Dict[str, Any]:
                     "longest finished run of that method, else twice the longest of any)")
     ap.add_argument("--aggregate-only", action="store_true",
                     help="train nothing: tabulate the saved runs that match (missing ones are listed)")
+    ap.add_argument("--compare", nargs="+", default=list(CONTROL_PAIRS), metavar="A:B",
+                    help="pairs of methods whose difference A - B the table reports with a 95%% interval, "
+                    "where both are in the table")
     ap.add_argument("--note", action="append", default=[], help="a line added to the table's header (repeatable)")
     add_config_args(ap, skip=("method", "seed", "out_dir"))
     args = ap.parse_args(argv)
+    for pair in args.compare:
+        if pair.count(":") != 1 or any(m not in METHODS for m in pair.split(":")):
+            ap.error(f"--compare expects METHOD:METHOD pairs of {list(METHODS)}, got {pair!r}")
     default = list(METHODS) if args.smoke else DEFAULT_METHODS
     methods = [m for s in (args.methods or default) for m in s.split(",") if m]
     for m in methods:
@@ -443,6 +479,7 @@ def main(argv=None) -> Dict[str, Any]:
         "environment": first["environment"],
         "data": first["data"], "config": base.__dict__, "seeds": seeds,
         "wall_seconds": sum(r["summary"]["wall_seconds"] for rs in runs.values() for r in rs),
+        "pairs": args.compare,
         "notes": args.note + ([f"runs on more than one kind of hardware: {sorted(envs)}"] if len(envs) > 1 else [])
         + ([f"missing runs: {', '.join(missing)}"] if missing else [])}
     write_outputs(out, rows, runs, header)

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
-from rlopt.controller import RLControlledOptimizer
 from rlopt.policies import RandomConfig
 
 from .cli import RUNS_DIR, fail, missing_data_message, parser
@@ -302,7 +301,7 @@ class _Stepper:
         self.cfg, self.method = cfg, m
         self.steps_per_epoch = steps_per_epoch
         self.step_count, self.epoch = 0, 0
-        self.rl: Optional[RLControlledOptimizer] = None
+        self.rl: Optional[Union[RLSwitchingOptimizer, QLearningRateOptimizer]] = None
         sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
         fused_kw = {"fused": True} if fused else {}
         if m in ("sgd",):
@@ -348,7 +347,7 @@ class _Stepper:
         return self.opt.base_optimizer if self.method in ("sam-every-k", "sam-last") else self.opt
 
     @property
-    def current(self) -> str:
+    def current(self) -> Optional[str]:
         m = self.method
         if m in ("lr-dqn", "lr-dqn-online"):  # the agent's lr factor, 2^-k
             k = round(-math.log2(self.rl.factors["lr"]))
@@ -523,9 +522,11 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
                 return loss
 
             name = stepper.current
+            loss = stepper.step(closure)
+            if name is None:  # an RL optimizer takes its first decision inside its first step
+                name = stepper.current
             step_choices.append(choice_ids.setdefault(name, len(choice_ids)))
             grad_evals += 2 if name == "sam" else 1
-            loss = stepper.step(closure)
             loss_sum += loss.detach()
             sched.step()
             if bar is not None:

@@ -520,6 +520,25 @@ def test_welch_difference_and_verdicts_against_best_static():
     assert compare_to_best_static([row("ppo-sgd-sam", 0.9, 0.01)]) == []
 
 
+def test_control_pairs_report_each_learned_method_against_its_control():
+    """The controls section: A - B with the same Welch interval, only for pairs present in the table."""
+    from benchmarks.table import compare_pairs, welch_diff
+
+    def row(method, mean, std, n=3):
+        return {"method": method, "n": n, "final_test_acc": {"mean": mean, "std": std}}
+
+    rows = [row("ppo-sgd-sam", 0.950, 0.001), row("random-sgd-sam", 0.921, 0.02), row("sgd", 0.90, 0.001),
+            row("lr-dqn", 0.80, 0.001)]
+    md = compare_pairs(rows, ["ppo-sgd-sam:random-sgd-sam", "lr-dqn:sgd", "dqn-sgd-sam:random-sgd-sam"])
+    lines = [l for l in md if l.startswith("| ") and not l.startswith("| A ")]
+    assert len(lines) == 2  # dqn-sgd-sam is not in the table
+    diff, half = welch_diff(rows[0]["final_test_acc"], rows[1]["final_test_acc"], 3, 3)
+    assert lines[0] == (f"| ppo-sgd-sam | random-sgd-sam | {100 * diff:+.2f} | "
+                        f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}] | not separable |")
+    assert lines[1].startswith("| lr-dqn | sgd | -10.00 |") and lines[1].endswith("| B better |")
+    assert compare_pairs(rows, ["sam:sgd"]) == []
+
+
 def test_resnet_init_option():
     """--init pytorch swaps torchvision's conv init (Kaiming-normal, fan-out) for PyTorch's layer
     default; it changes the run name, and bad values are refused."""

@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU session, first call: CUDA tests, speed bars, overhead, and a probe of 3 concurrent runs with and
+# A first GPU check: CUDA tests, speed, overhead, and a probe of 3 concurrent runs with and
 # without CUDA MPS. Run from the repo root with the data in data/ (see benchmarks/README.md); writes into $OUT/r.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
 nvidia-smi -L

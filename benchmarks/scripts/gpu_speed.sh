@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 3's speed bars on one machine start: the GPU's clocks and the host, a profile of the plain
+# The speed study on one machine start: the GPU's clocks and the host, a profile of the plain
 # ResNet-18 step (is it bound by the device or by the host launching kernels?), then
 # benchmarks.speed for SGD and SAM in each variant (eager, torch.compile modes), REPEATS rotating
 # rounds in one process (a round cut off by the time limit keeps the runs it finished). Everything
