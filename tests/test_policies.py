@@ -10,7 +10,7 @@ import torch
 
 import rlopt
 from rlopt import RLSwitchingOptimizer
-from rlopt.features import observation_layout
+from rlopt.control.observation import observation_layout
 from rlopt.policies import (ConstantConfig, ConstantPolicy, DQNConfig, DQNPolicy, PPOConfig, PPOPolicy,
                             RandomConfig, RandomPolicy, ReplayBuffer, RolloutBuffer, compute_gae, load_policy)
 
@@ -38,8 +38,8 @@ def _drive(policy, n=12, seed=0):
 
 SMALL = {
     "dqn": lambda seed=0, **kw: DQNPolicy(OBS_DIM, ACTIONS, DQNConfig(**{
-        "hidden": 16, "learning_starts": 2, "batch_size": 4, "target_update": 3, **kw}), seed=seed,
-        obs_layout=LAYOUT),
+        "hidden": 16, "learning_starts": 2, "batch_size": 4, "target_update": 3, "train_frequency": 1, **kw}),
+        seed=seed, obs_layout=LAYOUT),
     "ppo": lambda seed=0, **kw: PPOPolicy(OBS_DIM, ACTIONS, PPOConfig(**{
         "hidden": 16, "rollout_len": 3, "update_epochs": 2, **kw}), seed=seed, obs_layout=LAYOUT),
     "random": lambda seed=0, **kw: RandomPolicy(OBS_DIM, ACTIONS, RandomConfig(**kw), seed=seed, obs_layout=LAYOUT),

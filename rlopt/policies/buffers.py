@@ -46,9 +46,13 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Transition:
-        """Uniform sample without replacement (``min(batch_size, len)`` transitions)."""
-        n = min(batch_size, self.size)
-        idx = torch.randperm(self.size, generator=generator)[:n]
+        """A uniform sample with replacement (as DQN implementations draw it: the cost does not
+        grow with the capacity); a ``batch_size`` of at least ``len`` gives every stored
+        transition once, in random order."""
+        if batch_size >= self.size:
+            idx = torch.randperm(self.size, generator=generator)
+        else:
+            idx = torch.randint(self.size, (batch_size,), generator=generator)
         return Transition(self.obs[idx], self.action[idx], self.reward[idx],
                           self.next_obs[idx], self.terminal[idx])
 
@@ -95,15 +99,16 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     truncation is folded into the reward beforehand). ``last_value`` is V of the observation that
     follows the last step. Returns ``(advantages, returns)``.
     """
-    T = rewards.shape[0]
-    advantages = torch.zeros(T)
-    gae = 0.0
-    for t in reversed(range(T)):
-        next_value = last_value if t == T - 1 else values[t + 1]
-        nonterminal = 1.0 - float(dones[t])
-        delta = rewards[t] + gamma * next_value * nonterminal - values[t]
+    r, v, d = rewards.tolist(), values.tolist(), dones.tolist()  # a Python loop over floats: cheap
+    adv = [0.0] * len(r)
+    gae, next_value = 0.0, float(last_value)
+    for t in reversed(range(len(r))):
+        nonterminal = 1.0 - d[t]
+        delta = r[t] + gamma * next_value * nonterminal - v[t]
         gae = delta + gamma * lam * nonterminal * gae
-        advantages[t] = gae
+        adv[t] = gae
+        next_value = v[t]
+    advantages = torch.tensor(adv, dtype=values.dtype)
     return advantages, advantages + values
 
 

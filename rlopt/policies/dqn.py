@@ -1,10 +1,29 @@
 """Deep Q-learning (Mnih et al., 2015) with a replay buffer, a target network and
-epsilon-greedy exploration whose decay may speed up with the spread of the Q-values."""
+epsilon-greedy exploration.
+
+.. code-block:: text
+
+    per decision k (act, then observe):
+        a_k = random action with probability epsilon(k), else argmax_a Q(s_k, a)
+        store (s_k, a_k, r_k, s_k+1, terminal_k) in the replay buffer
+        every train_frequency decisions, once learning_starts transitions are stored:
+            gradient_steps times: minimise Huber(Q(s, a) - [r + gamma (1 - terminal) max_a' Q_target(s', a')])
+            every target_update gradient steps: Q_target <- tau Q + (1 - tau) Q_target
+
+``epsilon(k)`` falls linearly from ``epsilon_start`` to ``epsilon_end`` over the first
+``exploration_decisions`` decisions (as in CleanRL's ``exploration_fraction``, in decisions rather
+than a share of a budget the policy does not know), or, when ``epsilon_decay`` is set, follows the
+older per-decision geometric decay. Decisions are counted by :meth:`DQNPolicy.observe`, so how often
+``act`` is called while frozen or between decisions does not move the schedule.
+
+The values of the defaults were measured: see ``benchmarks/results/learner_check/``.
+"""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -19,43 +38,86 @@ __all__ = ["DQNConfig", "DQNPolicy"]
 
 @dataclass
 class DQNConfig:
+    """DQN hyper-parameters. The defaults learn CartPole-v1 (return >= 195 over the last 20
+    training episodes at 100k decisions, every seed tried) with Q bounded; they are CleanRL's
+    ``dqn.py`` values with the exploration and warm-up rescaled to a 100k-decision budget, checked by
+    ``python -m benchmarks.learner_check``. A run that decides only tens of times explores (and
+    does not learn) for all of it: give such runs a shorter ``exploration_decisions`` and
+    ``learning_starts``, as the meta-training configs do."""
+
     hidden: int = 64
-    """Units in each of the two hidden layers of the Q-network."""
-    lr: float = 1e-3
-    """Adam learning rate of the Q-network."""
+    """Units in each of the two hidden layers of the Q-network (CartPole needs no more)."""
+    lr: float = 2.5e-4
+    """Adam learning rate of the Q-network. 1e-3 with one gradient step per decision drove Q to
+    the 1e9s; 2.5e-4 (CleanRL's) keeps Q near the bound."""
     gamma: float = 0.99
-    """Discount factor."""
-    buffer_size: int = 5000
+    """Discount factor: an effective horizon of about 100 decisions."""
+    buffer_size: int = 10_000
     """Replay capacity (transitions)."""
-    batch_size: int = 32
+    batch_size: int = 128
     """Transitions per gradient step (fewer while the buffer holds fewer)."""
-    learning_starts: int = 8
-    """Transitions stored before the first gradient step (decisions are few per training run)."""
+    learning_starts: int = 1000
+    """Transitions stored before the first gradient step: the first updates see a buffer that is
+    not dominated by a handful of episodes."""
     gradient_steps: int = 1
-    """Gradient steps per observed transition."""
-    target_update: int = 20
-    """Copy the online network into the target network every this many gradient steps."""
+    """Gradient steps per round of updates (one round every ``train_frequency`` decisions)."""
+    target_update: int = 125
+    """Update the target network every this many gradient steps (with ``tau`` = 1, a copy every
+    500 decisions at the default ``train_frequency``). The old default, 20 gradient steps at one
+    per decision, let Q run away to 5e9 on CartPole-v1."""
     epsilon_start: float = 1.0
+    """Exploration rate at the first decision."""
     epsilon_end: float = 0.05
-    epsilon_decay: float = 0.995
-    """Per decision: epsilon <- max(end, epsilon * exp(-k)), k = -ln(decay) + var_coef * Var(Q(s,.))."""
+    """Exploration rate once the schedule has run out."""
+    epsilon_decay: Optional[float] = None
+    """``None``: the linear schedule above. A float in (0, 1]: the older geometric schedule, per
+    decision ``epsilon <- max(end, epsilon * exp(-k))`` with ``k = -ln(decay) + var_coef * Var(Q(s,.))``
+    (checkpoints that recorded a decay keep it)."""
     epsilon_var_coef: float = 0.0
-    """lambda in k = k0 + lambda * Var(Q(s,.)): confident Q-values end exploration sooner (0 = off)."""
+    """lambda in ``k`` above (geometric schedule only): confident Q-values end exploration sooner
+    (0 = off)."""
     double_dqn: bool = False
     """Choose the next action with the online network, value it with the target network."""
     max_grad_norm: float = 10.0
+    """Clip the Q-network's gradient norm."""
+    # Fields added later (appended, so positional construction keeps its meaning):
+    train_frequency: int = 4
+    """A round of ``gradient_steps`` gradient steps every this many decisions."""
+    tau: float = 1.0
+    """Polyak weight of each target update: ``target <- tau * online + (1 - tau) * target``
+    (1.0: a hard copy; e.g. ``target_update=1, tau=0.005`` is a soft update every step)."""
+    exploration_decisions: int = 10_000
+    """Decisions over which epsilon falls linearly from ``epsilon_start`` to ``epsilon_end``
+    (unless ``epsilon_decay`` is set)."""
+    q_warn_factor: float = 2.0
+    """Warn once when the largest |Q| of a training batch exceeds this factor times ``max|r| / (1 - gamma)``,
+    the largest value any return can have (``max|r|`` from the rewards observed so far): Q is
+    diverging. 0 turns the check off."""
 
     def __post_init__(self):
-        for name in ("lr", "epsilon_decay"):
-            if not 0.0 < getattr(self, name) <= (1.0 if name == "epsilon_decay" else math.inf):
-                raise ValueError(f"Invalid {name}: {getattr(self, name)}")
+        if not 0.0 < self.lr < math.inf:
+            raise ValueError(f"Invalid lr: {self.lr}")
+        if self.epsilon_decay is not None and not 0.0 < self.epsilon_decay <= 1.0:
+            raise ValueError(f"Invalid epsilon_decay: {self.epsilon_decay}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {self.gamma}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"Invalid tau: {self.tau}")
         if not 0.0 <= self.epsilon_end <= self.epsilon_start <= 1.0:
             raise ValueError(f"Invalid epsilon range: {self.epsilon_start} -> {self.epsilon_end}")
-        for name in ("hidden", "buffer_size", "batch_size", "target_update", "gradient_steps"):
+        for name in ("hidden", "buffer_size", "batch_size", "target_update", "gradient_steps",
+                     "train_frequency"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)}")
+        for name in ("learning_starts", "exploration_decisions"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)}")
+        if not 0.0 <= self.q_warn_factor < math.inf:
+            raise ValueError(f"Invalid q_warn_factor: {self.q_warn_factor}")
+
+
+# What a checkpoint written before a field existed meant by it (see DQNPolicy.from_checkpoint).
+_LEGACY_FIELDS = {"train_frequency": 1, "tau": 1.0}
 
 
 def mlp(n_in: int, hidden: int, n_out: int, activation: type = nn.ReLU) -> nn.Sequential:
@@ -65,7 +127,12 @@ def mlp(n_in: int, hidden: int, n_out: int, activation: type = nn.ReLU) -> nn.Se
 
 @register_policy
 class DQNPolicy(Policy):
-    """Epsilon-greedy DQN. Frozen (``train=False``), it acts greedily."""
+    """Epsilon-greedy DQN. Frozen (``train=False``), it acts greedily.
+
+    :meth:`observe` returns (and keeps in ``last_info``) ``epsilon``, ``decisions`` and, on
+    decisions with gradient steps, ``td_loss``, ``q_mean`` and ``q_abs_max`` (mean and largest |Q| of the batch's actions),
+    ``q_bound`` (``max|r| / (1 - gamma)``) and ``n_updates``.
+    """
 
     kind = "dqn"
     Config = DQNConfig
@@ -83,24 +150,48 @@ class DQNPolicy(Policy):
         self.buffer = ReplayBuffer(c.buffer_size, obs_dim)
         self.epsilon = c.epsilon_start
         self.n_updates = 0
+        self.n_decisions = 0  # transitions observed while learning: the clock of the schedules
+        self.reward_scale = 0.0  # max |r| observed
+        self._q_warned = False
         self._pending = None  # (obs, action) awaiting its reward
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> "DQNPolicy":
+        """Fields added after a checkpoint was written take the value that reproduces how it was
+        trained (one gradient step per decision, hard target copies)."""
+        config = ckpt.get("config")
+        if config:
+            ckpt = {**ckpt, "config": {**_LEGACY_FIELDS, **config}}
+        return super().from_checkpoint(ckpt, train=train)
 
     @torch.no_grad()
     def q_values(self, obs: torch.Tensor) -> torch.Tensor:
         return self.q_net(self._check_obs(obs))
 
+    def scheduled_epsilon(self, decisions: int) -> float:
+        """Epsilon of the linear schedule after ``decisions`` decisions."""
+        c = self.config
+        if c.exploration_decisions == 0:
+            return c.epsilon_end
+        share = min(1.0, decisions / c.exploration_decisions)
+        return c.epsilon_start + share * (c.epsilon_end - c.epsilon_start)
+
+    @torch.no_grad()
     def act(self, obs: torch.Tensor) -> int:
         obs = self._check_obs(obs)
-        q = self.q_values(obs)
+        q = self.q_net(obs)
         if not self.training:
             return int(q.argmax())
+        c = self.config
+        if c.epsilon_decay is None:
+            self.epsilon = self.scheduled_epsilon(self.n_decisions)
         if float(torch.rand((), generator=self.generator)) < self.epsilon:
             action = int(torch.randint(self.n_actions, (), generator=self.generator))
         else:
             action = int(q.argmax())
-        c = self.config
-        k = -math.log(c.epsilon_decay) + c.epsilon_var_coef * float(q.var(unbiased=False))
-        self.epsilon = max(c.epsilon_end, self.epsilon * math.exp(-k))
+        if c.epsilon_decay is not None:  # geometric: the rate for the next decision
+            k = -math.log(c.epsilon_decay) + c.epsilon_var_coef * float(q.var(unbiased=False))
+            self.epsilon = max(c.epsilon_end, self.epsilon * math.exp(-k))
         self._pending = (obs, action)
         return action
 
@@ -109,15 +200,37 @@ class DQNPolicy(Policy):
             self._pending = None
             return {}
         obs, action = self._pending
+        next_obs = self._check_obs(next_obs)
+        reward = float(reward)
         self._pending = None
         # A truncated episode is not terminal: its target still bootstraps from next_obs.
-        self.buffer.add(obs, action, float(reward), self._check_obs(next_obs), terminal)
-        info: Dict[str, float] = {"epsilon": self.epsilon}
-        if len(self.buffer) >= self.config.learning_starts:
-            for _ in range(self.config.gradient_steps):
+        self.buffer.add(obs, action, reward, next_obs, terminal)
+        self.n_decisions += 1
+        self.reward_scale = max(self.reward_scale, abs(reward))
+        c = self.config
+        info: Dict[str, float] = {"epsilon": self.epsilon, "decisions": float(self.n_decisions)}
+        if len(self.buffer) >= c.learning_starts and self.n_decisions % c.train_frequency == 0:
+            for _ in range(c.gradient_steps):
                 info.update(self._update())
+            self._check_q(info["q_abs_max"])
         self.last_info = info
         return info
+
+    def q_bound(self) -> float:
+        """``max|r| / (1 - gamma)``: no discounted return exceeds it in magnitude (inf at gamma 1)."""
+        gamma = self.config.gamma
+        return self.reward_scale / (1.0 - gamma) if gamma < 1.0 else math.inf
+
+    def _check_q(self, q_abs_max: float) -> None:
+        factor = self.config.q_warn_factor
+        if self._q_warned or factor == 0.0:
+            return
+        bound = self.q_bound()
+        if not math.isfinite(q_abs_max) or q_abs_max > factor * bound > 0.0:
+            self._q_warned = True
+            warnings.warn(f"DQN Q-values are diverging: |Q| reached {q_abs_max:.4g}, beyond {factor:g} x "
+                          f"max|r| / (1 - gamma) = {factor * bound:.4g}; lower lr, raise target_update or "
+                          "lower tau (warned once per policy)", RuntimeWarning, stacklevel=3)
 
     def _update(self) -> Dict[str, float]:
         c = self.config
@@ -138,15 +251,23 @@ class DQNPolicy(Policy):
         self.optimizer.step()
         self.n_updates += 1
         if self.n_updates % c.target_update == 0:
-            self.target_net.load_state_dict(self.q_net.state_dict())
-        return {"td_loss": float(loss.detach()), "q_mean": float(q.mean().detach()), "n_updates": float(self.n_updates)}
+            if c.tau == 1.0:
+                self.target_net.load_state_dict(self.q_net.state_dict())
+            else:
+                with torch.no_grad():
+                    for t, p in zip(self.target_net.parameters(), self.q_net.parameters()):
+                        t.lerp_(p, c.tau)
+        return {"td_loss": float(loss.detach()), "q_mean": float(q.mean().detach()),
+                "q_abs_max": float(q.detach().abs().max()), "q_bound": self.q_bound(),
+                "n_updates": float(self.n_updates)}
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state.update(
             q_net=self.q_net.state_dict(), target_net=self.target_net.state_dict(),
             optimizer=self.optimizer.state_dict(), buffer=self.buffer.state_dict(),
-            epsilon=self.epsilon, n_updates=self.n_updates,
+            epsilon=self.epsilon, n_updates=self.n_updates, n_decisions=self.n_decisions,
+            reward_scale=self.reward_scale,
             pending_obs=None if self._pending is None else self._pending[0].clone(),
             pending_action=None if self._pending is None else self._pending[1],
         )
@@ -163,6 +284,10 @@ class DQNPolicy(Policy):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
             raise ValueError(f"Invalid epsilon in the DQN state: {eps!r}")
         _check_count(state["n_updates"], "n_updates")
+        _check_count(state.get("n_decisions", 0), "n_decisions")  # absent from older checkpoints
+        scale = state.get("reward_scale", 0.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale < math.inf:
+            raise ValueError(f"Invalid reward_scale in the DQN state: {scale!r}")
         _check_pending_obs(state.get("pending_obs"), self.obs_dim)
         if state.get("pending_obs") is not None:
             action = state.get("pending_action")
@@ -176,6 +301,10 @@ class DQNPolicy(Policy):
         self.buffer.load_state_dict(state["buffer"])
         self.epsilon = float(state["epsilon"])
         self.n_updates = int(state["n_updates"])
+        # Older checkpoints: every stored transition was a decision; the reward scale is what the buffer holds.
+        self.n_decisions = int(state.get("n_decisions", len(self.buffer)))
+        held = self.buffer.reward[:len(self.buffer)]
+        self.reward_scale = float(state.get("reward_scale", float(held.abs().max()) if len(held) else 0.0))
         po = state.get("pending_obs")
         self._pending = None if po is None else (po.clone(), int(state["pending_action"]))
         super()._load_state(state)
