@@ -253,7 +253,7 @@ def plot_figures(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> List[Path]
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    fig.savefig(out / "curves.png", dpi=80)
     plt.close(fig)
     paths.append(out / "curves.png")
 
@@ -273,7 +273,7 @@ def plot_figures(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> List[Path]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "rewards.png", dpi=110)
+        fig.savefig(out / "rewards.png", dpi=80)
         plt.close(fig)
         paths.append(out / "rewards.png")
 
@@ -296,7 +296,7 @@ def plot_figures(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> List[Path]
         ax.legend(handles=[Patch(color=colors[n], label=n) for n in names], fontsize=8,
                   loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
-        fig.savefig(out / "choices.png", dpi=110)
+        fig.savefig(out / "choices.png", dpi=80)
         plt.close(fig)
         paths.append(out / "choices.png")
     return paths

@@ -25,7 +25,7 @@ from benchmarks.cli import RUNS_DIR  # noqa: E402
 MODULES = ["demo", "overhead", "speed", "table", "train", "lr_control", "policy_eval", "policy_probe",
            "sam_payoff", "make_subset"]
 #: scripts run as files (``PYTHONPATH=. python benchmarks/scripts/<name>``)
-SCRIPTS = ["count_step_ops.py", "step_host_cost.py"]
+SCRIPTS = ["count_step_ops.py", "step_host_cost.py", "diff_tables.py"]
 
 
 class _Parsed(Exception):
