@@ -1,24 +1,25 @@
-"""rlopt: drop-in PyTorch meta-optimizers driven by small reinforcement-learning policies."""
+"""rlopt: PyTorch optimizers whose choices during training (which optimizer runs, when to pay for
+SAM, what the learning rate does) are taken by small policies, learned by reinforcement learning
+or written as rules."""
 __version__ = "0.1.0"
 
+import os as _os
+
+from .optim import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
+from .control.choices import register_family
 from .policies import load_policy as _load_policy_file
-from .sam import SAM
-from .switching import RLSwitchingOptimizer
-from .lr_control import QLearningRateOptimizer
 
 
 def load_policy(name_or_path, *, train: bool = False):
-    """Load a policy by pretrained name (see :func:`list_policies`) or checkpoint path.
+    """Load a policy by registered name (see :func:`list_policies`) or checkpoint path.
     Loaded policies are frozen unless ``train=True``."""
-    import os
+    from .registry import list_policies as _names, load_pretrained
 
-    from .registry import list_policies, load_pretrained
-
-    if isinstance(name_or_path, str) and not os.path.isfile(name_or_path):
-        if name_or_path in list_policies():
+    if isinstance(name_or_path, str) and not _os.path.isfile(name_or_path):
+        if name_or_path in _names():
             return load_pretrained(name_or_path, train=train)
         raise ValueError(f"No policy checkpoint at '{name_or_path}' and no pretrained policy of that name; "
-                         f"available: {sorted(list_policies())}")
+                         f"available: {sorted(_names())}")
     return _load_policy_file(name_or_path, train=train)
 
 
@@ -29,4 +30,5 @@ def list_policies():
     return _list()
 
 
-__all__ = ["RLSwitchingOptimizer", "QLearningRateOptimizer", "SAM", "load_policy", "list_policies", "__version__"]
+__all__ = ["RLSwitchingOptimizer", "QLearningRateOptimizer", "SAM", "load_policy", "list_policies",
+           "register_family", "__version__"]

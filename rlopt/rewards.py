@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from .features import Signals
+from .control.observation import Signals
 
 __all__ = ["RewardContext", "SwitchingReward", "BaselineReward"]
 

@@ -78,13 +78,13 @@ def run(case, rank):
            "policy": opt.policy.state_dict(), "raised": raised}
     if mode == "group":
         twin = copy.deepcopy(opt)
-        out["deepcopy_keeps_group"] = twin._process_group is group and twin._in_group()
+        out["deepcopy_keeps_group"] = twin.controller.process_group is group and twin._in_group()
         with warnings.catch_warnings(record=True) as log:
             warnings.simplefilter("always")
-            out["pickled_group"] = pickle.loads(pickle.dumps(opt))._process_group
+            out["pickled_group"] = pickle.loads(pickle.dumps(opt)).controller.process_group
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "auto" pickles as it is, and the copy is in step at once
-            out["pickled_auto_in_group"] = pickle.loads(pickle.dumps(opt_auto(net))).__dict__["_group"] is not None
+            out["pickled_auto_in_group"] = pickle.loads(pickle.dumps(opt_auto(net))).controller.group is not None
         out["pickle_warned"] = any("does not keep its ProcessGroup" in str(w.message) for w in log)
     return out
 

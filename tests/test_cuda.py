@@ -286,7 +286,7 @@ def test_benchmark_run_with_cuda_graph_trains_as_without(method):
 
 NCCL_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from rlopt import distributed
+from rlopt.control import distributed
 from rlopt.policies import policy_class
 dist.init_process_group("nccl", init_method=sys.argv[1], rank=0, world_size=1)
 group = dist.group.WORLD

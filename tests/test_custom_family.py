@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rlopt import RLSwitchingOptimizer
-from rlopt.choices import FAMILIES, register_family, resolve_choices
+from rlopt.control.choices import FAMILIES, register_family, resolve_choices
 
 pytestmark = pytest.mark.filterwarnings("ignore:Choice .* runs without fused kernels:RuntimeWarning")
 

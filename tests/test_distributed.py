@@ -133,5 +133,5 @@ def test_copies_keep_the_process_group_setting():
     import pickle
 
     opt = RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(2))], choices=["sgd"], process_group=None)
-    assert copy.deepcopy(opt)._process_group is None
-    assert pickle.loads(pickle.dumps(opt))._process_group is None
+    assert copy.deepcopy(opt).controller.process_group is None
+    assert pickle.loads(pickle.dumps(opt)).controller.process_group is None

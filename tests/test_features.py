@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rlopt import RLSwitchingOptimizer
-from rlopt.features import (BASE_FEATURES, LAYOUT_VERSION, ObservationBuilder, Signals, SignalTracker,
-                            observation_layout)
+from rlopt.control.observation import BASE_FEATURES, FEATURE_NAMES, LAYOUT_VERSION, ObservationBuilder, Signals
+from rlopt.control.signals import SignalTracker
+from rlopt.control.observation import observation_layout
 
 from conftest import make_closure, make_data, make_model, roundtrip
 
@@ -244,24 +245,6 @@ def test_tracker_state_round_trip_keeps_pending_snapshot_and_window(fold_every):
     assert t1.summary() == t2.summary()
 
 
-def test_version_2_tracker_state_is_migrated():
-    """A state saved by rlopt before the per-step rewrite: loss window with a 'loss given' row,
-    snapshot norm and ok flag; it resumes with the same sums."""
-    ps = _params()
-    v2 = {"version": 2, "signal_every": 1, "fold_every": 4, "steps": 2,
-          "window": torch.tensor([[2.0, 9.0], [0.0, 0.0], [1.0, 0.0]]),  # step 2 had no loss
-          "acc": torch.zeros(8, dtype=torch.float64), "run": torch.zeros(2, dtype=torch.float64),
-          "snapshot": torch.tensor(G1), "snapshot_norm": torch.tensor(math.sqrt(6)),
-          "snapshot_ids": [0, 1], "snapshot_ok": torch.tensor(True)}
-    tracker = SignalTracker()
-    tracker.load_state_dict(v2, torch.device("cpu"))
-    _set(ps, G2)
-    _record(tracker, ps, 4.0)
-    s = tracker.summary()
-    assert s["loss"] == pytest.approx(3.0)  # (2 + 4) / 2: the step without a loss is not averaged
-    assert s["grad_cosine"] == pytest.approx(_cos(G1, G2), rel=1e-6)
-
-
 def test_snapshot_of_a_single_gradient_is_a_copy():
     tracker = SignalTracker(signal_every=2)
     p = torch.nn.Parameter(torch.zeros(4))
@@ -273,9 +256,17 @@ def test_snapshot_of_a_single_gradient_is_a_copy():
     assert tracker.summary()["grad_cosine"] == pytest.approx(_cos(G1, G2), rel=1e-6)
 
 
-def test_old_tracker_state_is_refused():
-    with pytest.raises(ValueError, match="older release"):
+def test_tracker_states_of_another_format_are_refused():
+    with pytest.raises(ValueError, match=r"lacks \['version'"):
         SignalTracker().load_state_dict({"signal_every": 10, "steps": 0, "acc": None}, torch.device("cpu"))
+    state = SignalTracker().state_dict()
+    with pytest.raises(ValueError, match="version 7"):
+        SignalTracker().load_state_dict({**state, "version": 7}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="'acc' must be a tensor of shape"):
+        t = SignalTracker()
+        t.begin([torch.ones(2)], torch.tensor(1.0), torch.device("cpu"))
+        t.end()
+        SignalTracker().load_state_dict({**t.state_dict(), "acc": torch.zeros(3)}, torch.device("cpu"))
 
 
 def test_bad_signal_every():
@@ -292,7 +283,9 @@ ACTIONS = ("sgd", "sam", "adam")
 def test_layout_names_and_version():
     layout = observation_layout(ACTIONS, ("extra",))
     assert layout["version"] == LAYOUT_VERSION
-    assert layout["names"] == list(BASE_FEATURES) + ["extra"] + [f"prev_action:{a}" for a in ACTIONS]
+    assert all(isinstance(name, str) and callable(formula) for name, formula in BASE_FEATURES)
+    assert FEATURE_NAMES == tuple(name for name, _ in BASE_FEATURES)  # one declaration: names cannot drift
+    assert layout["names"] == list(FEATURE_NAMES) + ["extra"] + [f"prev_action:{a}" for a in ACTIONS]
 
 
 def test_observation_hand_computed_values():

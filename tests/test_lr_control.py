@@ -14,7 +14,7 @@ from torch import nn
 from rlopt import SAM, QLearningRateOptimizer
 from rlopt.policies import ConstantConfig, Policy
 from rlopt.rewards import InverseDistanceReward, LogImprovementReward, RewardContext
-from rlopt.features import Signals
+from rlopt.control.observation import Signals
 
 KEEP = "constant:lr:keep"
 
@@ -98,13 +98,14 @@ def test_lr_halve_reset_and_bounds():
     opt = scripted(model.parameters(), ["lr:halve", "lr:halve", "lr:halve", "lr:reset", "lr:keep"],
                    lr=0.1, interval=1, max_lr_halvings=2)
     data = make_data(5)
-    seen = [opt.lr]
+    assert opt.lr == 0.1  # no decision before the first step
+    seen = []
     for x, y in data:
         opt.step(closure_for(model, opt, x, y))
         seen.append(opt.lr)
-    # construction decision: halve; then halve, halve (stops at 0.1 * 2^-2), reset, keep, keep
-    assert seen == [0.05, 0.025, 0.025, 0.1, 0.1, 0.1]
-    assert [h["lr"] for h in opt.history] == seen
+    # first decision (at the first step): halve; then halve, halve (stops at 0.1 * 2^-2), reset, keep, keep
+    assert [h["lr"] for h in opt.history] == [0.05, 0.025, 0.025, 0.1, 0.1, 0.1]
+    assert seen == [0.025, 0.025, 0.1, 0.1, 0.1]
     assert inner_lr(opt) == 0.1
 
 
@@ -115,15 +116,18 @@ def test_wd_actions_and_bounds():
     opt = scripted(model.parameters(), script, lr=0.1, weight_decay=1e-2, control=("lr", "weight_decay"),
                    interval=1, max_wd_growths=2, max_wd_halvings=1)
     data = make_data(6)
-    seen = [(opt.lr, opt.weight_decay)]
+    seen = [None]  # the first decision comes at the first step
     for x, y in data:
         opt.step(closure_for(model, opt, x, y))
         seen.append((opt.lr, opt.weight_decay))
     wd_max = 1e-2 * 1.25 ** 2
     expected = [(0.05, 1e-2 * 1.25), (0.05, wd_max), (0.05, wd_max), (0.05, wd_max / 2), (0.1, 1e-2),
                 (0.1, 5e-3), (0.1, 5e-3)]
-    assert [s[0] for s in seen] == [e[0] for e in expected]
-    assert [s[1] for s in seen] == pytest.approx([e[1] for e in expected], rel=1e-15)
+    assert [s[0] for s in seen[1:]] == [e[0] for e in expected[1:]]
+    assert [s[1] for s in seen[1:]] == pytest.approx([e[1] for e in expected[1:]], rel=1e-15)
+    assert [h["lr"] for h in opt.history][:len(expected)] == [e[0] for e in expected]
+    assert [h["weight_decay"] for h in opt.history][:len(expected)] == pytest.approx([e[1] for e in expected],
+                                                                                      rel=1e-15)
     opt.step(closure_for(model, opt, *data[0]))
     assert inner_wd(opt) == opt.weight_decay and inner_lr(opt) == opt.lr
 
@@ -275,7 +279,7 @@ def test_bad_arguments(kwargs, exc, match):
 def test_largest_bounds_are_normal_floats_and_run():
     """The limits of max_lr_halvings / max_wd_halvings / max_wd_growths are the real ones: at
     them the bounds are normal positive floats and the lr_level/wd_level features are finite."""
-    from rlopt.lr_control import MAX_GROWTHS, MAX_HALVINGS
+    from rlopt.optim.lr_control import MAX_GROWTHS, MAX_HALVINGS
 
     model = make_model()
     opt = QLearningRateOptimizer(model.parameters(), weight_decay=1e-3, control=("lr", "weight_decay"),
@@ -284,7 +288,7 @@ def test_largest_bounds_are_normal_floats_and_run():
     for lo, hi in opt._bounds.values():
         assert lo >= sys.float_info.min and math.isfinite(hi)
     run_steps(model, opt, make_data(4))
-    opt._factors = {"lr": opt._bounds["lr"][0], "weight_decay": opt._bounds["weight_decay"][0]}  # at the floor
+    opt._lr_wd = {"lr": opt._bounds["lr"][0], "weight_decay": opt._bounds["weight_decay"][0]}  # at the floor
     run_steps(model, opt, make_data(4, seed=2))
     assert len(opt.history) >= 4
     assert all(math.isfinite(v) for h in opt.history for v in h["observation"])

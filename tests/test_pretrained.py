@@ -293,7 +293,7 @@ def test_paired_reward_pays_nothing_for_matching_the_reference(interval):
 
 
 def test_baseline_reward_checks_its_reference_and_reads_epochs_from_progress():
-    from rlopt.features import Signals
+    from rlopt.control.observation import Signals
     from rlopt.rewards import BaselineReward, RewardContext
 
     for bad in ([], [(0.0, 0.5)], [(1.0, float("nan"))], [(1.0,)]):

@@ -239,8 +239,9 @@ def test_sgd_and_sam_share_one_momentum_buffer_across_switches():
     ref = ReferenceSAM(m_ref.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, fused=True)
     ran = []
     for k in range(10):
-        ran.append(opt.choice)
         opt.step(make_closure(m_opt, opt, x, y))
+        # the choice that ran step k: the last decision taken before it (at a step count <= k)
+        ran.append(next(h["choice"] for h in reversed(opt.history) if h["step"] <= k))
         closure = make_closure(m_ref, ref, x, y)
         if ran[-1] == "sam":
             ref.step(closure)
@@ -306,16 +307,16 @@ def test_loading_a_checkpoint_with_separate_momentum_warns():
 @pytest.fixture(autouse=True)
 def _scripted_fits(monkeypatch):
     """Let a Scripted policy take whatever action set / layout the optimizer has."""
-    import rlopt.controller as controller
+    import rlopt.control.resolve as resolve
 
-    original = controller.check_policy
+    original = resolve.check_policy
 
     def check(policy, action_names, layout):
         if isinstance(policy, Scripted):
             policy.action_names, policy.obs_dim, policy.obs_layout = tuple(action_names), len(layout["names"]), layout
         return original(policy, action_names, layout)
 
-    monkeypatch.setattr(controller, "check_policy", check)
+    monkeypatch.setattr(resolve, "check_policy", check)
 
 
 # ------------------------------------------------------------------------------------- closures
@@ -343,7 +344,7 @@ def test_missing_closure_with_sam_among_choices_raises_at_first_step():
     with pytest.raises(RuntimeError, match=r"needs a closure.*\['sam'\]"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert opt.state_dict()["rlopt"]["controller"]["step"] == 0
+    assert opt.state_dict()["rlopt"]["controller"]["counts"]["step"] == 0
 
 
 def test_step_returns_closure_loss():
@@ -391,7 +392,7 @@ def test_resume_equivalence(name, policy, interval):
     o1 = _build_resume(policy, interval, m1)
     n_steps = 7  # mid-interval: pending gradient snapshot, pending policy transition
     _run_side_by_side([(m1, o1)], x, y, n_steps, 0)
-    assert o1.state_dict()["rlopt"]["controller"]["step"] == n_steps
+    assert o1.state_dict()["rlopt"]["controller"]["counts"]["step"] == n_steps
     ckpt = roundtrip({"model": m1.state_dict(), "opt": o1.state_dict()})
 
     m2 = make_model(seed=1)  # a fresh process: different weights until loaded
@@ -508,7 +509,7 @@ ERRORS = [
     (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay"),
     (dict(weight_decay=float("nan")), ValueError, "Invalid weight_decay"),
     (dict(lr="0.1"), TypeError, "Invalid learning rate: '0.1'"),
-    (dict(lr=torch.tensor(0.1)), TypeError, "Invalid learning rate: tensor"),
+    (dict(lr=torch.tensor([0.1, 0.2])), TypeError, "Invalid learning rate: tensor"),
     (dict(momentum="0.9"), TypeError, "Invalid momentum value: '0.9'"),
     (dict(weight_decay=True), TypeError, "Invalid weight_decay value: True"),
     (dict(weight_decay="x"), TypeError, "Invalid weight_decay value: 'x'"),
@@ -578,11 +579,11 @@ def _trained(choices, policy, model=None, steps=4, groups=None):
 LOAD_ERRORS = [
     ("other-choices", dict(choices=["sgd", "adam", "sam"]), "choices"),
     ("fewer-choices", dict(choices=["sgd", "sam"]), "choices"),
-    ("other-policy-kind", dict(policy="ppo"), "'kind'"),
-    ("other-policy-config", dict(policy=DQNConfig(hidden=16)), "'config'"),
-    ("other-groups", dict(groups="two"), "parameter group|doesn't match"),
+    ("other-policy-kind", dict(policy="ppo"), "policy.kind"),
+    ("other-policy-config", dict(policy=DQNConfig(hidden=16)), "policy.config"),
+    ("other-groups", dict(groups="two"), "param_groups"),
     ("not-rlopt", dict(plain=True), "Not an rlopt optimizer state dict"),
-    ("old-tracker", dict(old_tracker=True), "signal tracker state is of version 1"),
+    ("tracker-without-version", dict(old_tracker=True), r"rlopt.tracker: .*lacks \['version'\]"),
 ]
 
 
@@ -600,7 +601,7 @@ def test_failed_load_changes_nothing(name, src, msg):
         _, o = _trained(src.get("choices", ["sgd", "sam", "adam"]), src.get("policy", "dqn"), m, steps=3,
                         groups=groups)
         other = roundtrip(o.state_dict())
-        if src.get("old_tracker"):  # as saved before the tracker's state had a version
+        if src.get("old_tracker"):  # a tracker state without its version
             del other["rlopt"]["tracker"]["version"]
     with pytest.raises(ValueError, match=msg):
         opt.load_state_dict(other)
@@ -705,7 +706,7 @@ def test_nonfinite_runs_must_be_consecutive():
     closure = _bad_closure(model, opt, x, y, "loss", lambda: pattern[i[0]])
     for i[0] in range(len(pattern)):
         opt.step(closure)
-    assert opt.state_dict()["rlopt"]["controller"]["skipped_total"] == 2
+    assert opt.state_dict()["rlopt"]["controller"]["counts"]["skipped_total"] == 2
     assert [h["signals"]["skipped"] for h in opt.history[1:]] == [2]
 
 
@@ -827,10 +828,10 @@ def test_param_group_edits_reach_the_inner_optimizers():
         assert torch.equal(p, q)
     inner = {name: o.param_groups[0] for name, o in opt.inner_optimizers.items()}
     assert inner["sgd"]["weight_decay"] == 0.5 and inner["sgd"]["momentum"] == 0.5
-    opt._ctl["action"] = 2  # the next steps run adam (as a decision would choose it)
+    opt.controller.action = 2  # the next steps run adam (as a decision would choose it)
     opt.step(make_closure(m1, opt, x, y))
     assert inner["adam"]["weight_decay"] == 0.5
-    opt._ctl["action"] = 1
+    opt.controller.action = 1
     opt.step(make_closure(m1, opt, x, y))
     assert inner["adamw"]["weight_decay"] == 0.05  # pinned by the choice
 
@@ -854,26 +855,33 @@ def test_steps_without_a_loss_warn_once_and_the_loss_can_be_passed():
     assert opt.history[-1]["signals"]["loss"] == pytest.approx(loss.detach().item(), rel=0.05)
 
 
-@pytest.mark.parametrize("returned", ["vector", "tuple"])
+@pytest.mark.parametrize("returned", ["vector", "tuple", "list", "not-a-loss"])
 def test_closure_may_return_an_unreduced_loss_or_a_tuple(returned):
-    """As with torch optimizers, step() returns what the closure returned; an unreduced loss is
-    tracked by its mean, anything else is not tracked."""
+    """As with torch optimizers, step() returns what the closure returned. An unreduced loss is
+    tracked by its mean; a tuple or list ``(loss, outputs)`` by its first element (the pattern of
+    scripts that need the outputs); anything else is not tracked."""
     x, y = make_data()
     model = make_model()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sam", interval=2)
 
     def closure():
         opt.zero_grad()
-        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        out = model(x)
+        per_sample = F.cross_entropy(out, y, reduction="none")
         per_sample.mean().backward()
-        return per_sample if returned == "vector" else (per_sample.mean(), "extra")
+        return {"vector": per_sample, "tuple": (per_sample.mean(), out), "list": [per_sample.mean(), out],
+                "not-a-loss": "done"}[returned]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the tuple case: no loss reaches the policy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = [opt.step(closure) for _ in range(2)]
-    assert isinstance(out[0], torch.Tensor if returned == "vector" else tuple)
+    assert type(out[0]) is {"vector": torch.Tensor, "tuple": tuple, "list": list, "not-a-loss": str}[returned]
     loss = opt.history[-1]["signals"]["loss"]
-    assert (loss > 0) if returned == "vector" else math.isnan(loss)
+    expected = F.cross_entropy(model(x), y).item()
+    if returned == "not-a-loss":
+        assert math.isnan(loss) and any("training loss" in str(w.message) for w in caught)
+    else:
+        assert 0 < loss < 2 * expected and not any("training loss" in str(w.message) for w in caught)
 
 
 @pytest.mark.filterwarnings("ignore:None of the last")  # GradScaler: no closure, no loss
@@ -908,7 +916,7 @@ def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, uns
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
     assert s1 == s2 == 2.0 ** 9  # one overflow: the scale was halved once
-    assert o1._ctl["step"] == 6 and o1.history[-1]["final"]
+    assert o1.steps_taken == 6 and o1.history[-1]["final"]
     assert sum(h["signals"]["skipped"] for h in o1.history) == 1
 
 
@@ -927,7 +935,7 @@ def test_compiled_step_equals_the_eager_step():
             step()
     for p, q in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(p, q)
-    assert opts[0]._ctl["step"] == opts[1]._ctl["step"] == 3
+    assert opts[0].steps_taken == opts[1].steps_taken == 3
 
 
 def test_state_dict_hooks_see_the_whole_state():
@@ -945,7 +953,8 @@ def test_state_dict_hooks_see_the_whole_state():
     o2 = RLSwitchingOptimizer(m2.parameters(), choices=["sgd", "adam"], policy="dqn", interval=2)
 
     def drop_last_decision(opt, state):  # a pre-hook that edits the rlopt entry
-        state["rlopt"] = {**state["rlopt"], "history": state["rlopt"]["history"][:-1]}
+        ctl = state["rlopt"]["controller"]
+        state["rlopt"] = {**state["rlopt"], "controller": {**ctl, "history": ctl["history"][:-1]}}
         calls.append("load-pre")
 
     o2.register_load_state_dict_pre_hook(drop_last_decision)
@@ -953,7 +962,7 @@ def test_state_dict_hooks_see_the_whole_state():
     o2.load_state_dict(sd)
     n = len(o1.history) - 1
     assert calls == ["save-pre", ("save-post", True), "load-pre", ("load-post", n)]
-    assert len(o2.history) == n and len(sd["rlopt"]["history"]) == n + 1  # the caller's dict is kept
+    assert len(o2.history) == n and len(sd["rlopt"]["controller"]["history"]) == n + 1  # the caller's dict is kept
 
 
 @pytest.mark.parametrize("choice", ["sgd", "sam", "adam"])
@@ -992,33 +1001,6 @@ def test_bf16_autocast_in_the_closure_equals_torch(choice):
             assert torch.equal(p, q)                         # fused kernels (SAM: reference arithmetic)
 
 
-def test_unpickling_a_state_from_before_later_keys():
-    """An optimizer pickled by an older release lacks the keys added since; __setstate__ gives
-    them the behaviour of that release (share_momentum: each choice its own buffers)."""
-    x, y = make_data()
-    m1 = make_model()
-    o1 = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=2,
-                              share_momentum=False)
-    copy_ = pickle.loads(pickle.dumps(o1))
-    state = dict(copy_.__dict__)
-    del state["share_momentum"]
-    old = RLSwitchingOptimizer.__new__(RLSwitchingOptimizer)
-    old.__setstate__(state)
-    assert old.share_momentum is False
-    params = [p for g in old.param_groups for p in g["params"]]
-    m2 = make_model()
-    for (name, _), q in zip(list(m2.named_parameters()), params):  # the unpickled optimizer's parameters
-        module, attr = name.rsplit(".", 1)
-        setattr(m2.get_submodule(module), attr, q)
-    for _ in range(3):
-        o1.step(make_closure(m1, o1, x, y))
-        old.step(make_closure(m2, old, x, y))
-        for p, q in zip(m1.parameters(), m2.parameters()):
-            assert torch.equal(p, q)
-    assert old.state_dict()["rlopt"]["share_momentum"] is False
-
-
-# --------------------------------------------------------------------- groups, copies, edge cases
 def test_add_param_group_reaches_every_inner_optimizer():
     x, y = make_data()
     m1, m2 = make_model(), make_model()
@@ -1128,7 +1110,7 @@ def test_small_model_trains_and_records_decisions(policy, interval):
 def test_switching_reward_charges_compute_not_decisions():
     """SAM over the whole budget costs `cost` however many decisions split it; one point of final
     accuracy is worth about 2 * acc / 100 = 0.2."""
-    from rlopt.features import Signals
+    from rlopt.control.observation import Signals
     from rlopt.rewards import RewardContext
 
     only_cost = SwitchingReward(acc=0, loss=0, skipped=0, final=0)

@@ -47,11 +47,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..features import LAYOUT_VERSION
-from ..lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
+from ..control.observation import LAYOUT_VERSION
+from ..optim.lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
 from ..policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
 from ..rewards import BaselineReward
-from ..switching import RLSwitchingOptimizer
+from ..optim.switching import RLSwitchingOptimizer
 from .tasks import TaskDistribution, build_task, run_episode
 
 __all__ = ["train_policy", "TrainResult", "main"]

@@ -5,14 +5,15 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .choices import ChoicesArg, resolve_choices
-from .controller import RLControlledOptimizer, _check_lr
-from .rewards import RewardContext, SwitchingReward
+from ..control.base import ControlledOptimizer
+from ..control.choices import ChoicesArg, resolve_choices
+from ..control.validation import check_lr, check_momentum, check_weight_decay
+from ..rewards import RewardContext, SwitchingReward
 
 __all__ = ["RLSwitchingOptimizer"]
 
 
-class RLSwitchingOptimizer(RLControlledOptimizer):
+class RLSwitchingOptimizer(ControlledOptimizer):
     r"""A ``torch.optim.Optimizer`` that runs one of several inner optimizers, chosen by a small
     reinforcement-learning policy from cheap training signals.
 
@@ -93,6 +94,13 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
         ...     sched.step()
         ...     opt.epoch_end(val_loss=vl, val_acc=va)
         >>> opt.choice, opt.history[-1]["reward"]
+
+    Torch's own optimizer options are accepted as torch accepts them: ``maximize`` (every choice
+    maximizes), ``foreach`` and ``fused`` (the kernel of every choice; by default each runs fused
+    where torch has a fused kernel for the parameters, since fused kernels skip non-finite steps on
+    the device, and otherwise as torch would run it, with a host check), ``capturable`` and
+    ``differentiable`` (``False`` only: rlopt's steps are not differentiable).
+    history_size: decisions kept in :attr:`history` and in checkpoints (None: all).
     """
 
     kind = "switching"
@@ -103,27 +111,27 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
                  total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
                  reward: Optional[Callable[[RewardContext], float]] = None,
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None, share_momentum: bool = True, process_group: Any = "auto"):
-        _check_lr(lr)
-        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if value is None and name == "weight_decay":
-                continue
-            if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)):
-                raise TypeError(f"Invalid {name} value: {value!r} (expected a float)")
-            if not 0.0 <= value < (1.0 if name == "momentum" else float("inf")):
-                raise ValueError(f"Invalid {name} value: {value}")
-        specs = resolve_choices(choices, lr)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(params, defaults, specs, action_names=[s.name for s in specs], policy=policy,
-                         interval=interval, seed=seed, total_steps=total_steps, total_epochs=total_epochs,
-                         reward=reward, max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
-                         train_policy=train_policy, share_momentum=share_momentum, process_group=process_group)
+                 signal_every: Optional[int] = None, share_momentum: bool = True, process_group: Any = "auto",
+                 history_size: Optional[int] = 1000, maximize: bool = False, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, capturable: bool = False, differentiable: bool = False):
+        check_lr(lr)
+        check_momentum(momentum)
+        if weight_decay is not None:
+            check_weight_decay(weight_decay)
+        options = _torch_options(maximize, foreach, fused, capturable, differentiable)
+        specs = resolve_choices(choices, float(lr), options)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, specs, action_names=[s.name for s in specs], costs=[s.cost for s in specs],
+                         policy=policy, interval=interval, seed=seed, total_steps=total_steps,
+                         total_epochs=total_epochs, reward=reward, max_nonfinite_steps=max_nonfinite_steps,
+                         signal_every=signal_every, train_policy=train_policy, share_momentum=share_momentum,
+                         process_group=process_group, history_size=history_size)
 
     def _default_reward(self):
         return SwitchingReward()
 
     def _active(self) -> int:
-        return self._ctl["action"]
+        return self.controller.action
 
     def _apply_action(self, action: int) -> None:
         pass  # the next step() runs inner optimizer `action`; nothing else changes
@@ -131,4 +139,27 @@ class RLSwitchingOptimizer(RLControlledOptimizer):
     @property
     def choices(self):
         """The resolved choices (name, family, hyper-parameters, lr scale, cost)."""
-        return self._specs
+        return self.inner.specs
+
+
+def _torch_options(maximize: Any, foreach: Any, fused: Any, capturable: Any, differentiable: Any) -> dict:
+    """torch's optimizer options, checked as torch checks them; the ones given reach every choice."""
+    for name, value in (("maximize", maximize), ("capturable", capturable), ("differentiable", differentiable)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None, got {value!r}")
+    if differentiable:
+        raise RuntimeError("rlopt's optimizers do not support differentiable=True (their steps run under "
+                           "torch.no_grad and skip non-finite steps on the device)")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    options = {}
+    if foreach is not None:
+        options["foreach"] = foreach
+    if fused is not None:
+        options["fused"] = fused
+    if capturable:
+        options["capturable"] = True
+    return options

@@ -27,7 +27,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .sam import SAM
+from ..optim.sam import SAM
+from .validation import is_real
 
 __all__ = ["Family", "ChoiceSpec", "FAMILIES", "register_family", "resolve_choices"]
 
@@ -45,8 +46,8 @@ class Family:
     fused_found_inf: bool = True  # its fused=True step skips on found_inf (torch's own optimizers)
 
 
-_SGD_DEFAULTS = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
-_ADAM_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+_SGD_DEFAULTS = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+_ADAM_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
 
 FAMILIES: Dict[str, Family] = {
     "sgd": Family(torch.optim.SGD, _SGD_DEFAULTS, follows_momentum=True),
@@ -57,7 +58,7 @@ FAMILIES: Dict[str, Family] = {
 }
 
 # Constructor arguments of torch optimizers that are implementation options, not hyper-parameters.
-_NOT_HPARAMS = ("lr", "foreach", "fused", "maximize", "capturable", "differentiable")
+_NOT_HPARAMS = ("lr", "foreach", "fused", "capturable", "differentiable")
 
 
 def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, Any]] = None, *,
@@ -110,7 +111,7 @@ def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, 
 _META_KEYS = ("family", "lr", "lr_scale", "cost")
 # Constructor options passed to the torch optimizer rather than to its groups. rlopt uses
 # fused kernels where torch has them (they skip non-finite steps on the device).
-_OPTION_KEYS = ("fused", "foreach")
+_OPTION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ class ChoiceSpec:
             hp["weight_decay"] = wd
         if kind.follows_momentum:
             hp["momentum"] = group["momentum"]
+        if "maximize" in kind.defaults and "maximize" in group:
+            hp["maximize"] = group["maximize"]
         hp.update(self.hparams)
         hp.update({k: v for k, v in explicit.items() if k in kind.defaults})
         hp["lr"] = group["lr"] * self.lr_scale
@@ -153,10 +156,7 @@ class ChoiceSpec:
         return hp
 
 
-def _is_real(value: Any) -> bool:
-    """A real number or a one-element tensor; not a bool, nor a string that float() would parse."""
-    return not isinstance(value, bool) and (isinstance(value, numbers.Real)
-                                            or isinstance(value, torch.Tensor) and value.numel() == 1)
+_is_real = is_real
 
 
 def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> float:
@@ -168,7 +168,19 @@ def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> 
     return value
 
 
-def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float) -> ChoiceSpec:
+def _accepted_options(optimizer: type) -> Tuple[str, ...]:
+    """The constructor options of ``optimizer`` among :data:`_OPTION_KEYS`."""
+    try:
+        names = inspect.signature(optimizer.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return ()
+    if "kwargs" in names:  # SAM: its options go to its base (SGD)
+        names = inspect.signature(torch.optim.SGD.__init__).parameters
+    return tuple(k for k in _OPTION_KEYS if k in names)
+
+
+def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float,
+         shared: Optional[Mapping[str, Any]] = None) -> ChoiceSpec:
     if not isinstance(name, str) or not name:
         raise TypeError(f"A choice name must be a non-empty string, got {name!r}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -210,7 +222,11 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float) -> Choi
     for key, default in kind.defaults.items():  # flags (nesterov, amsgrad, adaptive): no truthy strings
         if isinstance(default, bool) and key in kwargs and not isinstance(kwargs[key], bool):
             raise TypeError(f"{key} for choice '{name}' must be a bool, got {kwargs[key]!r}")
-    options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
+    own = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
+    accepted = _accepted_options(kind.optimizer)
+    options = {**{k: v for k, v in (shared or {}).items() if k in accepted}, **own}
+    if options.get("differentiable"):
+        raise RuntimeError(f"Choice '{name}': rlopt's optimizers do not support differentiable=True")
     # Let torch validate the hyper-parameters with its own messages (betas, nesterov, eps, ...).
     probe = torch.nn.Parameter(torch.zeros(1))
     try:
@@ -223,7 +239,8 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float) -> Choi
 ChoicesArg = Union[Sequence[Union[str, Tuple[str, Mapping[str, Any]]]], Mapping[str, Any]]
 
 
-def resolve_choices(choices: ChoicesArg, base_lr: float) -> Tuple[ChoiceSpec, ...]:
+def resolve_choices(choices: ChoicesArg, base_lr: float,
+                    options: Optional[Mapping[str, Any]] = None) -> Tuple[ChoiceSpec, ...]:
     """Turn the user's ``choices`` argument into specs; raise torch-style errors on bad input.
 
     Accepts ``["sgd", "adam"]``, ``[("sgd", {"nesterov": True}), "adam"]`` or
@@ -235,15 +252,20 @@ def resolve_choices(choices: ChoicesArg, base_lr: float) -> Tuple[ChoiceSpec, ..
         items = list(choices.items())
     else:
         try:
-            items = [(c, None) if isinstance(c, str) else tuple(c) for c in choices]
+            entries = list(choices)
         except TypeError:
             raise TypeError(f"choices must be a list or dict, got {type(choices).__name__}") from None
-        for item in items:
-            if len(item) != 2:
-                raise TypeError(f"A choice must be a name or a (name, kwargs) pair, got {item!r}")
+        items = []
+        for c in entries:
+            if isinstance(c, str):
+                items.append((c, None))
+            elif isinstance(c, (tuple, list)) and len(c) == 2:
+                items.append(tuple(c))
+            else:
+                raise TypeError(f"A choice must be a name or a (name, kwargs) pair, got {c!r}")
     if not items:
         raise ValueError("choices must not be empty")
-    specs = tuple(_one(name, kwargs, base_lr) for name, kwargs in items)
+    specs = tuple(_one(name, kwargs, base_lr, options) for name, kwargs in items)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"Duplicate choice names: {names}")

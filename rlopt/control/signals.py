@@ -1,91 +1,22 @@
-"""Observation features: cheap training signals gathered on the device, turned into a small
-vector at decision points.
+"""The signal tracker: an interval's training signals, gathered on the device.
 
-Two halves:
-
-* :class:`SignalTracker` accumulates, on the parameters' device and without any host
-  synchronisation, the training loss and how many steps were skipped for non-finite values
-  (every step), and every ``signal_every`` steps the global gradient norm and the alignment of
-  two successive gradients (cosine and mean sign agreement). :meth:`SignalTracker.summary`
-  reads everything back in one transfer; optimizers call it only at decisions.
-* :class:`ObservationBuilder` turns an interval's :class:`Signals` (plus validation metrics,
-  progress and the previous action) into features scaled to about [-1, 1]. The layout is
-  versioned (:data:`LAYOUT_VERSION`) and saved with every policy, so a checkpoint cannot be
-  driven by features it was not trained on.
+:class:`SignalTracker` accumulates, on the parameters' device and without any host
+synchronisation, the training loss and how many steps were skipped for non-finite values
+(every step), and every ``signal_every`` steps the global gradient norm and the alignment of
+two successive gradients (cosine and mean sign agreement). :meth:`SignalTracker.read` reads
+everything back in one transfer; optimizers call it only at decisions.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["LAYOUT_VERSION", "BASE_FEATURES", "Signals", "SignalTracker", "ObservationBuilder",
-           "observation_layout"]
+from .torch_compat import flatten, non_finite_check_
 
-LAYOUT_VERSION = 1
-
-BASE_FEATURES = (
-    "loss_level",           # tanh(log(L / L_first)): training loss against the first interval's
-    "loss_change",          # tanh(5 log(L / L_prev))
-    "grad_norm_level",      # tanh(log(G / G_first))
-    "grad_norm_change",     # tanh(2 log(G / G_prev))
-    "grad_cosine",          # mean cosine of successive gradients
-    "grad_sign_agreement",  # mean of sign(g_t) * sign(g_t-1) over coordinates
-    "val_loss_level",       # tanh(log(V / V_first)), 0 without validation
-    "val_loss_change",      # tanh(5 log(V / V_prev))
-    "val_acc",              # 2 a - 1
-    "val_acc_change",       # tanh(20 (a - a_prev))
-    "has_val",              # 1 when validation metrics were given
-    "progress",             # 2 p - 1 through the budget, 0 when unknown
-    "has_budget",           # 1 when the budget is known
-    "cost",                 # gradient evaluations per step over the cheapest choice's, scaled to [0, 1]
-    "skipped",              # share of steps skipped for non-finite loss or gradient
-)
-
-
-def observation_layout(action_names: Sequence[str], extra: Sequence[str] = ()) -> Dict[str, Any]:
-    names = list(BASE_FEATURES) + list(extra) + [f"prev_action:{a}" for a in action_names]
-    return {"version": LAYOUT_VERSION, "names": names}
-
-
-@dataclass
-class Signals:
-    """What one interval between two decisions looked like (host floats; NaN = not measured)."""
-
-    loss: float = math.nan
-    grad_norm: float = math.nan
-    grad_cosine: float = math.nan
-    grad_sign_agreement: float = math.nan
-    val_loss: float = math.nan
-    val_acc: float = math.nan
-    steps: int = 0
-    skipped: int = 0
-    cost: float = math.nan  # mean gradient evaluations per step, relative to the cheapest choice
-    progress: float = math.nan
-    budget_share: float = math.nan  # the interval's share of the whole budget, when the budget is known
-    val_fresh: bool = False  # validation metrics were given during this interval
-    val_epoch: int = 0  # epochs completed when the validation metrics in use were given (0: none yet)
-
-    @property
-    def skipped_frac(self) -> float:
-        return self.skipped / self.steps if self.steps else 0.0
-
-    def as_dict(self) -> Dict[str, float]:
-        return asdict(self)
-
-
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _log_ratio(a: float, b: float) -> float:
-    if _finite(a) and _finite(b) and a > 0 and b > 0:
-        return math.log(a / b)
-    return 0.0
-
+__all__ = ["SignalTracker"]
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -130,8 +61,7 @@ class SignalTracker:
     # previous sample: this gradient's norm, dot product, mean sign agreement, flag, and the
     # previous sample's norm and flag. NaN where a row holds no such entry.
     _S_NORM, _S_FLAG, _C_NORM, _C_DOT, _C_SIGN, _C_FLAG, _C_PNORM, _C_PFLAG = range(8)
-    STATE_VERSION = 3
-    MIGRATES = (2,)  # older state versions that load_state_dict converts
+    STATE_VERSION = 1
     DEFAULT_FOLD_EVERY = 32
     PROBE_ROWS = 16
 
@@ -241,10 +171,11 @@ class SignalTracker:
             with torch.no_grad():
                 return self.check(tensors, flag, inv_scale)
         one = self._one if inv_scale is None else inv_scale.to(self._one.device)
+        unscale = inv_scale is not None
         dev = tensors[0].device
         if dev == flag.device and (dev.type, None) not in self._unfused:
             try:  # the common case in one call: GradScaler's kernel takes mixed dtypes, not devices
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
+                non_finite_check_(tensors, flag, one, unscale=unscale)
                 return
             except (RuntimeError, NotImplementedError):  # by device and dtype below (errors again there)
                 _refuse_sparse(tensors)
@@ -260,15 +191,11 @@ class SignalTracker:
             key = (dev.type, group[0].dtype)
             if key not in self._unfused:
                 try:  # multiplies by one (exact) or inv_scale, and sets target to 1 on inf or NaN
-                    torch._amp_foreach_non_finite_check_and_unscale_(group, target, one.to(dev))
+                    non_finite_check_(group, target, one.to(dev), unscale=unscale)
                 except NotImplementedError:  # no kernel for this device or dtype: norms instead
                     self._unfused.add(key)
             if key in self._unfused:
-                if inv_scale is not None:
-                    torch._foreach_mul_(group, inv_scale.to(dev))
-                norms = torch._foreach_norm(group)
-                bad = (~torch.isfinite(torch.stack([n.float() for n in norms]).sum())).float()
-                torch.maximum(target, bad, out=target)
+                non_finite_check_(group, target, one.to(dev), fused=False, unscale=unscale)
             if target is not flag:
                 torch.maximum(flag, target.to(flag.device), out=flag)
 
@@ -312,11 +239,17 @@ class SignalTracker:
     def cancel(self) -> None:
         """Forget the step begun with :meth:`begin` (it raised before its update). A gradient
         sample :meth:`probe` already took for it stays in the interval's sums."""
+        self._host_current = None
         if self._win is not None:
             self._win[:, self._pending] = self._reset[:, self._pending]
 
     def end(self) -> None:
         """Close the step begun with :meth:`begin`."""
+        bad, self._host_current = self.__dict__.get("_host_current"), None
+        if bad is not None and self._host_run is not None and self._host_run[2] == self._pending:
+            cur, longest, _ = self._host_run
+            cur = cur + 1 if bad else 0
+            self._host_run = [cur, max(longest, cur), self._pending + 1]
         self._pending += 1
         self.steps += 1
         if self._pending >= self.fold_every:
@@ -366,7 +299,7 @@ class SignalTracker:
         ``own``, never a view of a gradient (a kept snapshot must not change with it)."""
         grads = [params[i].grad for i in ids]
         try:  # one C++ call (flatten and concatenate), the common case: one device, one dtype
-            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = flatten(grads)
         except RuntimeError:  # several devices
             flat = torch.cat([g.reshape(-1).to(self.acc.device, torch.float32) for g in grads])
         flat = flat.to(self.acc.device, torch.float32)
@@ -376,16 +309,35 @@ class SignalTracker:
 
     # -------------------------------------------------------------- reads
     def summary(self) -> Dict[str, float]:
-        """Read the interval's sums back (one host transfer) and start a new interval."""
+        """:meth:`read`, then :meth:`new_interval`."""
+        out = self.read()
+        self.new_interval()
+        return out
+
+    def new_interval(self) -> None:
+        """Start a new interval: the sums restart; the current run of skipped steps goes on."""
+        if self.acc is not None:
+            self.acc.zero_()
+            self.run[1] = self.run[0]
+            self._host_run = None
+
+    def reset_run(self) -> None:
+        """Forget the run of skipped steps so far (after it was reported): the next steps start
+        a new run. The skipped steps stay counted in the interval's sums."""
+        if self.acc is not None:
+            self._fold()
+            self.run.zero_()
+            self._host_run = None
+
+    def read(self) -> Dict[str, float]:
+        """The interval's means and counts so far (one host transfer). Changes no meaning: the
+        window and probe rows are folded into the sums, which the next read would do too."""
         if self.acc is None:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_cosine": math.nan,
                     "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0}
         self._fold()
         self._fold_rows()
         v = torch.cat([self.acc, self.run]).tolist()
-        self.acc.zero_()
-        self.run[1] = self.run[0]
-        self._host_run = None
 
         def mean(total, n):
             return total / n if n > 0 else math.nan
@@ -399,25 +351,32 @@ class SignalTracker:
             "longest_skip_run": int(v[9]),
         }
 
-    def poll_skip_run(self) -> Optional[int]:
+    def poll_skip_run(self, current: Optional[torch.Tensor] = None) -> Optional[int]:
         """Longest run of skipped steps so far in this interval, if known without waiting; None
         otherwise.
 
         On the CPU it is exact: the folded run and the window are simply read. On CUDA a copy
         of the folded run into pinned memory starts after each fold and is read at a later call
         once it has landed, so an ordinary step never waits for the GPU.
+
+        ``current``: the flag of the step under way (begun, not ended), counted too on the CPU.
+        Under ``torch.compile`` nothing is read (None): a read would break the graph.
         """
-        if self.run is None:
+        if self.run is None or _compiling():
             return None
         kind = self.run.device.type
         if kind == "cpu":  # folded run, then the window's steps not seen yet (usually one)
             if self._host_run is None:
                 self._host_run = [int(a) for a in self.run.tolist()] + [0]
             cur, longest, seen = self._host_run
-            for k in range(seen, self._pending):
+            for k in range(seen, self._pending):  # steps that ended without a poll
                 cur = cur + 1 if self._win_flag[k].item() else 0
                 longest = max(longest, cur)
             self._host_run = [cur, longest, self._pending]
+            if current is not None:  # read once; end() carries it into the run
+                self._host_current = bool(current.item())
+                if self._host_current:
+                    longest = max(longest, cur + 1)
             return longest
         if kind != "cuda":
             return None
@@ -451,30 +410,44 @@ class SignalTracker:
             "snapshot_ids": list(self._snap_ids) if pending else None,
         }
 
-    @staticmethod
-    def _migrate(state: Dict[str, Any]) -> Dict[str, Any]:
-        """A version-2 state (rlopt before the per-step rewrite) in this version's layout."""
-        if state.get("version") != 2:
-            return state
-        state = dict(state, version=3)
-        window = state["window"]
-        if window is not None:  # rows loss, flag, loss given -> loss (NaN: none given), flag
-            loss = torch.where(window[2] != 0, window[0], torch.full_like(window[0], math.nan))
-            state["window"] = torch.stack([loss, window[1]])
-        state["probe_rows"] = None if state["acc"] is None else torch.zeros(0, 8)
-        if state.get("snapshot") is not None:
-            ok = torch.as_tensor(state.pop("snapshot_ok"), dtype=torch.float32)
-            norm = torch.as_tensor(state.pop("snapshot_norm"), dtype=torch.float32)
-            state["snapshot_stats"] = torch.stack([norm.reshape(()), 1.0 - ok.reshape(())])
-        else:
-            state["snapshot_stats"] = None
-        return state
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state``. Changes nothing."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"The signal tracker state must be a dict, got {type(state).__name__}")
+        keys = ("version", "signal_every", "fold_every", "steps", "window", "acc", "run", "probe_rows",
+                "snapshot", "snapshot_stats", "snapshot_ids")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"The signal tracker state lacks {missing}")
+        if state["version"] != self.STATE_VERSION:
+            raise ValueError(f"The signal tracker state is of version {state['version']!r}; this rlopt reads "
+                             f"version {self.STATE_VERSION}")
+        for key in ("signal_every", "steps"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (key == "signal_every"):
+                raise ValueError(f"Invalid signal tracker '{key}': {value!r}")
+        fold = state["fold_every"]
+        if fold is not None and (isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or fold < 1):
+            raise ValueError(f"Invalid signal tracker 'fold_every': {fold!r}")
+        if state["acc"] is None:
+            return
+        shapes = {"acc": (8,), "run": (2,)}
+        for key, shape in shapes.items():
+            if not (isinstance(state[key], torch.Tensor) and tuple(state[key].shape) == shape):
+                raise ValueError(f"The signal tracker's '{key}' must be a tensor of shape {shape}")
+        window, rows = state["window"], state["probe_rows"]
+        if not (isinstance(window, torch.Tensor) and window.dim() == 2 and window.shape[0] == 2):
+            raise ValueError("The signal tracker's 'window' must be a tensor of shape (2, n)")
+        if not (isinstance(rows, torch.Tensor) and rows.dim() == 2 and rows.shape[1] == 8):
+            raise ValueError("The signal tracker's 'probe_rows' must be a tensor of shape (k, 8)")
+        if state["snapshot"] is not None:
+            snap, stats, ids = state["snapshot"], state["snapshot_stats"], state["snapshot_ids"]
+            if not (isinstance(snap, torch.Tensor) and snap.dim() == 1 and isinstance(stats, torch.Tensor)
+                    and tuple(stats.shape) == (2,) and isinstance(ids, (list, tuple))):
+                raise ValueError("The signal tracker's gradient snapshot is malformed")
 
     def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
-        state = self._migrate(state)
-        if state.get("version") != self.STATE_VERSION:
-            raise ValueError(f"Signal tracker state of version {state.get('version', 1)} cannot be loaded by "
-                             f"this rlopt (version {self.STATE_VERSION}); it was saved by an older release")
+        self.check_state(state)
         self.steps = int(state["steps"])
         self.signal_every = int(state["signal_every"])
         self._fold_arg = None if state["fold_every"] is None else int(state["fold_every"])
@@ -504,6 +477,21 @@ class SignalTracker:
             self._snap_ids = tuple(state["snapshot_ids"])
             self._snap_step = self.steps - 1
 
+    def snapshot(self) -> Dict[str, Any]:
+        """What :meth:`restore` needs to undo the steps and reads that follow (a few small
+        tensor copies; taken only at decisions)."""
+        snap = {k: v for k, v in self.__dict__.items() if k not in self._VIEWS}
+        for key in ("acc", "run", "_win", "_rows", "_snap_stats"):
+            if snap.get(key) is not None:
+                snap[key] = snap[key].clone()
+        snap["_host_run"] = None if self._host_run is None else list(self._host_run)
+        snap["_unfused"] = set(self._unfused)
+        return snap
+
+    def restore(self, snap: Dict[str, Any]) -> None:
+        self.__dict__.update(snap)
+        self._make_views()
+
     _VIEWS = ("_win_loss", "_win_flag", "_row_views")
 
     def __getstate__(self):
@@ -518,61 +506,7 @@ class SignalTracker:
         self._make_views()
 
 
-@dataclass
-class ObservationBuilder:
-    """Turns :class:`Signals` into the feature vector of :func:`observation_layout`.
-
-    Keeps the first and previous measured values as references (saved in checkpoints).
-    """
-
-    action_names: Sequence[str]
-    extra: Sequence[str] = ()
-    first: Dict[str, float] = field(default_factory=dict)
-    prev: Dict[str, float] = field(default_factory=dict)
-
-    @property
-    def layout(self) -> Dict[str, Any]:
-        return observation_layout(self.action_names, self.extra)
-
-    def build(self, s: Signals, prev_action: Optional[int], max_cost: float,
-              extra_values: Sequence[float] = ()) -> torch.Tensor:
-        for key in ("loss", "grad_norm", "val_loss"):
-            value = getattr(s, key)
-            if _finite(value) and value > 0 and key not in self.first:
-                self.first[key] = value
-        first, prev = self.first, self.prev
-        has_val = _finite(s.val_acc) or _finite(s.val_loss)
-        acc = s.val_acc if _finite(s.val_acc) else math.nan
-        t = math.tanh
-        features = [
-            t(_log_ratio(s.loss, first.get("loss", math.nan))),
-            t(5 * _log_ratio(s.loss, prev.get("loss", math.nan))),
-            t(_log_ratio(s.grad_norm, first.get("grad_norm", math.nan))),
-            t(2 * _log_ratio(s.grad_norm, prev.get("grad_norm", math.nan))),
-            s.grad_cosine if _finite(s.grad_cosine) else 0.0,
-            s.grad_sign_agreement if _finite(s.grad_sign_agreement) else 0.0,
-            t(_log_ratio(s.val_loss, first.get("val_loss", math.nan))),
-            t(5 * _log_ratio(s.val_loss, prev.get("val_loss", math.nan))),
-            2 * acc - 1 if _finite(acc) else 0.0,
-            t(20 * (acc - prev["val_acc"])) if _finite(acc) and _finite(prev.get("val_acc", math.nan)) else 0.0,
-            1.0 if has_val else 0.0,
-            2 * s.progress - 1 if _finite(s.progress) else 0.0,
-            1.0 if _finite(s.progress) else 0.0,
-            min(1.0, max(0.0, (s.cost - 1) / (max_cost - 1))) if max_cost > 1 and _finite(s.cost) else 0.0,
-            s.skipped_frac,
-        ]
-        features += [float(v) if _finite(v) else 0.0 for v in extra_values]
-        one_hot = [0.0] * len(self.action_names)
-        if prev_action is not None:
-            one_hot[prev_action] = 1.0
-        for key in ("loss", "grad_norm", "val_loss", "val_acc"):
-            value = getattr(s, key)
-            if _finite(value):
-                prev[key] = value
-        return torch.tensor(features + one_hot, dtype=torch.float32)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"first": dict(self.first), "prev": dict(self.prev)}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.first, self.prev = dict(state["first"]), dict(state["prev"])
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())

@@ -8,11 +8,12 @@ import math
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .choices import FAMILIES, ChoiceSpec, resolve_choices
-from .controller import RLControlledOptimizer
-from .features import Signals
-from .policies import DQNConfig
-from .rewards import InverseDistanceReward, LogImprovementReward, RewardContext
+from ..control.base import ControlledOptimizer
+from ..control.choices import FAMILIES, ChoiceSpec, resolve_choices
+from ..control.observation import Signals
+from ..control.validation import check_count, check_lr, check_momentum, check_weight_decay
+from ..policies import DQNConfig
+from ..rewards import InverseDistanceReward, LogImprovementReward, RewardContext
 
 __all__ = ["QLearningRateOptimizer", "LR_ACTIONS", "WD_ACTIONS", "DEFAULT_DQN_CONFIG"]
 
@@ -35,7 +36,7 @@ MAX_HALVINGS = 1 - sys.float_info.min_exp  # 1022
 MAX_GROWTHS = int(math.log(sys.float_info.max) / math.log(1.25))  # 3180
 
 
-class QLearningRateOptimizer(RLControlledOptimizer):
+class QLearningRateOptimizer(ControlledOptimizer):
     r"""A ``torch.optim.Optimizer`` whose learning rate (and optionally weight decay) is set by a
     small Q-learning agent from cheap training signals, on top of one inner optimizer.
 
@@ -136,7 +137,6 @@ class QLearningRateOptimizer(RLControlledOptimizer):
     """
 
     kind = "lr_control"
-    _EXTRA_PICKLED = ("_control", "_factors", "_lowest", "_memory", "_bounds", "_initial")
 
     def __init__(self, params, base: Union[str, Tuple[str, Mapping[str, Any]]] = "sgd", lr: float = 0.1,
                  weight_decay: Optional[float] = None, control: Sequence[str] = ("lr",),
@@ -145,23 +145,18 @@ class QLearningRateOptimizer(RLControlledOptimizer):
                  reward: Optional[Callable[[RewardContext], float]] = None, objective_memory: int = 5,
                  max_lr_halvings: int = 10, max_wd_halvings: int = 8, max_wd_growths: int = 8,
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None, process_group: Any = "auto"):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise TypeError(f"Invalid learning rate: {lr!r} (expected a float)")
-        if not 0.0 < lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr} (must be positive and finite: the agent scales it)")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay is not None and (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
-                                         or not 0.0 <= weight_decay < math.inf):
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+                 signal_every: Optional[int] = None, process_group: Any = "auto",
+                 history_size: Optional[int] = 1000):
+        check_lr(lr, positive=True)  # positive: the agent scales it
+        check_momentum(momentum)
+        if weight_decay is not None:
+            check_weight_decay(weight_decay)
         control = self._check_control(control)
         for name, value, most, bound in (("objective_memory", objective_memory, None, ""),
                                          ("max_lr_halvings", max_lr_halvings, MAX_HALVINGS, "2**-n"),
                                          ("max_wd_halvings", max_wd_halvings, MAX_HALVINGS, "2**-n"),
                                          ("max_wd_growths", max_wd_growths, MAX_GROWTHS, "1.25**n")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value}")
+            value = check_count(value, name)
             if most is not None and value > most:
                 raise ValueError(f"Invalid {name}: {value} (at most {most}: the bound {bound} must be a normal "
                                  "positive float64)")
@@ -176,9 +171,13 @@ class QLearningRateOptimizer(RLControlledOptimizer):
         defaults: Dict[str, Any] = dict(lr=lr, weight_decay=wd0)
         if spec.kind.follows_momentum:
             defaults["momentum"] = momentum
+        elif "betas" in spec.kind.defaults:  # as torch's Adam: OneCycleLR cycles beta1 here
+            defaults["betas"] = tuple(spec.hparams.get("betas", spec.kind.defaults["betas"]))
+            spec = ChoiceSpec(spec.name, spec.family, {k: v for k, v in spec.hparams.items() if k != "betas"},
+                              spec.options, spec.lr_scale, spec.cost)
         # The agent's state exists before the base class makes the first decision.
         self._control = control
-        self._factors = {"lr": 1.0, "weight_decay": 1.0}
+        self._lr_wd = {"lr": 1.0, "weight_decay": 1.0}
         self._bounds = {"lr": (2.0 ** -max_lr_halvings, 1.0),
                         "weight_decay": (2.0 ** -max_wd_halvings, 1.25 ** max_wd_growths)}
         self._initial: Dict[str, float] = {}  # group 0's values at construction (set at the first decision)
@@ -189,11 +188,11 @@ class QLearningRateOptimizer(RLControlledOptimizer):
         extra = ["objective_position", "lr_level"] + (["wd_level"] if "weight_decay" in control else [])
         if isinstance(policy, str) and policy == "dqn":
             policy = DQNConfig(**vars(DEFAULT_DQN_CONFIG))
-        super().__init__(params, defaults, [spec], action_names=action_names, policy=policy, interval=interval,
-                         seed=seed, total_steps=total_steps, total_epochs=total_epochs, reward=reward,
-                         max_nonfinite_steps=max_nonfinite_steps, signal_every=signal_every,
-                         process_group=process_group,
-                         train_policy=train_policy, extra_features=extra)
+        super().__init__(params, defaults, [spec], action_names=action_names, costs=[spec.cost] * len(action_names),
+                         policy=policy, interval=interval, seed=seed, total_steps=total_steps,
+                         total_epochs=total_epochs, reward=reward, max_nonfinite_steps=max_nonfinite_steps,
+                         signal_every=signal_every, process_group=process_group, train_policy=train_policy,
+                         extra_features=extra, history_size=history_size)
 
     # ------------------------------------------------------------------ arguments
     @staticmethod
@@ -241,23 +240,21 @@ class QLearningRateOptimizer(RLControlledOptimizer):
             reward.wd = 0.0
         return reward
 
-    def _sync_group(self, spec: ChoiceSpec, group: Dict[str, Any], inner_group: Dict[str, Any]) -> None:
-        super()._sync_group(spec, group, inner_group)
-        inner_group["lr"] = inner_group["lr"] * self._factors["lr"]
-        inner_group["weight_decay"] = group["weight_decay"] * self._factors["weight_decay"]
+    def _factors(self):
+        return self._lr_wd["lr"], self._lr_wd["weight_decay"]
 
     def _apply_action(self, action: int) -> None:
-        for part in self._action_names[action].split("|"):
+        for part in self.action_names[action].split("|"):
             short, op = part.split(":")
             name = "lr" if short == "lr" else "weight_decay"
             lo, hi = self._bounds[name]
-            u = self._factors[name]
+            u = self._lr_wd[name]
             u = {"keep": u, "halve": u * 0.5, "x1.25": u * 1.25, "reset": 1.0}[op]
-            self._factors[name] = min(hi, max(lo, u))
+            self._lr_wd[name] = min(hi, max(lo, u))
 
     def _extra_features(self, signals: Signals) -> Sequence[float]:
         if not self._initial:
-            self._initial = {"lr": self.param_groups[0]["lr"] * self._specs[0].lr_scale,
+            self._initial = {"lr": self.param_groups[0]["lr"] * self.inner.specs[0].lr_scale,
                              "weight_decay": self.param_groups[0]["weight_decay"]}
         feats = [self._objective_position(signals.loss), self._level("lr", self.lr)]
         if "weight_decay" in self._control:
@@ -290,42 +287,47 @@ class QLearningRateOptimizer(RLControlledOptimizer):
 
     def _history_extra(self) -> Dict[str, Any]:
         return {"lr": self.lr, "weight_decay": self.weight_decay,
-                "lr_factor": self._factors["lr"], "wd_factor": self._factors["weight_decay"]}
+                "lr_factor": self._lr_wd["lr"], "wd_factor": self._lr_wd["weight_decay"]}
 
     def _extra_state(self) -> Dict[str, Any]:
-        return {"lr_control": {"control": list(self._control), "factors": dict(self._factors),
+        return {"lr_control": {"control": list(self._control), "factors": dict(self._lr_wd),
                                "lowest": list(self._lowest), "initial": dict(self._initial)}}
 
-    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("lr_control")
+        if not isinstance(saved, Mapping) or list(saved.get("control", [])) != list(self._control):
+            got = saved.get("control") if isinstance(saved, Mapping) else None
+            raise ValueError(f"rlopt.extra.lr_control: the checkpoint controls {got}, this optimizer controls "
+                             f"{list(self._control)}")
+        factors = saved.get("factors")
+        if not isinstance(factors, Mapping) or set(factors) != {"lr", "weight_decay"} or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in factors.values()):
+            raise ValueError(f"Invalid rlopt.extra.lr_control.factors: {factors!r}")
+        if not isinstance(saved.get("lowest"), (list, tuple)) or not isinstance(saved.get("initial"), Mapping):
+            raise ValueError("rlopt.extra.lr_control needs 'lowest' (a list) and 'initial' (a dict)")
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         saved = state["lr_control"]
-        self._factors = {k: float(v) for k, v in saved["factors"].items()}
+        self._lr_wd = {k: float(v) for k, v in saved["factors"].items()}
         self._lowest = [float(v) for v in saved["lowest"]]
         self._initial = {k: float(v) for k, v in saved["initial"].items()}
-
-    def _load_checked(self, state_dict: Dict[str, Any]) -> None:
-        rl = state_dict.get("rlopt") if isinstance(state_dict, dict) else None
-        if isinstance(rl, dict) and rl.get("kind") == self.kind and (
-                "lr_control" not in rl or list(rl["lr_control"].get("control", [])) != list(self._control)):
-            raise ValueError(f"State dict controls {rl.get('lr_control', {}).get('control')}, this optimizer "
-                             f"controls {list(self._control)}")
-        super()._load_checked(state_dict)
 
     # ---------------------------------------------------------------- properties
     @property
     def lr(self) -> float:
         """Learning rate group 0's inner optimizer runs at now: ``param_groups[0]["lr"] * factor``
         times the base's ``lr_scale`` (1 unless set)."""
-        return self.param_groups[0]["lr"] * self._specs[0].lr_scale * self._factors["lr"]
+        return self.param_groups[0]["lr"] * self.inner.specs[0].lr_scale * self._lr_wd["lr"]
 
     @property
     def weight_decay(self) -> float:
         """Current effective weight decay of group 0."""
-        return self.param_groups[0]["weight_decay"] * self._factors["weight_decay"]
+        return self.param_groups[0]["weight_decay"] * self._lr_wd["weight_decay"]
 
     @property
     def factors(self) -> Dict[str, float]:
         """The agent's multipliers (``{"lr": u_lr, "weight_decay": u_wd}``)."""
-        return dict(self._factors)
+        return dict(self._lr_wd)
 
     @property
     def control(self) -> Tuple[str, ...]:
@@ -333,4 +335,4 @@ class QLearningRateOptimizer(RLControlledOptimizer):
 
     @property
     def base(self) -> ChoiceSpec:
-        return self._specs[0]
+        return self.inner.specs[0]

@@ -1,0 +1,465 @@
+"""ControlledOptimizer: a ``torch.optim.Optimizer`` whose inner optimizer, learning rate or weight
+decay a policy controls. It composes the mechanics of :mod:`rlopt.control`:
+
+* :class:`~rlopt.control.inner.InnerSet`: the inner torch optimizers, kept in step with this
+  optimizer's ``param_groups`` (which are the user's: LR schedulers, ``zero_grad`` and
+  GradScaler work on them);
+* :mod:`~rlopt.control.guarded`: each step checked for non-finite values on the device;
+* :class:`~rlopt.control.signals.SignalTracker`: the interval's signals, on the device;
+* :class:`~rlopt.control.controller.Controller`: progress, budget and decisions.
+
+Subclasses say what an action means, through these override points (and nothing else):
+
+* :meth:`_apply_action` (required): apply action ``a``;
+* :meth:`_default_reward` (required): the reward when the user gives none;
+* :meth:`_active`: the inner optimizer that runs now (default: the first);
+* :meth:`_factors`: multipliers of the learning rate and weight decay (default: none);
+* :meth:`_extra_features` / :meth:`_history_extra`: the subclass's own observation features and
+  history entries;
+* :meth:`_extra_state` / :meth:`_check_extra_state` / :meth:`_load_extra_state`: its checkpoint.
+
+Contracts: ordinary steps never synchronise with the device; the first decision is taken at the
+first :meth:`step` (or :meth:`epoch_end`); an exception from :meth:`step`, :meth:`epoch_end` or
+:meth:`load_state_dict` leaves the parameters, every inner optimizer, the policy, the tracker and
+the history as they were (a policy that raises while it learns is the one exception).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.optim import Optimizer
+
+from . import distributed, guarded
+from .choices import ChoiceSpec
+from .controller import Controller
+from .inner import InnerSet
+from .observation import ObservationBuilder, Signals
+from .resolve import make_policy
+from .signals import SignalTracker
+from .torch_compat import hooks_silenced, user_stacklevel
+from .validation import check_bool, check_count, check_group_hparams, check_lr, check_seed
+from ..rewards import RewardContext
+
+__all__ = ["ControlledOptimizer", "STATE_FORMAT", "STATE_VERSION"]
+
+STATE_FORMAT = "rlopt.optimizer"
+STATE_VERSION = 1
+
+# torch's keyword arguments for how an optimizer runs: accepted as torch accepts them
+_TORCH_OPTIONS = ("maximize", "foreach", "fused", "capturable", "differentiable")
+
+
+class ControlledOptimizer(Optimizer):
+    """Base class; see the module doc. Subclasses define the actions and what they do."""
+
+    kind = ""
+
+    def __init__(self, params, defaults: Dict[str, Any], specs: Sequence[ChoiceSpec], *,
+                 action_names: Sequence[str], costs: Sequence[float], policy: Any, interval: Union[str, int], seed: Any,
+                 total_steps: Any, total_epochs: Any, reward: Optional[Callable[[RewardContext], float]],
+                 max_nonfinite_steps: Any, signal_every: Any, train_policy: Optional[bool],
+                 extra_features: Sequence[str] = (), share_momentum: bool = True,
+                 process_group: Any = distributed.AUTO, history_size: Optional[int] = 1000):
+        check_lr(defaults.get("lr"))
+        if interval != "epoch":
+            if isinstance(interval, (str, bool)) or not isinstance(interval, numbers.Integral):
+                raise TypeError(f"interval must be 'epoch' or a positive int, got {interval!r}")
+            interval = check_count(interval, "interval")
+        total_steps = check_count(total_steps, "total_steps", allow_none=True)
+        total_epochs = check_count(total_epochs, "total_epochs", allow_none=True)
+        max_nonfinite_steps = check_count(max_nonfinite_steps, "max_nonfinite_steps", allow_none=True)
+        history_size = check_count(history_size, "history_size", minimum=0, allow_none=True)
+        seed = check_seed(seed)
+        if reward is not None and not callable(reward):
+            raise TypeError(f"reward must be callable, got {reward!r}")
+        check_bool(share_momentum, "share_momentum")
+        if train_policy is not None and not isinstance(train_policy, bool):
+            raise TypeError(f"Invalid policy training mode: {train_policy!r} (train_policy must be a bool or None)")
+        distributed.check_group_arg(process_group)
+        signal_every = check_count(signal_every, "signal_every", allow_none=True)
+        if signal_every is None:
+            signal_every = max(1, min(10, interval // 2)) if isinstance(interval, int) else 10
+        self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
+        super().__init__(params, defaults)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self.inner = InnerSet(specs, self.param_groups, self._explicit, self.defaults, share_momentum)
+        self.tracker = SignalTracker(signal_every)
+        action_names = tuple(action_names)
+        observer = ObservationBuilder(action_names, tuple(extra_features))
+        policy = make_policy(policy, action_names, observer.layout, seed, train_policy)
+        self.controller = Controller(
+            action_names, policy, reward if reward is not None else self._default_reward(), observer,
+            costs, interval=interval, total_steps=total_steps, total_epochs=total_epochs,
+            max_nonfinite_steps=max_nonfinite_steps, history_size=history_size, process_group=process_group)
+
+    # ------------------------------------------------------------ override points
+    def _default_reward(self) -> Callable[[RewardContext], float]:
+        raise NotImplementedError
+
+    def _apply_action(self, action: int) -> None:
+        raise NotImplementedError
+
+    def _active(self) -> int:
+        """Index of the inner optimizer that runs now."""
+        return 0
+
+    def _factors(self) -> Tuple[float, Optional[float]]:
+        """Multipliers of the inner learning rate and weight decay (None: the group's own)."""
+        return 1.0, None
+
+    def _extra_features(self, signals: Signals) -> Sequence[float]:
+        return ()
+
+    def _history_extra(self) -> Dict[str, Any]:
+        return {}
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------ public state
+    @property
+    def policy(self):
+        return self.controller.policy
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        """The last ``history_size`` decisions, oldest first."""
+        return self.controller.history
+
+    @property
+    def choice(self) -> Optional[str]:
+        """Name of the action in effect (None before the first step)."""
+        action = self.controller.action
+        return None if action is None else self.controller.action_names[action]
+
+    @property
+    def action_names(self) -> Tuple[str, ...]:
+        return self.controller.action_names
+
+    @property
+    def observation_layout(self) -> Dict[str, Any]:
+        return self.controller.observer.layout
+
+    @property
+    def interval(self) -> Union[str, int]:
+        return self.controller.interval
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return self.controller.total_steps
+
+    @property
+    def total_epochs(self) -> Optional[int]:
+        return self.controller.total_epochs
+
+    @property
+    def inner_optimizers(self) -> Dict[str, Optimizer]:
+        """The inner torch optimizers by choice name (read-only use: inspect their state)."""
+        return {s.name: o for s, o in zip(self.inner.specs, self.inner.optimizers)}
+
+    @property
+    def steps_taken(self) -> int:
+        return self.controller.counts["step"]
+
+    # ------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        check_group_hparams(param_group)
+        explicit = {k: v for k, v in param_group.items() if k != "params"}
+        super().add_param_group(param_group)
+        self._explicit.append(explicit)
+        if "inner" in self.__dict__:  # a group added after construction reaches every inner optimizer
+            self.inner.add_group(len(self.param_groups) - 1)
+            self._params = [p for g in self.param_groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ steps
+    #: ``torch.amp.GradScaler.step`` calls :meth:`step` at every step, giving the scale of the
+    #: gradients (``grad_scale``, None once unscaled) and its own overflow flag (``found_inf``)
+    #: as attributes: the wrapper unscales on the device and skips an overflowed step as any
+    #: non-finite one (counted, no host sync).
+    _step_supports_amp_scaling = True
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One optimisation step with the inner optimizer in use; returns what the closure returned.
+
+        The closure clears the gradients, computes the loss, calls ``backward()`` and returns the
+        loss, or a tuple whose first element is the loss (``(loss, outputs)``). It is required when
+        a choice needs one (SAM), from the first step on, whichever choice runs.
+        """
+        inner, ctl = self.inner, self.controller
+        if closure is None and any(s.needs_closure for s in inner.specs):
+            names = [s.name for s in inner.specs if s.needs_closure]
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure because choices {names} evaluate the gradient "
+                "twice; call step(closure) where the closure clears the gradients, computes the loss, calls "
+                "backward() and returns the loss")
+        if ctl.action is None:
+            self._decide(final=False)  # the first decision
+        self._check_epoch_end_calls()
+        i = self._active()
+        inner.sync(i, *self._factors())
+        out = None
+        if closure is not None:
+            with torch.enable_grad():
+                out = closure()
+        tracker = self.tracker
+        with torch.no_grad():
+            in_group = self._in_group()
+            flag = guarded.prepare(inner, i, self._params, tracker, closure, _loss_of(out), loss_skips=not in_group,
+                                   grad_scale=self.__dict__.get("grad_scale"),
+                                   scaler_inf=self.__dict__.get("found_inf"))
+            if ctl.max_nonfinite_steps is not None and not in_group:  # ranks: checked at decisions
+                run = tracker.poll_skip_run(current=flag)
+                if run is not None and run >= ctl.max_nonfinite_steps:
+                    tracker.cancel()
+                    tracker.reset_run()
+                    raise ctl.nonfinite_error(run)
+            cost = inner.specs[i].cost
+            final = ctl.count_step(cost)
+            if final is None:
+                guarded.apply(inner, i, flag)
+                tracker.end()
+                return out
+            snap = tracker.snapshot()  # the step that ends an interval: decide before its update
+            flag = flag.clone()  # a view of the tracker's window, which the decision's read folds and resets
+            tracker.end()
+            try:
+                self._decide(final=final)
+            except BaseException:
+                tracker.restore(snap)
+                tracker.cancel()
+                ctl.uncount_step(cost)
+                raise
+            guarded.apply(inner, i, flag)
+        return out
+
+    def _check_epoch_end_calls(self) -> None:
+        """Warn once when ``interval="epoch"`` and no :meth:`epoch_end` came for far longer than
+        an epoch could last."""
+        ctl = self.controller
+        if ctl.interval != "epoch" or ctl.warned.get("epoch_end"):
+            return
+        c = ctl.counts
+        since = c["step"] - c["epoch_start_step"]
+        limit = 10 * c["steps_per_epoch"] if c["epoch"] > 0 and c["steps_per_epoch"] > 0 else 10_000
+        if since >= limit:
+            ctl.warn_once("epoch_end", f"{type(self).__name__} decides at each epoch_end() (interval='epoch'), "
+                                       f"but none came in the last {since} steps: call opt.epoch_end(val_loss=..., "
+                                       "val_acc=...) after each epoch, or give interval=N to decide every N steps")
+
+    def _in_group(self) -> bool:
+        return self.controller.group is not None and torch.distributed.is_initialized()
+
+    def _decide(self, final: bool) -> None:
+        ctl = self.controller
+        device = self._params[0].device if self._params else torch.device("cpu")
+        ctl.decide(self.tracker, final=final, extra_features=self._extra_features, apply_action=self._apply_action,
+                   history_extra=self._history_extra, device=device)
+
+    def epoch_end(self, val_loss: Optional[float] = None, val_acc: Optional[float] = None) -> Optional[str]:
+        """Mark the end of an epoch and give the validation metrics (``val_acc`` as a fraction).
+
+        With ``interval="epoch"`` this is the decision point. Works under ``torch.no_grad()`` and
+        ``torch.inference_mode()``. Returns the choice now in use.
+        """
+        val = {}
+        for name, value in (("val_loss", val_loss), ("val_acc", val_acc)):
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            val[name] = float(value)
+        if "val_acc" in val and not 0.0 <= val["val_acc"] <= 1.0:
+            raise ValueError(f"val_acc must be a fraction in [0, 1], got {val['val_acc']}")
+        if "val_loss" in val and math.isnan(val["val_loss"]):
+            raise ValueError("val_loss is NaN")
+        ctl = self.controller
+        snap = ctl.snapshot()
+        try:
+            if ctl.action is None:
+                self._decide(final=False)
+            final = ctl.end_epoch(val)
+            if final is not None:
+                self._decide(final=final)
+        except BaseException:
+            ctl.restore(snap)
+            raise
+        return self.choice
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bit for bit: the wrapper's groups, every inner optimizer's
+        state, the policy (networks, optimizer, buffers, counters, RNG), the signal tracker, the
+        controller and the history. Loadable with ``torch.load(weights_only=True)``. State-dict
+        hooks run around all of it, so a post-hook sees the ``"rlopt"`` entry too."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        with hooks_silenced(self):
+            sd = super().state_dict()
+        specs = self.inner.specs
+        policy = self.controller.policy
+        sd["rlopt"] = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "kind": self.kind,
+            "actions": list(self.action_names), "choices": [s.name for s in specs],
+            "families": [s.family for s in specs], "share_momentum": self.inner.share_momentum,
+            "inner": self.inner.state_dict(), "policy": {**policy.describe(), "state": policy.state_dict()},
+            "tracker": self.tracker.state_dict(), "controller": self.controller.state_dict(),
+            "extra": self._extra_state(),
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`. Everything is checked first; on any problem a ``ValueError``
+        names the bad entry and this optimizer is left exactly as it was. Load hooks run around all
+        of it."""
+        if isinstance(state_dict, dict) and self._optimizer_load_state_dict_pre_hooks:
+            state_dict = state_dict.copy()
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+        rl = self._check_state(state_dict)
+        with hooks_silenced(self):
+            self._load_checked(state_dict, rl)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_state(self, sd: Any) -> Mapping[str, Any]:
+        if not isinstance(sd, Mapping) or not isinstance(sd.get("rlopt"), Mapping):
+            keys = sorted(sd) if isinstance(sd, Mapping) else type(sd).__name__
+            raise ValueError(f"Not an rlopt optimizer state dict (no 'rlopt' entry); it has keys {keys}")
+        rl = sd["rlopt"]
+        if rl.get("format") != STATE_FORMAT or rl.get("version") != STATE_VERSION:
+            raise ValueError(f"rlopt.format/version is {rl.get('format')!r}/{rl.get('version')!r}; this rlopt reads "
+                             f"{STATE_FORMAT!r}/{STATE_VERSION} (a checkpoint of another rlopt release)")
+        required = ("kind", "actions", "choices", "families", "share_momentum", "inner", "policy", "tracker",
+                    "controller", "extra")
+        missing = [k for k in required if k not in rl]
+        if missing:
+            raise ValueError(f"The rlopt entry lacks {missing}")
+        names = [s.name for s in self.inner.specs]
+        if rl["kind"] != self.kind or list(rl["actions"]) != list(self.action_names) or list(rl["choices"]) != names:
+            raise ValueError(f"State dict is for a {rl['kind']} optimizer over actions {rl['actions']} and choices "
+                             f"{rl['choices']}; this one is {self.kind} over {list(self.action_names)} and {names}")
+        families = [s.family for s in self.inner.specs]
+        if list(rl["families"]) != families:
+            raise ValueError(f"rlopt.families: the checkpoint's choices {rl['choices']} are of families "
+                             f"{rl['families']}; this optimizer's are of {families}")
+        if not isinstance(rl["share_momentum"], bool):
+            raise ValueError(f"Invalid rlopt.share_momentum: {rl['share_momentum']!r}")
+        groups, state = sd.get("param_groups"), sd.get("state")
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups) or any(
+                not isinstance(a, Mapping) or len(a.get("params", ())) != len(b["params"])
+                for a, b in zip(groups, self.param_groups)) or not isinstance(state, Mapping):
+            raise ValueError("param_groups: the checkpoint's groups do not match this optimizer's (another model, "
+                             "or other param groups)")
+        for group in groups:
+            try:
+                check_group_hparams({k: v for k, v in group.items() if k != "params"})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"param_groups: {err}") from None
+        self.inner.check_state(rl["inner"])
+        saved, desc = rl["policy"], self.controller.policy.describe()
+        if not isinstance(saved, Mapping) or "state" not in saved:
+            raise ValueError("rlopt.policy must be a dict with the policy's description and 'state'")
+        for key in ("kind", "obs_dim", "action_names", "config"):
+            if saved.get(key) != desc.get(key):
+                raise ValueError(f"rlopt.policy.{key}: the saved policy's {saved.get(key)!r} differs from this "
+                                 f"optimizer's {desc.get(key)!r}")
+        try:
+            self.controller.policy._check_state(saved["state"])
+        except (TypeError, KeyError) as err:
+            raise ValueError(f"rlopt.policy.state: {err}") from None
+        try:
+            self.tracker.check_state(rl["tracker"])
+        except ValueError as err:
+            raise ValueError(f"rlopt.tracker: {err}") from None
+        self._check_tracker_shapes(rl["tracker"])
+        self.controller.check_state(rl["controller"])
+        if not isinstance(rl["extra"], Mapping):
+            raise ValueError("rlopt.extra must be a dict")
+        self._check_extra_state(rl["extra"])
+        return rl
+
+    def _check_tracker_shapes(self, state: Mapping[str, Any]) -> None:
+        snap = state.get("snapshot")
+        if snap is None:
+            return
+        ids = state["snapshot_ids"]
+        if any(not isinstance(i, int) or not 0 <= i < len(self._params) for i in ids) or \
+                snap.numel() != sum(self._params[i].numel() for i in ids):
+            raise ValueError("rlopt.tracker.snapshot does not fit this optimizer's parameters")
+
+    def _load_checked(self, sd: Mapping[str, Any], rl: Mapping[str, Any]) -> None:
+        """All or nothing: what is loaded before a failure is put back."""
+        ctl = self.controller
+        if rl["share_momentum"] != self.inner.share_momentum and len(self.inner.momentum_family()) > 1:
+            warnings.warn(
+                f"The checkpoint was saved with share_momentum={rl['share_momentum']} and this optimizer has "
+                f"share_momentum={self.inner.share_momentum}: " + (
+                    "the SGD-family choices now share the first one's momentum buffers" if self.inner.share_momentum
+                    else "each SGD-family choice starts from a copy of the shared buffers"), RuntimeWarning,
+                stacklevel=user_stacklevel())
+        saved = {"state": self.state, "param_groups": self.param_groups}
+        inner_snap = self.inner.snapshot()
+        tracker_snap, ctl_snap = self.tracker.snapshot(), ctl.snapshot()
+        extra_snap = self._extra_state()
+        try:
+            super().load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+            self.inner.groups = self.param_groups
+            self.inner.forget_groups()
+            self.inner.load_state_dict(rl["inner"], rl["share_momentum"])
+            device = self._params[0].device if self._params else torch.device("cpu")
+            self.tracker.load_state_dict(rl["tracker"], device)
+            ctl.load_state_dict(rl["controller"])
+            self._load_extra_state(rl["extra"])
+            ctl.policy.load_state_dict(rl["policy"]["state"])
+        except BaseException:
+            self.__dict__.update(saved)
+            self.inner.groups = self.param_groups
+            self.inner.forget_groups()
+            self.inner.restore(inner_snap)
+            self.tracker.restore(tracker_snap)
+            ctl.restore(ctl_snap)
+            self._load_extra_state(extra_snap)
+            raise
+
+    # ------------------------------------------------------------ copies
+    def __getstate__(self) -> Dict[str, Any]:
+        """The whole object, each component by its own pickling rules; torch's hooks (callables
+        that may not pickle) are left out, as torch's optimizers leave them out."""
+        return {k: v for k, v in self.__dict__.items() if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(actions={list(self.action_names)}, choice={self.choice!r}, "
+                f"interval={self.interval!r}, policy={self.policy!r})")
+
+
+def _loss_of(out: Any) -> Any:
+    """The loss in what a closure returned: itself, or the first element of a tuple or list
+    (``(loss, outputs)``)."""
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    return out

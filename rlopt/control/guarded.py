@@ -1,0 +1,59 @@
+"""The guarded step: a step whose loss or gradient is not finite never reaches the parameters.
+
+:func:`prepare` accounts the step's loss, checks its gradients (and, for SAM, runs the ascent and
+the second pass) and returns a 0/1 flag on the device; :func:`apply` then runs the inner
+optimizer. Fused torch kernels read the flag as ``found_inf`` (the mechanism GradScaler uses) and
+skip the update on the device; where a choice runs unfused the flag is read on the host.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from .inner import InnerSet
+from .signals import SignalTracker
+from .torch_compat import raw_step
+
+__all__ = ["prepare", "apply"]
+
+
+def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: SignalTracker,
+            closure: Optional[Callable[[], Any]], loss: Any, *, loss_skips: bool,
+            grad_scale: Optional[torch.Tensor] = None, scaler_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Check choice ``i``'s step before its update; returns the skip flag. ``grad_scale`` and
+    ``scaler_inf``: a GradScaler's scale (the gradients are unscaled in place, in the check's
+    kernel) and overflow flag. On an exception the step is forgotten by the tracker."""
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
+    try:
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        flag = tracker.begin(grads, loss, device, loss_skips=loss_skips, inv_scale=inv_scale, found_inf=scaler_inf)
+        tracker.probe(params, flag)
+        if inner.specs[i].needs_closure:  # SAM: ascend, evaluate again, come back
+            sam = inner.optimizers[i]
+            sam.first_step(zero_grad=True, found_inf=flag)
+            try:
+                with torch.enable_grad():
+                    closure()
+            finally:
+                sam.restore()
+            tracker.check([p.grad for p in params if p.grad is not None], flag)  # the second gradient too
+    except BaseException:
+        tracker.cancel()
+        raise
+    return flag
+
+
+def apply(inner: InnerSet, i: int, flag: torch.Tensor) -> None:
+    """Run choice ``i``'s update, skipped where ``flag`` is 1."""
+    opt = inner.optimizers[i]
+    target = opt.base_optimizer if inner.specs[i].needs_closure else opt
+    if inner.fused[i]:
+        target.found_inf = flag
+        try:
+            raw_step(target)
+        finally:  # None, as torch reads it (getattr(opt, "found_inf", None)); a delattr breaks torch.compile
+            target.found_inf = None
+    elif not bool(flag):  # host check: only where no fused kernel runs
+        raw_step(target)

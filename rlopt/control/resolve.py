@@ -1,0 +1,69 @@
+"""The ``policy=`` argument of an optimizer, resolved to a :class:`~rlopt.policies.Policy` that fits
+its action set and observation layout."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from ..policies import ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy, policy_class
+
+__all__ = ["make_policy", "check_policy"]
+
+_CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", ConstantConfig: "constant"}
+
+
+def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, Any], seed: int,
+                train: Optional[bool] = None) -> Policy:
+    """A name (``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<action>"``, a registered policy's
+    name), a config, a :class:`Policy` or a checkpoint path; checked against the action set and
+    the observation layout."""
+    action_names = tuple(action_names)
+    obs_dim = len(obs_layout["names"])
+    if isinstance(spec, Policy):
+        policy = spec
+    elif type(spec) in _CONFIGS:
+        policy = policy_class(_CONFIGS[type(spec)])(obs_dim, action_names, spec, seed=seed, obs_layout=obs_layout)
+    elif isinstance(spec, (str, os.PathLike)):
+        policy = _from_name(os.fspath(spec), action_names, obs_dim, obs_layout, seed)
+    else:
+        raise TypeError(f"Invalid policy: {spec!r} (expected a name, a config, a Policy or a checkpoint path)")
+    check_policy(policy, action_names, obs_layout)
+    if train is not None:
+        policy.train(train)
+    return policy
+
+
+def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layout: Dict[str, Any],
+               seed: int) -> Policy:
+    if name in ("dqn", "ppo", "random"):
+        return policy_class(name)(obs_dim, action_names, seed=seed, obs_layout=obs_layout)
+    if name.startswith("constant:"):
+        return policy_class("constant")(obs_dim, action_names, ConstantConfig(name.split(":", 1)[1]),
+                                        seed=seed, obs_layout=obs_layout)
+    if os.path.isfile(name):
+        return load_policy(name)
+    from ..registry import list_policies, load_pretrained
+
+    if name not in list_policies():
+        raise ValueError(
+            f"Unknown policy '{name}': expected 'ppo', 'dqn', 'random', 'constant:<choice>', "
+            f"a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy or a config"
+        )
+    return load_pretrained(name)
+
+
+def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``policy`` was made for these actions and this layout."""
+    if tuple(policy.action_names) != tuple(action_names):
+        raise ValueError(f"The policy's action set {list(policy.action_names)} does not match this optimizer's "
+                         f"{list(action_names)}")
+    if policy.obs_dim != len(obs_layout["names"]):
+        raise ValueError(f"The policy expects {policy.obs_dim} observation features, this optimizer makes "
+                         f"{len(obs_layout['names'])} (layout version {obs_layout['version']})")
+    if policy.obs_layout is None:
+        policy.obs_layout = dict(obs_layout)
+    elif (policy.obs_layout.get("version") != obs_layout["version"]
+          or list(policy.obs_layout.get("names", [])) != list(obs_layout["names"])):
+        raise ValueError(f"The policy was trained on observation layout version {policy.obs_layout.get('version')} "
+                         f"{policy.obs_layout.get('names')}, this optimizer makes version {obs_layout['version']} "
+                         f"{obs_layout['names']}")
