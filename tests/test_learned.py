@@ -49,7 +49,7 @@ def test_features_match_a_direct_computation():
     feats = coordinate_features(p, grads[-1], mom, v, torch.tensor(float(t)), spec)
     for i in range(p.numel()):  # coordinate by coordinate, Adam's bias corrections by hand
         gi, pi = grads[-1].reshape(-1)[i].item(), p.reshape(-1)[i].item()
-        r = 1 / math.sqrt(v.reshape(-1)[i].item() / (1 - spec.beta2 ** t) + spec.eps ** 2)
+        r = 1 / math.sqrt((v.reshape(-1)[i].item() + spec.eps ** 2) / (1 - spec.beta2 ** t))
         expect = [gi * r] + [mom[k].reshape(-1)[i].item() / (1 - b ** t) * r for k, b in enumerate(spec.betas)]
         expect.append(pi / math.sqrt((p ** 2).mean().item()))
         # float32 features against float64 arithmetic

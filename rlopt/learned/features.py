@@ -5,7 +5,7 @@ update of the moments)::
 
     m_k <- beta_k m_k + (1 - beta_k) g          # K momenta (betas of the RuleSpec)
     v   <- beta2 v + (1 - beta2) g^2            # second-moment normaliser
-    r    = 1 / sqrt(v / (1 - beta2^t) + eps^2)
+    r    = 1 / sqrt((v + eps^2) / (1 - beta2^t))
     f    = [ g r,  m_1 r / (1 - beta_1^t), ..., m_K r / (1 - beta_K^t),  p / rms(p) ]
     s    = [ tanh(t / tau) for tau in time_scales ]     # per tensor; no total run length
 
@@ -41,7 +41,7 @@ def coordinate_features(p: torch.Tensor, g: torch.Tensor, mom: torch.Tensor, v: 
     t = step.to(torch.float32)
     betas = torch.tensor(spec.betas, dtype=torch.float32, device=p.device)
     corr = 1.0 / (1.0 - betas ** t)                                    # (K,)
-    r = torch.rsqrt(v.reshape(-1).float() / (1.0 - spec.beta2 ** t) + spec.eps ** 2)
+    r = torch.rsqrt((v.reshape(-1).float() + spec.eps ** 2) / (1.0 - spec.beta2 ** t))
     pf = p.reshape(-1).float()
     prms = torch.rsqrt(pf.square().mean() + 1e-16)
     gf = g.reshape(-1).float()

@@ -22,7 +22,7 @@ class LearnedOptimizer(Optimizer):
 
         for every parameter tensor p with gradient g (t = its step count):
             m_k <- beta_k m_k + (1 - beta_k) g,   v <- beta2 v + (1 - beta2) g^2
-            f   = [g, m_1/(1-beta_1^t), ..., m_K/(1-beta_K^t)] / sqrt(v/(1-beta2^t) + eps^2)  ++ [p / rms(p)]
+            f   = [g, m_1/(1-beta_1^t), ..., m_K/(1-beta_K^t)] / sqrt((v + eps^2)/(1-beta2^t))  ++ [p / rms(p)]
             s   = [tanh(t / tau) for tau in time_scales]
             o   = clip(W2 relu(W1 f + U s + b1) + b2 + S f, -1, 1)  # the rule: rlopt.learned.rule
             p  <- p - lr * o_0 * exp(kappa * o_1)
@@ -69,7 +69,7 @@ class LearnedOptimizer(Optimizer):
     """
 
     def __init__(self, params, policy: Any = DEFAULT_POLICY, lr: Optional[float] = None,
-                 chunk_size: int = 1 << 15):
+                 chunk_size: int = 1 << 16):
         rule = load_rule(policy)
         if lr is None:
             lr = rule.lr
@@ -85,6 +85,7 @@ class LearnedOptimizer(Optimizer):
         self.rule = rule
         self.chunk_size = chunk_size
         self._consts: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self._buffers: Dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ pickling / checkpoints
     def __getstate__(self):
@@ -95,8 +96,9 @@ class LearnedOptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("chunk_size", 1 << 15)
+        self.__dict__.setdefault("chunk_size", 1 << 16)
         self._consts = {}
+        self._buffers = {}
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
@@ -122,14 +124,22 @@ class LearnedOptimizer(Optimizer):
             spec = self.rule.spec
             w = {k: v.to(device, dtype).contiguous() for k, v in spec.unpack(self.rule.theta).items()}
             w["b2"] = w["b2"][:, None].contiguous()
-            w["w2_skip"] = torch.cat([w["w2"], w["skip"]], dim=1).contiguous()
             w["out_scale"] = torch.tensor([[1.0], [spec.kappa]], device=device, dtype=dtype)
-            w["b2"] = w["b2"] * w["out_scale"]
             w["betas"] = torch.tensor(spec.betas, device=device, dtype=torch.float32)
             w["one_minus_betas"] = (1.0 - w["betas"]).to(dtype)[:, None]
             w["taus"] = torch.tensor(spec.time_scales, device=device, dtype=torch.float32)
             c = self._consts[key] = w
         return c
+
+    def _scratch(self, device, dtype, rows: int, width: int):
+        """Work buffers reused from step to step (not state): ``rows x width`` and ``2 x width``,
+        one pair per device and dtype, grown to the widest chunk seen (at most ``chunk_size``)."""
+        key = (device, dtype, rows)
+        buf = self.__dict__.setdefault("_buffers", {}).get(key)
+        if buf is None or buf[1].numel() < 2 * width:
+            buf = self._buffers[key] = (torch.empty(rows * width, device=device, dtype=dtype),
+                                        torch.empty(2 * width, device=device, dtype=dtype))
+        return buf
 
     @staticmethod
     def _found_inf(grads) -> torch.Tensor:
@@ -185,39 +195,46 @@ class LearnedOptimizer(Optimizer):
         step = state["step"]
         step.add_(keep)
         t = step.clamp(min=1.0)  # a skipped first step leaves t = 0: the corrections must stay finite
-        bc2 = 1.0 - spec.beta2 ** t                                   # r = rsqrt(v / bc2 + eps^2)
+        bc2 = 1.0 - spec.beta2 ** t                                   # r = rsqrt((v + eps^2) / bc2)
         contiguous = p.is_contiguous()
         pf = p.view(-1) if contiguous else p.detach().reshape(-1).clone()
         prms = torch.rsqrt(torch.linalg.vector_norm(pf).square() / max(pf.numel(), 1) + 1e-16)
-        # stored features x = [g r', m_k r', p] with r' = rsqrt(v + eps^2 bc2) = r / sqrt(bc2)
+        # stored features x = [g r', m_k r', p] with r' = rsqrt(v + eps^2) = r / sqrt(bc2); the
+        # corrections and 1/rms(p) go into the weights' columns, the first layer's bias into a
+        # column that meets a constant row of ones
         scale = torch.cat([bc2.sqrt().reshape(1), bc2.sqrt() / (1.0 - c["betas"] ** t), prms.reshape(1)])
         scale = scale.to(p.dtype)
-        w1 = c["w1"] * scale
-        w2 = torch.cat([c["w2_skip"][:, :H], c["w2_skip"][:, H:] * scale], dim=1) * c["out_scale"]
-        bias = (torch.addmv(c["b1"], c["u"], torch.tanh(t / c["taus"]).to(p.dtype)))[:, None]  # (H, 1)
+        bias = torch.addmv(c["b1"], c["u"], torch.tanh(t / c["taus"]).to(p.dtype))
+        w1 = torch.cat([bias[:, None], c["w1"] * scale], dim=1)                  # (H, 1 + F)
+        w2 = torch.cat([c["b2"], c["skip"] * scale, c["w2"]], dim=1) * c["out_scale"]  # (2, 1 + F + H)
         w_mom = c["one_minus_betas"] * keep.to(p.dtype)               # (K, 1): 0 on a skipped step
         decay_v = (1.0 - (1.0 - spec.beta2) * keep).to(p.dtype)       # 1 on a skipped step
         log_keep = torch.log(keep).to(p.dtype)                        # -inf on a skipped step: exp -> 0
-        eps2 = (spec.eps ** 2 * bc2).to(p.dtype)
+        eps2 = spec.eps ** 2
 
         gf = grad.reshape(-1)
         mom = state["momenta"].view(K, -1)
         vf = state["v"].view(-1)
         n_total = pf.numel()
+        F = K + 2
+        width = min(self.chunk_size, n_total)
+        zbuf, obuf = self._scratch(p.device, p.dtype, F + H + 1, width)
         for a in range(0, n_total, self.chunk_size):
             b = min(a + self.chunk_size, n_total)
+            n = b - a
             g_c = torch.where(found, 0.0, gf[a:b])                     # finite; 0 on a skipped step
             m_c, v_c, p_c = mom[:, a:b], vf[a:b], pf[a:b]
             m_c.lerp_(g_c.expand(K, -1), w_mom)
             v_c.mul_(decay_v).addcmul_(g_c, g_c, value=1.0 - spec.beta2)
-            z = torch.empty((H + K + 2, b - a), dtype=p.dtype, device=p.device)  # [hidden; features]
-            h, x = z[:H], z[H:]
+            z = zbuf[:(F + H + 1) * n].view(F + H + 1, n)              # rows [1; x; h]
+            z[0].fill_(1.0)  # (a narrower view, the last chunk, moves the rows about in the buffer)
+            x = z[1:F + 1]
             r = torch.add(v_c, eps2, out=x[K + 1]).rsqrt_()            # x's last row is scratch here
             torch.mul(g_c, r, out=x[0])
             torch.mul(m_c, r, out=x[1:K + 1])
             x[K + 1].copy_(p_c)
-            torch.addmm(bias, w1, x, out=h).relu_()
-            o = torch.addmm(c["b2"], w2, z)                            # W2 h + b2 + S f in one product
+            torch.mm(w1, z[:F + 1], out=z[F + 1:]).relu_()
+            o = torch.mm(w2, z, out=obuf[:2 * n].view(2, n))           # b2 + S f + W2 h in one product
             o[0].clamp_(-1.0, 1.0)                                      # direction in [-1, 1]
             o[1].clamp_(-spec.kappa, spec.kappa).add_(log_keep).exp_()  # magnitude in [e^-k, e^k]
             p_c.addcmul_(o[0], o[1], value=-lr)
