@@ -157,16 +157,6 @@ def test_meta_train_learns_a_prior_and_init_checks_the_grid():
         meta_train([grid, grid[:, :3]])
 
 
-def test_pretrained_agent():
-    from rlopt.hpo.meta import list_pretrained, pretrained_agent
-
-    with pytest.raises(ValueError, match="No pretrained search policy"):
-        pretrained_agent("no-such-policy")
-    for name in list_pretrained():
-        agent = pretrained_agent(name)
-        assert isinstance(agent, ReinforceAgent) and agent.init is not None
-
-
 BAD_AGENT_ARGS = [
     (QLearningAgent, dict(alpha=0.0), "Invalid alpha"),
     (QLearningAgent, dict(alpha=float("nan")), "Invalid alpha"),
@@ -474,3 +464,19 @@ def test_ray_tune_search_with_asha(tmp_path):
         assert r.config["width"] in grid.dims[1].values
     stopped_early = [r for r in results if r.metrics.get("training_iteration", 4) < 4]
     assert stopped_early, "ASHA stopped no trial early"
+
+
+def test_pretrained_agent():
+    from rlopt.hpo.meta import list_pretrained, pretrained_agent
+
+    with pytest.raises(ValueError, match="No pretrained search policy"):
+        pretrained_agent("no-such-policy")
+    assert "hpobench-mlp" in list_pretrained()
+    agent = pretrained_agent("hpobench-mlp", lr=0.02)
+    assert isinstance(agent, ReinforceAgent) and agent.init is not None and agent.lr == 0.02
+    # it runs on the space it was trained for (HPOBench MLP grid, as integer indices)
+    space = {"alpha": IntDistribution(0, 9), "batch_size": IntDistribution(0, 9), "depth": IntDistribution(0, 2),
+             "learning_rate_init": IntDistribution(0, 9), "width": IntDistribution(0, 9)}
+    study = optuna.create_study(sampler=RLSampler(agent, seed=0, search_space=space))
+    study.optimize(lambda t: sum(t.suggest_int(n, d.low, d.high) for n, d in space.items()), n_trials=10)
+    assert len(study.trials) == 10

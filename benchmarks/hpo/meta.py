@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="configurations sampled per update")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of meta-training")
     p.add_argument("--hidden", type=int, default=64, help="policy width")
+    p.add_argument("--entropy", type=float, default=0.065,
+                   help="entropy bonus weight (0 collapses the policy onto ~3 configurations; 0.065 was chosen "
+                        "on the training tables alone: ~74 distinct configurations in 100 draws)")
     p.add_argument("--seed", type=int, default=0, help="meta-training seed")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -44,7 +47,7 @@ def main(argv=None):
         train = [tables[n] for n in names if n != held]
         t0 = time.time()
         state = meta_train(train, hidden=args.hidden, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                           seed=args.seed)
+                           entropy=args.entropy, seed=args.seed)
         log["seconds"][held] = time.time() - t0
         torch.save(state, os.path.join(args.out, "all.pt" if held == "all" else f"hpobench__{held}.pt"))
     with open(os.path.join(args.out, "meta_train.json"), "w") as f:

@@ -17,6 +17,7 @@ Samplers (all on the task's encoded space, equal budget):
   (policy lr 1e-3, 16 trials per update, discount 0.99) plus an EMA baseline.
 - ``reinforce-mlp`` / ``reinforce-rnn``: REINFORCE set for short budgets: lr 0.05, 8 trials per
   update, rank rewards, EMA baseline; factored MLP or autoregressive GRU policy.
+- ``meta``: ``reinforce-mlp`` started from a meta-trained policy (``--pretrained``; policy lr 0.01).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def run_search(task: Task, sampler: str, seed: int, budget: int, pretrained: dic
     if sampler == "meta":
         from rlopt.hpo import ReinforceAgent, RLSampler
 
-        s = RLSampler(ReinforceAgent(policy="mlp", lr=0.05, batch_size=8, reward="rank", init=pretrained), seed=seed)
+        s = RLSampler(ReinforceAgent(policy="mlp", lr=0.01, batch_size=8, reward="rank", init=pretrained), seed=seed)
     else:
         s = _optuna_sampler(sampler, seed)
     study = optuna.create_study(sampler=s)

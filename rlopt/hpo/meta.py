@@ -6,7 +6,7 @@ Meta-training, per iteration::
 
     pick a training task T at random; sample B configurations a_i ~ pi
     r_i = centred rank of -T(a_i) within the batch (in [-0.5, 0.5]; scale-free across tasks)
-    Adam step on  -1/B sum_i r_i log pi(a_i)  (+ entropy weight * sum_i log pi(a_i) / B)
+    Adam step on  -1/B sum_i r_i log pi(a_i)  - entropy * H(pi)   (H's gradient from the samples)
 
 The tables are arrays of the objective (minimised) over the grid, indexed like the grid's sizes.
 
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .reinforce import POLICIES, ReinforceAgent
+from .reinforce import POLICIES, ReinforceAgent, entropy_surrogate
 
 __all__ = ["meta_train", "pretrained_agent", "list_pretrained"]
 
@@ -53,7 +53,7 @@ def meta_train(tables: Sequence[np.ndarray], *, policy: str = "mlp", hidden: int
         order = np.argsort(np.argsort(-values, kind="stable"), kind="stable")  # 0 = worst
         ranks = order / max(batch - 1, 1) - 0.5
         logp = net.log_prob(torch.as_tensor(acts, dtype=torch.long)).sum(1)
-        loss = -(torch.as_tensor(ranks, dtype=torch.float32) * logp).mean() + entropy * logp.mean()
+        loss = -(torch.as_tensor(ranks, dtype=torch.float32) * logp).mean() + entropy * entropy_surrogate(logp)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -5,7 +5,7 @@ A configuration is a trajectory of ``D`` choices; its reward ``r`` (higher is be
 the end. Every ``batch_size`` finished trials (in trial-number order) the policy takes one Adam step
 on::
 
-    loss = -1/B * sum_i sum_j  gamma^(D-1-j) * (r_i - b) * log pi(a_ij | a_i<j)
+    loss = -1/B * sum_i sum_j  gamma^(D-1-j) * (r_i - b) * log pi(a_ij | a_i<j)   (- entropy * H(pi))
     b    <- beta * b + (1 - beta) * mean_i r_i        (baseline="ema"; b = batch mean before the first update)
 
 ``baseline="batch"`` uses the batch's own mean as ``b``; ``baseline="none"`` uses ``b = 0`` (as in
@@ -99,6 +99,13 @@ class AutoregressivePolicy(nn.Module):
         return tuple(out)
 
 
+def entropy_surrogate(logp: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient is minus the policy entropy's gradient, from sampled log-probabilities:
+    ``grad H = -E[log pi * grad log pi]`` (as ``E[grad log pi] = 0``), so minimising
+    ``mean(stop_grad(log pi) * log pi)`` raises the entropy."""
+    return (logp.detach() * logp).mean()
+
+
 def _draw(p: torch.Tensor, rng: np.random.Generator) -> int:
     p = p.double().numpy()
     return int(rng.choice(len(p), p=p / p.sum()))
@@ -132,7 +139,8 @@ class ReinforceAgent:
         baseline: ``"ema"``, ``"batch"`` or ``"none"``.
         beta: EMA decay of the baseline, in [0, 1).
         reward: ``"raw"`` or ``"rank"`` (rank among all rewards so far, in [-0.5, 0.5]).
-        entropy: weight of an entropy bonus (>= 0; 0 is plain REINFORCE).
+        entropy: weight of an entropy bonus (>= 0; 0 is plain REINFORCE), through
+            :func:`entropy_surrogate` on the batch's log-probabilities.
         init: optional ``state_dict`` the policy starts from (a meta-trained policy).
 
     Example:
@@ -193,8 +201,7 @@ class ReinforceAgent:
         adv = (rewards - b).view(-1, 1) * discount.view(1, -1)
         loss = -(adv * logp).sum(1).mean()
         if self.entropy > 0:
-            # a sample-based entropy estimate: -E[log pi]; its gradient pushes towards flatter heads
-            loss = loss + self.entropy * logp.sum(1).mean()
+            loss = loss + self.entropy * entropy_surrogate(logp.sum(1))
         return loss
 
     def observe(self, state: ReinforceState, obs: Observation) -> None:
