@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from ..optim.sam import SAM
-from .validation import is_real
+from .validation import check_weight_decay, is_real
 
 __all__ = ["Family", "ChoiceSpec", "FAMILIES", "register_family", "resolve_choices"]
 
@@ -216,7 +216,12 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float,
             raise TypeError(f"Invalid momentum value: {momentum!r} (choice '{name}')")
         if not 0.0 <= float(momentum) < (1.0 if kind.follows_momentum else math.inf):
             raise ValueError(f"Invalid momentum value: {float(momentum)} (choice '{name}')")
-    for key in ("weight_decay", "rho", "eps", "dampening"):
+    if "weight_decay" in kwargs:
+        try:
+            check_weight_decay(kwargs["weight_decay"])
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (choice '{name}')") from None
+    for key in ("rho", "eps", "dampening"):
         if key in kwargs:
             _check_float(key, kwargs[key], name)
     for key, default in kind.defaults.items():  # flags (nesterov, amsgrad, adaptive): no truthy strings
@@ -230,7 +235,8 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float,
     # Let torch validate the hyper-parameters with its own messages (betas, nesterov, eps, ...).
     probe = torch.nn.Parameter(torch.zeros(1))
     try:
-        kind.optimizer([probe], lr=1.0, **{**kind.defaults, **kwargs})
+        kind.optimizer([probe], lr=1.0, **{**kind.defaults, **kwargs},
+                       **{k: v for k, v in options.items() if k in ("foreach", "capturable")})
     except (ValueError, TypeError) as err:
         raise type(err)(f"Invalid options for choice '{name}': {err}") from None
     return ChoiceSpec(name=name, family=family, hparams=kwargs, options=options, lr_scale=lr_scale, cost=cost)

@@ -218,6 +218,9 @@ class SignalTracker:
             return
         if self._nrows == len(self._row_views):
             self._fold_rows()
+        # what cancel() needs to take this sample back (the step may still raise before its update)
+        self._undo_probe = (self._nrows, self._snap, self._snap_ids, self._snap_step,
+                            self._snap_stats.clone() if sample else None)
         row = self._row_views[self._nrows]
         self._nrows += 1
         flat = self._flat(params, ids, own=sample)
@@ -240,12 +243,20 @@ class SignalTracker:
         """Forget the step begun with :meth:`begin` (it raised before its update). A gradient
         sample :meth:`probe` already took for it stays in the interval's sums."""
         self._host_current = None
+        undo, self._undo_probe = self.__dict__.get("_undo_probe"), None
+        if undo is not None:
+            nrows, self._snap, self._snap_ids, self._snap_step, stats = undo
+            self._rows[nrows:self._nrows].fill_(math.nan)
+            self._nrows = nrows
+            if stats is not None:
+                self._snap_stats.copy_(stats)
         if self._win is not None:
             self._win[:, self._pending] = self._reset[:, self._pending]
 
     def end(self) -> None:
         """Close the step begun with :meth:`begin`."""
         bad, self._host_current = self.__dict__.get("_host_current"), None
+        self._undo_probe = None
         if bad is not None and self._host_run is not None and self._host_run[2] == self._pending:
             cur, longest, _ = self._host_run
             cur = cur + 1 if bad else 0

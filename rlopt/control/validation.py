@@ -38,6 +38,8 @@ def _as_float(value: Any, what: str) -> float:
 def check_lr(lr: Any, *, positive: bool = False) -> None:
     """``0 <= lr < inf`` (``positive``: ``0 < lr``). A one-element tensor is accepted, as torch's
     optimizers accept one; it is read on the host once, here."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
     value = _as_float(lr, "learning rate")
     if not (0.0 < value if positive else 0.0 <= value) or math.isinf(value) or math.isnan(value):
         raise ValueError(f"Invalid learning rate: {value}")

@@ -8,6 +8,9 @@ from typing import Callable, Optional
 import torch
 from torch.optim import Optimizer
 
+from ..control.torch_compat import hooks_silenced, raw_step
+from ..control.validation import check_group_hparams
+
 __all__ = ["SAM"]
 
 
@@ -67,10 +70,7 @@ class SAM(Optimizer):
             raise ValueError(f"Invalid rho: {float(rho)}")
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
-        lr = kwargs.get("lr")  # torch's own check (lr < 0) lets NaN through
-        if (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-                or isinstance(lr, torch.Tensor) and lr.numel() == 1) and not 0.0 <= lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {float(lr)}")
+        check_group_hparams(kwargs)  # torch's own check (lr < 0) lets NaN through
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"
@@ -94,6 +94,9 @@ class SAM(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("SAM does not support sparse gradients (from nn.Embedding(sparse=True) or "
+                                   "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
             grads = [p.grad for p in params]
             if group["adaptive"]:
                 grads = torch._foreach_mul(torch._foreach_abs(params), grads)
@@ -212,7 +215,7 @@ class SAM(Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` and let the base optimizer step with the gradient taken at ``w + e``."""
         self.restore()
-        self.base_optimizer.step()
+        raw_step(self.base_optimizer)  # SAM's own step already ran the step hooks and profiler range
         if zero_grad:
             self.zero_grad()
 
@@ -235,14 +238,32 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self):
-        """The base optimizer's state dict (its groups carry ``rho`` and ``adaptive``)."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state dict (its groups carry ``rho`` and ``adaptive``); SAM's own
+        state-dict hooks run around it."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        with hooks_silenced(self.base_optimizer):
+            sd = self.base_optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
     def load_state_dict(self, state_dict) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with hooks_silenced(self.base_optimizer):
+            self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            check_group_hparams(param_group)
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
             return super().add_param_group(param_group)
         for key, value in self.defaults.items():

@@ -119,6 +119,8 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         if weight_decay is not None:
             check_weight_decay(weight_decay)
         options = _torch_options(maximize, foreach, fused, capturable, differentiable)
+        if isinstance(lr, torch.Tensor) and foreach and not capturable:  # as torch's optimizers refuse it
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         specs = resolve_choices(choices, float(lr), options)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, specs, action_names=[s.name for s in specs], costs=[s.cost for s in specs],

@@ -179,15 +179,18 @@ class Policy(abc.ABC):
         return policy
 
     # Generators pickle only on recent torch versions: carry their state instead.
+    # (as bytes: a temporary tensor cannot cross to a spawned process through shared memory)
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["generator"] = self.generator.get_state()
+        state["generator"] = bytes(self.generator.get_state().numpy().tobytes())
         return state
 
     def __setstate__(self, state):
         rng = state.pop("generator")
         self.__dict__.update(state)
         self.generator = torch.Generator()
+        if isinstance(rng, bytes):
+            rng = torch.frombuffer(bytearray(rng), dtype=torch.uint8)
         self.generator.set_state(rng)
 
     def __repr__(self) -> str:
@@ -264,7 +267,16 @@ def _check_pending_obs(obs: Any, obs_dim: int) -> None:
 def load_policy(path: "str | os.PathLike", *, train: bool = False) -> Policy:
     """Load a policy saved with :meth:`Policy.save`. Loaded policies are frozen unless
     ``train=True`` (fine-tune online)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    name = os.fspath(path)
+    if os.path.isfile(name) and os.path.getsize(name) == 0:
+        raise ValueError(f"{name!r} is empty: not an rlopt policy checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # unpickling errors, truncated archives, foreign files: never torch's advice
+        raise ValueError(f"{name!r} is not a readable rlopt policy checkpoint (the file is corrupt, truncated "
+                         f"or of another kind: {type(err).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != POLICY_FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an rlopt policy checkpoint ({POLICY_FORMAT})")
     return policy_class(ckpt["kind"]).from_checkpoint(ckpt, train=train)
