@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="*", default=None,
                    help="only tasks whose name contains one of these strings (e.g. hpobench/car nb201)")
     p.add_argument("--samplers", nargs="+", default=[s for s in SAMPLERS if s != "gp"],
-                   choices=SAMPLERS + ["meta"], help="samplers to compare")
+                   choices=SAMPLERS + ["meta", "portfolio"], help="samplers to compare")
     p.add_argument("--seeds", type=int, default=20, help="search seeds per task and sampler")
     p.add_argument("--budget", type=int, default=100, help="evaluations per run")
     p.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100],
@@ -121,6 +121,9 @@ def main(argv=None):
             pretrained = torch.load(path, weights_only=True) if os.path.isfile(path) else None
             if pretrained is None and "meta" in args.samplers:
                 raise SystemExit(f"--pretrained {args.pretrained}: no policy for {task.name} ({path})")
+        portfolio = None
+        if "portfolio" in args.samplers:
+            portfolio = portfolio_order(task)
         for s in args.samplers:
             prefix = f"{s}|{args.budget}|"
             if all(f"{prefix}{seed}|flat" in old for seed in range(args.seeds)):
@@ -134,7 +137,7 @@ def main(argv=None):
                 if s == "grid" and seed > 0:  # deterministic: one run stands for every seed
                     runs[s].append(runs[s][0])
                 else:
-                    runs[s].append(run_search(task, s, seed, args.budget, pretrained=pretrained))
+                    runs[s].append(run_search(task, s, seed, args.budget, pretrained=pretrained, portfolio=portfolio))
                 bar.update(1)
         results[task.name] = runs
         if not args.no_raw:
@@ -143,6 +146,15 @@ def main(argv=None):
             np.savez_compressed(raw_path, **{**old, **flat})
     bar.close()
     write_report(args, results, loaded)
+
+
+def portfolio_order(task):
+    """Flat configuration indices by mean normalised value over the other tasks of the HPOBench family."""
+    if task.family != "hpobench":
+        raise SystemExit(f"the 'portfolio' sampler needs an HPOBench task, got {task.name}")
+    others = [tabular_task("hpobench", n) for n in TABULAR["hpobench"] if f"hpobench/{n}" != task.name]
+    score = np.mean([(t.mean - t.best) / max(t.median - t.best, 1e-12) for t in others], 0)
+    return np.argsort(score.reshape(-1), kind="stable")
 
 
 def write_report(args, results, loaded):
@@ -163,7 +175,7 @@ def write_report(args, results, loaded):
              ""]
     for tier, names in tiers.items():
         sub = {n: norm[n] for n in names}
-        stats = summarise(sub, args.budgets, focus=focus)
+        stats = summarise(sub, args.budgets, focus=focus, baselines=("random", "tpe", "portfolio"))
         cost = {s: float(np.mean([costs[n][s].mean() for n in names])) for s in samplers}
         reach = {s: float(np.median([evals_to_reach(norm[n][s], args.delta) for n in names])) for s in samplers}
         stats["sampler_ms_per_trial"] = {s: 1e3 * c for s, c in cost.items()}

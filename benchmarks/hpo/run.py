@@ -18,6 +18,8 @@ Samplers (all on the task's encoded space, equal budget):
 - ``reinforce-mlp`` / ``reinforce-rnn``: REINFORCE set for short budgets: lr 0.05, 8 trials per
   update, rank rewards, EMA baseline; factored MLP or autoregressive GRU policy.
 - ``meta``: ``reinforce-mlp`` started from a meta-trained policy (``--pretrained``; policy lr 0.01).
+- ``portfolio``: the control for ``meta`` without any learning: configurations in order of their
+  mean normalised value over the *other* tasks of the family (HPOBench only), best first.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ SAMPLERS = ["grid", "grid-shuffled", "random", "tpe", "cmaes", "gp", "q-formula"
             "reinforce-seed", "reinforce-mlp", "reinforce-rnn"]
 
 
-def run_search(task: Task, sampler: str, seed: int, budget: int, pretrained: dict = None) -> Dict[str, np.ndarray]:
+def run_search(task: Task, sampler: str, seed: int, budget: int, pretrained: dict = None,
+               portfolio: np.ndarray = None) -> Dict[str, np.ndarray]:
     """``budget`` evaluations; returns the flat index and the observed value of each, and the
     sampler's seconds per evaluation (everything but the table look-up)."""
     rng = np.random.default_rng([seed, 7])
@@ -74,8 +77,11 @@ def run_search(task: Task, sampler: str, seed: int, budget: int, pretrained: dic
         seen[i] = task.draws[idx + (int(rng.integers(task.count[idx])),)]
         return float(seen[i])
 
-    if sampler in ("grid", "grid-shuffled"):
-        order = np.arange(budget) if sampler == "grid" else np.random.default_rng([seed, 11]).permutation(n)[:budget]
+    if sampler in ("grid", "grid-shuffled", "portfolio"):
+        if sampler == "portfolio":
+            order = portfolio[:budget]
+        else:
+            order = np.arange(budget) if sampler == "grid" else np.random.default_rng([seed, 11]).permutation(n)[:budget]
         t0 = time.perf_counter()
         for i, f in enumerate(order):
             look_up(i, tuple(int(k) for k in np.unravel_index(int(f), task.sizes)))
