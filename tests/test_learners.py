@@ -189,11 +189,12 @@ def test_shipped_policies_load():
 def test_ppo_defaults_learn_cartpole_beyond_random():
     """rlopt's PPO with its default config, driven as the optimizers drive it, one CartPole-v1
     step per decision. A uniformly random policy averages about 22 per episode; reaching a mean
-    of 100 over the last 20 training episodes within 12k steps takes learning."""
+    of 100 over the last 20 training episodes within 8k steps takes learning (the full check's
+    seeds 0-2 were at 197-220 there)."""
     pytest.importorskip("gymnasium")
     from benchmarks.learner_check import run_learner
 
-    result = run_learner("ppo", "CartPole-v1", seed=0, steps=12_000)
+    result = run_learner("ppo", "CartPole-v1", seed=0, steps=8000)
     assert result["score"] >= 100.0, result["score"]
 
 
