@@ -180,9 +180,14 @@ def test_checkpoint_without_new_fields_loads_and_keeps_its_old_behaviour(kind, t
 
 
 def test_shipped_policies_load():
-    for name in rlopt.list_policies():
-        policy = rlopt.load_policy(name)
-        assert policy.training is False and policy.n_actions >= 2
+    loaded = [rlopt.load_policy(name) for name in rlopt.list_policies()]
+    learners = [p for p in loaded if isinstance(p, (DQNPolicy, PPOPolicy))]
+    assert learners and all(p.training is False for p in learners)
+    for p in learners:  # trained before train_frequency / tau / pooled advantages: they keep their old meaning
+        if isinstance(p, DQNPolicy):
+            assert (p.config.train_frequency, p.config.tau) == (1, 1.0)
+        else:
+            assert p.config.advantage_norm_samples == 0
 
 
 # --------------------------------------------------------------------- the learning check
