@@ -207,6 +207,9 @@ def write_report(args, results, loaded):
                     f"{tier}: {len(names)} tasks x {args.seeds} seeds (mean normalised regret)")
         if tier == "uci":
             lines += uci_lines(args, results, loaded, names, summary)
+            for n in names:  # the oracle tables themselves (final validation and test loss of every configuration)
+                np.savez_compressed(os.path.join(args.out, f"oracle_{n.split('/')[1]}.npz"),
+                                    val=loaded[n].mean.astype(np.float32), test=loaded[n].test.astype(np.float32))
     with open(os.path.join(args.out, "runs.csv"), "w") as f:  # per run: normalised regret and sampler time
         f.write("task,sampler,seed," + ",".join(f"norm_regret_at_{b}" for b in args.budgets) + ",sampler_ms_per_trial\n")
         for name in sorted(norm):
