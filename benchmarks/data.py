@@ -11,7 +11,7 @@ Sources, tried in this order by :func:`load_dataset`:
 2. ``download=True``: torchvision downloads the data set into ``data_dir`` (default: the git-ignored
    ``data/`` folder of this repository, whatever the working directory).
 3. ``name="fmnist-subset"``: the small stratified Fashion-MNIST subset shipped in this repository
-   (``benchmarks/data/fmnist_subset.npz``, made by ``python -m benchmarks.make_subset``).
+   (``rlopt/meta/data/fmnist_subset.npz``, made by ``python -m benchmarks.make_subset``).
 
 Decoded arrays are cached once as uint8 ``.npz`` under ``cache_dir`` (default
 ``$RLOPT_CACHE_DIR`` or ``~/.cache/rlopt/datasets``), keyed by data set and source path.
@@ -35,6 +35,8 @@ import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import rlopt.meta.tasks
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,7 +47,7 @@ __all__ = ["ImageDataset", "load_dataset", "DATASETS", "read_idx", "read_image_f
            "stratified_split", "stratified_subset", "normalize", "augment_crop_flip", "PAD_MODES", "iterate_batches",
            "SUBSET_PATH", "DEFAULT_DATA_DIR", "MissingDataError"]
 
-SUBSET_PATH = Path(__file__).resolve().parent / "data" / "fmnist_subset.npz"
+SUBSET_PATH = Path(rlopt.meta.tasks.__file__).resolve().parent / "data" / "fmnist_subset.npz"  # shipped in rlopt
 #: where data is looked for without ``data_dir`` or ``$RLOPT_DATA_DIR``: ``data/`` at the repository root
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 

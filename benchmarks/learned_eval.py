@@ -412,7 +412,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--policy", default="learned-es", help="the rule under test (registry name or path)")
     ap.add_argument("--controls", default="untrained", help="comma-separated extra rules: 'untrained' (the "
                                                             "rule's initial weights) and/or name=path")
-    ap.add_argument("--data", default="benchmarks/data/fmnist_subset.npz", help="Fashion-MNIST subset (.npz)")
+    ap.add_argument("--data", default="rlopt/meta/data/fmnist_subset.npz", help="Fashion-MNIST subset (.npz)")
     ap.add_argument("--horizon", type=int, default=50, help="meta-training horizon T")
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1", help="lr grid of the baselines")
     ap.add_argument("--tune-seeds", default="1,3,5", help="task seeds for tuning the baselines (odd: unseen)")

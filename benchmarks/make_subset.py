@@ -1,4 +1,4 @@
-"""Build the embedded Fashion-MNIST subset ``benchmarks/data/fmnist_subset.npz``.
+"""Build the embedded Fashion-MNIST subset ``rlopt/meta/data/fmnist_subset.npz``.
 
 The subset is real Fashion-MNIST data: a stratified, seeded sample of the original release
 (``--per-class-train`` images of every class from the 60k training set, ``--per-class-test`` from
@@ -9,7 +9,7 @@ Usage (the command that made the shipped file; without ``--out`` it writes to th
 ``benchmarks/runs/fmnist_subset.npz`` instead)::
 
     python -m benchmarks.make_subset --data-dir data/fashion-mnist \
-        --per-class-train 500 --per-class-test 100 --seed 0 --out benchmarks/data/fmnist_subset.npz
+        --per-class-train 500 --per-class-test 100 --seed 0 --out rlopt/meta/data/fmnist_subset.npz
 
 ``--data-dir`` holds the four idx ``.gz`` files of the original release (the files torchvision
 downloads into ``FashionMNIST/raw/``).

@@ -7,6 +7,7 @@ import os as _os
 
 from .optim import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 from .control.choices import register_family
+from .learned import LearnedOptimizer
 from .policies import load_policy as _load_policy_file
 
 
@@ -30,5 +31,5 @@ def list_policies():
     return _list()
 
 
-__all__ = ["RLSwitchingOptimizer", "QLearningRateOptimizer", "SAM", "load_policy", "list_policies",
-           "register_family", "__version__"]
+__all__ = ["RLSwitchingOptimizer", "QLearningRateOptimizer", "SAM", "LearnedOptimizer", "load_policy",
+           "list_policies", "register_family", "__version__"]

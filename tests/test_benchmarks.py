@@ -166,7 +166,7 @@ def test_embedded_subset():
     assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape[1:] == (1, 28, 28)
     assert len(ds.train_y) + len(ds.val_y) == 5000 and len(ds.test_y) == 1000
     assert torch.bincount(ds.train_y).tolist() == [450] * 10
-    assert (ROOT / "benchmarks" / "data" / "fmnist_subset.npz").stat().st_size < 4_000_000
+    assert (ROOT / "rlopt" / "meta" / "data" / "fmnist_subset.npz").stat().st_size < 4_000_000
 
 
 def test_augmentation_and_batches():

@@ -55,8 +55,6 @@ def _lr_control(params, name, kwargs):
     family = FAMILY[name]
     kw = dict(kwargs)
     lr = kw.pop("lr", INFOS[name].optim_cls([torch.zeros(1, requires_grad=True)]).defaults["lr"])
-    if isinstance(lr, torch.Tensor):
-        pytest.skip("QLearningRateOptimizer scales its lr on the host: a tensor lr is refused")
     for key in _WRAPPER:
         kw.pop(key, None)
     momentum = kw.pop("momentum", 0.0)

@@ -211,8 +211,11 @@ class ControlledOptimizer(Optimizer):
         inner.sync(i, *self._factors())
         out = None
         if closure is not None:
-            with torch.enable_grad():
+            if torch.is_grad_enabled():
                 out = closure()
+            else:
+                with torch.enable_grad():
+                    out = closure()
         tracker = self.tracker
         with torch.no_grad():
             in_group = self._in_group()

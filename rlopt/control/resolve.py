@@ -42,13 +42,16 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
                                         seed=seed, obs_layout=obs_layout)
     if os.path.isfile(name):
         return load_policy(name)
-    from ..registry import list_policies, load_pretrained
+    from ..registry import list_policies, load_pretrained, pretrained_info
 
     if name not in list_policies():
         raise ValueError(
             f"Unknown policy '{name}': expected 'ppo', 'dqn', 'random', 'constant:<choice>', "
             f"a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy or a config"
         )
+    if pretrained_info(name).get("optimizer") == "learned":
+        raise ValueError(f"'{name}' is a learned update rule, not a decision policy: use "
+                         f"rlopt.LearnedOptimizer(params, policy='{name}')")
     return load_pretrained(name)
 
 

@@ -15,7 +15,7 @@ coordinate's reward is mostly the other coordinates' doing. The result is a
 :class:`~rlopt.learned.rule.LearnedRule` like ES's, scored on the same validation tasks with the
 same meta-objective, for the comparison in ``benchmarks/results/learned_es_vs_td3``::
 
-    python -m rlopt.learned.td3 --data benchmarks/data/fmnist_subset.npz --time-budget 600
+    python -m rlopt.learned.td3 --data rlopt/meta/data/fmnist_subset.npz --time-budget 600
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ evaluation; ``--resume`` continues from it and draws the same tasks as an uninte
 
 Example (the shipped ``learned-es`` rule)::
 
-    python -m rlopt.learned.train --data benchmarks/data/fmnist_subset.npz --iterations 300 \\
+    python -m rlopt.learned.train --data rlopt/meta/data/fmnist_subset.npz --iterations 300 \\
         --out rlopt/registry/learned-es.pt --register learned-es
 """
 from __future__ import annotations

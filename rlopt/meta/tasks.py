@@ -10,11 +10,11 @@ Data sources:
 
 * ``"teacher"``: random teacher-network classification. Inputs ``x ~ N(0, I_d)``, labels
   ``argmax(T(x))`` for a random two-layer tanh teacher ``T``. Always available.
-* ``"fmnist"``: the small stratified Fashion-MNIST subset that ``benchmarks/`` ships
-  (``benchmarks/data/fmnist_subset.npz``, 5000 training images), average-pooled to 14x14 to
-  stay cheap. rlopt does not import ``benchmarks``: the file is found at ``$RLOPT_FMNIST_SUBSET``
-  or next to the package in a source checkout. Where it is missing, those tasks fall back to
-  teacher tasks (:meth:`TaskDistribution.describe` says which happened).
+* ``"fmnist"``: a small stratified Fashion-MNIST subset shipped inside the package
+  (``rlopt/meta/data/fmnist_subset.npz``, 5000 training images), average-pooled to 14x14 to
+  stay cheap; another file can be given (``fmnist_path``, or ``$RLOPT_FMNIST_SUBSET``). Where
+  none is found, those tasks fall back to teacher tasks (:meth:`TaskDistribution.describe` says
+  which happened).
 
 Models are MLPs (any data) or small CNNs (images), with varied width and depth. Label noise
 replaces a fraction of the *training* labels with uniformly random classes; validation labels
@@ -44,7 +44,7 @@ def fmnist_subset_path() -> Optional[Path]:
     """The embedded Fashion-MNIST subset, or None where this install does not have it."""
     env = os.environ.get("RLOPT_FMNIST_SUBSET")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "fmnist_subset.npz")
+    candidates.append(Path(__file__).resolve().parent / "data" / "fmnist_subset.npz")  # shipped in the package
     for path in candidates:
         if path.is_file():
             return path

@@ -262,26 +262,33 @@ def _register(path: Path, description: str, command: str, episodes: int, wall: f
 
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m rlopt.meta.train_policy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", choices=("switching", "lr"), default="switching")
+    p = argparse.ArgumentParser(prog="python -m rlopt.meta.train_policy", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--kind", choices=("switching", "lr"), default="switching",
+                   help="the optimizer the policy drives: RLSwitchingOptimizer or QLearningRateOptimizer")
     p.add_argument("--choices", default="sgd,sam", help="comma-separated switching choices")
-    p.add_argument("--algo", choices=("ppo", "dqn"), default="ppo")
-    p.add_argument("--episodes", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="checkpoint path")
+    p.add_argument("--algo", choices=("ppo", "dqn"), default="ppo", help="the learner")
+    p.add_argument("--episodes", type=int, default=200, help="training runs (one task each)")
+    p.add_argument("--seed", type=int, default=0, help="policy seed; task e is drawn with seed * 100003 + e")
+    p.add_argument("--out", default=None,
+                   help="checkpoint path (default: runs/policies/<kind>-<algo>-s<seed>.pt under the current folder)")
     p.add_argument("--data", default="teacher,fmnist", help="task data sources: teacher and/or fmnist")
     p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
                    help="set a TaskDistribution field, e.g. --task epochs=10,20 --task label_noise=0.2,0.4 "
                    "(repeatable; see rlopt.meta.tasks.TaskDistribution)")
     p.add_argument("--reward", choices=("default", "paired"), default="default",
                    help="paired: pay the policy relative to an SGD run of the same task (switching only)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--keep-buffers", action="store_true", help="keep the replay buffer in the checkpoint")
     p.add_argument("--register", default=None, metavar="DESCRIPTION",
                    help="also list the checkpoint in index.json next to --out with this description")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
     a = p.parse_args(argv)
+    if a.out is None:
+        if a.register:
+            p.error("--register needs an explicit --out (the index.json next to it is written)")
+        a.out = os.path.join("runs", "policies", f"{a.kind}-{a.algo}-s{a.seed}.pt")
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     if not a.quiet and not a.no_progress:
         log.setLevel(logging.WARNING)  # the progress bar shows the running returns
@@ -299,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     first, last = result.returns[:n], result.returns[-n:]
     print(f"{a.kind}/{result.metadata['algo']}: {a.episodes} episodes in {result.wall_time_s:.1f} s; "
           f"mean return first {n}: {sum(first) / n:.3f}, last {n}: {sum(last) / n:.3f}"
-          + (f"; saved {result.path}" if result.path else ""))
+          + (f"; saved {os.path.abspath(result.path)}" if result.path else ""))
     return result
 
 

@@ -27,7 +27,7 @@ _CONTROLS = {"lr": ("lr", LR_ACTIONS), "weight_decay": ("wd", WD_ACTIONS)}
 #: ends within about 40 decisions and the horizon is short.
 DEFAULT_DQN_CONFIG = DQNConfig(gamma=0.9, epsilon_decay=0.93, learning_starts=8, target_update=10)
 
-#: Default reward (chosen on benchmarks/lr_control.py; see benchmarks/results/lr_control.md).
+#: Default reward (chosen on benchmarks/lr_control.py; see benchmarks/results/lr_control/lr_control.md).
 DEFAULT_REWARD = "log_improvement"
 
 #: Largest ``max_lr_halvings`` / ``max_wd_halvings``: 2**-1022 is the smallest normal float64.
@@ -107,7 +107,7 @@ class QLearningRateOptimizer(ControlledOptimizer):
         seed: seeds the policy; the global RNG is not touched.
         total_steps, total_epochs: the budget, when known (progress feature, episode end).
         reward: ``reward(RewardContext) -> float``; default :class:`~rlopt.rewards.LogImprovementReward`
-            (see the module constant ``DEFAULT_REWARD`` and ``benchmarks/results/lr_control.md``),
+            (see the module constant ``DEFAULT_REWARD`` and ``benchmarks/results/lr_control/lr_control.md``),
             with its weight-decay term off when weight decay is not controlled.
         objective_memory: ``M`` of ``objective_position``.
         max_lr_halvings, max_wd_halvings, max_wd_growths: the bounds above; positive, the
