@@ -115,6 +115,19 @@ def _loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
     return ce.view(c, b).mean(1)
 
 
+def init_stack(c: int, d: int, o: int, hidden: torch.Tensor, width: int, g: torch.Generator):
+    """Initial stacked weights ``[W1 (C, d, H), b1 (C, H), W2 (C, H, o), b2 (C, o)]``, uniform in
+    +-1/sqrt(fan_in) as ``nn.Linear`` (fan-in of the output layer: the configuration's hidden units)."""
+    b1_ = 1 / math.sqrt(d)
+    b2_ = (1 / hidden.float().sqrt()).view(c, 1, 1)
+    return [
+        (torch.rand(c, d, width, generator=g) * 2 - 1) * b1_,
+        (torch.rand(c, width, generator=g) * 2 - 1) * b1_,
+        (torch.rand(c, width, o, generator=g) * 2 - 1) * b2_,
+        (torch.rand(c, o, generator=g) * 2 - 1) * b2_.view(c, 1),
+    ]
+
+
 def train_stack(split: Split, lr: torch.Tensor, wd: torch.Tensor, hidden: torch.Tensor, batch_size: int,
                 epochs: int, seed: int, width: int = 20, chunk: int = 250) -> Dict[str, torch.Tensor]:
     """Train C one-hidden-layer MLPs at once (one per entry of ``lr``, ``wd``, ``hidden``).
@@ -127,14 +140,7 @@ def train_stack(split: Split, lr: torch.Tensor, wd: torch.Tensor, hidden: torch.
     o = 1 if split.regression else int(split.y["train"].max()) + 1
     g = torch.Generator().manual_seed(seed)
     mask = (torch.arange(width).view(1, -1) < hidden.view(-1, 1)).float()  # (C, H)
-    b1_ = 1 / math.sqrt(d)
-    b2_ = (1 / hidden.float().sqrt()).view(c, 1, 1)
-    params = [
-        (torch.rand(c, d, width, generator=g) * 2 - 1) * b1_,
-        (torch.rand(c, width, generator=g) * 2 - 1) * b1_,
-        (torch.rand(c, width, o, generator=g) * 2 - 1) * b2_,
-        (torch.rand(c, o, generator=g) * 2 - 1) * b2_.view(c, 1),
-    ]
+    params = init_stack(c, d, o, hidden, width, g)
     for p in params:
         p.requires_grad_(True)
     m = [torch.zeros_like(p) for p in params]
