@@ -108,11 +108,11 @@ def run_learner(algo: str, env_id: str, seed: int, steps: int, config: Optional[
     wall = time.perf_counter() - start
     env.close()
     score = float(np.mean(returns[-last:])) if returns else math.nan
-    q_means = [r["q_mean"] for r in diagnostics if "q_mean" in r]
+    q_means = [abs(r["q_mean"]) for r in diagnostics if "q_mean" in r]
     return {
-        "algo": algo, "env": env_id, "seed": seed, "steps": steps, "config": vars(cfg),
+        "algo": algo, "env": env_id, "seed": seed, "steps": steps, "config": vars(cfg), "overrides": config or {},
         "score": score, "last": last, "episodes": len(returns), "returns": returns, "episode_ends": ends,
-        "diagnostics": diagnostics, "max_mean_q": max(q_means) if q_means else None,
+        "diagnostics": diagnostics, "max_abs_mean_q": max(q_means) if q_means else None,
         "q_bound": policy.q_bound() if algo == "dqn" else None, "divergence_warnings": warned,
         "wall_s": wall, "us_per_step": 1e6 * wall / steps,
     }
@@ -134,7 +134,8 @@ def summarise(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                "bar": bar, "bar_met": None if bar is None else all(s >= bar for s in scores),
                "us_per_step": statistics.mean(r["us_per_step"] for r in rs)}
         if algo == "dqn":
-            row["max_mean_q"] = max((r["max_mean_q"] for r in rs if r["max_mean_q"] is not None), default=math.nan)
+            row["max_abs_mean_q"] = max((abs(d["q_mean"]) for r in rs for d in r["diagnostics"] if "q_mean" in d),
+                                        default=math.nan)
             row["q_bound"] = max(r["q_bound"] for r in rs)
             row["divergence_warnings"] = sum(bool(r["divergence_warnings"]) for r in rs)
         else:
@@ -156,8 +157,8 @@ def markdown(rows: Sequence[Dict[str, Any]]) -> str:
     lines.append("")
     for r in rows:
         if r["algo"] == "dqn":
-            lines.append(f"- {r['env']} dqn: largest mean Q of the training batches (1k-step windows) "
-                         f"{r['max_mean_q']:.1f}, bound max|r|/(1-gamma) {r['q_bound']:.1f}; runs that warned of "
+            lines.append(f"- {r['env']} dqn: largest |mean Q| of the training batches (1k-step windows) "
+                         f"{r['max_abs_mean_q']:.1f}, bound max|r|/(1-gamma) {r['q_bound']:.1f}; runs that warned of "
                          f"divergence: {r['divergence_warnings']}; {r['us_per_step']:.0f} us/step")
         else:
             lines.append(f"- {r['env']} ppo, last 10 logged windows: approx-KL {r['final_approx_kl']:.4f}, clip "
@@ -190,16 +191,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         "then counts finished runs)")
     parser.add_argument("--out", default="benchmarks/runs/learner_check", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="run nothing: rebuild summary.json and summary.md from --out's runs/*.json")
     args = parser.parse_args(argv)
     try:
         import gymnasium  # noqa: F401
     except ImportError:
         parser.error("the learner check needs gymnasium: pip install gymnasium")
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.summarise_only:
+        runs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
+        if not runs:
+            parser.error(f"no run files under {out / 'runs'}")
+        return _write_summary(out, runs, argv, commit=None, threads=args.threads, overrides=runs[0].get("overrides"))
     envs, algos = args.envs.split(","), args.algos.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = _parse_overrides(args.set)
-    out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     plan = [(env_id, algo, seed) for env_id in envs for algo in algos for seed in seeds]
     runs = []
@@ -227,11 +235,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 bar.update()
     bar.close()
     runs.sort(key=lambda r: plan.index((r["env"], r["algo"], r["seed"])))
+    return _write_summary(out, runs, argv, _commit(), args.threads, overrides)
+
+
+def _write_summary(out: Path, runs: Sequence[Dict[str, Any]], argv: Optional[Sequence[str]], commit: Optional[str],
+                   threads: int, overrides: Any) -> Dict[str, Any]:
     rows = summarise(runs)
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     summary = {
-        "command": " ".join(["python", "-m", "benchmarks.learner_check", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": _commit(), "torch": torch.__version__, "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
+        "command": previous.get("command") if commit is None else
+        " ".join(["python", "-m", "benchmarks.learner_check", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": previous.get("commit") if commit is None else commit,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
         "overrides": overrides, "rows": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -211,5 +211,5 @@ def test_dqn_defaults_keep_q_bounded_and_learn_cartpole_beyond_random():
 
     result = run_learner("dqn", "CartPole-v1", seed=0, steps=12_000,
                          config={"exploration_decisions": 3000, "learning_starts": 500})
-    assert result["max_mean_q"] <= result["q_bound"] and not result["divergence_warnings"]
+    assert result["max_abs_mean_q"] <= result["q_bound"] and not result["divergence_warnings"]
     assert result["score"] >= 60.0, result["score"]
