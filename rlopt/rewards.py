@@ -209,6 +209,9 @@ class LogImprovementReward:
           - skipped * share of skipped steps
 
     A term is 0 when either value is missing or not positive (first interval, no validation).
+    Where no training loss was measured (``step()`` without a closure) and the ``wd`` term is off,
+    the ``lr`` term pays the validation objective instead, so a loop that only gives validation
+    metrics to ``epoch_end()`` still pays the policy.
     """
 
     lr: float = 10.0
@@ -226,7 +229,12 @@ class LogImprovementReward:
         r = 0.0
         if before is not None:
             if self.lr:
-                r += self.lr * self._log_gain(before.loss, now.loss)
+                if _finite(before.loss, now.loss) or self.wd:
+                    r += self.lr * self._log_gain(before.loss, now.loss)
+                else:  # no training loss: the validation objective stands in
+                    v_now = now.val_loss if _finite(now.val_loss) else _val_error(now)
+                    v_prev = before.val_loss if _finite(before.val_loss) else _val_error(before)
+                    r += self.lr * self._log_gain(v_prev, v_now)
             if self.wd:
                 v_now = now.val_loss if _finite(now.val_loss) else _val_error(now)
                 v_prev = before.val_loss if _finite(before.val_loss) else _val_error(before)

@@ -398,14 +398,14 @@ def test_scheduler_composes_with_agent():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     data = make_data(2)
     run_steps(model, opt, data)  # decision 1: halve
-    assert opt.lr == 0.05 and inner_lr(opt) == 0.1  # the inner lr follows at the next step
+    assert opt.lr == 0.05 and inner_lr(opt) == 0.05  # the inner groups show what the next step uses
     sched.step()  # scheduled group lr 0.1 -> 0.05
     assert opt.param_groups[0]["lr"] == 0.05 and opt.lr == 0.025
     run_steps(model, opt, data)  # steps at 0.025; decision 2: keep
     assert inner_lr(opt) == 0.025
     sched.step()
     run_steps(model, opt, data)  # steps at 0.025 * 0.5; decision 3: reset -> the scheduled lr
-    assert inner_lr(opt) == 0.0125
+    assert opt.history[-1]["choice"] == "lr:reset" and inner_lr(opt) == 0.025
     assert opt.lr == opt.param_groups[0]["lr"] == 0.025
 
 

@@ -84,6 +84,7 @@ class ControlledOptimizer(Optimizer):
         if signal_every is None:
             signal_every = max(1, min(10, interval // 2)) if isinstance(interval, int) else 10
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
+        self._lr_checked: set = set()  # choices whose learning rate was checked when they first ran
         super().__init__(params, defaults)
         self._params = [p for g in self.param_groups for p in g["params"]]
         self.inner = InnerSet(specs, self.param_groups, self._explicit, self.defaults, share_momentum)
@@ -164,7 +165,11 @@ class ControlledOptimizer(Optimizer):
 
     @property
     def inner_optimizers(self) -> Dict[str, Optimizer]:
-        """The inner torch optimizers by choice name (read-only use: inspect their state)."""
+        """The inner torch optimizers by choice name (read-only use: inspect their state). Their
+        groups show the values the next step would use (a scheduler's last change included)."""
+        factors = self._factors()
+        for i in range(len(self.inner.specs)):
+            self.inner.sync(i, *factors)
         return {s.name: o for s, o in zip(self.inner.specs, self.inner.optimizers)}
 
     @property
@@ -209,6 +214,9 @@ class ControlledOptimizer(Optimizer):
         self._check_epoch_end_calls()
         i = self._active()
         inner.sync(i, *self._factors())
+        if i not in self._lr_checked:
+            self._lr_checked.add(i)
+            self._warn_implausible_lr(i)
         out = None
         if closure is not None:
             if torch.is_grad_enabled():
@@ -247,6 +255,20 @@ class ControlledOptimizer(Optimizer):
             guarded.apply(inner, i, flag)
         return out
 
+    def _warn_implausible_lr(self, i: int) -> None:
+        """One warning when choice ``i`` is about to run at a learning rate far outside what its
+        family trains with (e.g. an lr carried over from another optimizer, as Adadelta's 1.0)."""
+        spec, group = self.inner.specs[i], self.inner.optimizers[i].param_groups[0]
+        lr, momentum = float(group["lr"]), float(group.get("momentum", 0.0) or 0.0)
+        sgd_like = spec.family in ("sgd", "sam")
+        if (sgd_like and momentum >= 0.5 and lr >= 1.0) or (spec.family in ("adam", "adamw") and lr >= 0.1):
+            usual = "0.01-0.5 with momentum" if sgd_like else "1e-4-1e-2"
+            self.controller.warn_once(
+                "lr", f"Choice '{spec.name}' runs at lr={lr:g}" + (f" with momentum {momentum:g}" if sgd_like else "")
+                + f": {spec.family} usually trains at {usual}. An lr carried over from another optimizer (as "
+                "Adadelta's 1.0) is rarely right here; Adam and AdamW run at lr * 0.01 unless their choice sets "
+                "lr or lr_scale")
+
     def _check_epoch_end_calls(self) -> None:
         """Warn once when ``interval="epoch"`` and no :meth:`epoch_end` came for far longer than
         an epoch could last."""
@@ -270,27 +292,21 @@ class ControlledOptimizer(Optimizer):
         ctl.decide(self.tracker, final=final, extra_features=self._extra_features, apply_action=self._apply_action,
                    history_extra=self._history_extra, device=device)
 
+    def baseline(self, val_loss: Optional[float] = None, val_acc: Optional[float] = None) -> None:
+        """Give the validation metrics measured before training (before the first step), so that
+        the first interval's reward pays for the progress from there, as later ones do. Not an
+        epoch: nothing is counted and no decision is taken."""
+        if self.controller.counts["step"] or self.controller.action is not None:
+            raise RuntimeError("baseline() gives the metrics before training: call it before the first step()")
+        self.controller.val.update(_metrics(val_loss, val_acc))
+
     def epoch_end(self, val_loss: Optional[float] = None, val_acc: Optional[float] = None) -> Optional[str]:
         """Mark the end of an epoch and give the validation metrics (``val_acc`` as a fraction).
 
         With ``interval="epoch"`` this is the decision point. Works under ``torch.no_grad()`` and
         ``torch.inference_mode()``. Returns the choice now in use.
         """
-        val = {}
-        for name, value in (("val_loss", val_loss), ("val_acc", val_acc)):
-            if value is None:
-                continue
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {value!r}")
-            val[name] = float(value)
-        if "val_acc" in val and not 0.0 <= val["val_acc"] <= 1.0:
-            raise ValueError(f"val_acc must be a fraction in [0, 1], got {val['val_acc']}")
-        if "val_loss" in val and math.isnan(val["val_loss"]):
-            raise ValueError("val_loss is NaN")
+        val = _metrics(val_loss, val_acc)
         ctl = self.controller
         snap = ctl.snapshot()
         try:
@@ -458,6 +474,26 @@ class ControlledOptimizer(Optimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(actions={list(self.action_names)}, choice={self.choice!r}, "
                 f"interval={self.interval!r}, policy={self.policy!r})")
+
+
+def _metrics(val_loss: Any, val_acc: Any) -> Dict[str, float]:
+    """Validation metrics as host floats, checked (``val_acc`` a fraction)."""
+    val = {}
+    for name, value in (("val_loss", val_loss), ("val_acc", val_acc)):
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        val[name] = float(value)
+    if "val_acc" in val and not 0.0 <= val["val_acc"] <= 1.0:
+        raise ValueError(f"val_acc must be a fraction in [0, 1], got {val['val_acc']}")
+    if "val_loss" in val and math.isnan(val["val_loss"]):
+        raise ValueError("val_loss is NaN")
+    return val
 
 
 def _loss_of(out: Any) -> Any:

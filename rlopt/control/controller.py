@@ -320,6 +320,13 @@ class Controller:
             history = history[-self.history_size:] if self.history_size else []
         self.history = history
         self.observer.load_state_dict(state["observer"])
+        saved_budget = (state.get("total_steps"), state.get("total_epochs"))
+        if saved_budget != (self.total_steps, self.total_epochs) and history and history[-1].get("final"):
+            self.warn_once("budget", f"The checkpoint's run already ended (budget total_steps={saved_budget[0]}, "
+                                     f"total_epochs={saved_budget[1]}) and its final reward was paid; this optimizer's "
+                                     f"budget (total_steps={self.total_steps}, total_epochs={self.total_epochs}) "
+                                     "extends it, so a final reward is paid again at the new end. Save the checkpoint "
+                                     "before the last epoch_end() of a run you mean to extend")
 
     def snapshot(self) -> Dict[str, Any]:
         """Everything a failed decision or load could change, to :meth:`restore` (cheap: the
