@@ -208,6 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     envs, algos = args.envs.split(","), args.algos.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = _parse_overrides(args.set)
+    commit = _commit()  # the code the runs import, not whatever is checked out when they end
     (out / "runs").mkdir(parents=True, exist_ok=True)
     plan = [(env_id, algo, seed) for env_id in envs for algo in algos for seed in seeds]
     runs = []
@@ -235,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 bar.update()
     bar.close()
     runs.sort(key=lambda r: plan.index((r["env"], r["algo"], r["seed"])))
-    return _write_summary(out, runs, argv, _commit(), args.threads, overrides)
+    return _write_summary(out, runs, argv, commit, args.threads, overrides)
 
 
 def _write_summary(out: Path, runs: Sequence[Dict[str, Any]], argv: Optional[Sequence[str]], commit: Optional[str],
