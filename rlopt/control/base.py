@@ -85,6 +85,7 @@ class ControlledOptimizer(Optimizer):
             signal_every = max(1, min(10, interval // 2)) if isinstance(interval, int) else 10
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
         self._lr_checked: set = set()  # choices whose learning rate was checked when they first ran
+        self._epoch_end_check_at = 0  # the step count at which to look for a forgotten epoch_end() next
         super().__init__(params, defaults)
         self._params = [p for g in self.param_groups for p in g["params"]]
         self.inner = InnerSet(specs, self.param_groups, self._explicit, self.defaults, share_momentum)
@@ -203,7 +204,7 @@ class ControlledOptimizer(Optimizer):
         a choice needs one (SAM), from the first step on, whichever choice runs.
         """
         inner, ctl = self.inner, self.controller
-        if closure is None and any(s.needs_closure for s in inner.specs):
+        if closure is None and inner.needs_closure:
             names = [s.name for s in inner.specs if s.needs_closure]
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure because choices {names} evaluate the gradient "
@@ -211,7 +212,8 @@ class ControlledOptimizer(Optimizer):
                 "backward() and returns the loss")
         if ctl.action is None:
             self._decide(final=False)  # the first decision
-        self._check_epoch_end_calls()
+        if ctl.interval == "epoch" and ctl.counts["step"] >= self._epoch_end_check_at:
+            self._check_epoch_end_calls()
         i = self._active()
         inner.sync(i, *self._factors())
         if i not in self._lr_checked:
@@ -278,6 +280,7 @@ class ControlledOptimizer(Optimizer):
         c = ctl.counts
         since = c["step"] - c["epoch_start_step"]
         limit = 10 * c["steps_per_epoch"] if c["epoch"] > 0 and c["steps_per_epoch"] > 0 else 10_000
+        self._epoch_end_check_at = c["epoch_start_step"] + limit if since < limit else 0
         if since >= limit:
             ctl.warn_once("epoch_end", f"{type(self).__name__} decides at each epoch_end() (interval='epoch'), "
                                        f"but none came in the last {since} steps: call opt.epoch_end(val_loss=..., "
@@ -307,6 +310,7 @@ class ControlledOptimizer(Optimizer):
         ``torch.inference_mode()``. Returns the choice now in use.
         """
         val = _metrics(val_loss, val_acc)
+        self._epoch_end_check_at = 0  # the epoch's length changes the limit: recomputed at the next step
         ctl = self.controller
         snap = ctl.snapshot()
         try:
@@ -452,6 +456,7 @@ class ControlledOptimizer(Optimizer):
             ctl.load_state_dict(rl["controller"])
             self._load_extra_state(rl["extra"])
             ctl.policy.load_state_dict(rl["policy"]["state"])
+            self._epoch_end_check_at = 0
         except BaseException:
             self.__dict__.update(saved)
             self.inner.groups = self.param_groups

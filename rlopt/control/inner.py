@@ -70,6 +70,7 @@ class InnerSet:
             self.optimizers.append(inner)
             self.fused.append(fused)
         self.link_momentum()
+        self.needs_closure = any(s.needs_closure for s in self.specs)
         self._follow: Dict[Tuple[int, int], Tuple[str, ...]] = {}
 
     # ---------------------------------------------------------------- building
