@@ -380,3 +380,12 @@ def test_transformers_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     assert [(h["choice"], h["reward"]) for h in opt_full.history] == \
            [(h["choice"], h["reward"]) for h in opt_resumed.history]
+
+
+def test_transformers_plain_trainer_with_sam_says_what_to_use(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from rlopt.integrations.transformers import RLOptCallback
+
+    with pytest.raises(RuntimeError, match="train with rlopt.integrations.transformers.RLOptTrainer"):
+        _hf(tmp_path, lambda p: RLSwitchingOptimizer(p, choices=["sgd", "sam"], policy="random", lr=0.05, seed=0),
+            trainer_cls=transformers.Trainer, callbacks=[RLOptCallback()])

@@ -83,6 +83,7 @@ class RLOptCallback(TrainerCallback):
         self._metrics: Dict[str, Optional[float]] = {}  # of the last evaluation since the last decision
         self._baseline: Optional[Dict[str, Optional[float]]] = None
         self._warned: set = set()
+        self.gives_closure = False  # set by RLOptTrainer
 
     def _convert(self, metrics: Mapping[str, Any]) -> Dict[str, Optional[float]]:
         out: Dict[str, Optional[float]] = {}
@@ -107,6 +108,8 @@ class RLOptCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.opt = find_controlled_optimizer(optimizer)
         self.logger = DecisionLogger(self.opt, **self._files)
+        if not self.gives_closure:
+            _hint_closure(optimizer)
         self._epoch_pending, self._metrics = False, {}
         if self.opt.steps_taken > 0:  # resumed: the run that saved the checkpoint logged its decisions
             self.logger.skip_existing()
@@ -154,6 +157,26 @@ class RLOptCallback(TrainerCallback):
             self.logger.close()
 
 
+def _hint_closure(wrapper: Any) -> None:
+    """Under a plain ``Trainer`` a choice that needs a closure (SAM) fails at the first step: say
+    what to use instead."""
+    if wrapper.__dict__.get("_rlopt_hint", False):
+        return
+    original = wrapper.step
+
+    def step(closure=None, **kwargs):
+        try:
+            return original(closure, **kwargs)
+        except RuntimeError as err:
+            if closure is None and "needs a closure" in str(err):
+                raise RuntimeError(f"{err}. The Hugging Face Trainer gives none: train with "
+                                   "rlopt.integrations.transformers.RLOptTrainer, which does") from err
+            raise
+
+    wrapper.step = step
+    wrapper._rlopt_hint = True
+
+
 class RLOptTrainer(Trainer):
     """A ``Trainer`` whose optimizer step receives a closure (see the module doc), with an
     :class:`RLOptCallback` (``rlopt_callback=``, default ``RLOptCallback()``) unless one is among
@@ -170,6 +193,8 @@ class RLOptTrainer(Trainer):
             self.add_callback(rlopt_callback)
             found.append(rlopt_callback)
         self.rlopt_callback = found[0]
+        for cb in found:
+            cb.gives_closure = True
         self._rlopt_window: list = []  # the micro-batches since the last optimizer step
         self._rlopt_loss = None
 
