@@ -389,3 +389,18 @@ def test_transformers_plain_trainer_with_sam_says_what_to_use(tmp_path):
     with pytest.raises(RuntimeError, match="train with rlopt.integrations.transformers.RLOptTrainer"):
         _hf(tmp_path, lambda p: RLSwitchingOptimizer(p, choices=["sgd", "sam"], policy="random", lr=0.05, seed=0),
             trainer_cls=transformers.Trainer, callbacks=[RLOptCallback()])
+
+
+def test_lightning_notebook_executes():
+    pytest.importorskip("lightning")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "lightning.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "resumed run bit-identical: True" in outputs and "rlopt/choice_index" in outputs
