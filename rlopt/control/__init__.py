@@ -8,6 +8,7 @@
 * :mod:`~rlopt.control.signals`: the device-side signal tracker;
 * :mod:`~rlopt.control.observation`: signals turned into the policy's observation;
 * :mod:`~rlopt.control.controller`: progress, budget and decisions;
+* :mod:`~rlopt.control.checkpoint`: the checkpoint's checks and its all-or-nothing load;
 * :mod:`~rlopt.control.resolve`: the ``policy=`` argument;
 * :mod:`~rlopt.control.distributed`: data-parallel ranks deciding together;
 * :mod:`~rlopt.control.validation`: argument checks;

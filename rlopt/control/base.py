@@ -27,27 +27,23 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 
-from . import distributed, guarded
+from . import checkpoint, distributed, guarded
 from .choices import ChoiceSpec
 from .controller import Controller
 from .inner import InnerSet
 from .observation import ObservationBuilder, Signals
 from .resolve import make_policy
 from .signals import SignalTracker
-from .torch_compat import hooks_silenced, user_stacklevel
+from .torch_compat import hooks_silenced
 from .validation import check_bool, check_count, check_group_hparams, check_lr, check_seed
 from ..rewards import RewardContext
 
-__all__ = ["ControlledOptimizer", "STATE_FORMAT", "STATE_VERSION"]
-
-STATE_FORMAT = "rlopt.optimizer"
-STATE_VERSION = 1
+__all__ = ["ControlledOptimizer"]
 
 # torch's keyword arguments for how an optimizer runs: accepted as torch accepts them
 _TORCH_OPTIONS = ("maximize", "foreach", "fused", "capturable", "differentiable")
@@ -337,7 +333,7 @@ class ControlledOptimizer(Optimizer):
         specs = self.inner.specs
         policy = self.controller.policy
         sd["rlopt"] = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "kind": self.kind,
+            "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "kind": self.kind,
             "actions": list(self.action_names), "choices": [s.name for s in specs],
             "families": [s.family for s in specs], "share_momentum": self.inner.share_momentum,
             "inner": self.inner.state_dict(), "policy": {**policy.describe(), "state": policy.state_dict()},
@@ -360,112 +356,11 @@ class ControlledOptimizer(Optimizer):
                 result = pre_hook(self, state_dict)
                 if result is not None:
                     state_dict = result
-        rl = self._check_state(state_dict)
+        rl = checkpoint.check(self, state_dict)
         with hooks_silenced(self):
-            self._load_checked(state_dict, rl)
+            checkpoint.load(self, state_dict, rl)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-    def _check_state(self, sd: Any) -> Mapping[str, Any]:
-        if not isinstance(sd, Mapping) or not isinstance(sd.get("rlopt"), Mapping):
-            keys = sorted(sd) if isinstance(sd, Mapping) else type(sd).__name__
-            raise ValueError(f"Not an rlopt optimizer state dict (no 'rlopt' entry); it has keys {keys}")
-        rl = sd["rlopt"]
-        if rl.get("format") != STATE_FORMAT or rl.get("version") != STATE_VERSION:
-            raise ValueError(f"rlopt.format/version is {rl.get('format')!r}/{rl.get('version')!r}; this rlopt reads "
-                             f"{STATE_FORMAT!r}/{STATE_VERSION} (a checkpoint of another rlopt release)")
-        required = ("kind", "actions", "choices", "families", "share_momentum", "inner", "policy", "tracker",
-                    "controller", "extra")
-        missing = [k for k in required if k not in rl]
-        if missing:
-            raise ValueError(f"The rlopt entry lacks {missing}")
-        names = [s.name for s in self.inner.specs]
-        if rl["kind"] != self.kind or list(rl["actions"]) != list(self.action_names) or list(rl["choices"]) != names:
-            raise ValueError(f"State dict is for a {rl['kind']} optimizer over actions {rl['actions']} and choices "
-                             f"{rl['choices']}; this one is {self.kind} over {list(self.action_names)} and {names}")
-        families = [s.family for s in self.inner.specs]
-        if list(rl["families"]) != families:
-            raise ValueError(f"rlopt.families: the checkpoint's choices {rl['choices']} are of families "
-                             f"{rl['families']}; this optimizer's are of {families}")
-        if not isinstance(rl["share_momentum"], bool):
-            raise ValueError(f"Invalid rlopt.share_momentum: {rl['share_momentum']!r}")
-        groups, state = sd.get("param_groups"), sd.get("state")
-        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups) or any(
-                not isinstance(a, Mapping) or len(a.get("params", ())) != len(b["params"])
-                for a, b in zip(groups, self.param_groups)) or not isinstance(state, Mapping):
-            raise ValueError("param_groups: the checkpoint's groups do not match this optimizer's (another model, "
-                             "or other param groups)")
-        for group in groups:
-            try:
-                check_group_hparams({k: v for k, v in group.items() if k != "params"})
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"param_groups: {err}") from None
-        self.inner.check_state(rl["inner"])
-        saved, desc = rl["policy"], self.controller.policy.describe()
-        if not isinstance(saved, Mapping) or "state" not in saved:
-            raise ValueError("rlopt.policy must be a dict with the policy's description and 'state'")
-        for key in ("kind", "obs_dim", "action_names", "config"):
-            if saved.get(key) != desc.get(key):
-                raise ValueError(f"rlopt.policy.{key}: the saved policy's {saved.get(key)!r} differs from this "
-                                 f"optimizer's {desc.get(key)!r}")
-        try:
-            self.controller.policy._check_state(saved["state"])
-        except (TypeError, KeyError) as err:
-            raise ValueError(f"rlopt.policy.state: {err}") from None
-        try:
-            self.tracker.check_state(rl["tracker"])
-        except ValueError as err:
-            raise ValueError(f"rlopt.tracker: {err}") from None
-        self._check_tracker_shapes(rl["tracker"])
-        self.controller.check_state(rl["controller"])
-        if not isinstance(rl["extra"], Mapping):
-            raise ValueError("rlopt.extra must be a dict")
-        self._check_extra_state(rl["extra"])
-        return rl
-
-    def _check_tracker_shapes(self, state: Mapping[str, Any]) -> None:
-        snap = state.get("snapshot")
-        if snap is None:
-            return
-        ids = state["snapshot_ids"]
-        if any(not isinstance(i, int) or not 0 <= i < len(self._params) for i in ids) or \
-                snap.numel() != sum(self._params[i].numel() for i in ids):
-            raise ValueError("rlopt.tracker.snapshot does not fit this optimizer's parameters")
-
-    def _load_checked(self, sd: Mapping[str, Any], rl: Mapping[str, Any]) -> None:
-        """All or nothing: what is loaded before a failure is put back."""
-        ctl = self.controller
-        if rl["share_momentum"] != self.inner.share_momentum and len(self.inner.momentum_family()) > 1:
-            warnings.warn(
-                f"The checkpoint was saved with share_momentum={rl['share_momentum']} and this optimizer has "
-                f"share_momentum={self.inner.share_momentum}: " + (
-                    "the SGD-family choices now share the first one's momentum buffers" if self.inner.share_momentum
-                    else "each SGD-family choice starts from a copy of the shared buffers"), RuntimeWarning,
-                stacklevel=user_stacklevel())
-        saved = {"state": self.state, "param_groups": self.param_groups}
-        inner_snap = self.inner.snapshot()
-        tracker_snap, ctl_snap = self.tracker.snapshot(), ctl.snapshot()
-        extra_snap = self._extra_state()
-        try:
-            super().load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
-            self.inner.groups = self.param_groups
-            self.inner.forget_groups()
-            self.inner.load_state_dict(rl["inner"], rl["share_momentum"])
-            device = self._params[0].device if self._params else torch.device("cpu")
-            self.tracker.load_state_dict(rl["tracker"], device)
-            ctl.load_state_dict(rl["controller"])
-            self._load_extra_state(rl["extra"])
-            ctl.policy.load_state_dict(rl["policy"]["state"])
-            self._epoch_end_check_at = 0
-        except BaseException:
-            self.__dict__.update(saved)
-            self.inner.groups = self.param_groups
-            self.inner.forget_groups()
-            self.inner.restore(inner_snap)
-            self.tracker.restore(tracker_snap)
-            ctl.restore(ctl_snap)
-            self._load_extra_state(extra_snap)
-            raise
 
     # ------------------------------------------------------------ copies
     def __getstate__(self) -> Dict[str, Any]:
