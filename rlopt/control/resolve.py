@@ -6,16 +6,20 @@ import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..policies import ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy, policy_class
+from ..policies.rules import (RULE_NAMES, AdaptiveSamConfig, SamEveryConfig, SamLateConfig, ScheduledRandomConfig,
+                              rule_from_name)
 
 __all__ = ["make_policy", "check_policy"]
 
-_CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", ConstantConfig: "constant"}
+_CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", ConstantConfig: "constant",
+            SamLateConfig: "sam-late", SamEveryConfig: "sam-every", ScheduledRandomConfig: "ss-sam",
+            AdaptiveSamConfig: "ae-sam"}
 
 
 def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, Any], seed: int,
                 train: Optional[bool] = None) -> Policy:
-    """A name (``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<action>"``, a registered policy's
-    name), a config, a :class:`Policy` or a checkpoint path; checked against the action set and
+    """A name (``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<action>"``, a rule such as
+    ``"sam-late"`` or ``"sam-every:4"`` (:mod:`rlopt.policies.rules`), a registered policy's name), a config, a :class:`Policy` or a checkpoint path; checked against the action set and
     the observation layout."""
     action_names = tuple(action_names)
     obs_dim = len(obs_layout["names"])
@@ -40,6 +44,9 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
     if name.startswith("constant:"):
         return policy_class("constant")(obs_dim, action_names, ConstantConfig(name.split(":", 1)[1]),
                                         seed=seed, obs_layout=obs_layout)
+    rule = rule_from_name(name, obs_dim, action_names, obs_layout, seed)
+    if rule is not None:
+        return rule
     if os.path.isfile(name):
         return load_policy(name)
     from ..registry import list_policies, load_pretrained, pretrained_info
@@ -47,7 +54,7 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
     if name not in list_policies():
         raise ValueError(
             f"Unknown policy '{name}': expected 'ppo', 'dqn', 'random', 'constant:<choice>', "
-            f"a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy or a config"
+            f"a rule {list(RULE_NAMES)}, a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy or a config"
         )
     if pretrained_info(name).get("optimizer") == "learned":
         raise ValueError(f"'{name}' is a learned update rule, not a decision policy: use "

@@ -6,8 +6,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..control.base import ControlledOptimizer
+from ..control.budget import BUDGET_FEATURES, ComputeBudget, check_budget
 from ..control.choices import ChoicesArg, resolve_choices
-from ..control.validation import check_lr, check_momentum, check_weight_decay
+from ..control.validation import check_count, check_lr, check_momentum, check_weight_decay
 from ..rewards import RewardContext, SwitchingReward
 
 __all__ = ["RLSwitchingOptimizer"]
@@ -101,6 +102,23 @@ class RLSwitchingOptimizer(ControlledOptimizer):
     the device, and otherwise as torch would run it, with a host check), ``capturable`` and
     ``differentiable`` (``False`` only: rlopt's steps are not differentiable).
     history_size: decisions kept in :attr:`history` and in checkpoints (None: all).
+
+    compute_budget: the extra compute, in gradient evaluations beyond the cheapest choice's, as a
+        share of the run's steps, that costlier choices may use (None: no limit). With SGD (cost 1)
+        and SAM (cost 2), ``compute_budget=0.3`` lets SAM run on at most 30% of the run's steps, so
+        the run costs at most 1.3x SGD's, whatever the policy chooses: a step whose choice would
+        cross the budget runs the cheapest choice instead (counted on the host from the choices'
+        costs: no device read, no host sync). Needs ``total_steps`` (exact) or ``total_epochs``
+        (the run's length is then ``total_epochs`` times the first epoch's length, and the first
+        epoch runs the cheapest choice, since nothing can be spent before the length is known).
+        In ``[0, max cost - min cost]``. The policy sees three more features, ``budget_left``,
+        ``steps_left`` and ``budget_affordable`` (see :mod:`rlopt.control.budget`), so policies
+        made without a budget do not fit an optimizer with one, and the other way round. History
+        entries record ``budget_used`` (share of the run's steps, comparable to
+        ``compute_budget``), ``budget_spent`` (extra gradient evaluations) and
+        ``budget_overridden`` (steps on which the policy's choice was replaced). Checkpoints carry
+        the count (a resumed run spends exactly as the uninterrupted one); under DDP every rank
+        takes the same actions and counts the same steps, so every rank's count is the same.
     """
 
     kind = "switching"
@@ -113,7 +131,8 @@ class RLSwitchingOptimizer(ControlledOptimizer):
                  train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
                  signal_every: Optional[int] = None, share_momentum: bool = True, process_group: Any = "auto",
                  history_size: Optional[int] = 1000, maximize: bool = False, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, capturable: bool = False, differentiable: bool = False):
+                 fused: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 compute_budget: Optional[float] = None):
         check_lr(lr)
         check_momentum(momentum)
         if weight_decay is not None:
@@ -122,18 +141,49 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         if isinstance(lr, torch.Tensor) and foreach and not capturable:  # as torch's optimizers refuse it
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         specs = resolve_choices(choices, float(lr), options)
+        costs = [s.cost for s in specs]
+        budget = None
+        if compute_budget is not None:
+            run = check_count(total_steps, "total_steps", allow_none=True), \
+                check_count(total_epochs, "total_epochs", allow_none=True)
+            check_budget(compute_budget, costs, *run)
+            budget = ComputeBudget(compute_budget, costs, total_steps=run[0], total_epochs=run[1])
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, specs, action_names=[s.name for s in specs], costs=[s.cost for s in specs],
+        super().__init__(params, defaults, specs, action_names=[s.name for s in specs], costs=costs,
                          policy=policy, interval=interval, seed=seed, total_steps=total_steps,
                          total_epochs=total_epochs, reward=reward, max_nonfinite_steps=max_nonfinite_steps,
                          signal_every=signal_every, train_policy=train_policy, share_momentum=share_momentum,
-                         process_group=process_group, history_size=history_size)
+                         process_group=process_group, history_size=history_size,
+                         extra_features=BUDGET_FEATURES if budget is not None else ())
+        self.budget: Optional[ComputeBudget] = budget
 
     def _default_reward(self):
         return SwitchingReward()
 
     def _active(self) -> int:
-        return self.controller.action
+        if self.budget is None:
+            return self.controller.action
+        return self.budget.choose(self.controller.action, self.controller.counts)
+
+    def _extra_features(self, signals):
+        return () if self.budget is None else self.budget.features(self.controller.counts)
+
+    def _history_extra(self):
+        return {} if self.budget is None else self.budget.history(self.controller.counts)
+
+    def _extra_state(self):
+        return {} if self.budget is None else self.budget.state_dict(self.controller.counts)
+
+    def _check_extra_state(self, state):
+        if self.budget is not None:
+            self.budget.check_state(state)
+        elif state:
+            raise ValueError(f"rlopt.extra: the checkpoint was saved with compute_budget={state.get('compute_budget')!r}, "
+                             "this optimizer has none")
+
+    def _load_extra_state(self, state):
+        if self.budget is not None and state:
+            self.budget.load_state_dict(state)
 
     def _apply_action(self, action: int) -> None:
         pass  # the next step() runs inner optimizer `action`; nothing else changes
