@@ -227,6 +227,10 @@ def test_lightning_missing_key_warns(tmp_path):
                     enable_checkpointing=False).fit(model, *_loaders())
     with pytest.raises(TypeError, match="val_loss_key"):
         RLOptCallback(val_loss_key=3)
+    model = Tiny(lambda p: RLSwitchingOptimizer(p, choices=["sgd", "sam"], policy="random", lr=0.05, seed=0))
+    with pytest.raises(ValueError, match=r"Choices \['sam'\] evaluate the gradient twice"):
+        _pl_trainer(pl, tmp_path, 1, [RLOptCallback()], accumulate_grad_batches=2,
+                    enable_checkpointing=False).fit(model, *_loaders())
 
 
 def test_lightning_mid_epoch_validation_does_not_decide(tmp_path):

@@ -32,7 +32,8 @@ are taken by the optimizer itself; the callback still marks the epochs and logs 
 **Steps.** Automatic optimization needs nothing more: Lightning hands ``optimizer.step`` a
 closure (forward, backward, gradient clipping), which SAM calls twice and from which the policy
 sees the training loss. With SAM, ``training_step`` (and its ``self.log`` calls) runs twice per
-step. Manual optimization: call ``opt.step(closure)`` yourself.
+step; SAM with ``accumulate_grad_batches > 1`` is refused (Lightning's closure covers only the last
+micro-batch). Manual optimization: call ``opt.step(closure)`` yourself.
 
 **Baseline.** Lightning's sanity check sees only a few batches, so the callback does not use it.
 Run ``trainer.validate(model, val_loader)`` before ``trainer.fit``: the callback keeps those
@@ -183,6 +184,12 @@ class RLOptCallback(pl.Callback):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         opt = self.optimizer(trainer)
+        if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization and any(
+                hasattr(o, "base_optimizer") for o in opt.inner_optimizers.values()):
+            sam = [n for n, o in opt.inner_optimizers.items() if hasattr(o, "base_optimizer")]
+            raise ValueError(f"Choices {sam} evaluate the gradient twice, but with accumulate_grad_batches="
+                             f"{trainer.accumulate_grad_batches} the closure Lightning gives the step covers only the "
+                             "last micro-batch: use accumulate_grad_batches=1 (or larger batches) with them")
         self.logger = DecisionLogger(opt, **self._files)
         self._pending = []
         if opt.steps_taken > 0:  # resumed: what is in the history was logged by the run that saved it

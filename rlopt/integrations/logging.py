@@ -20,7 +20,7 @@ policy diagnostic. The learning-rate controller records ``lr`` and ``weight_deca
 decision; for other optimizers they are read from ``param_groups[0]`` when :meth:`log_new` runs
 (call it right after the decision). Scalars go to TensorBoard under ``rlopt/<key>`` at the
 decision's optimizer step; non-finite and missing values are left out there, and written as
-``null`` (JSONL) or an empty cell (CSV). Files are appended to; a CSV file whose columns grow is
+``null`` (JSONL) or an empty cell (CSV). Missing folders are created; files are appended to; a CSV file whose columns grow is
 rewritten with the wider header. TensorBoard needs the ``tensorboard`` package
 (``pip install tensorboard``); the files need nothing.
 """
@@ -130,6 +130,9 @@ class DecisionLogger:
         self.prefix = prefix.rstrip("/")
         self.jsonl_path = None if jsonl_path is None else os.fspath(jsonl_path)
         self.csv_path = None if csv_path is None else os.fspath(csv_path)
+        for path in (self.jsonl_path, self.csv_path):
+            if path is not None and os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
         self._writer = None
         if tensorboard_dir is not None:
             try:
