@@ -240,3 +240,70 @@ def test_sharpness_estimate_is_nan_without_a_gradient_and_refuses_rho_zero():
     assert torch.isnan(sharpness_estimate(torch.tensor(1.0), torch.tensor(1.0), 0.05, torch.tensor(0.0)))
     with pytest.raises(ValueError, match="rho"):
         sharpness_estimate(torch.tensor(1.0), torch.tensor(1.0), 0.0, torch.tensor(1.0))
+
+
+# ----------------------------------------------------------------------------- DDP
+_DDP_WORKER = r'''
+import sys
+import torch, torch.distributed as dist, torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from rlopt import RLSwitchingOptimizer
+
+rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+results = {}
+for policy, interval in [("random", 1), ("ss-sam", 3), ("constant:sam", 2)]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    net = DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard, its own policy seed
+    x, y = torch.randn(24, 16, 8, generator=gen), torch.randint(0, 3, (24, 16), generator=gen)
+    opt = RLSwitchingOptimizer(net.parameters(), choices=["sgd", "sam"], policy=policy, interval=interval,
+                               seed=rank, total_steps=24, compute_budget=0.25)
+    calls = [0]
+    for k in range(24):
+        def closure():
+            calls[0] += 1
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x[k]), y[k])
+            loss.backward()
+            return loss
+        opt.step(closure)
+    results[policy] = {"extra": calls[0] - 24, "choices": [h["choice"] for h in opt.history],
+                       "spent": [h["budget_spent"] for h in opt.history],
+                       "params": [p.detach().clone() for p in model.parameters()]}
+torch.save(results, out)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_ranks_count_the_same_budget(tmp_path):
+    """Two ranks (DDP over gloo) with other seeds and other data: one action per decision, so one
+    count; a rank that ran SAM alone would hang the other's gradient all-reduce."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(outs[r])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0].decode())
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the ranks did not finish within 120 s")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    r0, r1 = (torch.load(o, weights_only=True) for o in outs)
+    for policy in r0:
+        a, b = r0[policy], r1[policy]
+        assert a["extra"] == b["extra"] <= 6, policy  # 0.25 * 24
+        assert a["choices"] == b["choices"] and a["spent"] == b["spent"], policy
+        for p, q in zip(a["params"], b["params"]):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)  # DDP: equal updates from equal averaged gradients
+    assert r0["constant:sam"]["extra"] == 6

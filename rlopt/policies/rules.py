@@ -277,7 +277,7 @@ class AdaptiveSamPolicy(_Rule):
         obs = self._check_obs(obs)
         level = self._feature(obs, "grad_norm_level", "the gradient norm against the first interval's")
         level = min(max(level, -1.0 + 1e-6), 1.0 - 1e-6)
-        x = math.exp(4.0 * math.atanh(level))  # (|g| / |g_first|)^2
+        x = math.exp(2.0 * math.atanh(level))  # (|g| / |g_first|)^2
         if self.mean is None:
             action, self.mean = self.base, x
             return action
