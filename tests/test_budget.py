@@ -110,6 +110,31 @@ def test_resume_mid_run_spends_exactly_as_the_uninterrupted_run(policy, how):
     assert_tree_equal(a.opt.state_dict(), b.opt.state_dict())
 
 
+@pytest.mark.parametrize("policy", ["random", "constant:sam"])
+def test_resume_mid_epoch_with_total_epochs(policy):
+    a = Run(policy, 3, 0.3, total_epochs=5, seed=2)
+    _side_by_side([a], 13, 0)  # the run's length was fixed at the first epoch_end
+    ckpt = roundtrip({"model": a.model.state_dict(), "opt": a.opt.state_dict()})
+    b = Run(policy, 3, 0.3, total_epochs=5, seed=2, model_seed=1)
+    b.model.load_state_dict(ckpt["model"])
+    b.opt.load_state_dict(ckpt["opt"])
+    b.calls, b.steps = a.calls, a.steps
+    _side_by_side([a, b], 27, 13)
+    assert a.extra == b.extra <= 12
+    assert_tree_equal(a.opt.state_dict(), b.opt.state_dict())
+
+
+def test_an_extended_run_spends_the_share_of_its_new_length():
+    a = Run("constant:sam", 1, 0.25, total_steps=20)
+    a.run(10)
+    assert a.extra == 5  # the budget of 20 steps is spent
+    b = Run("constant:sam", 1, 0.25, total_steps=40)
+    b.opt.load_state_dict(a.opt.state_dict())
+    b.calls, b.steps = a.calls, a.steps
+    b.run(30, 10)
+    assert b.extra == 10
+
+
 def test_a_step_that_raises_is_not_charged():
     run = Run("constant:sam", 1, 0.5, total_steps=10)
     run.run(3)
@@ -307,3 +332,31 @@ def test_ranks_count_the_same_budget(tmp_path):
         for p, q in zip(a["params"], b["params"]):
             torch.testing.assert_close(p, q, rtol=0, atol=0)  # DDP: equal updates from equal averaged gradients
     assert r0["constant:sam"]["extra"] == 6
+
+
+# ----------------------------------------------------------------------------- host cost
+@pytest.mark.filterwarnings("ignore:None of the last")  # bare steps: the count is of the step alone
+def test_the_budget_adds_no_operation_to_a_step():
+    """The count is host arithmetic: a budgeted step dispatches exactly the operations of an
+    unbudgeted one (no device read, no host sync), also once the budget forces the cheaper choice."""
+    from benchmarks.overhead import CountOps
+
+    def ops(share):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(3, 2, generator=gen)) for _ in range(4)]
+        for p in params:
+            p.grad = torch.randn(3, 2, generator=gen)
+        opt = RLSwitchingOptimizer(params, choices={"sgd": {}, "dear": {"family": "sgd", "cost": 2.0}},
+                                   policy="constant:dear", total_steps=200, compute_budget=share)
+        for _ in range(40):
+            opt.step()
+        with CountOps() as count:
+            for _ in range(100):  # with share 0.5: 60 steps of "dear", then 40 of "sgd"
+                opt.step()
+        return count.ops, opt
+
+    plain, _ = ops(None)
+    budgeted, opt = ops(0.5)
+    assert sum(plain.values()) >= 100  # every step was counted
+    assert budgeted == plain
+    assert opt.state_dict()["rlopt"]["extra"]["spent"] == 100.0

@@ -22,7 +22,9 @@ The run's length: ``total_steps``, or with only ``total_epochs`` given, ``total_
 the first epoch's length (known at the first ``epoch_end()``). Until the length is known the
 costlier choices do not run (conservative: the first epoch runs the cheapest choice whatever the
 policy says). An epoch shorter than the first makes the run shorter than counted; give
-``total_steps`` where the share must hold to the step.
+``total_steps`` where the share must hold to the step. A checkpoint carries the count, not the
+run's length: a resumed run with a larger ``total_steps`` or ``total_epochs`` (an extended run)
+may spend the share of its new length.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ class ComputeBudget:
         self.cheapest = self.extra.index(0.0)
         self.max_extra = max(self.extra)
         self.total_steps, self.total_epochs = total_steps, total_epochs
-        self.run_steps: Optional[int] = total_steps  # fixed once known
+        self.epoch_steps: Optional[float] = None  # without total_steps: the first epoch's length, once known
         self.spent = 0.0  # extra evaluations of the steps counted
         self.overridden = 0  # steps counted on which the policy's choice was replaced by the cheapest
         self._pending: Optional[Tuple[int, float, bool]] = None  # (step, extra, overridden) of the step under way
@@ -84,11 +86,12 @@ class ComputeBudget:
     # ------------------------------------------------------------- counting
     def length(self, counts: Mapping[str, int]) -> Optional[int]:
         """The run's length in steps (None: not known yet)."""
-        if self.run_steps is not None:
-            return self.run_steps
-        if counts["epoch"] >= 1 and counts["epoch_start_step"] > 0:
-            return int(round(counts["epoch_start_step"] * self.total_epochs / counts["epoch"]))
-        return None
+        if self.total_steps is not None:
+            return self.total_steps
+        epoch_steps = self.epoch_steps
+        if epoch_steps is None and counts["epoch"] >= 1 and counts["epoch_start_step"] > 0:
+            epoch_steps = counts["epoch_start_step"] / counts["epoch"]
+        return None if epoch_steps is None else int(round(epoch_steps * self.total_epochs))
 
     def limit(self, counts: Mapping[str, int]) -> Optional[float]:
         n = self.length(counts)
@@ -108,8 +111,8 @@ class ComputeBudget:
         self.spent, self.overridden = self.used(step)  # the previous step, if it was counted
         self._pending = None
         n = self.length(counts)
-        if self.run_steps is None and n is not None:
-            self.run_steps = n
+        if n is not None and self.total_steps is None and self.epoch_steps is None:
+            self.epoch_steps = counts["epoch_start_step"] / counts["epoch"]
         extra = self.extra[action]
         over = False
         if extra > 0.0 and (n is None or self.spent + extra > self.share * n * (1.0 + _REL_TOL)):
@@ -141,10 +144,10 @@ class ComputeBudget:
     # ------------------------------------------------------------- checkpoints
     def state_dict(self, counts: Mapping[str, int]) -> Dict[str, Any]:
         spent, over = self.used(counts["step"])
-        return {"compute_budget": self.share, "run_steps": self.run_steps, "spent": spent, "overridden": over}
+        return {"compute_budget": self.share, "epoch_steps": self.epoch_steps, "spent": spent, "overridden": over}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        keys = ("compute_budget", "run_steps", "spent", "overridden")
+        keys = ("compute_budget", "epoch_steps", "spent", "overridden")
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"rlopt.extra lacks {missing}: the checkpoint was saved without a compute_budget, "
@@ -152,12 +155,9 @@ class ComputeBudget:
         if state["compute_budget"] != self.share:
             raise ValueError(f"rlopt.extra.compute_budget: the checkpoint's budget is {state['compute_budget']!r}, "
                              f"this optimizer's {self.share}")
-        n = state["run_steps"]
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
-            raise ValueError(f"Invalid rlopt.extra.run_steps: {n!r}")
-        if self.total_steps is not None and n != self.total_steps:
-            raise ValueError(f"rlopt.extra.run_steps: the checkpoint counted a run of {n} steps, this optimizer "
-                             f"has total_steps={self.total_steps}")
+        n = state["epoch_steps"]
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 < n < math.inf):
+            raise ValueError(f"Invalid rlopt.extra.epoch_steps: {n!r}")
         spent = state["spent"]
         if isinstance(spent, bool) or not isinstance(spent, (int, float)) or not 0.0 <= spent < math.inf:
             raise ValueError(f"Invalid rlopt.extra.spent: {spent!r}")
@@ -167,9 +167,9 @@ class ComputeBudget:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)
-        self.run_steps = state["run_steps"]
+        self.epoch_steps = None if state["epoch_steps"] is None else float(state["epoch_steps"])
         self.spent, self.overridden = float(state["spent"]), state["overridden"]
         self._pending = None
 
     def __repr__(self) -> str:
-        return f"ComputeBudget(share={self.share}, run_steps={self.run_steps}, spent={self.spent})"
+        return f"ComputeBudget(share={self.share}, spent={self.spent})"
