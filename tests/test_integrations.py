@@ -95,7 +95,8 @@ def test_decision_logger_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"rlopt/reward", "rlopt/choice_index", "rlopt/lr", "rlopt/signals/val_acc", "rlopt/signals/loss"} <= set(tags)
+    assert {"rlopt/reward", "rlopt/choice_index", "rlopt/lr", "rlopt/signals/val_acc",
+            "rlopt/signals/loss"} <= set(tags)
     assert [e.step for e in acc.Scalars("rlopt/signals/val_acc")] == [3]
     assert acc.Scalars("rlopt/signals/val_acc")[0].value == pytest.approx(0.25)
 

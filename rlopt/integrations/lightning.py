@@ -105,7 +105,7 @@ class RLOptCallback(pl.Callback):
         self.val_loss_key, self.val_acc_key, self.log = val_loss_key, val_acc_key, log
         self._files = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path, "csv_path": csv_path}
         self.optimizer_index = optimizer_index
-        self.logger: Optional[DecisionLogger] = None
+        self.decision_logger: Optional[DecisionLogger] = None
         self._decided_epoch = -1  # the epoch whose epoch_end was called (trainer.current_epoch)
         self._pending: list = []  # records taken where Lightning does not allow self.log
         self._baseline: Optional[Dict[str, Optional[float]]] = None
@@ -148,8 +148,8 @@ class RLOptCallback(pl.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             opt.epoch_end(**metrics)
         self._decided_epoch = trainer.current_epoch
-        if self.logger is not None:
-            self._pending.extend(self.logger.log_new())
+        if self.decision_logger is not None:
+            self._pending.extend(self.decision_logger.log_new())
 
     def _emit(self, pl_module: "pl.LightningModule", records: list, on_step: bool) -> None:
         if not self.log or not records:
@@ -190,18 +190,18 @@ class RLOptCallback(pl.Callback):
             raise ValueError(f"Choices {sam} evaluate the gradient twice, but with accumulate_grad_batches="
                              f"{trainer.accumulate_grad_batches} the closure Lightning gives the step covers only the "
                              "last micro-batch: use accumulate_grad_batches=1 (or larger batches) with them")
-        self.logger = DecisionLogger(opt, **self._files)
+        self.decision_logger = DecisionLogger(opt, **self._files)
         self._pending = []
         if opt.steps_taken > 0:  # resumed: what is in the history was logged by the run that saved it
-            self.logger.skip_existing()
+            self.decision_logger.skip_existing()
         elif self._baseline is not None and hasattr(opt, "baseline"):
             opt.baseline(**self._baseline)
         self._baseline = None
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.logger is not None:
-            self._emit(pl_module, self.logger.log_new(), on_step=True)
+        if self.decision_logger is not None:
+            self._emit(pl_module, self.decision_logger.log_new(), on_step=True)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._decided_epoch != trainer.current_epoch:  # no validation at this epoch's end: no fresh metrics
@@ -210,6 +210,6 @@ class RLOptCallback(pl.Callback):
         self._emit(pl_module, pending, on_step=False)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.logger is not None:
-            self.logger.log_new()
-            self.logger.close()
+        if self.decision_logger is not None:
+            self.decision_logger.log_new()
+            self.decision_logger.close()

@@ -20,8 +20,8 @@ policy diagnostic. The learning-rate controller records ``lr`` and ``weight_deca
 decision; for other optimizers they are read from ``param_groups[0]`` when :meth:`log_new` runs
 (call it right after the decision). Scalars go to TensorBoard under ``rlopt/<key>`` at the
 decision's optimizer step; non-finite and missing values are left out there, and written as
-``null`` (JSONL) or an empty cell (CSV). Missing folders are created; files are appended to; a CSV file whose columns grow is
-rewritten with the wider header. TensorBoard needs the ``tensorboard`` package
+``null`` (JSONL) or an empty cell (CSV). Missing folders are created; files are appended to; a
+CSV file whose columns grow is rewritten with the wider header. TensorBoard needs the ``tensorboard`` package
 (``pip install tensorboard``); the files need nothing.
 """
 from __future__ import annotations

@@ -76,7 +76,7 @@ class RLOptCallback(TrainerCallback):
                 raise TypeError(f"{name} must be a str or None, got {value!r}")
         self.val_loss_key, self.val_acc_key = val_loss_key, val_acc_key
         self._files = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path, "csv_path": csv_path}
-        self.logger: Optional[DecisionLogger] = None
+        self.decision_logger: Optional[DecisionLogger] = None
         self.opt: Any = None
         self.trainer_log_cursor = -1  # the last decision RLOptTrainer put in the Trainer's logs
         self._epoch_pending = False
@@ -102,25 +102,25 @@ class RLOptCallback(TrainerCallback):
     def _decide(self, metrics: Mapping[str, Optional[float]]) -> None:
         self.opt.epoch_end(**metrics)
         self._epoch_pending, self._metrics = False, {}
-        if self.logger is not None:
-            self.logger.log_new()
+        if self.decision_logger is not None:
+            self.decision_logger.log_new()
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.opt = find_controlled_optimizer(optimizer)
-        self.logger = DecisionLogger(self.opt, **self._files)
+        self.decision_logger = DecisionLogger(self.opt, **self._files)
         if not self.gives_closure:
             _hint_closure(optimizer)
         self._epoch_pending, self._metrics = False, {}
         if self.opt.steps_taken > 0:  # resumed: the run that saved the checkpoint logged its decisions
-            self.logger.skip_existing()
-            self.trainer_log_cursor = self.logger.last_logged
+            self.decision_logger.skip_existing()
+            self.trainer_log_cursor = self.decision_logger.last_logged
         elif self._baseline is not None and hasattr(self.opt, "baseline") and self.opt.choice is None:
             self.opt.baseline(**self._baseline)
         self._baseline = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.logger is not None:  # decisions every N steps
-            self.logger.log_new()
+        if self.decision_logger is not None:  # decisions every N steps
+            self.decision_logger.log_new()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.opt is None:
@@ -152,9 +152,9 @@ class RLOptCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.opt is not None and self._epoch_pending:
             self._decide(self._metrics)
-        if self.logger is not None:
-            self.logger.log_new()
-            self.logger.close()
+        if self.decision_logger is not None:
+            self.decision_logger.log_new()
+            self.decision_logger.close()
 
 
 def _hint_closure(wrapper: Any) -> None:
