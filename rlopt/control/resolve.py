@@ -19,7 +19,8 @@ _CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", Constant
 def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, Any], seed: int,
                 train: Optional[bool] = None) -> Policy:
     """A name (``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<action>"``, a rule such as
-    ``"sam-late"`` or ``"sam-every:4"`` (:mod:`rlopt.policies.rules`), a registered policy's name), a config, a :class:`Policy` or a checkpoint path; checked against the action set and
+    ``"sam-late"`` or ``"sam-every:4"`` (:mod:`rlopt.policies.rules`), a registered policy's name), a
+    config, a :class:`Policy` or a checkpoint path; checked against the action set and
     the observation layout."""
     action_names = tuple(action_names)
     obs_dim = len(obs_layout["names"])
@@ -54,7 +55,8 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
     if name not in list_policies():
         raise ValueError(
             f"Unknown policy '{name}': expected 'ppo', 'dqn', 'random', 'constant:<choice>', "
-            f"a rule {list(RULE_NAMES)}, a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy or a config"
+            f"a rule {list(RULE_NAMES)}, a pretrained name {sorted(list_policies())}, a checkpoint path, a Policy "
+            "or a config"
         )
     if pretrained_info(name).get("optimizer") == "learned":
         raise ValueError(f"'{name}' is a learned update rule, not a decision policy: use "

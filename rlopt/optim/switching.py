@@ -42,9 +42,11 @@ class RLSwitchingOptimizer(ControlledOptimizer):
             ``family`` key. Per-choice
             keys: the family's hyper-parameters, ``lr`` or ``lr_scale``, ``cost``.
             See :mod:`rlopt.choices` for how they combine with the base ``lr``.
-        policy: ``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<choice>"``, a pretrained policy's
-            name, a checkpoint path, a :class:`~rlopt.policies.Policy`, or a config
-            (``DQNConfig(...)``, ``PPOConfig(...)``).
+        policy: ``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<choice>"``, a rule
+            (``"sam-late"``, ``"sam-every:<k>"``, ``"ss-sam"``, ``"ae-sam"``: see
+            :mod:`rlopt.policies.rules`), a pretrained policy's name, a checkpoint path, a
+            :class:`~rlopt.policies.Policy`, or a config (``DQNConfig(...)``, ``PPOConfig(...)``,
+            ``SamLateConfig(...)``, ...).
         interval: ``"epoch"`` (decide at each :meth:`epoch_end`) or N (decide every N steps).
         lr: base learning rate; what LR schedulers change. SGD and SAM run at it, Adam and
             AdamW at ``lr * 0.01`` unless their choice sets ``lr``/``lr_scale``.
@@ -178,8 +180,8 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         if self.budget is not None:
             self.budget.check_state(state)
         elif state:
-            raise ValueError(f"rlopt.extra: the checkpoint was saved with compute_budget={state.get('compute_budget')!r}, "
-                             "this optimizer has none")
+            raise ValueError(f"rlopt.extra: the checkpoint was saved with compute_budget="
+                             f"{state.get('compute_budget')!r}, this optimizer has none")
 
     def _load_extra_state(self, state):
         if self.budget is not None and state:

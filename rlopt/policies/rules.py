@@ -295,7 +295,8 @@ class AdaptiveSamPolicy(_Rule):
         super()._check_state(state)
         _require_keys(state, ("mean", "var"), "AdaptiveSamPolicy state")
         mean, var = state["mean"], state["var"]
-        if mean is not None and (isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean)):
+        if mean is not None and (isinstance(mean, bool) or not isinstance(mean, (int, float))
+                                 or not math.isfinite(mean)):
             raise ValueError(f"Invalid running mean in the policy state: {mean!r}")
         if isinstance(var, bool) or not isinstance(var, (int, float)) or not 0.0 <= var < math.inf:
             raise ValueError(f"Invalid running variance in the policy state: {var!r}")
