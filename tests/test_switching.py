@@ -406,7 +406,9 @@ def test_resume_equivalence(name, policy, interval):
     assert_tree_equal(normalize(o1.history), normalize(o2.history))
     assert len(o1.history) > 3
     assert_tree_equal(o1.state_dict(), o2.state_dict())
-    if updates_at_resume is not None:  # the policy learned after the resume, identically
+    learns = not (isinstance(o1.policy.config, DQNConfig) and o1.policy.config.learning_starts > len(o1.history))
+    if updates_at_resume is not None and learns:  # the policy learned after the resume, identically
+        # (the default DQN waits for more transitions than this short run makes: its resume is checked above)
         assert o1.policy.n_updates > updates_at_resume
     if isinstance(interval, int):
         assert len({h["choice"] for h in o1.history}) > 1  # decisions really vary

@@ -192,8 +192,8 @@ class SignalTracker:
             if key not in self._unfused:
                 try:  # multiplies by one (exact) or inv_scale, and sets target to 1 on inf or NaN
                     non_finite_check_(group, target, one.to(dev), unscale=unscale)
-                except NotImplementedError:  # no kernel for this device or dtype: norms instead
-                    self._unfused.add(key)
+                except (NotImplementedError, RuntimeError):  # no kernel for this device or dtype (torch 2.4
+                    self._unfused.add(key)                   # raises RuntimeError for complex): norms instead
             if key in self._unfused:
                 non_finite_check_(group, target, one.to(dev), fused=False, unscale=unscale)
             if target is not flag:
