@@ -298,3 +298,40 @@ def test_first_step_with_found_inf_flag(adaptive):
     assert all(bool(torch.isfinite(p).all()) for p in m2.parameters())
     s2.restore()
     assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), w))
+
+
+def test_sparse_gradients_are_refused_clearly():
+    with torch.random.fork_rng(devices=[]):
+        emb = nn.Embedding(5, 3, sparse=True)
+    sam = SAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+
+    def closure():
+        sam.zero_grad()
+        loss = emb(torch.tensor([0, 2])).sum()
+        loss.backward()
+        return loss
+
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="SAM does not support sparse gradients"):
+        sam.step(closure)
+    assert torch.equal(emb.weight, before)
+
+
+def test_hooks_run_once_per_step_and_around_the_state_dict():
+    model = make_model()
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    calls = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(type(o).__name__)),
+               sam.register_state_dict_post_hook(lambda o, sd: calls.append("sd-post")),
+               sam.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre"))]
+    try:
+        x, y = make_data()
+        sam.step(make_closure(model, sam, x, y))
+        assert calls == ["SAM"]  # the base SGD's step does not fire the global hooks again
+        sam.load_state_dict(sam.state_dict())
+        assert calls == ["SAM", "sd-post", "load-pre"]
+    finally:
+        for h in handles:
+            h.remove()
