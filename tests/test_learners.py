@@ -205,11 +205,12 @@ def test_ppo_defaults_learn_cartpole_beyond_random():
 
 def test_dqn_defaults_keep_q_bounded_and_learn_cartpole_beyond_random():
     """rlopt's DQN with its defaults except a schedule shortened to the test's budget (exploration
-    over 3k decisions, learning from 500). Random play averages about 22 per episode."""
+    over 3k decisions, learning from 500). Random play averages about 22 per episode; seed 0 was
+    at 149 after 8k steps on the machine of the learner study."""
     pytest.importorskip("gymnasium")
     from benchmarks.learner_check import run_learner
 
-    result = run_learner("dqn", "CartPole-v1", seed=0, steps=12_000,
+    result = run_learner("dqn", "CartPole-v1", seed=0, steps=8000,
                          config={"exploration_decisions": 3000, "learning_starts": 500})
     assert result["max_abs_mean_q"] <= result["q_bound"] and not result["divergence_warnings"]
     assert result["score"] >= 60.0, result["score"]
