@@ -82,7 +82,10 @@ def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, 
     if algo == "ppo":
         return PPOConfig(hidden=32, rollout_len=16, update_epochs=4, ent_coef=0.01)
     decay = _exploration_decay(episodes, dist.mean_decisions(seed=seed))
-    base = DEFAULT_DQN_CONFIG if kind == "lr" else DQNConfig(gamma=0.9, learning_starts=16, target_update=20)
+    # pinned to the values the shipped policies were meta-trained with (the learner check found
+    # nothing better for these short episodes; benchmarks/results/learner_check)
+    base = DEFAULT_DQN_CONFIG if kind == "lr" else DQNConfig(
+        gamma=0.9, learning_starts=16, target_update=20, lr=1e-3, batch_size=32, train_frequency=1, double_dqn=False)
     cfg = DQNConfig(**vars(base))
     cfg.epsilon_decay = decay
     cfg.buffer_size, cfg.hidden = 2000, 32

@@ -25,7 +25,8 @@ _CONTROLS = {"lr": ("lr", LR_ACTIONS), "weight_decay": ("wd", WD_ACTIONS)}
 
 #: The DQN behind ``policy="dqn"``: a run makes tens of decisions, not thousands, so exploration
 #: ends within about 40 decisions and the horizon is short.
-DEFAULT_DQN_CONFIG = DQNConfig(gamma=0.9, epsilon_decay=0.93, learning_starts=8, target_update=10)
+DEFAULT_DQN_CONFIG = DQNConfig(gamma=0.9, epsilon_decay=0.93, learning_starts=8, target_update=10, lr=1e-3,
+                               batch_size=32, buffer_size=5000, train_frequency=1, double_dqn=False)
 
 #: Default reward (chosen on benchmarks/lr_control.py; see benchmarks/results/lr_control/lr_control.md).
 DEFAULT_REWARD = "log_improvement"
