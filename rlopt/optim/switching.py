@@ -68,8 +68,9 @@ class RLSwitchingOptimizer(ControlledOptimizer):
             read without waiting for the device, so the error may come up to about 35 steps late
             (the count is folded every 32 steps); on the CPU it comes at the step that completes the run;
             on other devices (MPS) at the next decision.
-        signal_every: sample the gradient norm and alignment every this many steps (None: 10, or
-            interval // 2 when deciding every ``interval`` < 20 steps, so every interval holds samples).
+        signal_every: sample the gradient norm and alignment every this many steps (None: 50, or
+            interval // 2 when deciding every ``interval`` < 100 steps, so every interval holds samples;
+            each sample costs a flat copy of the gradient and a few reductions).
         share_momentum: the SGD-family choices (``sgd``, and ``sam`` over SGD) share one momentum
             buffer per parameter, so a switch between them carries the velocity on, as a schedule
             that runs SAM's ascent on some steps of one SGD does (default). False gives each its own
