@@ -333,3 +333,42 @@ def test_compiled_ordinary_steps_have_no_graph_break():
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
         return  # torch 2.4's explain counts a break with no reason given: there it must only run
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_a_first_step_that_fails_takes_its_first_decision_back():
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="ppo", interval=3)
+    before = roundtrip(opt.state_dict())
+
+    def failing():
+        raise KeyError("out of memory, say")
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert opt.choice is None and opt.history == []
+    assert_tree_equal(before, roundtrip(opt.state_dict()))
+
+
+@pytest.mark.parametrize("steps", [4, 5])  # an ordinary step, and one that ends an interval
+def test_an_update_that_raises_is_not_counted(steps):
+    x, y = make_data()
+    model = make_model()
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd"], policy="random", interval=3)
+    for _ in range(steps):
+        opt.step(make_closure(model, opt, x, y))
+    before = roundtrip(opt.state_dict())
+    inner = opt.inner_optimizers["sgd"]
+    original = type(inner).step
+
+    def broken(self, closure=None):
+        raise RuntimeError("the inner update failed")
+
+    type(inner).step = broken
+    try:
+        with pytest.raises(RuntimeError, match="inner update failed"):
+            opt.step(make_closure(model, opt, x, y))
+    finally:
+        type(inner).step = original
+    after = roundtrip(opt.state_dict())
+    assert after["rlopt"]["controller"]["counts"] == before["rlopt"]["controller"]["counts"]
+    assert len(after["rlopt"]["controller"]["history"]) == len(before["rlopt"]["controller"]["history"])

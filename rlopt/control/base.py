@@ -25,6 +25,7 @@ the history as they were (a policy that raises while it learns is the one except
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -207,8 +208,19 @@ class ControlledOptimizer(Optimizer):
                 f"{type(self).__name__}.step() needs a closure because choices {names} evaluate the gradient "
                 "twice; call step(closure) where the closure clears the gradients, computes the loss, calls "
                 "backward() and returns the loss")
-        if ctl.action is None:
-            self._decide(final=False)  # the first decision
+        if ctl.action is not None:
+            return self._step(closure)
+        undo = ctl.snapshot(), copy.deepcopy(ctl.policy.state_dict())
+        self._decide(final=False)  # the first decision
+        try:
+            return self._step(closure)
+        except BaseException:  # a first step that fails takes its first decision back too
+            ctl.restore(undo[0])
+            ctl.policy.load_state_dict(undo[1])
+            raise
+
+    def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
+        inner, ctl = self.inner, self.controller
         if ctl.interval == "epoch" and ctl.counts["step"] >= self._epoch_end_check_at:
             self._check_epoch_end_calls()
         i = self._active()
@@ -238,20 +250,27 @@ class ControlledOptimizer(Optimizer):
             cost = inner.specs[i].cost
             final = ctl.count_step(cost)
             if final is None:
-                guarded.apply(inner, i, flag)
+                try:
+                    guarded.apply(inner, i, flag)
+                except BaseException:
+                    ctl.uncount_step(cost)
+                    tracker.cancel()
+                    raise
                 tracker.end()
                 return out
             snap = tracker.snapshot()  # the step that ends an interval: decide before its update
             flag = flag.clone()  # a view of the tracker's window, which the decision's read folds and resets
+            ctl_snap = ctl.snapshot()
             tracker.end()
             try:
                 self._decide(final=final)
-            except BaseException:
+                guarded.apply(inner, i, flag)
+            except BaseException:  # (a policy that already learned from the decision keeps what it learned)
                 tracker.restore(snap)
                 tracker.cancel()
-                ctl.uncount_step(cost)
+                ctl.restore(ctl_snap)
+                ctl.uncount_step(cost)  # (the snapshot was taken with this step counted)
                 raise
-            guarded.apply(inner, i, flag)
         return out
 
     def _warn_implausible_lr(self, i: int) -> None:
@@ -309,7 +328,7 @@ class ControlledOptimizer(Optimizer):
         val = _metrics(val_loss, val_acc)
         self._epoch_end_check_at = 0  # the epoch's length changes the limit: recomputed at the next step
         ctl = self.controller
-        snap = ctl.snapshot()
+        snap, tracker_snap = ctl.snapshot(), self.tracker.snapshot()
         try:
             if ctl.action is None:
                 self._decide(final=False)
@@ -318,6 +337,7 @@ class ControlledOptimizer(Optimizer):
                 self._decide(final=final)
         except BaseException:
             ctl.restore(snap)
+            self.tracker.restore(tracker_snap)
             raise
         return self.choice
 

@@ -28,7 +28,17 @@ VERSION = 1
 
 def check(opt: "ControlledOptimizer", sd: Any) -> Mapping[str, Any]:
     """Raise ``ValueError`` (naming the entry) unless ``sd`` loads completely into ``opt``; return its
-    ``"rlopt"`` entry. Changes nothing."""
+    ``"rlopt"`` entry. Changes nothing. An entry of a type no check foresaw gives a ``ValueError``
+    too, never a raw ``TypeError`` or ``KeyError``."""
+    try:
+        return _check(opt, sd)
+    except ValueError:
+        raise
+    except Exception as err:  # malformed beyond what the checks name: still the user's checkpoint
+        raise ValueError(f"Not a loadable rlopt optimizer state dict: {type(err).__name__}: {err}") from None
+
+
+def _check(opt: "ControlledOptimizer", sd: Any) -> Mapping[str, Any]:
     if not isinstance(sd, Mapping) or not isinstance(sd.get("rlopt"), Mapping):
         keys = sorted(sd) if isinstance(sd, Mapping) else type(sd).__name__
         raise ValueError(f"Not an rlopt optimizer state dict (no 'rlopt' entry); it has keys {keys}")
@@ -57,6 +67,9 @@ def check(opt: "ControlledOptimizer", sd: Any) -> Mapping[str, Any]:
             for a, b in zip(groups, opt.param_groups)) or not isinstance(state, Mapping):
         raise ValueError("param_groups: the checkpoint's groups do not match this optimizer's (another model, "
                          "or other param groups)")
+    ids = [i for g in groups for i in g["params"]]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError("param_groups: the parameter ids must be distinct ints")
     for group in groups:
         try:
             check_group_hparams({k: v for k, v in group.items() if k != "params"})

@@ -217,15 +217,33 @@ class InnerSet:
                 raise ValueError(f"{where} must be an optimizer state dict with 'state' and 'param_groups'")
             groups = inner.param_groups
             if len(sd["param_groups"]) != len(groups) or any(
-                    not isinstance(a, Mapping) or len(a.get("params", ())) != len(b["params"])
+                    not isinstance(a, Mapping) or not isinstance(a.get("params"), (list, tuple))
+                    or len(a["params"]) != len(b["params"])
                     for a, b in zip(sd["param_groups"], groups)):
                 raise ValueError(f"{where}'s parameter groups do not match this optimizer's")
-            params = dict(zip((i for g in sd["param_groups"] for i in g["params"]),
-                              (p for g in groups for p in g["params"])))
+            ids = [i for g in sd["param_groups"] for i in g["params"]]
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"{where}'s parameter ids must be distinct ints")
+            for g in sd["param_groups"]:
+                for key, value in g.items():
+                    if key in ("momentum", "dampening", "lr", "weight_decay", "eps", "rho") and not (
+                            isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)):
+                        raise ValueError(f"{where}.param_groups[{key!r}] is {value!r}, not a number")
+            params = dict(zip(ids, (p for g in groups for p in g["params"])))
+            fresh = type(inner).__name__ in ("Adam", "AdamW")
             for index, entry in sd["state"].items():
                 if index not in params or not isinstance(entry, Mapping):
                     raise ValueError(f"{where} has state for an unknown parameter {index!r}")
+                if fresh and entry and "step" not in entry:
+                    raise ValueError(f"{where}.state[{index}] lacks 'step'")
                 for name, value in entry.items():
+                    if not (isinstance(value, torch.Tensor) or value is None
+                            or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+                        raise ValueError(f"{where}.state[{index}][{name!r}] is {value!r}, not a tensor or number")
+                    if name == "step" and value is None:
+                        raise ValueError(f"{where}.state[{index}]['step'] is None")
+                    if name == "momentum_buffer" and not (value is None or isinstance(value, torch.Tensor)):
+                        raise ValueError(f"{where}.state[{index}]['momentum_buffer'] must be a tensor or None")
                     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
                         raise ValueError(f"{where}.state[{index}][{name!r}] has shape {tuple(value.shape)}, the "
                                          f"parameter {tuple(params[index].shape)}")
