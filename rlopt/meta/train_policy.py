@@ -92,20 +92,23 @@ def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, 
     return cfg
 
 
-def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int, reward=None):
+def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int, reward=None,
+                    budget: Optional[float] = None, train: bool = True):
     cfg = task.config
     common = dict(policy=policy, interval=cfg.interval, seed=seed, total_steps=cfg.total_steps,
-                  total_epochs=cfg.epochs, train_policy=True, process_group=None)  # one process, its own episodes
+                  total_epochs=cfg.epochs, train_policy=train, process_group=None)  # one process, its own episodes
+    if cfg.weight_decay:  # 0: each choice's own default, as the first tasks ran
+        common["weight_decay"] = cfg.weight_decay
     if kind == "switching":
         return RLSwitchingOptimizer(task.model.parameters(), choices=list(choices), lr=cfg.lr, reward=reward,
-                                    **common)
+                                    compute_budget=budget, **common)
     return QLearningRateOptimizer(task.model.parameters(), base="sgd", lr=cfg.lr, control=("lr",), **common)
 
 
-def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int) -> BaselineReward:
+def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10=None) -> BaselineReward:
     """Train ``cfg``'s task with SGD alone (the same wrapper, initial weights and batch order as
     the policy's episode) and return the reward relative to that run."""
-    task = build_task(cfg, fmnist)
+    task = build_task(cfg, fmnist, cifar10)
     ref = _make_optimizer("switching", task, choices, "constant:sgd", seed)
     curve = run_episode(task, ref)["val_curve"]
     if len(curve) < cfg.epochs:  # the reference diverged: pad with its last figures
@@ -187,7 +190,7 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
 
     policy: Any = _policy_config(kind, algo, episodes, dist, seed)
     g = torch.Generator().manual_seed(seed)
-    fmnist = dist.resolved_fmnist_path()
+    fmnist, cifar10 = dist.resolved_fmnist_path(), dist.resolved_cifar10_path()
     bar = None
     if progress:
         try:
@@ -202,8 +205,8 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         warnings.filterwarnings("ignore", message=".*runs without fused kernels.*")
         for e in range(episodes):
             cfg = dist.sample(g, seed * 100003 + e)
-            fn = _reference_reward(cfg, fmnist, choices, seed) if reward == "paired" else None
-            task = build_task(cfg, fmnist)
+            fn = _reference_reward(cfg, fmnist, choices, seed, cifar10) if reward == "paired" else None
+            task = build_task(cfg, fmnist, cifar10)
             opt = _make_optimizer(kind, task, choices, policy, seed, fn)
             policy = opt.policy  # the first episode built it from the config; later ones reuse it
             summary = run_episode(task, opt)
@@ -275,7 +278,15 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     p.add_argument("--seed", type=int, default=0, help="policy seed; task e is drawn with seed * 100003 + e")
     p.add_argument("--out", default=None,
                    help="checkpoint path (default: runs/policies/<kind>-<algo>-s<seed>.pt under the current folder)")
-    p.add_argument("--data", default="teacher,fmnist", help="task data sources: teacher and/or fmnist")
+    p.add_argument("--preset", choices=("classic", "resnet"), default="classic",
+                   help="task distribution (rlopt.meta.tasks.PRESETS): classic = teacher/MLP/CNN tasks, resnet = "
+                   "batch-norm ResNets on CIFAR-10 and Fashion-MNIST subsets with augmentation, weight decay, "
+                   "warm-up then cosine, label noise 0-40%%")
+    p.add_argument("--data", default=None,
+                   help="task data sources: teacher, fmnist, cifar10 (default: the preset's; classic: teacher,fmnist)")
+    p.add_argument("--cifar10", default=None, metavar="PATH",
+                   help="the CIFAR-10 subset file (default: $RLOPT_CIFAR10_SUBSET or data/meta/cifar10_subset.npz, "
+                   "built by python -m benchmarks.make_subset --dataset cifar10)")
     p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
                    help="set a TaskDistribution field, e.g. --task epochs=10,20 --task label_noise=0.2,0.4 "
                    "(repeatable; see rlopt.meta.tasks.TaskDistribution)")
@@ -296,7 +307,10 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     if not a.quiet and not a.no_progress:
         log.setLevel(logging.WARNING)  # the progress bar shows the running returns
     try:
-        dist = TaskDistribution(data=tuple(s for s in a.data.split(",") if s)).with_overrides(a.task)
+        changes: Dict[str, Any] = {} if a.data is None else {"data": tuple(s for s in a.data.split(",") if s)}
+        if a.cifar10 is not None:
+            changes["cifar10_path"] = a.cifar10
+        dist = TaskDistribution.preset(a.preset, **changes).with_overrides(a.task)
     except ValueError as e:
         p.error(str(e))
     if a.reward == "paired" and a.kind != "switching":
