@@ -22,12 +22,19 @@ is unknown and the charge is ``cost_per_decision * (c - 1)`` per interval.
 :class:`BaselineReward` pays the same terms measured against a reference run of the same task
 (for meta-training: plain SGD from the same initial weights with the same batch order), so the
 policy is paid for what it gains over that reference, not for the progress any optimizer makes.
+
+:class:`FinalReward` pays what a compute budget promises and nothing else: at the end of the run,
+the final validation accuracy and loss against a paired reference run under the same budget (for
+meta-training: the rule ``"sam-late"``, same initial weights, same batches); no credit in between,
+so the swing of the validation metrics that follows each switch earns nothing. Optionally a
+potential-based shaping term ``gamma * Phi(s') - Phi(s)`` (Ng et al., 1999), which leaves the best
+policy unchanged, e.g. :func:`sharpness_potential`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from .control.observation import Signals
 
@@ -142,6 +149,76 @@ class BaselineReward(SwitchingReward):
     def _ref_level(self, now: Signals) -> float:
         k = self._epoch(now)
         return 0.0 if k is None else self.reference[k][1]
+
+
+@dataclass
+class FinalReward:
+    r"""Credit at the end of the budget only, against a paired reference run::
+
+        r = - skipped * share of skipped steps                   # every interval
+          + shaping: gamma * Phi(s') - Phi(s)                    # every interval, when a potential is given
+          + acc  * (a - a_ref) + loss * log(L_ref / L)           # at the decision that ends the budget
+
+    ``reference`` is the reference run's final ``(val_loss, val_acc)``: for meta-training, the same
+    task trained by the rule ``"sam-late"`` under the same ``compute_budget`` (same initial weights,
+    same batches and augmentation), so a policy that matches SAM-late earns 0 and one that beats it
+    at the same compute earns more. With the defaults one point of accuracy is worth 0.1 and a 1%
+    lower validation loss about 0.01. No compute charge: under a budget the optimizer enforces the
+    compute exactly, and both runs spend at most the same. ``a`` and ``L`` are the final
+    validation metrics the run gave to ``epoch_end()``; where the last interval carries none
+    (``val_fresh`` false) the final term is 0 (the run was not measured).
+
+    ``potential(signals) -> float`` adds potential-based shaping (the telescoping sum changes each
+    episode's return by ``-Phi(s_0)`` only, so the best policy is the same); the potential of the
+    state after the final decision is taken as 0. E.g. :func:`sharpness_potential`.
+    """
+
+    reference: Tuple[float, float] = (math.nan, math.nan)
+    acc: float = 10.0
+    loss: float = 1.0
+    skipped: float = 1.0
+    potential: Optional[Callable[[Signals], float]] = None
+    gamma: float = 1.0
+
+    def __post_init__(self):
+        ref = tuple(float(v) for v in self.reference)
+        if len(ref) != 2 or not all(map(math.isfinite, ref)) or ref[0] <= 0:
+            raise ValueError(f"FinalReward needs reference = (val_loss > 0, val_acc), finite; got {self.reference!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"Invalid gamma: {self.gamma}")
+        self.reference = ref
+
+    def _phi(self, s: Optional[Signals]) -> float:
+        if s is None or self.potential is None:
+            return 0.0
+        v = float(self.potential(s))
+        return v if math.isfinite(v) else 0.0
+
+    def __call__(self, ctx: RewardContext) -> float:
+        now = ctx.now
+        r = -self.skipped * now.skipped_frac
+        if self.potential is not None:
+            r += (0.0 if ctx.final else self.gamma * self._phi(now)) - self._phi(ctx.before)
+        if ctx.final and now.val_fresh and _finite(now.val_acc):
+            r += self.acc * (now.val_acc - self.reference[1])
+            if _finite(now.val_loss) and now.val_loss > 0:
+                r += self.loss * math.log(self.reference[0] / now.val_loss)
+        return r
+
+
+def sharpness_potential(scale: float = 1.0) -> Callable[[Signals], float]:
+    """A shaping potential ``Phi(s) = -scale * (sharpness - 1)`` from the interval's sharpness
+    estimate ``(L(w + e) - L(w)) / (rho |g|)`` (1 on a linear loss, larger where the loss curves
+    up along the gradient): flatter states are worth more. 0 where the signals carry no sharpness."""
+
+    def phi(s: Signals) -> float:
+        v = getattr(s, "sharpness", math.nan)
+        return -scale * (v - 1.0) if _finite(v) else 0.0
+
+    return phi
+
+
+__all__ += ["FinalReward", "sharpness_potential"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ Command line (the shipped checkpoints' commands are in ``rlopt/registry/index.js
         --task label_noise=0.2,0.4 --out long.pt        # any TaskDistribution field
     python -m rlopt.meta.train_policy --choices sgd,sam --task interval=epoch --reward paired --out p.pt
         # paid relative to an SGD run of each task (rewards.BaselineReward)
+    python -m rlopt.meta.train_policy --preset resnet --budget 0.15 --reward final --out b.pt
+        # ResNet tasks, compute budget 0.15, paid at the end against SAM-late at the same budget
+        # (rewards.FinalReward)
 
 Example:
     >>> from rlopt.meta.train_policy import train_policy
@@ -50,7 +53,7 @@ import torch
 from ..control.observation import LAYOUT_VERSION
 from ..optim.lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
 from ..policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
-from ..rewards import BaselineReward
+from ..rewards import BaselineReward, FinalReward, sharpness_potential
 from ..optim.switching import RLSwitchingOptimizer
 from .tasks import TaskDistribution, build_task, run_episode
 
@@ -116,12 +119,26 @@ def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10=No
     return BaselineReward(reference=curve)
 
 
-def _command(kind, choices, algo, episodes, seed, out, data, register, reward="default") -> str:
+def _final_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10, budget: float,
+                  reference: str = "sam-late", shaping: float = 0.0) -> FinalReward:
+    """Train ``cfg``'s task with the rule ``reference`` under the same compute budget (the same
+    wrapper, initial weights, batches and augmentation as the policy's episode) and return the
+    reward that pays the final validation metrics against that run's."""
+    task = build_task(cfg, fmnist, cifar10)
+    ref = _make_optimizer("switching", task, choices, reference, seed, budget=budget, train=False)
+    out = run_episode(task, ref)
+    potential = sharpness_potential(shaping) if shaping else None
+    return FinalReward(reference=(max(out["val_loss"], 1e-12), out["val_acc"]), potential=potential)
+
+
+def _command(kind, choices, algo, episodes, seed, out, data, register, reward="default", budget=None) -> str:
     args = ["python", "-m", "rlopt.meta.train_policy", "--kind", kind]
     if kind == "switching":
         args += ["--choices", ",".join(choices), "--algo", algo]
         if reward != "default":
             args += ["--reward", reward]
+        if budget is not None:
+            args += ["--budget", repr(budget)]
     args += ["--episodes", str(episodes), "--seed", str(seed), "--data", ",".join(data)]
     if out is not None:
         args += ["--out", os.fspath(out)]
@@ -146,7 +163,8 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
                  episodes: int = 200, seed: int = 0, out: "Optional[str | os.PathLike]" = None, *,
                  distribution: Optional[TaskDistribution] = None, progress: bool = True,
                  keep_buffers: bool = False, command: Optional[str] = None, register: Optional[str] = None,
-                 threads: Optional[int] = 1, reward: str = "default") -> TrainResult:
+                 threads: Optional[int] = 1, reward: str = "default", budget: Optional[float] = None,
+                 reference: str = "sam-late", shaping: float = 0.0) -> TrainResult:
     """Meta-train a policy over ``episodes`` tasks of ``distribution`` (see the module doc).
 
     Args:
@@ -167,7 +185,15 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         reward: ``"default"`` (:class:`~rlopt.rewards.SwitchingReward`) or ``"paired"``
             (switching only): before each episode the task is also trained with SGD alone, and the
             policy is paid relative to that run (:class:`~rlopt.rewards.BaselineReward`). Costs
-            one SGD run per episode more.
+            one SGD run per episode more. ``"final"`` (switching, needs ``budget``): before each
+            episode the task is also trained by the rule ``reference`` under the same budget, and
+            the policy is paid at the end only, its final validation accuracy and loss against
+            that run's (:class:`~rlopt.rewards.FinalReward`). Costs one reference run per episode.
+        budget: ``compute_budget`` of every episode's optimizer (switching only; None: no budget).
+            The policy then sees the budget features, and must be used with a budget.
+        reference: the rule the ``"final"`` reward pays against (default ``"sam-late"``).
+        shaping: ``"final"`` only: scale of a potential-based shaping term from the sharpness
+            signal (:func:`~rlopt.rewards.sharpness_potential`; 0: none).
     """
     if kind not in ("switching", "lr"):
         raise ValueError(f"Unknown kind '{kind}'; expected 'switching' or 'lr'")
@@ -177,14 +203,18 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         raise ValueError(f"Unknown algo '{algo}'; expected 'ppo' or 'dqn'")
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"Invalid episodes: {episodes}")
-    if reward not in ("default", "paired"):
-        raise ValueError(f"Unknown reward '{reward}'; expected 'default' or 'paired'")
+    if reward not in ("default", "paired", "final"):
+        raise ValueError(f"Unknown reward '{reward}'; expected 'default', 'paired' or 'final'")
     if reward == "paired" and (kind != "switching" or "sgd" not in choices):
         raise ValueError("reward='paired' needs kind='switching' with 'sgd' among the choices (the reference run)")
+    if budget is not None and kind != "switching":
+        raise ValueError("budget is for kind='switching'")
+    if reward == "final" and (kind != "switching" or budget is None):
+        raise ValueError("reward='final' needs kind='switching' and a budget (the reference run spends the same)")
     choices = tuple(choices)
     dist = distribution if distribution is not None else TaskDistribution()
     if command is None:
-        command = _command(kind, choices, algo, episodes, seed, out, dist.data, register, reward)
+        command = _command(kind, choices, algo, episodes, seed, out, dist.data, register, reward, budget)
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -205,14 +235,20 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         warnings.filterwarnings("ignore", message=".*runs without fused kernels.*")
         for e in range(episodes):
             cfg = dist.sample(g, seed * 100003 + e)
-            fn = _reference_reward(cfg, fmnist, choices, seed, cifar10) if reward == "paired" else None
+            fn: Any = None
+            if reward == "paired":
+                fn = _reference_reward(cfg, fmnist, choices, seed, cifar10)
+            elif reward == "final":
+                fn = _final_reward(cfg, fmnist, choices, seed, cifar10, budget, reference, shaping)
             task = build_task(cfg, fmnist, cifar10)
-            opt = _make_optimizer(kind, task, choices, policy, seed, fn)
+            opt = _make_optimizer(kind, task, choices, policy, seed, fn, budget=budget)
             policy = opt.policy  # the first episode built it from the config; later ones reuse it
             summary = run_episode(task, opt)
             summary.pop("val_curve")
-            if fn is not None:
+            if isinstance(fn, BaselineReward):
                 summary["ref_val_acc"] = fn.reference[-1][1]
+            elif isinstance(fn, FinalReward):
+                summary["ref_val_acc"] = fn.reference[1]
             records.append({"episode": e, "task": cfg.short(), **summary})
             log.info("episode %d  return %.3f  val_acc %.3f  %s", e, summary["return"], summary["val_acc"],
                      cfg.short())
@@ -233,9 +269,11 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
         "choices": list(choices) if kind == "switching" else ["sgd"],
         "task_distribution": dist.describe(), "episodes": episodes, "seed": seed,
         "task_seeds": f"seed * 100003 + episode, episode = 0..{episodes - 1}",
-        "reward": reward,
+        "reward": reward, "compute_budget": budget,
+        **({"reference": reference, "shaping": shaping} if reward == "final" else {}),
         "returns": [round(r, 4) for r in returns], "val_acc": [round(r["val_acc"], 4) for r in records],
         **({"sgd_val_acc": [round(r["ref_val_acc"], 4) for r in records]} if reward == "paired" else {}),
+        **({"reference_val_acc": [round(r["ref_val_acc"], 4) for r in records]} if reward == "final" else {}),
         "tasks": [r["task"] for r in records], "decisions": [r["decisions"] for r in records],
         "diverged": [e for e, r in enumerate(records) if r["diverged"]],
         "action_share_last_20": {a: round(sum(r["action_share"][a] for r in records[-20:]) / len(records[-20:]), 4)
@@ -290,8 +328,15 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
                    help="set a TaskDistribution field, e.g. --task epochs=10,20 --task label_noise=0.2,0.4 "
                    "(repeatable; see rlopt.meta.tasks.TaskDistribution)")
-    p.add_argument("--reward", choices=("default", "paired"), default="default",
-                   help="paired: pay the policy relative to an SGD run of the same task (switching only)")
+    p.add_argument("--reward", choices=("default", "paired", "final"), default="default",
+                   help="paired: pay the policy relative to an SGD run of the same task; final: pay at the end only, "
+                   "the final validation accuracy and loss against a run of --reference under the same --budget "
+                   "(switching only)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="compute_budget of every episode (switching; e.g. 0.15: SAM on at most 15%% of the steps)")
+    p.add_argument("--reference", default="sam-late", help="the rule --reward final pays against")
+    p.add_argument("--shaping", type=float, default=0.0,
+                   help="--reward final: scale of the potential-based shaping from the sharpness signal (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--keep-buffers", action="store_true", help="keep the replay buffer in the checkpoint")
     p.add_argument("--register", default=None, metavar="DESCRIPTION",
@@ -313,12 +358,15 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         dist = TaskDistribution.preset(a.preset, **changes).with_overrides(a.task)
     except ValueError as e:
         p.error(str(e))
-    if a.reward == "paired" and a.kind != "switching":
-        p.error("--reward paired is for --kind switching")
+    if a.reward in ("paired", "final") and a.kind != "switching":
+        p.error(f"--reward {a.reward} is for --kind switching")
+    if a.reward == "final" and a.budget is None:
+        p.error("--reward final needs --budget (the reference run spends the same)")
     command = shlex.join(["python", "-m", "rlopt.meta.train_policy", *argv])
     result = train_policy(a.kind, tuple(c for c in a.choices.split(",") if c), a.algo, a.episodes, a.seed, a.out,
                           distribution=dist, progress=not a.no_progress, keep_buffers=a.keep_buffers,
-                          command=command, register=a.register, threads=a.threads, reward=a.reward)
+                          command=command, register=a.register, threads=a.threads, reward=a.reward,
+                          budget=a.budget, reference=a.reference, shaping=a.shaping)
     n = max(1, len(result.returns) // 5)
     first, last = result.returns[:n], result.returns[-n:]
     print(f"{a.kind}/{result.metadata['algo']}: {a.episodes} episodes in {result.wall_time_s:.1f} s; "
