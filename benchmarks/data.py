@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 __all__ = ["ImageDataset", "load_dataset", "DATASETS", "read_idx", "read_image_folder",
            "stratified_split", "stratified_subset", "normalize", "augment_crop_flip", "PAD_MODES", "iterate_batches",
+           "symmetric_label_noise",
            "SUBSET_PATH", "DEFAULT_DATA_DIR", "MissingDataError"]
 
 SUBSET_PATH = Path(rlopt.meta.tasks.__file__).resolve().parent / "data" / "fmnist_subset.npz"  # shipped in rlopt
@@ -352,6 +353,34 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
         name=canon, classes=classes, train_x=train_x, train_y=t(tr_y[keep]).long(),
         val_x=t(tr_x[held]), val_y=t(tr_y[held]).long(), test_x=t(te_x), test_y=t(te_y).long(),
         source=source, mean=tuple(flat.mean(1).tolist()), std=tuple(flat.std(1).clamp_min(1e-3).tolist()))
+
+
+def symmetric_label_noise(labels: torch.Tensor, fraction: float, num_classes: int, seed: int
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric label noise: ``round(fraction * n)`` labels, drawn without replacement, each
+    replaced by one of the *other* ``num_classes - 1`` classes chosen uniformly, so that
+    ``fraction`` is exactly the share of wrong labels. (The convention that draws the new label
+    from all classes, the old one included, leaves ``fraction * (K - 1) / K`` of them wrong.)
+
+    Seeded by ``seed`` alone (a numpy generator of its own; the global RNGs are not touched):
+    the same labels, fraction and seed give the same noisy labels on every machine.
+
+    Returns ``(noisy labels, indices changed)``; ``labels`` itself is left as it is.
+    """
+    if isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"Invalid label noise: {fraction!r} (a fraction in [0, 1])")
+    if num_classes < 2:
+        raise ValueError(f"Invalid num_classes for label noise: {num_classes} (at least 2)")
+    n = len(labels)
+    k = int(round(float(fraction) * n))
+    rng = np.random.default_rng([int(seed), 0x1ab31])  # a stream of its own, apart from the split's
+    idx = np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, dtype=np.int64)
+    shift = rng.integers(1, num_classes, size=k)  # 1..K-1: never the label it replaces
+    noisy = labels.clone()
+    if k:
+        it = torch.from_numpy(idx).long()
+        noisy[it] = (labels[it] + torch.from_numpy(shift).to(labels.dtype)) % num_classes
+    return noisy, torch.from_numpy(idx).long()
 
 
 # ------------------------------------------------------------------- device-side batching

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .cli import fail, missing_data_message, parser, runs_path
 from .data import MissingDataError, load_dataset
 from .train import (CONVERGENCE_DEFINITION, METHODS, RL_METHODS, TrainConfig, add_config_args,
-                    config_from_args, train)
+                    config_from_args, logged_config, train)
 
 __all__ = ["aggregate", "write_outputs", "compare_pairs", "CONTROL_PAIRS", "main", "SMOKE"]
 
@@ -315,8 +315,8 @@ def _reusable(cfg: TrainConfig):
     except (OSError, ValueError):
         return None
     want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    default = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))  # a field newer than the log: its default
-    same = all(old["config"].get(k, default[k]) == v for k, v in want.items() if k not in _NOT_COMPARED)
+    have = logged_config(old["config"])  # a field newer than the log: the value its runs had
+    same = all(have.get(k) == v for k, v in want.items() if k not in _NOT_COMPARED)
     return old if same else None
 
 

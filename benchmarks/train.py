@@ -25,7 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,13 @@ from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 from rlopt.policies import RandomConfig
 
 from .cli import RUNS_DIR, fail, missing_data_message, parser
-from .data import PAD_MODES, MissingDataError, ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize
+from .data import (PAD_MODES, MissingDataError, ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize,
+                   symmetric_label_noise)
 from .models import INITS, build_model
 
 __all__ = ["TrainConfig", "METHODS", "train", "classification_metrics", "convergence_epoch",
-           "CONVERGENCE_DEFINITION", "environment", "cosine_warmup"]
+           "CONVERGENCE_DEFINITION", "environment", "cosine_warmup", "logged_config", "checkpoint_path",
+           "sam_late_branch_epoch", "check_branch", "BRANCH_FIELDS"]
 
 #: method name -> one-line description
 METHODS: Dict[str, str] = {
@@ -64,11 +66,15 @@ METHODS: Dict[str, str] = {
     "lr-dqn": "QLearningRateOptimizer over that SGD, shipped policy lr-dqn used zero-shot (frozen), on top of "
               "the cosine schedule",
     "lr-dqn-online": "QLearningRateOptimizer as lr-dqn, its DQN learning online from scratch",
+    "switch": "RLSwitchingOptimizer over {sgd, sam} with policy --policy (a rule: sam-late, ss-sam, ae-sam, "
+              "sam-every:<k>; a shipped policy's name; a checkpoint path) under compute budget --budget (SAM on "
+              "at most that share of the steps)",
 }
 RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam", "pre-sgd-sam",
-              "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam", "lr-dqn", "lr-dqn-online")
+              "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam", "lr-dqn", "lr-dqn-online", "switch")
 #: RL methods whose policy is frozen (shipped, constant or random); the others follow --policy-train
-_FROZEN = ("const-sgd", "random-sgd-sam", "random-sgd-sam-adam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn")
+_FROZEN = ("const-sgd", "random-sgd-sam", "random-sgd-sam-adam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn",
+           "switch")
 
 #: torch.compile modes accepted by --compile-mode (None: torch's default)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -143,13 +149,20 @@ class TrainConfig:
     """Linear warm-up from lr/warmup_steps to lr, then cosine decay to 0 at the last step (epochs)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    label_noise: float = 0.0
+    """Symmetric label noise on the training split: this share of its labels replaced by another
+    class, drawn with the run's seed (benchmarks.data.symmetric_label_noise), so every method of one
+    seed sees the same wrong labels; validation and test labels stay clean. Part of the run name
+    when set."""
     augment: bool = True
     """Random crop (padding `crop_pad` pixels) and horizontal flip of training batches."""
     crop_pad: int = 4
     """Padding of the random crop (pixels)."""
-    pad_mode: Optional[str] = None
-    """Padding of the random crop. None: zeros (black, torchvision's RandomCrop default);
-    "reflect": the border mirrored. A set value is part of the run name."""
+    pad_mode: str = "reflect"
+    """Padding of the random crop: "reflect" (the border mirrored, as airbench and the reference
+    script pad) or "zeros" (black, torchvision's RandomCrop default; None is read as "zeros"). Run
+    names hold "_pad-reflect" for reflect and nothing for zeros, the names the zero-padded main
+    tables' runs were made under."""
     interval: Union[str, int] = "epoch"
     """RL methods: decide at each epoch end ("epoch") or every N steps."""
     policy_train: bool = True
@@ -166,6 +179,13 @@ class TrainConfig:
     """sam-every-k: one SAM step every this many steps, SGD otherwise."""
     sam_last_fraction: float = 0.3
     """sam-last: SAM for this fraction of the epochs at the end, SGD before."""
+    policy: str = "sam-late"
+    """switch: the policy choosing between sgd and sam ("sam-late", "ss-sam", "ae-sam",
+    "sam-every:<k>", a shipped policy's name or a checkpoint path). Part of the run name of switch runs."""
+    budget: Optional[float] = 0.3
+    """switch: the optimizer's compute_budget, the share of the run's steps on which SAM may run
+    (0: SGD throughout; 1: SAM may run on every step); None: no budget. Part of the run name of
+    switch runs."""
     seed: int = 0
     """Seeds the model initialisation, data order, augmentation and the policy."""
     device: str = "auto"
@@ -190,12 +210,38 @@ class TrainConfig:
     tag: str = ""
     """Free text stored with the run."""
 
+    def __post_init__(self) -> None:
+        if self.pad_mode is None:  # the old spelling of zero padding (run logs made before reflect was the default)
+            self.pad_mode = "zeros"
+
+    def method_name(self) -> str:
+        """The method as the run name writes it: ``switch`` runs add their policy and budget
+        (``switch-sam-late-b0.3``; ``:`` of a rule's argument dropped, a path reduced to its file's stem)."""
+        if self.method != "switch":
+            return self.method
+        policy = Path(self.policy).stem if os.sep in self.policy or self.policy.endswith(".pt") else self.policy
+        budget = "" if self.budget is None else f"-b{self.budget:g}"
+        return f"switch-{policy.replace(':', '')}{budget}"
+
     def run_name(self) -> str:
         init = f"_init-{self.init}" if self.init else ""
-        pad = f"_pad-{self.pad_mode}" if self.pad_mode else ""
+        pad = "" if self.pad_mode == "zeros" else f"_pad-{self.pad_mode}"
+        noise = f"_noise{self.label_noise:g}" if self.label_noise else ""
         fast = "_cudagraph" if self.cuda_graph else f"_compile-{self.compile_mode or 'default'}" if self.compile else ""
         tag = f"_{self.tag}" if self.tag else ""
-        return f"{self.dataset}_{self.model}_{self.method}_e{self.epochs}_s{self.seed}{init}{pad}{fast}{tag}"
+        return (f"{self.dataset}_{self.model}_{self.method_name()}_e{self.epochs}_s{self.seed}{init}{pad}{noise}"
+                f"{fast}{tag}")
+
+
+def logged_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A run log's ``config`` as today's :class:`TrainConfig` reads it: a field the log predates
+    takes the value those runs had (``pad_mode`` "zeros": zero padding was the default then; the
+    others their defaults), and ``pad_mode`` None, the old spelling of zeros, reads as "zeros"."""
+    cfg = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+    cfg.update(config)
+    if config.get("pad_mode") is None:
+        cfg["pad_mode"] = "zeros"
+    return cfg
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -301,6 +347,7 @@ class _Stepper:
         self.cfg, self.method = cfg, m
         self.steps_per_epoch = steps_per_epoch
         self.step_count, self.epoch = 0, 0
+        self.ran: Optional[str] = None
         self.rl: Optional[Union[RLSwitchingOptimizer, QLearningRateOptimizer]] = None
         sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
         fused_kw = {"fused": True} if fused else {}
@@ -319,6 +366,12 @@ class _Stepper:
                 policy=(cfg.pretrained or "lr-dqn") if m == "lr-dqn" else "dqn",
                 interval=cfg.interval, seed=cfg.seed, total_epochs=cfg.epochs,
                 total_steps=cfg.epochs * steps_per_epoch, train_policy=None if m in _FROZEN else cfg.policy_train)
+        elif m == "switch":
+            sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
+            self.opt = self.rl = RLSwitchingOptimizer(
+                params, choices={"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}, policy=cfg.policy, interval=cfg.interval,
+                lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, total_epochs=cfg.epochs,
+                total_steps=cfg.epochs * steps_per_epoch, train_policy=None, compute_budget=cfg.budget)
         else:
             sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
             choices: Dict[str, Dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
@@ -361,7 +414,16 @@ class _Stepper:
         return m
 
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One step; afterwards :attr:`ran` names the choice that ran it (under a compute budget the
+        policy's choice may have been replaced by SGD: read from the budget's host-side count)."""
         name = self.current
+        budget = getattr(self.rl, "budget", None)
+        if budget is not None:
+            spent = budget.used(self.step_count)[0]
+            loss = self.opt.step(closure)
+            self.ran = "sam" if budget.used(self.step_count + 1)[0] > spent else "sgd"
+            self.step_count += 1
+            return loss
         if self.rl is not None or name == "sam" or self.method not in ("sam-every-k", "sam-last"):
             loss = self.opt.step(closure)
         else:  # an SGD step of a scheduled SAM method: the base optimizer, same momentum buffers
@@ -369,6 +431,7 @@ class _Stepper:
                 loss = closure()
             self.opt.base_optimizer.step()
         self.step_count += 1
+        self.ran = name if name is not None else self.current  # an RL optimizer's first decision: in its first step
         return loss
 
     def epoch_end(self, val_loss: Optional[float], val_acc: Optional[float]) -> None:
@@ -428,15 +491,89 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# ------------------------------------------------------------------------------ checkpoints
+#: config fields in which a run may differ from the run whose checkpoint it starts from
+#: (``budget``: only as :func:`check_branch` allows)
+BRANCH_FIELDS = ("budget", "tag", "threads", "out_dir", "cache_dir", "data_dir", "download")
+CHECKPOINT_FORMAT = "benchmarks.train checkpoint"
+
+
+def checkpoint_path(directory: Union[str, os.PathLike], cfg: TrainConfig, epoch: int) -> Path:
+    """Where :func:`train` writes ``cfg``'s checkpoint after ``epoch`` epochs."""
+    return Path(directory) / f"{cfg.run_name()}_ep{epoch}.pt"
+
+
+def sam_late_branch_epoch(budget: float, epochs: int, steps_per_epoch: int, interval: Union[str, int]) -> int:
+    """The last epoch end from which a ``switch`` run of policy ``sam-late`` at ``budget`` may start
+    off the checkpoint of the same run at a smaller budget (0: SGD throughout): every decision
+    taken up to that point chooses SGD at both budgets. sam-late chooses SAM at the first decision
+    whose step ``s`` has ``budget * T >= T - s`` (``T`` the run's steps); a decision taken at an
+    epoch's end belongs to the prefix, so the branch point keeps one decision interval clear of
+    ``(1 - budget) * T``."""
+    total = epochs * steps_per_epoch
+    every = steps_per_epoch if interval == "epoch" else int(interval)
+    return max(0, math.floor(((1.0 - budget) * total - every) / steps_per_epoch + 1e-9))  # 0.7 * 2760 < 1932
+
+
+def check_branch(cfg: TrainConfig, ck: Dict[str, Any], steps_per_epoch: int) -> None:
+    """Refuse to start ``cfg`` from checkpoint ``ck`` unless the checkpointed run is ``cfg``'s
+    own run up to ``ck["epoch"]``: the same config but for :data:`BRANCH_FIELDS`, and a budget
+    change only for a sam-late ``switch`` run that spent nothing and branches no later than
+    :func:`sam_late_branch_epoch` (sam-late's choices up to there are SGD at either budget)."""
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"Not a {CHECKPOINT_FORMAT}: format {ck.get('format')!r}")
+    old, new = logged_config(ck["config"]), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    differ = sorted(k for k in new if k not in BRANCH_FIELDS and old.get(k) != new[k])
+    if differ:
+        raise ValueError(f"The checkpoint's run differs from this run in {differ}: "
+                         + ", ".join(f"{k}={old.get(k)!r} there, {new[k]!r} here" for k in differ))
+    epoch = int(ck["epoch"])
+    if not 0 < epoch < cfg.epochs:
+        raise ValueError(f"Invalid checkpoint epoch {epoch} for a run of {cfg.epochs} epochs")
+    if old.get("budget") != cfg.budget:
+        if cfg.method != "switch" or cfg.policy != "sam-late" or cfg.budget is None or old.get("budget") is None:
+            raise ValueError("Only a sam-late switch run may start from a checkpoint at another budget, got "
+                             f"method {cfg.method!r}, policy {cfg.policy!r}, budget {old.get('budget')!r} -> {cfg.budget!r}")
+        extra = ck["optimizer"]["rlopt"]["extra"]
+        if extra.get("spent") or extra.get("overridden"):
+            raise ValueError(f"The checkpoint's run spent budget ({extra.get('spent')} extra gradient evaluations, "
+                             f"{extra.get('overridden')} steps overridden): it is not this run's prefix")
+        limit = sam_late_branch_epoch(cfg.budget, cfg.epochs, steps_per_epoch, cfg.interval)
+        if epoch > limit:
+            raise ValueError(f"sam-late at budget {cfg.budget} may start from a checkpoint at epoch {limit} at the "
+                             f"latest (its first SAM decision comes after it), not {epoch}")
+
+
+def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # other processes wait for the file: write it whole
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool = False,
-          log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run one training run; return (and write, if ``cfg.out_dir``) its log as a dict."""
+          log: Callable[[str], None] = print, *, checkpoint_epochs: Sequence[int] = (),
+          checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+          start_from: Optional[Union[str, os.PathLike]] = None, stop_after: Optional[int] = None,
+          log_decisions: bool = True) -> Dict[str, Any]:
+    """Run one training run; return (and write, if ``cfg.out_dir``) its log as a dict.
+
+    ``checkpoint_epochs``: after each of these epochs write a checkpoint (model, optimizer,
+    scheduler, the data order's generator, the epochs so far) to :func:`checkpoint_path` in
+    ``checkpoint_dir``. ``start_from``: continue from such a checkpoint (see :func:`check_branch`):
+    a resumed run trains as the uninterrupted one (on the CPU bit for bit), and a sam-late run
+    branched off a smaller budget's run as if it had run from the start. Its log records
+    ``branched_from``. ``stop_after``: stop after this many epochs (after the checkpoints) and
+    write no log (a prefix made only for its checkpoints). ``log_decisions=False``: the log leaves
+    out the RL decisions (observations, signals, rewards; a few hundred bytes each), keeping the
+    step-level choices in ``choice_segments``.
+    """
     if cfg.method not in METHODS:  # the choices that fail late, checked before the data is loaded
         raise ValueError(f"Unknown method {cfg.method!r}; expected one of {list(METHODS)}")
     if cfg.init not in INITS:
         raise ValueError(f"Unknown init {cfg.init!r}; expected None or 'pytorch'")
-    if cfg.pad_mode not in (None, *PAD_MODES):
-        raise ValueError(f"Unknown pad_mode {cfg.pad_mode!r}; expected None or one of {PAD_MODES}")
+    if cfg.pad_mode not in PAD_MODES:
+        raise ValueError(f"Unknown pad_mode {cfg.pad_mode!r}; expected one of {PAD_MODES}")
     if cfg.compile_mode not in (None, *COMPILE_MODES):
         raise ValueError(f"Unknown compile_mode {cfg.compile_mode!r}; expected None or one of {COMPILE_MODES}")
     if cfg.compile_mode is not None and not cfg.compile:
@@ -444,6 +581,10 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     if cfg.cuda_graph and cfg.compile:
         raise ValueError("cuda_graph and compile exclude each other (compile_mode='reduce-overhead' makes CUDA "
                          "graphs of the compiled model)")
+    if not 0.0 <= cfg.label_noise <= 1.0:
+        raise ValueError(f"Invalid label_noise: {cfg.label_noise} (a fraction in [0, 1])")
+    if checkpoint_epochs and checkpoint_dir is None:
+        raise ValueError("checkpoint_epochs needs a checkpoint_dir")
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, not {device.type!r}")
@@ -456,15 +597,21 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction, seed=0,
                             cache_dir=cfg.cache_dir, max_train=cfg.max_train, max_test=cfg.max_test)
+    ck = torch.load(start_from, map_location="cpu", weights_only=True) if start_from is not None else None
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.width, init=cfg.init).to(device)
     cl = cfg.channels_last and device.type == "cuda"
     if cl:
         model = model.to(memory_format=torch.channels_last)
+    if ck is not None:  # before any graph capture: the graphs read the parameters in place
+        model.load_state_dict(ck["model"])
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
 
-    tx, ty = data.train_x.to(device), data.train_y.to(device)
+    train_y, noisy = data.train_y, torch.zeros(0, dtype=torch.long)
+    if cfg.label_noise:
+        train_y, noisy = symmetric_label_noise(data.train_y, cfg.label_noise, data.num_classes, cfg.seed)
+    tx, ty = data.train_x.to(device), train_y.to(device)
     vx, vy = data.val_x.to(device), data.val_y.to(device)
     sx, sy = data.test_x.to(device), data.test_y.to(device)
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -476,7 +623,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     if cfg.cuda_graph:  # the capture's input: a batch made as the training batches are (shape, layout)
         sample = tx[:cfg.batch_size]
         if cfg.augment:  # a generator of its own: the run's draws stay as without graphs
-            sample = augment_crop_flip(sample, cfg.crop_pad, flip=True, pad_mode=cfg.pad_mode or "zeros",
+            sample = augment_crop_flip(sample, cfg.crop_pad, flip=True, pad_mode=cfg.pad_mode,
                                        generator=torch.Generator(device=device).manual_seed(0))
         fwd = graph_model(model, normalize(sample, mean, std, cl), cfg.bf16)
     if cfg.max_steps_per_epoch is not None:
@@ -495,12 +642,33 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     epochs: List[Dict[str, Any]] = []
     choice_ids: Dict[str, int] = {}
     step_choices: List[int] = []  # choice per step, as small ints (host only, no sync)
+    start_epoch, branched_from, elapsed = 0, None, 0.0
+    if ck is not None:
+        check_branch(cfg, ck, steps_per_epoch)
+        state = ck["optimizer"]
+        if logged_config(ck["config"]).get("budget") != cfg.budget:  # nothing spent (checked): any budget's state
+            state = {**state, "rlopt": {**state["rlopt"], "extra": {**state["rlopt"]["extra"],
+                                                                      "compute_budget": cfg.budget}}}
+        stepper.opt.load_state_dict(state)
+        sched.load_state_dict(ck["scheduler"])
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        stepper.step_count, stepper.epoch = int(ck["stepper"]["step_count"]), int(ck["stepper"]["epoch"])
+        epochs = [dict(e) for e in ck["epochs"]]
+        choice_ids = {str(k): int(v) for k, v in ck["choice_ids"].items()}
+        step_choices = [int(c) for c in ck["step_choices"]]
+        start_epoch, elapsed = int(ck["epoch"]), float(ck["elapsed"])
+        branched_from = {"run": ck["run_name"], "epoch": start_epoch, "path": str(start_from),
+                         "budget": logged_config(ck["config"]).get("budget"), "before": ck.get("branched_from")}
+        log(f"[{cfg.run_name()}] starts from {start_from} (epoch {start_epoch})")
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, desc=cfg.method, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=cfg.method, leave=False,
+                   dynamic_ncols=True)
     t_run = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last):
         _sync(device)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -510,7 +678,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
             if i >= steps_per_epoch:
                 break
             if cfg.augment:
-                xb = augment_crop_flip(xb, cfg.crop_pad, flip=True, generator=gen, pad_mode=cfg.pad_mode or "zeros")
+                xb = augment_crop_flip(xb, cfg.crop_pad, flip=True, generator=gen, pad_mode=cfg.pad_mode)
             xin = normalize(xb, mean, std, cl)
 
             def closure(xin=xin, yb=yb):
@@ -521,10 +689,8 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
                 loss.backward()
                 return loss
 
-            name = stepper.current
             loss = stepper.step(closure)
-            if name is None:  # an RL optimizer takes its first decision inside its first step
-                name = stepper.current
+            name = stepper.ran
             step_choices.append(choice_ids.setdefault(name, len(choice_ids)))
             grad_evals += 2 if name == "sam" else 1
             loss_sum += loss.detach()
@@ -550,9 +716,20 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         else:
             log(f"  epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  val acc "
                 f"{100 * (val.get('acc') or 0):.2f}  test acc {100 * test['acc']:.2f}  {train_time:.2f}s")
-    wall = time.perf_counter() - t_run
+        if epoch + 1 in checkpoint_epochs and epoch + 1 < cfg.epochs:
+            state = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "run_name": cfg.run_name(),
+                     "epoch": epoch + 1, "model": model.state_dict(), "optimizer": stepper.opt.state_dict(),
+                     "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                     "stepper": {"step_count": stepper.step_count, "epoch": stepper.epoch}, "epochs": epochs,
+                     "choice_ids": choice_ids, "step_choices": step_choices, "branched_from": branched_from,
+                     "elapsed": elapsed + time.perf_counter() - t_run}
+            _save_checkpoint(checkpoint_path(checkpoint_dir, cfg, epoch + 1), state)
+    wall = elapsed + time.perf_counter() - t_run
     if bar is not None:
         bar.close()
+    if last < cfg.epochs:
+        log(f"[{cfg.run_name()}] stopped after epoch {last} (no log written)")
+        return {"config": dataclasses.asdict(cfg), "epochs": epochs, "stopped_after": last, "wall_seconds": wall}
 
     names = {v: k for k, v in choice_ids.items()}
     segments: List[Tuple[int, int, str]] = []  # [first step, last step + 1, choice]
@@ -563,7 +740,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
             segments.append([s, s + 1, names[c]])
     counts = {n: step_choices.count(i) for n, i in choice_ids.items()}
     decisions = []
-    if stepper.rl is not None:
+    if stepper.rl is not None and log_decisions:
         keep = ("decision", "step", "epoch", "choice", "reward", "final", "observation", "signals", "policy")
         decisions = [{k: d.get(k) for k in keep} for d in stepper.rl.history]
     accs = [e["test_acc"] for e in epochs]
@@ -579,8 +756,14 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         "grad_evals": sum(e["grad_evals"] for e in epochs),
         "step_share": {n: c / max(1, len(step_choices)) for n, c in counts.items()},
     }
-    result = {"config": dataclasses.asdict(cfg), "environment": env, "data": data.summary(),
+    data_summary = data.summary()
+    if cfg.label_noise:
+        data_summary += (f"; label noise: {len(noisy)} of {len(train_y)} training labels replaced by another class "
+                         f"(seed {cfg.seed}), validation and test labels clean")
+    result = {"config": dataclasses.asdict(cfg), "environment": env, "data": data_summary,
               "epochs": epochs, "summary": summary, "choice_segments": segments, "decisions": decisions}
+    if branched_from is not None:
+        result["branched_from"] = branched_from
     result = _json_safe(result)
     if cfg.out_dir:
         out = Path(cfg.out_dir)

@@ -268,13 +268,13 @@ def test_table_in_pieces_matches_random_share_and_aggregates(tmp_path):
     main(tiny + ["--methods", "random-sgd-sam", "--claim"])
     agg = main(tiny + ["--methods", "sgd", "ppo-sgd-sam", "random-sgd-sam", "sam", "--aggregate-only"])
     assert [r["method"] for r in agg["rows"]] == ["sgd", "ppo-sgd-sam", "random-sgd-sam"]
-    assert agg["missing"] == ["fmnist-subset_small-cnn_sam_e2_s0"]
+    assert agg["missing"] == ["fmnist-subset_small-cnn_sam_e2_s0_pad-reflect"]
     ppo, rnd = agg["runs"]["ppo-sgd-sam"][0], agg["runs"]["random-sgd-sam"][0]
     assert rnd["config"]["sam_share"] == round(ppo["summary"]["step_share"].get("sam", 0.0), 4)
     assert "missing runs" in (tmp_path / "t" / "table.md").read_text()
     # the three-way control takes all three step shares of the shipped three-way policy's run
     skipped = main(tiny + ["--methods", "random-sgd-sam-adam"])
-    assert skipped["missing"] == ["fmnist-subset_small-cnn_random-sgd-sam-adam_e2_s0"]
+    assert skipped["missing"] == ["fmnist-subset_small-cnn_random-sgd-sam-adam_e2_s0_pad-reflect"]
     three = main(tiny + ["--methods", "pre-sgd-sam-adam", "random-sgd-sam-adam"])
     pre, rnd3 = three["runs"]["pre-sgd-sam-adam"][0], three["runs"]["random-sgd-sam-adam"][0]
     shares = pre["summary"]["step_share"]
@@ -552,8 +552,8 @@ def test_resnet_init_option():
     # 64 -> 64 channels, 3x3: fan-out std sqrt(2 / 576) = 0.059; default bound 1 / sqrt(576), std 0.024
     assert float(tv.std()) == pytest.approx(math.sqrt(2 / 576), rel=0.05)
     assert float(pt.std()) == pytest.approx(1 / math.sqrt(576) / math.sqrt(3), rel=0.05)
-    assert TrainConfig(init="pytorch").run_name().endswith("_s0_init-pytorch")
-    assert TrainConfig().run_name().endswith("_s0")
+    assert TrainConfig(init="pytorch", pad_mode="zeros").run_name().endswith("_s0_init-pytorch")
+    assert TrainConfig(pad_mode="zeros").run_name().endswith("_s0")
     with pytest.raises(ValueError, match="Unknown init"):
         build_model("resnet18", 10, 3, init="xavier")
     with pytest.raises(ValueError, match="small CNN"):
@@ -561,8 +561,9 @@ def test_resnet_init_option():
 
 
 def test_reflect_padding_option():
-    """--pad-mode reflect crops from the mirrored image (no black border); it changes the run name,
-    and a bad value is refused before any data is loaded."""
+    """--pad-mode reflect (the default) crops from the mirrored image (no black border); it is in
+    the run name, zero padding is not (the names of the zero-padded main tables' runs), and a bad
+    value is refused before any data is loaded."""
     from benchmarks.train import TrainConfig, train
 
     x = torch.randint(1, 256, (16, 3, 6, 6), dtype=torch.uint8)
@@ -574,11 +575,14 @@ def test_reflect_padding_option():
     with pytest.raises(ValueError, match="Unknown pad_mode"):
         augment_crop_flip(x, pad=2, pad_mode="edge")
     assert TrainConfig(pad_mode="reflect").run_name().endswith("_s0_pad-reflect")
+    assert TrainConfig().pad_mode == "reflect" and TrainConfig().run_name().endswith("_s0_pad-reflect")
+    assert TrainConfig(pad_mode=None).pad_mode == "zeros"  # the old spelling of zero padding
     assert TrainConfig(init="pytorch", pad_mode="reflect", tag="t").run_name().endswith("_s0_init-pytorch_pad-reflect_t")
     # a graphed or compiled run does not overwrite the log of the eager one
-    assert TrainConfig(cuda_graph=True, tag="t").run_name().endswith("_s0_cudagraph_t")
-    assert TrainConfig(compile=True).run_name().endswith("_s0_compile-default")
-    assert TrainConfig(compile=True, compile_mode="reduce-overhead").run_name().endswith("_s0_compile-reduce-overhead")
+    assert TrainConfig(cuda_graph=True, tag="t", pad_mode="zeros").run_name().endswith("_s0_cudagraph_t")
+    assert TrainConfig(compile=True).run_name().endswith("_s0_pad-reflect_compile-default")
+    assert TrainConfig(compile=True, compile_mode="reduce-overhead", pad_mode="zeros").run_name().endswith(
+        "_s0_compile-reduce-overhead")
     for bad, msg in ((dict(pad_mode="edge"), "pad_mode"), (dict(init="xavier"), "init"), (dict(method="sg"), "method")):
         with pytest.raises(ValueError, match=f"Unknown {msg}"):
             train(TrainConfig(dataset="no-such-data", **bad))  # refused before the data set is looked up
@@ -631,3 +635,66 @@ def test_run_logs_name_the_commit(monkeypatch):
     assert tr.source_commit() == "abc123"
     monkeypatch.delenv("RLOPT_COMMIT")
     assert tr.source_commit() is None
+
+
+@pytest.mark.parametrize("folder", ["cifar10_resnet18_e30", "fashion-mnist_resnet18_e30", "cifar10_floor/black",
+                                    "cifar10_floor/reflect"])
+def test_committed_run_logs_still_resolve(folder):
+    """The committed tables' run logs (zero padding, then the default, with pad_mode None or no
+    pad_mode at all; and the reflect-padded floor runs) still load: their config read by today's
+    TrainConfig names the same file and matches it, so tables aggregate and runs are reused."""
+    import dataclasses
+
+    from benchmarks.table import _reusable
+    from benchmarks.train import TrainConfig, logged_config
+
+    logs = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / folder / "runs").glob("*.json"))
+    assert logs, folder
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for path in logs[:6]:
+        cfg = logged_config(json.loads(path.read_text())["config"])
+        tc = TrainConfig(**{k: v for k, v in cfg.items() if k in fields})
+        assert tc.run_name() == path.stem, path
+        assert tc.pad_mode == ("reflect" if "pad-reflect" in path.stem else "zeros")
+        assert _reusable(dataclasses.replace(tc, out_dir=str(path.parent))) is not None, path
+
+
+def test_symmetric_label_noise():
+    """Exactly round(p * n) labels change, each to another class, seeded; 0 changes nothing."""
+    from benchmarks.data import symmetric_label_noise
+
+    y = torch.arange(1000) % 10
+    noisy, idx = symmetric_label_noise(y, 0.4, 10, seed=3)
+    assert len(idx) == 400 and int((noisy != y).sum()) == 400 and bool((noisy[idx] != y[idx]).all())
+    assert torch.equal(y, torch.arange(1000) % 10)  # the input is left as it is
+    again, _ = symmetric_label_noise(y, 0.4, 10, seed=3)
+    other, _ = symmetric_label_noise(y, 0.4, 10, seed=4)
+    assert torch.equal(noisy, again) and not torch.equal(noisy, other)
+    counts = torch.bincount(noisy[idx], minlength=10)  # spread over the other classes
+    assert int(counts.min()) > 20
+    assert torch.equal(symmetric_label_noise(y, 0.0, 10, seed=3)[0], y)
+    with pytest.raises(ValueError, match="Invalid label noise"):
+        symmetric_label_noise(y, 1.5, 10, seed=0)
+
+
+def test_label_noise_in_training_runs():
+    """--label-noise corrupts the training labels the run trains on, with the run's seed; the
+    validation and test labels stay clean; it is part of the run name."""
+    from benchmarks.data import symmetric_label_noise
+    from benchmarks.train import TrainConfig, train
+
+    data = load_dataset("fmnist-subset", max_train=200, max_test=50, val_fraction=0.1)
+    val_y, test_y, train_y = data.val_y.clone(), data.test_y.clone(), data.train_y.clone()
+    kw = dict(dataset="fmnist-subset", model="small-cnn", width=4, max_train=200, max_test=50, batch_size=32, epochs=1,
+              max_steps_per_epoch=2, device="cpu", out_dir=None, method="sgd", threads=1)
+    noisy = train(TrainConfig(**kw, label_noise=0.4), data=data, log=lambda s: None)
+    clean = train(TrainConfig(**kw), data=data, log=lambda s: None)
+    assert "label noise: 72 of 180 training labels" in noisy["data"] and "label noise" not in clean["data"]
+    assert noisy["epochs"][0]["train_loss"] != clean["epochs"][0]["train_loss"]
+    assert noisy["epochs"][0]["test_loss"] != clean["epochs"][0]["test_loss"]
+    assert torch.equal(data.val_y, val_y) and torch.equal(data.test_y, test_y) and torch.equal(data.train_y, train_y)
+    assert symmetric_label_noise(train_y, 0.4, 10, seed=0)[1].numel() == 72
+    assert TrainConfig(label_noise=0.4, pad_mode="zeros").run_name().endswith("_s0_noise0.4")
+    assert TrainConfig(label_noise=0.4, cuda_graph=True).run_name().endswith("_s0_pad-reflect_noise0.4_cudagraph")
+    with pytest.raises(ValueError, match="Invalid label_noise"):
+        train(TrainConfig(dataset="no-such-data", label_noise=-0.1))
