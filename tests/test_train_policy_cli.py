@@ -41,3 +41,16 @@ def test_register_needs_an_explicit_out(capsys):
     with pytest.raises(SystemExit):
         main(["--register", "a description"])
     assert "--register needs an explicit --out" in capsys.readouterr().err
+
+
+def test_help_lists_the_presets_the_budget_and_the_final_reward(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--preset {classic,resnet}" in text and "--budget" in text and "final" in text and "--reference" in text
+
+
+def test_an_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--preset", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
