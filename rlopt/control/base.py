@@ -79,8 +79,8 @@ class ControlledOptimizer(Optimizer):
         distributed.check_group_arg(process_group)
         signal_every = check_count(signal_every, "signal_every", allow_none=True)
         if signal_every is None:
-            # two samples per interval, at most one per 50 steps: each costs a flat copy of the gradient
-            signal_every = max(1, min(50, interval // 2)) if isinstance(interval, int) else 50
+            # a sample per interval, at most one per 100 steps: each costs a copy of the gradient
+            signal_every = max(1, min(100, interval)) if isinstance(interval, int) else 100
         self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
         self._lr_checked: set = set()  # choices whose learning rate was checked when they first ran
         self._epoch_end_check_at = 0  # the step count at which to look for a forgotten epoch_end() next

@@ -156,7 +156,10 @@ class Controller:
                apply_action: Callable[[int], None], history_extra: Callable[[], Dict[str, Any]],
                device: torch.device) -> int:
         """One decision (see module doc); returns the action now in effect."""
-        with torch.inference_mode(False), torch.enable_grad():
+        if torch.is_inference_mode_enabled():  # (entered only where needed: leaving it costs)
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._decide(tracker, final, extra_features, apply_action, history_extra, device)
+        with torch.enable_grad():
             return self._decide(tracker, final, extra_features, apply_action, history_extra, device)
 
     def _decide(self, tracker, final, extra_features, apply_action, history_extra, device) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from .inner import InnerSet
 from .signals import SignalTracker
+from . import torch_compat as _tc
 from .torch_compat import raw_step
 
 __all__ = ["prepare", "apply"]
@@ -50,6 +51,8 @@ def apply(inner: InnerSet, i: int, flag: torch.Tensor) -> None:
     opt = inner.optimizers[i]
     target = opt.base_optimizer if inner.specs[i].needs_closure else opt
     if inner.fused[i]:
+        if _tc.fused_sgd_step(target, flag):
+            return
         target.found_inf = flag
         try:
             raw_step(target)

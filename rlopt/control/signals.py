@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .torch_compat import flatten, non_finite_check_
+from .torch_compat import copy_into, non_finite_check_
 
 __all__ = ["SignalTracker"]
 
@@ -52,7 +52,8 @@ class SignalTracker:
 
     Args:
         signal_every: gradient norm and alignment are sampled every this many steps.
-        fold_every: steps per fold of the window (default 32).
+        fold_every: steps per fold of the window (default 128: a fold is a batch of about 25 small
+            operations, so it costs a step little when it is rare).
     """
 
     # slots of the accumulator vector
@@ -62,7 +63,7 @@ class SignalTracker:
     # previous sample's norm and flag. NaN where a row holds no such entry.
     _S_NORM, _S_FLAG, _C_NORM, _C_DOT, _C_SIGN, _C_FLAG, _C_PNORM, _C_PFLAG = range(8)
     STATE_VERSION = 1
-    DEFAULT_FOLD_EVERY = 32
+    DEFAULT_FOLD_EVERY = 128
     PROBE_ROWS = 16
 
     def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
@@ -223,12 +224,13 @@ class SignalTracker:
                             self._snap_stats.clone() if sample else None)
         row = self._row_views[self._nrows]
         self._nrows += 1
-        flat = self._flat(params, ids, own=sample)
+        flat = self._flat(params, ids)
         if compare:
             prev = self._snap
             torch.linalg.vector_norm(flat, out=row[self._C_NORM])
             torch.dot(flat, prev, out=row[self._C_DOT])
-            torch.mean(torch.sign(flat).mul_(torch.sign(prev)), 0, out=row[self._C_SIGN])
+            signs = torch.sign(flat) if sample else flat.sign_()  # (flat is scratch unless it is kept)
+            torch.mean(signs.mul_(torch.sign(prev)), 0, out=row[self._C_SIGN])
             row[self._C_FLAG].copy_(flag)
             self._rows[self._nrows - 1, self._C_PNORM:].copy_(self._snap_stats)
             self._snap = None
@@ -255,12 +257,15 @@ class SignalTracker:
 
     def end(self) -> None:
         """Close the step begun with :meth:`begin`."""
-        bad, self._host_current = self.__dict__.get("_host_current"), None
+        bad = self.__dict__.get("_host_current")
+        if bad is not None:  # a CPU poll read this step's flag: carry it into the host's run
+            self._host_current = None
+            run = self._host_run
+            if run is not None and run[2] == self._pending:
+                run[0] = run[0] + 1 if bad else 0
+                run[1] = max(run[1], run[0])
+                run[2] += 1
         self._undo_probe = None
-        if bad is not None and self._host_run is not None and self._host_run[2] == self._pending:
-            cur, longest, _ = self._host_run
-            cur = cur + 1 if bad else 0
-            self._host_run = [cur, max(longest, cur), self._pending + 1]
         self._pending += 1
         self.steps += 1
         if self._pending >= self.fold_every:
@@ -305,18 +310,21 @@ class SignalTracker:
             self._rows[:k].fill_(math.nan)
         self._nrows = 0
 
-    def _flat(self, params, ids, own: bool = False) -> torch.Tensor:
-        """The gradients of ``params[ids]`` as one float32 vector on the tracker's device; with
-        ``own``, never a view of a gradient (a kept snapshot must not change with it)."""
+    def _flat(self, params, ids) -> torch.Tensor:
+        """The gradients of ``params[ids]`` as one float32 vector on the tracker's device, copied
+        into one of two buffers kept for this (the one the last snapshot is not in): a sample
+        allocates nothing, so a large gradient costs no fresh pages at every sample."""
         grads = [params[i].grad for i in ids]
-        try:  # one C++ call (flatten and concatenate), the common case: one device, one dtype
-            flat = flatten(grads)
-        except RuntimeError:  # several devices
-            flat = torch.cat([g.reshape(-1).to(self.acc.device, torch.float32) for g in grads])
-        flat = flat.to(self.acc.device, torch.float32)
-        if own and len(grads) == 1 and flat.data_ptr() == grads[0].data_ptr():  # one gradient: a view
-            flat = flat.clone()
-        return flat
+        key = (ids, tuple(g.shape for g in grads))
+        bufs = self.__dict__.get("_flat_bufs")
+        if bufs is None or bufs[0] != key:
+            sizes = [g.numel() for g in grads]
+            flats = [torch.empty(sum(sizes), dtype=torch.float32, device=self.acc.device) for _ in range(2)]
+            views = [[v.view(g.shape) for v, g in zip(f.split(sizes), grads)] for f in flats]
+            bufs = self._flat_bufs = (key, flats, views)
+        k = 1 if self._snap is bufs[1][0] else 0
+        copy_into(bufs[2][k], grads)
+        return bufs[1][k]
 
     # -------------------------------------------------------------- reads
     def summary(self) -> Dict[str, float]:
@@ -375,20 +383,23 @@ class SignalTracker:
         """
         if self.run is None or _compiling():
             return None
-        kind = self.run.device.type
-        if kind == "cpu":  # folded run, then the window's steps not seen yet (usually one)
-            if self._host_run is None:
-                self._host_run = [int(a) for a in self.run.tolist()] + [0]
-            cur, longest, seen = self._host_run
-            for k in range(seen, self._pending):  # steps that ended without a poll
-                cur = cur + 1 if self._win_flag[k].item() else 0
-                longest = max(longest, cur)
-            self._host_run = [cur, longest, self._pending]
+        if self.run.is_cpu:  # folded run, then the window's steps not seen yet (usually none)
+            run = self._host_run
+            if run is None:
+                run = self._host_run = [int(a) for a in self.run.tolist()] + [0]
+            if run[2] < self._pending:  # steps that ended without a poll
+                cur, longest = run[0], run[1]
+                for k in range(run[2], self._pending):
+                    cur = cur + 1 if self._win_flag[k].item() else 0
+                    longest = max(longest, cur)
+                run[0], run[1], run[2] = cur, longest, self._pending
+            longest = run[1]
             if current is not None:  # read once; end() carries it into the run
-                self._host_current = bool(current.item())
+                self._host_current = current.item() != 0
                 if self._host_current:
-                    longest = max(longest, cur + 1)
+                    longest = max(longest, run[0] + 1)
             return longest
+        kind = self.run.device.type
         if kind != "cuda":
             return None
         if self._poll is None:
@@ -508,6 +519,7 @@ class SignalTracker:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_poll"] = None  # CUDA events do not pickle; the next poll starts a new copy
+        state.pop("_flat_bufs", None)  # scratch, made again at the next sample
         for name in self._VIEWS:  # pickle does not keep views of a tensor; rebuilt on load
             state.pop(name, None)
         return state

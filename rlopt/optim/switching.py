@@ -65,12 +65,14 @@ class RLSwitchingOptimizer(ControlledOptimizer):
             (new policies learn, loaded ones are frozen).
         max_nonfinite_steps: raise after this many consecutive steps with a non-finite loss or
             gradient (each is skipped and penalised); None never raises. On a GPU the count is
-            read without waiting for the device, so the error may come up to about 35 steps late
-            (the count is folded every 32 steps); on the CPU it comes at the step that completes the run;
+            read without waiting for the device, so the error may come up to about 130 steps late
+            (the count is folded every 128 steps; the steps meanwhile are skipped all the same); on the CPU it comes at the step that completes the run;
             on other devices (MPS) at the next decision.
-        signal_every: sample the gradient norm and alignment every this many steps (None: 50, or
-            interval // 2 when deciding every ``interval`` < 100 steps, so every interval holds samples;
-            each sample costs a flat copy of the gradient and a few reductions).
+        signal_every: sample the gradient norm and alignment every this many steps (None: 100, or
+            ``interval`` when deciding every ``interval`` < 100 steps, so that every interval holds a
+            sample). A sample and the step after it cost a copy of the gradient and about ten small
+            operations: on a small model on the CPU about 4x an ordinary step together, which is
+            why they are spaced out (``benchmarks/scripts/step_host_cost.py``).
         share_momentum: the SGD-family choices (``sgd``, and ``sam`` over SGD) share one momentum
             buffer per parameter, so a switch between them carries the velocity on, as a schedule
             that runs SAM's ascent on some steps of one SGD does (default). False gives each its own
