@@ -40,7 +40,7 @@ import dataclasses
 import json
 import math
 import os
-import shlex
+import re
 import subprocess
 import sys
 import time
@@ -124,7 +124,7 @@ def jobs(base: TrainConfig, seeds: Sequence[int], noises: Sequence[float], arm_l
     out: List[Job] = []
     for seed in seeds:
         for noise in noises:
-            def cfg_of(arm: Arm) -> TrainConfig:
+            def cfg_of(arm: Arm, seed: int = seed, noise: float = noise) -> TrainConfig:
                 return dataclasses.replace(base, method="switch", policy=arm.policy, budget=arm.budget, seed=seed,
                                            label_noise=noise)
             sgd = cfg_of(Arm("sgd", "sam-late", 0.0))
@@ -386,8 +386,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference", default=REFERENCE, help="analyse: the arm every other is paired against")
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # worker: time.time() limit
     ap.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
-    add_config_args(ap, skip=("method", "seed", "out_dir", "label_noise", "policy", "budget"))
-    ap.set_defaults(val_fraction=0.05, interval=10, pad_mode="reflect")
+    add_config_args(ap, skip=("method", "seed", "out_dir", "label_noise", "policy", "budget", "adam_lr",
+                              "adamw_weight_decay", "policy_train", "pretrained", "sam_share", "random_probs",
+                              "sam_every", "sam_last_fraction"))
+    own = {"val_fraction": 0.05, "interval": 10}  # the main tables' hold-out; a decision every 10 steps
+    ap.set_defaults(**own)
+    for action in ap._actions:
+        if action.dest in own:
+            action.help = re.sub(r"\(default: [^)]*\)$", f"(default: {own[action.dest]})", action.help)
     return ap
 
 

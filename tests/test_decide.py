@@ -136,7 +136,10 @@ def test_branch_refusals(tmp_path):
                 epochs=3, max_steps_per_epoch=2, warmup_epochs=0.5, lr=0.05, interval=1, device="cpu", out_dir=None,
                 method="switch", threads=1)
     data = load_dataset("fmnist-subset", max_train=200, max_test=50, val_fraction=0.1)
-    q = lambda s: None  # noqa: E731
+
+    def q(line):  # the runs' log lines: not wanted here
+        pass
+
     sgd = TrainConfig(**base, budget=0.0)
     train(sgd, data=data, log=q, checkpoint_epochs=(1, 2), checkpoint_dir=tmp_path)
     ck1, ck2 = (tmp_path / f"{sgd.run_name()}_ep{e}.pt" for e in (1, 2))
