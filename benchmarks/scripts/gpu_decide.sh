@@ -10,7 +10,8 @@
 # FAST="" runs without --cuda-graph (EXTRA="--device cpu ...": the script itself on a CPU).
 # usage: [WORKERS=4] [SEEDS=5] [NOISE="0 0.4"] [LEARNED=name] [EXTRA="--flag ..."] [MPS=0] [PREFLIGHT=1] \
 #        benchmarks/scripts/gpu_decide.sh BUDGET_S DATASET:DATADIR
-# Keep BUDGET_S + 90 under the call's limit: a run under way at BUDGET_S + 60 is stopped and lost.
+# BUDGET_S counts from the script's start. Keep BUDGET_S + 90 under the call's limit: a run still under
+# way 60 s after the budget is stopped and lost.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RLOPT_CACHE_DIR=/tmp/rlcache
 export RLOPT_COMMIT=${RLOPT_COMMIT:-$(cat data/COMMIT 2>/dev/null)}  # run logs name the code (no .git travels)
 B=$1
@@ -35,6 +36,8 @@ if [ -n "$PREFLIGHT" ]; then  # the whole pipeline for 3 epochs of 4 steps on th
   fi
   echo "preflight: $(tail -n 1 $OUT/r/preflight_$D.log)"
 fi
+B=$(( B - SECONDS ))  # the budget counts from the script's start: the preflight's time comes off it
+echo "run budget: $B s"
 ( while sleep 60; do pack; done ) &
 PACKER=$!
 timeout $((B + 60)) python3 -m benchmarks.decide run --dataset $D --data-dir $DD --out $R ${FAST---cuda-graph} \
