@@ -82,7 +82,7 @@ def arms(budgets: Sequence[float], learned: Optional[str]) -> List[Arm]:
     for b in sorted(budgets, reverse=True):
         out += [Arm(f"random@{b:g}", "ss-sam", b), Arm(f"ae-sam@{b:g}", "ae-sam", b)]
         if learned:
-            out.append(Arm(f"{learned}@{b:g}", learned, b))
+            out.append(Arm(f"{_policy_label(learned)}@{b:g}", learned, b))
     out += [Arm(f"sam-late@{b:g}", "sam-late", b) for b in sorted(budgets, reverse=True)]
     return out
 
@@ -96,8 +96,13 @@ def arm_label(config: Dict[str, Any]) -> Optional[str]:
         return "sgd"
     if policy == "sam-late" and budget == 1.0:
         return "sam"
-    name = {"ss-sam": "random"}.get(policy, policy)
+    name = {"ss-sam": "random"}.get(policy, _policy_label(policy))
     return f"{name}@{budget:g}"
+
+
+def _policy_label(policy: str) -> str:
+    """A policy's name in labels: a checkpoint path reduced to its file's stem (as in run names)."""
+    return Path(policy).stem if os.sep in policy or policy.endswith(".pt") else policy
 
 
 @dataclass

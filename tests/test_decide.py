@@ -129,6 +129,25 @@ def test_learned_policy_that_does_not_fit_is_skipped(tmp_path):
     assert not any("switch-sgd-sam" in n for n in res["missing"]) and len(res["missing"]) == 8
 
 
+@pytest.mark.slow
+def test_learned_arms_run_a_policy_checkpoint(tmp_path):
+    """--learned takes a checkpoint path too: a policy made for a budgeted sgd/sam switch runs its arms
+    (here an untrained PPO policy, frozen), labelled by the file's name."""
+    from rlopt import RLSwitchingOptimizer
+
+    opt = RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(1))], choices=["sgd", "sam"], policy="ppo",
+                               interval=1, total_steps=100, compute_budget=0.3)
+    opt.controller.policy.save(tmp_path / "pol.pt")
+    res = main(["run", "--out", str(tmp_path / "o"), "--checkpoint-dir", str(tmp_path / "ck"), "--seeds", "1",
+                "--noise", "0", "--budgets", "0.3", "--learned", str(tmp_path / "pol.pt"), *TOY])
+    assert res["skipped_learned"] is None and res["missing"] == [] and len(res["made"]) == 6
+    summary = main(["analyse", "--out", str(tmp_path / "o")])
+    labels = [a["arm"] for a in summary["conditions"][0]["arms"]]
+    assert "pol@0.3" in labels and len(labels) == 6
+    run = _logs(tmp_path / "o")[_name(_logs(tmp_path / "o"), "pol@0.3", 0, 0.0)]
+    assert run["summary"]["grad_evals"] <= 12 * 1.3
+
+
 def test_branch_refusals(tmp_path):
     """A run starts only from its own run's checkpoint, or (sam-late) from a smaller budget's that
     spent nothing, no later than its branch point."""
