@@ -335,8 +335,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     help="the report's title")
     ap.add_argument("--out", default=str(runs_path("gate")), help="output folder (default %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--analyse-only", action="store_true",
+                    help="run nothing: analyse the instances already in --out's runs.jsonl (those of this command's "
+                    "tasks and seeds)")
     a = ap.parse_args(argv)
 
+    commit = _commit()  # the code the runs are made with
     dist = TaskDistribution.preset(a.preset, **({"cifar10_path": a.cifar10} if a.cifar10 else {}))
     dist = dist.with_overrides(a.task)
     cifar10 = dist.resolved_cifar10_path()
@@ -362,6 +366,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             r = json.loads(line)
             done[r["key"]] = r
     todo = [j for j in jobs if j["key"] not in done or done[j["key"]]["config"] != j["config"]]
+    if a.analyse_only:
+        jobs = [j for j in jobs if j not in todo]
+        todo = []
+        if not jobs:
+            ap.error(f"no finished instance of these tasks in {runs_file}")
     start = time.perf_counter()
     bar = None
     if not a.no_progress:
@@ -370,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="gate", unit="run")
     ctx = mp.get_context("spawn")
     with ctx.Pool(max(1, a.workers)) as pool, runs_file.open("a") as f:
-        for r in pool.imap_unordered(run_instance, todo):
+        for r in (pool.imap_unordered(run_instance, todo) if todo else ()):
             done[r["key"]] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -383,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                              if k not in {j["key"] for j in todo}) / max(1, a.workers)
     rows = [done[j["key"]] for j in jobs]
     summary = analyse(rows, a.folds)
-    meta = {"title": a.title, "command": "python -m benchmarks.gate " + " ".join(argv), "commit": _commit(),
+    meta = {"title": a.title, "command": "python -m benchmarks.gate " + " ".join(argv), "commit": commit,
             "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, nice 19), {a.workers} processes "
                         f"x 1 torch thread, torch {torch.__version__}", "budget": a.budget, "interval": a.interval,
             "wall_s": wall, "distribution": dist.describe()}
