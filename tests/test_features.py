@@ -281,10 +281,13 @@ ACTIONS = ("sgd", "sam", "adam")
 
 
 def test_layout_names_and_version():
+    from rlopt.control.observation import SAM_FEATURES
+
     layout = observation_layout(ACTIONS, ("extra",))
     assert layout["version"] == LAYOUT_VERSION
     assert all(isinstance(name, str) and callable(formula) for name, formula in BASE_FEATURES)
-    assert FEATURE_NAMES == tuple(name for name, _ in BASE_FEATURES)  # one declaration: names cannot drift
+    # one declaration: names cannot drift; version 2 is version 1 and the SAM features after it
+    assert FEATURE_NAMES == tuple(name for name, _ in BASE_FEATURES + SAM_FEATURES)
     assert layout["names"] == list(FEATURE_NAMES) + ["extra"] + [f"prev_action:{a}" for a in ACTIONS]
 
 

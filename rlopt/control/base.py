@@ -37,7 +37,7 @@ from . import checkpoint, distributed, guarded
 from .choices import ChoiceSpec
 from .controller import Controller
 from .inner import InnerSet
-from .observation import ObservationBuilder, Signals
+from .observation import ObservationBuilder, Signals, observation_layout
 from .resolve import make_policy
 from .signals import SignalTracker
 from .torch_compat import hooks_silenced
@@ -90,7 +90,9 @@ class ControlledOptimizer(Optimizer):
         self.tracker = SignalTracker(signal_every)
         action_names = tuple(action_names)
         observer = ObservationBuilder(action_names, tuple(extra_features))
-        policy = make_policy(policy, action_names, observer.layout, seed, train_policy)
+        policy = make_policy(policy, action_names, observer.layout, seed, train_policy,
+                             layouts=lambda version: observation_layout(action_names, tuple(extra_features), version))
+        observer.version = policy.obs_layout["version"]  # a policy trained on an earlier layout gets it
         self.controller = Controller(
             action_names, policy, reward if reward is not None else self._default_reward(), observer,
             costs, interval=interval, total_steps=total_steps, total_epochs=total_epochs,
@@ -308,8 +310,9 @@ class ControlledOptimizer(Optimizer):
     def _decide(self, final: bool) -> None:
         ctl = self.controller
         device = self._params[0].device if self._params else torch.device("cpu")
+        lr = self.param_groups[0]["lr"] if self.param_groups else math.nan
         ctl.decide(self.tracker, final=final, extra_features=self._extra_features, apply_action=self._apply_action,
-                   history_extra=self._history_extra, device=device)
+                   history_extra=self._history_extra, device=device, lr=float(lr))
 
     def baseline(self, val_loss: Optional[float] = None, val_acc: Optional[float] = None) -> None:
         """Give the validation metrics measured before training (before the first step), so that

@@ -154,15 +154,16 @@ class Controller:
     # ------------------------------------------------------------- decisions
     def decide(self, tracker: SignalTracker, *, final: bool, extra_features: Callable[[Signals], Sequence[float]],
                apply_action: Callable[[int], None], history_extra: Callable[[], Dict[str, Any]],
-               device: torch.device) -> int:
-        """One decision (see module doc); returns the action now in effect."""
+               device: torch.device, lr: float = math.nan) -> int:
+        """One decision (see module doc); returns the action now in effect. ``lr``: the learning
+        rate now (the first param group's), observed against its peak."""
         if torch.is_inference_mode_enabled():  # (entered only where needed: leaving it costs)
             with torch.inference_mode(False), torch.enable_grad():
-                return self._decide(tracker, final, extra_features, apply_action, history_extra, device)
+                return self._decide(tracker, final, extra_features, apply_action, history_extra, device, lr)
         with torch.enable_grad():
-            return self._decide(tracker, final, extra_features, apply_action, history_extra, device)
+            return self._decide(tracker, final, extra_features, apply_action, history_extra, device, lr)
 
-    def _decide(self, tracker, final, extra_features, apply_action, history_extra, device) -> int:
+    def _decide(self, tracker, final, extra_features, apply_action, history_extra, device, lr) -> int:
         c = self.counts
         summary = tracker.read()
         val = dict(self.val)
@@ -172,7 +173,7 @@ class Controller:
             device = distributed.collective_device(group, device)
             given = {k: val.get(k, math.nan) if k in self.val_fresh else math.nan for k in ("val_loss", "val_acc")}
             means, top = distributed.reduce_signals(
-                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement")} | given,
+                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement", "sharpness")} | given,
                 {"skipped": summary["skipped"], "longest_skip_run": summary["longest_skip_run"],
                  "val_fresh": val_fresh, "val_epoch": val_epoch}, group, device)
             summary = {**summary, **means, "skipped": int(top["skipped"]),
@@ -194,7 +195,7 @@ class Controller:
             steps=steps, skipped=summary["skipped"],
             cost=self.interval_cost / steps / cheapest if steps else math.nan,
             progress=self.progress(), budget_share=self.budget_share(steps),
-            val_fresh=val_fresh, val_epoch=val_epoch,
+            val_fresh=val_fresh, val_epoch=val_epoch, sharpness=summary["sharpness"], lr=lr,
         )
         obs = self.observer.peek(signals, self.action, max(self.costs) / cheapest, extra_features(signals))
         reward, info = None, {}
@@ -343,7 +344,7 @@ class Controller:
         self.counts, self.action, self.interval_cost = dict(snap["counts"]), snap["action"], snap["interval_cost"]
         self.val, self.val_fresh, self.prev_signals = dict(snap["val"]), list(snap["val_fresh"]), snap["prev_signals"]
         self.history = list(snap["history"])
-        self.observer.first, self.observer.prev = dict(snap["observer"]["first"]), dict(snap["observer"]["prev"])
+        self.observer.load_state_dict(snap["observer"])
         self.group, self.synced_group = snap["group"], snap["synced_group"]
 
     def __getstate__(self) -> Dict[str, Any]:

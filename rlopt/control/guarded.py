@@ -1,8 +1,8 @@
 """The guarded step: a step whose loss or gradient is not finite never reaches the parameters.
 
 :func:`prepare` accounts the step's loss, checks its gradients (and, for SAM, runs the ascent and
-the second pass) and returns a 0/1 flag on the device; :func:`apply` then runs the inner
-optimizer. Fused torch kernels read the flag as ``found_inf`` (the mechanism GradScaler uses) and
+the second pass, whose loss gives the sharpness signal with the first group's rho) and returns a
+0/1 flag on the device; :func:`apply` then runs the inner optimizer. Fused torch kernels read the flag as ``found_inf`` (the mechanism GradScaler uses) and
 skip the update on the device; where a choice runs unfused the flag is read on the host.
 """
 from __future__ import annotations
@@ -33,12 +33,16 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
         tracker.probe(params, flag)
         if inner.specs[i].needs_closure:  # SAM: ascend, evaluate again, come back
             sam = inner.optimizers[i]
-            sam.first_step(zero_grad=True, found_inf=flag)
+            norm = sam.grad_norm()
+            sam.first_step(zero_grad=True, grad_norm=norm, found_inf=flag)
             try:
                 with torch.enable_grad():
-                    closure()
+                    perturbed = closure()
             finally:
                 sam.restore()
+            if norm is not None:  # L(w + e) against L(w): the sharpness signal, for free
+                perturbed = perturbed[0] if isinstance(perturbed, (tuple, list)) and perturbed else perturbed
+                tracker.add_sharpness(perturbed, norm * sam.param_groups[0]["rho"])
             tracker.check([p.grad for p in params if p.grad is not None], flag)  # the second gradient too
     except BaseException:
         tracker.cancel()

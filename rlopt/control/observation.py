@@ -1,9 +1,15 @@
 """What a policy sees: an interval's :class:`Signals` turned into a feature vector.
 
 Each base feature is declared once, as a ``(name, formula)`` pair in :data:`BASE_FEATURES`, so a
-name cannot drift from the formula that computes it. The layout (names and
-:data:`LAYOUT_VERSION`) is saved with every policy, so a checkpoint cannot be driven by features
-it was not trained on. Features are scaled to about ``[-1, 1]``; a signal not measured gives 0.
+name cannot drift from the formula that computes it. The layout (names and version) is saved with
+every policy, so a checkpoint cannot be driven by features it was not trained on. Features are
+scaled to about ``[-1, 1]``; a signal not measured gives 0.
+
+Layout versions: 1, the sixteen features up to ``skipped``; 2 (:data:`LAYOUT_VERSION`, what new
+policies get) adds four that say when SAM may pay: the sharpness SAM measures on its own steps,
+the learning rate against its peak so far, the gradient norm's z-score against the earlier
+decisions', and the gap between validation and training loss. An optimizer driven by a policy
+of version 1 builds version-1 observations, so the policies trained on them keep working.
 """
 from __future__ import annotations
 
@@ -13,10 +19,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["LAYOUT_VERSION", "BASE_FEATURES", "FEATURE_NAMES", "Signals", "ObservationBuilder",
-           "observation_layout"]
+__all__ = ["LAYOUT_VERSION", "LAYOUTS", "BASE_FEATURES", "SAM_FEATURES", "FEATURE_NAMES", "Signals",
+           "ObservationBuilder", "observation_layout"]
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 @dataclass
@@ -36,6 +42,8 @@ class Signals:
     budget_share: float = math.nan  # the interval's share of the whole budget, when the budget is known
     val_fresh: bool = False  # validation metrics were given during this interval
     val_epoch: int = 0  # epochs completed when the validation metrics in use were given (0: none yet)
+    sharpness: float = math.nan  # mean (L(w + e) - L(w)) / (rho |g|) over the interval's SAM steps
+    lr: float = math.nan  # the first param group's learning rate at the decision
 
     @property
     def skipped_frac(self) -> float:
@@ -78,6 +86,7 @@ class _View:
     first: Mapping[str, float]
     prev: Mapping[str, float]
     max_cost: float
+    running: Mapping[str, float] = field(default_factory=dict)  # lr peak, log grad-norm moments
 
 
 def _acc(v: _View) -> float:
@@ -111,16 +120,44 @@ BASE_FEATURES: Tuple[Tuple[str, Formula], ...] = (
      if v.max_cost > 1 and _finite(v.s.cost) else 0.0),
     ("skipped", lambda v: v.s.skipped_frac),
 )
-FEATURE_NAMES: Tuple[str, ...] = tuple(name for name, _ in BASE_FEATURES)
-_REFERENCES = ("loss", "grad_norm", "val_loss")  # first measured values kept
-_REMEMBERED = ("loss", "grad_norm", "val_loss", "val_acc")  # previous measured values kept
 
 
-def observation_layout(action_names: Sequence[str], extra: Sequence[str] = ()) -> Dict[str, Any]:
-    """The feature names of an optimizer: the base features, the optimizer's own ``extra`` ones,
-    then the previous action one-hot."""
-    names = list(FEATURE_NAMES) + list(extra) + [f"prev_action:{a}" for a in action_names]
-    return {"version": LAYOUT_VERSION, "names": names}
+def _grad_norm_z(v: _View) -> float:
+    """How unusual this interval's gradient norm is: the z-score of its log against the earlier
+    decisions' (AE-SAM's signal, per decision), squashed; 0 until two earlier ones are known."""
+    n, mean, m2 = v.running.get("gn_n", 0.0), v.running.get("gn_mean", 0.0), v.running.get("gn_m2", 0.0)
+    if n < 2 or not (_finite(v.s.grad_norm) and v.s.grad_norm > 0):
+        return 0.0
+    std = math.sqrt(m2 / (n - 1))
+    return t((math.log(v.s.grad_norm) - mean) / (2 * std)) if std > 0 else 0.0
+
+
+#: The features version 2 adds, in layout order.
+SAM_FEATURES: Tuple[Tuple[str, Formula], ...] = (
+    # curvature along the gradient, from SAM's own second evaluation, against the first measured
+    ("sharpness_level", lambda v: t(_log_ratio(v.s.sharpness, v.first.get("sharpness", math.nan)))),
+    # the learning rate against its peak so far in [-1, 1]: late in a decaying schedule -> -1
+    ("lr_to_peak", lambda v: 2 * min(1.0, v.s.lr / v.running["lr_peak"]) - 1
+     if _finite(v.s.lr) and v.s.lr >= 0 and v.running.get("lr_peak", 0.0) > 0 else 0.0),
+    ("grad_norm_z", _grad_norm_z),
+    # generalisation gap: validation loss against this interval's training loss
+    ("val_gap", lambda v: t(_log_ratio(v.s.val_loss, v.s.loss))),
+)
+LAYOUTS: Dict[int, Tuple[Tuple[str, Formula], ...]] = {1: BASE_FEATURES, 2: BASE_FEATURES + SAM_FEATURES}
+FEATURE_NAMES: Tuple[str, ...] = tuple(name for name, _ in LAYOUTS[LAYOUT_VERSION])
+_REFERENCES = ("loss", "grad_norm", "val_loss", "sharpness")  # first measured values kept
+_REMEMBERED = ("loss", "grad_norm", "val_loss", "val_acc", "sharpness")  # previous measured values kept
+_RUNNING = ("lr_peak", "gn_n", "gn_mean", "gn_m2")
+
+
+def observation_layout(action_names: Sequence[str], extra: Sequence[str] = (),
+                       version: int = LAYOUT_VERSION) -> Dict[str, Any]:
+    """The feature names of an optimizer: the features of layout ``version``, the optimizer's own
+    ``extra`` ones, then the previous action one-hot."""
+    if version not in LAYOUTS:
+        raise ValueError(f"Unknown observation layout version {version!r}; this rlopt makes {sorted(LAYOUTS)}")
+    names = [name for name, _ in LAYOUTS[version]] + list(extra) + [f"prev_action:{a}" for a in action_names]
+    return {"version": version, "names": names}
 
 
 @dataclass
@@ -136,10 +173,12 @@ class ObservationBuilder:
     extra: Sequence[str] = ()
     first: Dict[str, float] = field(default_factory=dict)
     prev: Dict[str, float] = field(default_factory=dict)
+    version: int = LAYOUT_VERSION
+    running: Dict[str, float] = field(default_factory=dict)  # lr peak; count, mean, M2 of log grad norms
 
     @property
     def layout(self) -> Dict[str, Any]:
-        return observation_layout(self.action_names, self.extra)
+        return observation_layout(self.action_names, self.extra, self.version)
 
     def peek(self, s: Signals, prev_action: Optional[int], max_cost: float,
              extra_values: Sequence[float] = ()) -> torch.Tensor:
@@ -148,8 +187,11 @@ class ObservationBuilder:
             value = getattr(s, key)
             if _finite(value) and value > 0:
                 first.setdefault(key, value)
-        view = _View(s, first, self.prev, max_cost)
-        features = [formula(view) for _, formula in BASE_FEATURES]
+        running = dict(self.running)
+        if _finite(s.lr) and s.lr > running.get("lr_peak", 0.0):
+            running["lr_peak"] = s.lr
+        view = _View(s, first, self.prev, max_cost, running)
+        features = [formula(view) for _, formula in LAYOUTS[self.version]]
         features += [float(v) if _finite(v) else 0.0 for v in extra_values]
         one_hot = [0.0] * len(self.action_names)
         if prev_action is not None:
@@ -165,6 +207,14 @@ class ObservationBuilder:
             value = getattr(s, key)
             if _finite(value):
                 self.prev[key] = value
+        r = self.running
+        if _finite(s.lr) and s.lr > r.get("lr_peak", 0.0):
+            r["lr_peak"] = float(s.lr)
+        if _finite(s.grad_norm) and s.grad_norm > 0:  # Welford's update of the log grad norm's moments
+            x, n = math.log(s.grad_norm), r.get("gn_n", 0.0) + 1
+            delta = x - r.get("gn_mean", 0.0)
+            r["gn_n"], r["gn_mean"] = n, r.get("gn_mean", 0.0) + delta / n
+            r["gn_m2"] = r.get("gn_m2", 0.0) + delta * (x - r["gn_mean"])
 
     def build(self, s: Signals, prev_action: Optional[int], max_cost: float,
               extra_values: Sequence[float] = ()) -> torch.Tensor:
@@ -174,7 +224,7 @@ class ObservationBuilder:
         return obs
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"first": dict(self.first), "prev": dict(self.prev)}
+        return {"first": dict(self.first), "prev": dict(self.prev), "running": dict(self.running)}
 
     @staticmethod
     def check_state(state: Any) -> None:
@@ -185,7 +235,13 @@ class ObservationBuilder:
             for key, value in state[part].items():
                 if key not in _REMEMBERED or not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise ValueError(f"Invalid observer state entry {part}[{key!r}] = {value!r}")
+        running = state.get("running", {})  # (absent from checkpoints of layout version 1)
+        if not isinstance(running, Mapping) or any(
+                key not in _RUNNING or not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) for key, value in running.items()):
+            raise ValueError(f"Invalid observer state 'running': {running!r}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)
         self.first, self.prev = dict(state["first"]), dict(state["prev"])
+        self.running = dict(state.get("running", {}))

@@ -3,7 +3,7 @@ its action set and observation layout."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..policies import ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy, policy_class
 from ..policies.rules import (RULE_NAMES, AdaptiveSamConfig, SamEveryConfig, SamLateConfig, ScheduledRandomConfig,
@@ -17,11 +17,14 @@ _CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", Constant
 
 
 def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, Any], seed: int,
-                train: Optional[bool] = None) -> Policy:
+                train: Optional[bool] = None,
+                layouts: Optional[Callable[[int], Dict[str, Any]]] = None) -> Policy:
     """A name (``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<action>"``, a rule such as
     ``"sam-late"`` or ``"sam-every:4"`` (:mod:`rlopt.policies.rules`), a registered policy's name), a
     config, a :class:`Policy` or a checkpoint path; checked against the action set and
-    the observation layout."""
+    the observation layout. A new policy gets ``obs_layout``; a given one (a Policy, a file, a
+    registered name) trained on another layout version is checked against ``layouts(version)``,
+    the layout the optimizer can make for it, where that version exists."""
     action_names = tuple(action_names)
     obs_dim = len(obs_layout["names"])
     if isinstance(spec, Policy):
@@ -32,6 +35,12 @@ def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, An
         policy = _from_name(os.fspath(spec), action_names, obs_dim, obs_layout, seed)
     else:
         raise TypeError(f"Invalid policy: {spec!r} (expected a name, a config, a Policy or a checkpoint path)")
+    own = policy.obs_layout
+    if layouts is not None and own is not None and own.get("version") != obs_layout["version"]:
+        try:
+            obs_layout = layouts(own.get("version"))
+        except ValueError:
+            pass  # a version this rlopt cannot make: the check below says so
     check_policy(policy, action_names, obs_layout)
     if train is not None:
         policy.train(train)
@@ -71,7 +80,7 @@ def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict
                          f"{list(action_names)}")
     if policy.obs_dim != len(obs_layout["names"]):
         raise ValueError(f"The policy expects {policy.obs_dim} observation features, this optimizer makes "
-                         f"{len(obs_layout['names'])} (layout version {obs_layout['version']})")
+                         f"{len(obs_layout['names'])} (observation layout version {obs_layout['version']})")
     if policy.obs_layout is None:
         policy.obs_layout = dict(obs_layout)
     elif (policy.obs_layout.get("version") != obs_layout["version"]

@@ -90,6 +90,8 @@ class SignalTracker:
         self._folds = 0
         self._host_run: Optional[List[int]] = None  # CPU: [current run, longest, window steps seen]
         self._unfused = set()  # (device type, dtype) without GradScaler's kernel
+        self.sharp: Optional[torch.Tensor] = None  # [sum, count] of SAM steps' sharpness estimates
+        self._sharp_win: Optional[torch.Tensor] = None  # (2, W) float32: L(w + e), rho |g| (NaN: none)
 
     def _allocate(self, device: torch.device) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
@@ -241,6 +243,29 @@ class SignalTracker:
             self._rows[self._nrows - 1, self._S_NORM:self._S_FLAG + 1].copy_(stats)
             self._snap, self._snap_ids, self._snap_step = flat, ids, self.steps
 
+    def add_sharpness(self, perturbed_loss: Any, first_order: torch.Tensor) -> None:
+        """Record the step's SAM evaluation: ``perturbed_loss`` = L(w + e) and ``first_order`` =
+        ``rho |g|`` (the first-order part of L(w + e) - L(w)); the step's own loss, given to
+        :meth:`begin`, is L(w). Folded with the window into the mean sharpness estimate
+        ``(L(w + e) - L(w)) / (rho |g|)`` of the interval's steps that were not skipped (see
+        :mod:`rlopt.control.sharpness`); two small copies, no host sync. Call between
+        :meth:`begin` and :meth:`end`."""
+        if not isinstance(perturbed_loss, torch.Tensor):
+            if not isinstance(perturbed_loss, numbers.Real) or isinstance(perturbed_loss, bool):
+                return
+            perturbed_loss = torch.tensor(float(perturbed_loss))
+        if perturbed_loss.numel() != 1 or perturbed_loss.is_complex():
+            perturbed_loss = perturbed_loss.detach().float().mean() if perturbed_loss.numel() else None
+            if perturbed_loss is None:
+                return
+        if self._sharp_win is None:
+            self._sharp_win = torch.full((2, self._win.shape[1]), math.nan, dtype=torch.float32, device=self._win.device)
+            self.sharp = torch.zeros(2, dtype=self.acc.dtype, device=self.acc.device)
+        device = self._sharp_win.device
+        self._sharp_win[:, self._pending].copy_(torch.stack([
+            perturbed_loss.detach().reshape(()).to(device, torch.float32),
+            first_order.detach().reshape(()).to(device, torch.float32)]))
+
     def cancel(self) -> None:
         """Forget the step begun with :meth:`begin` (it raised before its update). A gradient
         sample :meth:`probe` already took for it stays in the interval's sums."""
@@ -254,6 +279,8 @@ class SignalTracker:
                 self._snap_stats.copy_(stats)
         if self._win is not None:
             self._win[:, self._pending] = self._reset[:, self._pending]
+        if self._sharp_win is not None:
+            self._sharp_win[:, self._pending] = math.nan
 
     def end(self) -> None:
         """Close the step begun with :meth:`begin`."""
@@ -288,6 +315,11 @@ class SignalTracker:
             last_good = torch.where(bad == 0, count, 0.0).cummax(0).values
             runs = count - last_good + self.run[0] * (count == self._steps_idx[:n]).to(dtype)
             self.run.copy_(torch.stack([runs[-1], torch.maximum(self.run[1], runs.max())]))
+            if self._sharp_win is not None:  # sharpness of the SAM steps not skipped (NaN elsewhere)
+                est = (self._sharp_win[0, :n] - loss) / self._sharp_win[1, :n]
+                ok = (flag == 0) & est.isfinite()
+                self.sharp += torch.stack([torch.where(ok, est, 0.0).to(dtype).sum(), ok.to(dtype).sum()])
+                self._sharp_win.fill_(math.nan)
             self._win.copy_(self._reset)
         self._pending = 0
         self._host_run = None
@@ -338,6 +370,8 @@ class SignalTracker:
         if self.acc is not None:
             self.acc.zero_()
             self.run[1] = self.run[0]
+            if self.sharp is not None:
+                self.sharp.zero_()
             self._host_run = None
 
     def reset_run(self) -> None:
@@ -353,10 +387,10 @@ class SignalTracker:
         window and probe rows are folded into the sums, which the next read would do too."""
         if self.acc is None:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_cosine": math.nan,
-                    "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0}
+                    "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0, "sharpness": math.nan}
         self._fold()
         self._fold_rows()
-        v = torch.cat([self.acc, self.run]).tolist()
+        v = torch.cat([self.acc, self.run] + ([self.sharp] if self.sharp is not None else [])).tolist()
 
         def mean(total, n):
             return total / n if n > 0 else math.nan
@@ -368,6 +402,7 @@ class SignalTracker:
             "grad_sign_agreement": mean(v[self._SIGN], v[self._ALIGN_N]),
             "skipped": int(v[self._SKIPPED]),
             "longest_skip_run": int(v[9]),
+            "sharpness": mean(v[10], v[11]) if len(v) > 10 else math.nan,
         }
 
     def poll_skip_run(self, current: Optional[torch.Tensor] = None) -> Optional[int]:
@@ -430,6 +465,9 @@ class SignalTracker:
             "snapshot": self._snap.clone() if pending else None,
             "snapshot_stats": self._snap_stats.clone() if pending else None,
             "snapshot_ids": list(self._snap_ids) if pending else None,
+            # only once a SAM step was taken (absent before, and in older checkpoints)
+            **({"sharpness": {"sums": self.sharp.clone(), "window": self._sharp_win[:, :self._pending].clone()}}
+               if self.sharp is not None else {}),
         }
 
     def check_state(self, state: Any) -> None:
@@ -462,6 +500,13 @@ class SignalTracker:
             raise ValueError("The signal tracker's 'window' must be a tensor of shape (2, n)")
         if not (isinstance(rows, torch.Tensor) and rows.dim() == 2 and rows.shape[1] == 8):
             raise ValueError("The signal tracker's 'probe_rows' must be a tensor of shape (k, 8)")
+        sharp = state.get("sharpness")
+        if sharp is not None:
+            sums, win = (sharp.get("sums"), sharp.get("window")) if isinstance(sharp, Mapping) else (None, None)
+            if not (isinstance(sums, torch.Tensor) and tuple(sums.shape) == (2,) and isinstance(win, torch.Tensor)
+                    and tuple(win.shape) == (2, window.shape[1])):
+                raise ValueError("The signal tracker's 'sharpness' must hold 'sums' of shape (2,) and a 'window' "
+                                 "of shape (2, n) as long as 'window'")
         if state["snapshot"] is not None:
             snap, stats, ids = state["snapshot"], state["snapshot_stats"], state["snapshot_ids"]
             if not (isinstance(snap, torch.Tensor) and snap.dim() == 1 and isinstance(stats, torch.Tensor)
@@ -477,6 +522,7 @@ class SignalTracker:
         self._poll = self._host_run = None
         self._folds = 0
         self._snap, self._snap_ids, self._snap_step = None, None, -2
+        self.sharp = self._sharp_win = None
         if state["acc"] is None:
             self.acc = self.run = self._win = self._rows = None
             self._pending = self._nrows = 0
@@ -491,6 +537,11 @@ class SignalTracker:
         self._make_rows(device, count=rows.shape[0])
         self._rows[:rows.shape[0]] = rows.to(device)
         self._nrows = rows.shape[0]
+        sharp = state.get("sharpness")
+        if sharp is not None:
+            self.sharp = sharp["sums"].to(device, self.acc.dtype).clone()
+            self._sharp_win = torch.full((2, self._win.shape[1]), math.nan, dtype=torch.float32, device=device)
+            self._sharp_win[:, :window.shape[1]] = sharp["window"].to(device)
         if self._pending >= self.fold_every:
             self._fold()
         if state["snapshot"] is not None:
@@ -503,7 +554,7 @@ class SignalTracker:
         """What :meth:`restore` needs to undo the steps and reads that follow (a few small
         tensor copies; taken only at decisions)."""
         snap = {k: v for k, v in self.__dict__.items() if k not in self._VIEWS}
-        for key in ("acc", "run", "_win", "_rows", "_snap_stats"):
+        for key in ("acc", "run", "_win", "_rows", "_snap_stats", "sharp", "_sharp_win"):
             if snap.get(key) is not None:
                 snap[key] = snap[key].clone()
         snap["_host_run"] = None if self._host_run is None else list(self._host_run)
@@ -525,6 +576,8 @@ class SignalTracker:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("sharp", None)  # (pickled before the sharpness signal existed)
+        state.setdefault("_sharp_win", None)
         self.__dict__.update(state)
         self._make_views()
 
