@@ -240,7 +240,7 @@ class ControlledOptimizer(Optimizer):
         tracker = self.tracker
         with torch.no_grad():
             in_group = self._in_group()
-            flag = guarded.prepare(inner, i, self._params, tracker, closure, _loss_of(out), loss_skips=not in_group,
+            flag, grads = guarded.prepare(inner, i, self._params, tracker, closure, _loss_of(out), loss_skips=not in_group,
                                    grad_scale=self.__dict__.get("grad_scale"),
                                    scaler_inf=self.__dict__.get("found_inf"))
             if ctl.max_nonfinite_steps is not None and not in_group:  # ranks: checked at decisions
@@ -253,7 +253,7 @@ class ControlledOptimizer(Optimizer):
             final = ctl.count_step(cost)
             if final is None:
                 try:
-                    guarded.apply(inner, i, flag)
+                    guarded.apply(inner, i, flag, grads)
                 except BaseException:
                     ctl.uncount_step(cost)
                     tracker.cancel()
@@ -266,7 +266,7 @@ class ControlledOptimizer(Optimizer):
             tracker.end()
             try:
                 self._decide(final=final)
-                guarded.apply(inner, i, flag)
+                guarded.apply(inner, i, flag, grads)
             except BaseException:  # (a policy that already learned from the decision keeps what it learned)
                 tracker.restore(snap)
                 tracker.cancel()

@@ -7,7 +7,7 @@ skip the update on the device; where a choice runs unfused the flag is read on t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -21,8 +21,10 @@ __all__ = ["prepare", "apply"]
 
 def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: SignalTracker,
             closure: Optional[Callable[[], Any]], loss: Any, *, loss_skips: bool,
-            grad_scale: Optional[torch.Tensor] = None, scaler_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Check choice ``i``'s step before its update; returns the skip flag. ``grad_scale`` and
+            grad_scale: Optional[torch.Tensor] = None, scaler_inf: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+    """Check choice ``i``'s step before its update; returns the skip flag and the gradients the
+    update will use, in ``params`` order (None where a second pass made new ones). ``grad_scale`` and
     ``scaler_inf``: a GradScaler's scale (the gradients are unscaled in place, in the check's
     kernel) and overflow flag. On an exception the step is forgotten by the tracker."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -44,18 +46,20 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
                 perturbed = perturbed[0] if isinstance(perturbed, (tuple, list)) and perturbed else perturbed
                 tracker.add_sharpness(perturbed, norm * sam.param_groups[0]["rho"])
             tracker.check([p.grad for p in params if p.grad is not None], flag)  # the second gradient too
+            grads = None
     except BaseException:
         tracker.cancel()
         raise
-    return flag
+    return flag, grads
 
 
-def apply(inner: InnerSet, i: int, flag: torch.Tensor) -> None:
-    """Run choice ``i``'s update, skipped where ``flag`` is 1."""
+def apply(inner: InnerSet, i: int, flag: torch.Tensor, grads: Optional[List[torch.Tensor]] = None) -> None:
+    """Run choice ``i``'s update, skipped where ``flag`` is 1. ``grads``: what :func:`prepare`
+    returned (saves gathering them again)."""
     opt = inner.optimizers[i]
     target = opt.base_optimizer if inner.specs[i].needs_closure else opt
     if inner.fused[i]:
-        if _tc.fused_sgd_step(target, flag):
+        if _tc.fused_sgd_step(target, flag, grads):
             return
         target.found_inf = flag
         try:

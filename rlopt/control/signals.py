@@ -154,7 +154,14 @@ class SignalTracker:
         elif loss_skips:  # as a loss tensor would be: not finite in the float32 window
             flag.fill_(1.0)
         if inv_scale is None:  # one kernel for the gradients and the loss
-            self.check([*grads, *checked_loss], flag)
+            tensors = [*grads, *checked_loss]
+            if tensors and tensors[0].device == flag.device and not self._unfused:
+                try:  # check()'s common case, inline: this runs at every step
+                    non_finite_check_(tensors, flag, self._one)
+                except (RuntimeError, NotImplementedError):  # check() finds another way, or the reason
+                    self.check(tensors, flag)
+            else:
+                self.check(tensors, flag)
         else:  # the loss is not scaled: checked on its own
             self.check(grads, flag, inv_scale)
             self.check(checked_loss, flag)

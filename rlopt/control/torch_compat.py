@@ -72,7 +72,7 @@ def _is_torch_sgd_step(step) -> bool:
     return False
 
 
-def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor) -> bool:
+def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor, grads: Optional[List[torch.Tensor]] = None) -> bool:
     """Run ``opt``'s step with ``found_inf`` as ``SGD(fused=True).step`` does, with the same
     kernel and the same arguments, so the result is bit-identical; returns False, having done
     nothing, where that is not certain: not a plain fused ``torch.optim.SGD``, a step patched (on
@@ -80,7 +80,9 @@ def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor) -> bool:
     parameter without a gradient or a buffer, a tensor learning rate, a group whose parameters
     are on several devices or dtypes or another device than ``found_inf``, a differentiable
     group, or under ``torch.compile``. Sparse gradients are the caller's to refuse (the
-    non-finite check before every update does).
+    non-finite check before every update does). ``grads``: the caller's list of every gradient
+    that is not None over the optimizer's parameters in group order, if it has one; used as the
+    single group's gradients when it holds one for each parameter.
 
     What the lists need from ``opt.state`` (each parameter's entry) is kept between calls and
     made again whenever ``opt.state`` is another dict or holds another number of entries, or the
@@ -104,9 +106,10 @@ def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor) -> bool:
             return False
         if not n:
             continue
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            return False
+        if grads is None or len(groups) != 1 or len(grads) != n:
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                return False
         if group["momentum"] != 0:
             if entries is None:
                 return False
