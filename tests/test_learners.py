@@ -179,6 +179,20 @@ def test_checkpoint_without_new_fields_loads_and_keeps_its_old_behaviour(kind, t
     _drive(loaded, 5)  # and it trains on
 
 
+def test_checkpoint_of_the_old_default_width_loads_with_its_width_and_acts_identically(tmp_path):
+    # the default width moved from 64 to 256 units: a checkpoint stores its config, so one written
+    # with the old default rebuilds a 64-unit network, not the new default
+    old = DQNPolicy(OBS_DIM, ACTIONS, DQNConfig(hidden=64, learning_starts=2, batch_size=2), seed=3)
+    _drive(old, 6)
+    old.save(tmp_path / "old.pt")
+    loaded = rlopt.load_policy(tmp_path / "old.pt")
+    assert DQNConfig().hidden != 64 and loaded.config.hidden == 64
+    obs = _obs(16, seed=5)
+    for o in obs:
+        torch.testing.assert_close(loaded.q_values(o), old.q_values(o), rtol=0, atol=0)
+    assert [loaded.act(o) for o in obs] == [old.eval().act(o) for o in obs]
+
+
 def test_shipped_policies_load():
     loaded = [rlopt.load_policy(name) for name in rlopt.list_policies()]
     learners = [p for p in loaded if isinstance(p, (DQNPolicy, PPOPolicy))]
@@ -205,12 +219,12 @@ def test_ppo_defaults_learn_cartpole_beyond_random():
 
 def test_dqn_defaults_keep_q_bounded_and_learn_cartpole_beyond_random():
     """rlopt's DQN with its defaults except a schedule shortened to the test's budget (exploration
-    over 3k decisions, learning from 500). Random play averages about 22 per episode; seed 0 was
-    at 149 after 8k steps on the machine of the learner study."""
+    over 3k decisions, learning from 500). Random play averages about 22 per episode; seeds 0 / 1 / 2
+    were at 257 / 235 / 255 after 8k steps on the machine of the learner study."""
     pytest.importorskip("gymnasium")
     from benchmarks.learner_check import run_learner
 
     result = run_learner("dqn", "CartPole-v1", seed=0, steps=8000,
                          config={"exploration_decisions": 3000, "learning_starts": 500})
     assert result["max_abs_mean_q"] <= result["q_bound"] and not result["divergence_warnings"]
-    assert result["score"] >= 60.0, result["score"]
+    assert result["score"] >= 100.0, result["score"]
