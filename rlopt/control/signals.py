@@ -313,10 +313,10 @@ class SignalTracker:
         with torch.no_grad():
             loss, flag = self._win[:, :n]
             dtype = self.acc.dtype
-            bad = flag.to(dtype)
             counted = (flag == 0) & loss.isfinite()  # NaN: no loss given
-            self.acc[:self._SKIPPED + 1] += torch.stack([
-                torch.where(counted, loss, 0.0).to(dtype).sum(), counted.to(dtype).sum(), bad.sum()])
+            sums = torch.stack([torch.where(counted, loss, 0.0), counted, flag]).to(dtype)  # one batch of sums
+            bad = sums[2]
+            self.acc[:self._SKIPPED + 1] += sums.sum(1)
             # run at each step: bad steps since the last good one, plus the carried run if none yet
             count = bad.cumsum(0)
             last_good = torch.where(bad == 0, count, 0.0).cummax(0).values
@@ -377,6 +377,9 @@ class SignalTracker:
         if self.acc is not None:
             self.acc.zero_()
             self.run[1] = self.run[0]
+            if self._nrows:  # (read() added them on the host)
+                self._rows[:self._nrows].fill_(math.nan)
+                self._nrows = 0
             if self.sharp is not None:
                 self.sharp.zero_()
             self._host_run = None
@@ -391,13 +394,29 @@ class SignalTracker:
 
     def read(self) -> Dict[str, float]:
         """The interval's means and counts so far (one host transfer). Changes no meaning: the
-        window and probe rows are folded into the sums, which the next read would do too."""
+        window is folded into the sums, which the next read would do too; the probe rows in use
+        (a few, sampled since the last fold of rows) come back in the same transfer and are
+        added on the host, as :meth:`_fold_rows` would add them on the device."""
         if self.acc is None:
             return {"loss": math.nan, "grad_norm": math.nan, "grad_cosine": math.nan,
                     "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0, "sharpness": math.nan}
         self._fold()
-        self._fold_rows()
-        v = torch.cat([self.acc, self.run] + ([self.sharp] if self.sharp is not None else [])).tolist()
+        k = self._nrows
+        parts = [self.acc, self.run] + ([self.sharp] if self.sharp is not None else [])
+        if k:
+            parts.append(self._rows[:k].reshape(-1).to(self.acc.dtype))
+        v = torch.cat(parts).tolist()
+        fixed = 12 if self.sharp is not None else 10
+        v, rows = v[:fixed], v[fixed:]
+        for r in range(k):  # _fold_rows' arithmetic, in float64 on the host
+            gn, gf, cn, dot, sign, cf, pn, pf = rows[8 * r:8 * r + 8]
+            if gf == 0 and math.isfinite(gn):  # a finite sample of a step that was not skipped
+                v[self._GNORM] += gn
+                v[self._GNORM_N] += 1
+            if cf == 0 and pf == 0 and cn > 0 and pn > 0 and math.isfinite(cn) and math.isfinite(pn):
+                v[self._COS] += dot / max(cn * pn, 1e-30)
+                v[self._SIGN] += sign
+                v[self._ALIGN_N] += 1
 
         def mean(total, n):
             return total / n if n > 0 else math.nan
