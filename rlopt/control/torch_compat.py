@@ -22,6 +22,7 @@ never wrong), and ``tests/test_torch_compat.py`` runs both paths:
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -60,6 +61,9 @@ def raw_step(opt: Optimizer) -> None:
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)
 _SGD_STEP_CODE = inspect.unwrap(torch.optim.SGD.__dict__["step"]).__code__  # torch's own SGD.step
 _sgd_step_seen = None  # the class attribute last found to be torch's own step (however wrapped)
+# torch >= 2.5 checks the parameters' devices and dtypes at the first fused step (torch 2.4 at
+# construction): until that step has run, the step is torch's
+_CHECKS_AT_FIRST_STEP = hasattr(importlib.import_module("torch.optim.sgd"), "_device_dtype_check_for_fused")
 
 
 def _is_torch_sgd_step(step) -> bool:
@@ -89,7 +93,8 @@ def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor, grads: Optional[List
     groups or their parameters change; the buffers themselves are read from the entries at
     every call."""
     if _FUSED_SGD is None or type(opt) is not torch.optim.SGD or not _is_torch_sgd_step(type(opt).step) \
-            or opt.__dict__.get("_need_device_dtype_check_for_fused", True) or "step" in opt.__dict__ \
+            or (_CHECKS_AT_FIRST_STEP and opt.__dict__.get("_need_device_dtype_check_for_fused", True)) \
+            or "step" in opt.__dict__ \
             or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _compiling():
         return False
     state, groups = opt.state, opt.param_groups
