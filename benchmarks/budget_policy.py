@@ -14,7 +14,7 @@ same task (same initial weights, batches and augmentation). 0: as good as SAM-la
    ``--policy`` (e.g. a PPO meta-trained with ``--reward final``); each against SAM-late, paired,
    mean and 95% t-interval over tasks.
 
-The tuned rule is saved as a policy checkpoint (``tuned.pt``, loadable with ``rlopt.load_policy``);
+The tuned rule is saved as a policy checkpoint (``tuned.pt`` in ``--out``, loadable with ``rlopt.load_policy``);
 whether it deserves a registry entry is for the reader of ``budget_policy.md`` to decide.
 
 Usage::
@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if not a.no_progress:
         from tqdm.auto import tqdm
 
-        total = a.train_tasks * (1 + a.popsize * a.generations) + a.test_tasks * (4 + len(a.policy) + 1)
+        total = a.train_tasks * (1 + a.popsize * a.generations) + a.test_tasks * (4 + len(a.policy))
         bar = tqdm(total=total, desc="budget_policy", unit="run")
 
     def run_all(specs: List[Any], cfgs: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
