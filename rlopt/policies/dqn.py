@@ -43,8 +43,8 @@ class DQNConfig:
     ``dqn.py`` values with the exploration and warm-up rescaled to that budget, twice its learning
     rate, a replay buffer that keeps the whole run, Double DQN and 256 units per hidden layer. Q
     stays below its bound on every seed; the mean return of the last 20 episodes was at least 195
-    on each of seeds 0-7 (347-500, mean 457). Most seeds learn between 50k and 90k decisions and
-    the return still swings by 100-200 between 10k-decision windows afterwards: less settled than
+    on each of seeds 0-15 (241-500, mean 433). Most seeds learn between 50k and 90k decisions and
+    the return still swings by 100-250 between 10k-decision windows afterwards: less settled than
     the PPO defaults, which hold 500. A run that decides only tens of times explores (and does not
     learn) for all of it: give such runs a shorter ``exploration_decisions`` and
     ``learning_starts``, as the meta-training configs do."""
