@@ -16,7 +16,6 @@ downloads into ``FashionMNIST/raw/``).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 from pathlib import Path
 

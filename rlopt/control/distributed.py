@@ -16,8 +16,8 @@ So at each decision point (never inside an ordinary step) the ranks:
    different seeds). Should they ever differ, every rank takes rank 0's action and rank 0's policy.
 
 That is three small all-reduces per decision (two in step 1, one in step 2), and one object
-broadcast at the first. The policies stay on the CPU; the collectives run where the process group's backend needs them (the model's
-device for NCCL).
+broadcast at the first. The policies stay on the CPU; the collectives run where the process group's backend
+needs them (the model's device for NCCL).
 
 Whether a step is skipped must not differ between ranks either. With a group the non-finite
 check looks at the gradients only, which DDP has made equal on every rank, not at each rank's

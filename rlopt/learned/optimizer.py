@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch.optim import Optimizer
 
-from .rule import LearnedRule, load_rule
+from .rule import load_rule
 
 __all__ = ["LearnedOptimizer", "DEFAULT_POLICY"]
 

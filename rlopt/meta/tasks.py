@@ -332,7 +332,7 @@ def run_episode(task: Task, optimizer) -> Dict[str, Any]:
                 idx = order[i * bs:(i + 1) * bs]
                 xb, yb = task.train_x[idx], task.train_y[idx]
 
-                def closure():
+                def closure(xb=xb, yb=yb):
                     optimizer.zero_grad()
                     loss = F.cross_entropy(model(xb), yb)
                     loss.backward()

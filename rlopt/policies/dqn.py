@@ -136,8 +136,8 @@ class DQNPolicy(Policy):
     """Epsilon-greedy DQN. Frozen (``train=False``), it acts greedily.
 
     :meth:`observe` returns (and keeps in ``last_info``) ``epsilon``, ``decisions`` and, on
-    decisions with gradient steps, ``td_loss``, ``q_mean`` and ``q_abs_max`` (mean and largest |Q| of the batch's actions),
-    ``q_bound`` (``max|r| / (1 - gamma)``) and ``n_updates``.
+    decisions with gradient steps, ``td_loss``, ``q_mean`` and ``q_abs_max`` (mean and largest |Q| of the batch's
+    actions), ``q_bound`` (``max|r| / (1 - gamma)``) and ``n_updates``.
     """
 
     kind = "dqn"
