@@ -7,13 +7,16 @@ skip the update on the device; where a choice runs unfused the flag is read on t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, cast
 
 import torch
 
 from .inner import InnerSet
 from .signals import SignalTracker
 from .torch_compat import raw_step
+
+if TYPE_CHECKING:
+    from ..optim.sam import SAM
 
 __all__ = ["prepare", "apply"]
 
@@ -31,7 +34,8 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
         flag = tracker.begin(grads, loss, device, loss_skips=loss_skips, inv_scale=inv_scale, found_inf=scaler_inf)
         tracker.probe(params, flag)
         if inner.specs[i].needs_closure:  # SAM: ascend, evaluate again, come back
-            sam = inner.optimizers[i]
+            sam = cast("SAM", inner.optimizers[i])
+            assert closure is not None  # a choice that needs one is only taken with a closure
             sam.first_step(zero_grad=True, found_inf=flag)
             try:
                 with torch.enable_grad():
@@ -48,7 +52,8 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
 def apply(inner: InnerSet, i: int, flag: torch.Tensor) -> None:
     """Run choice ``i``'s update, skipped where ``flag`` is 1."""
     opt = inner.optimizers[i]
-    target = opt.base_optimizer if inner.specs[i].needs_closure else opt
+    # Any: found_inf (set below) is read by torch's fused kernels but not declared by Optimizer
+    target: Any = cast("SAM", opt).base_optimizer if inner.specs[i].needs_closure else opt
     if inner.fused[i]:
         target.found_inf = flag
         try:

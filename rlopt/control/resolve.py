@@ -3,7 +3,7 @@ its action set and observation layout."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, cast
 
 from ..policies import ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy, policy_class
 from ..policies.rules import (RULE_NAMES, AdaptiveSamConfig, SamEveryConfig, SamLateConfig, ScheduledRandomConfig,
@@ -61,7 +61,7 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
     if pretrained_info(name).get("optimizer") == "learned":
         raise ValueError(f"'{name}' is a learned update rule, not a decision policy: use "
                          f"rlopt.LearnedOptimizer(params, policy='{name}')")
-    return load_pretrained(name)
+    return cast(Policy, load_pretrained(name))  # a decision policy: a learned rule was refused above
 
 
 def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, TypedDict
 
 import torch
 
@@ -27,6 +27,17 @@ def _refuse_sparse(tensors: Sequence[torch.Tensor]) -> None:
     if any(t.layout != torch.strided for t in tensors):
         raise RuntimeError("rlopt does not support sparse gradients (from nn.Embedding(sparse=True) or "
                            "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
+
+
+class Summary(TypedDict):
+    """What :meth:`SignalTracker.read` returns: the interval's means (NaN: none) and counts."""
+
+    loss: float
+    grad_norm: float
+    grad_cosine: float
+    grad_sign_agreement: float
+    skipped: int
+    longest_skip_run: int
 
 
 class SignalTracker:
@@ -64,6 +75,13 @@ class SignalTracker:
     STATE_VERSION = 1
     DEFAULT_FOLD_EVERY = 32
     PROBE_ROWS = 16
+    # attributes set outside __init__, or whose type the first assignment does not tell
+    _unfused: Set[Tuple[str, Optional[torch.dtype]]]
+    _win_loss: Sequence[torch.Tensor]
+    _win_flag: Sequence[torch.Tensor]
+    _poll: Optional[List[Any]]
+    _host_current: Optional[bool]
+    _undo_probe: Optional[Tuple[int, Optional[torch.Tensor], Optional[tuple], int, Optional[torch.Tensor]]]
 
     def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
         if isinstance(signal_every, bool) or not isinstance(signal_every, int) or signal_every < 1:
@@ -305,7 +323,7 @@ class SignalTracker:
             self._rows[:k].fill_(math.nan)
         self._nrows = 0
 
-    def _flat(self, params, ids, own: bool = False) -> torch.Tensor:
+    def _flat(self, params: Sequence[torch.Tensor], ids: Sequence[int], own: bool = False) -> torch.Tensor:
         """The gradients of ``params[ids]`` as one float32 vector on the tracker's device; with
         ``own``, never a view of a gradient (a kept snapshot must not change with it)."""
         grads = [params[i].grad for i in ids]
@@ -319,7 +337,7 @@ class SignalTracker:
         return flat
 
     # -------------------------------------------------------------- reads
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> Summary:
         """:meth:`read`, then :meth:`new_interval`."""
         out = self.read()
         self.new_interval()
@@ -340,7 +358,7 @@ class SignalTracker:
             self.run.zero_()
             self._host_run = None
 
-    def read(self) -> Dict[str, float]:
+    def read(self) -> Summary:
         """The interval's means and counts so far (one host transfer). Changes no meaning: the
         window and probe rows are folded into the sums, which the next read would do too."""
         if self.acc is None:
@@ -350,7 +368,7 @@ class SignalTracker:
         self._fold_rows()
         v = torch.cat([self.acc, self.run]).tolist()
 
-        def mean(total, n):
+        def mean(total: float, n: float) -> float:
             return total / n if n > 0 else math.nan
 
         return {
@@ -505,14 +523,14 @@ class SignalTracker:
 
     _VIEWS = ("_win_loss", "_win_flag", "_row_views")
 
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         state["_poll"] = None  # CUDA events do not pickle; the next poll starts a new copy
         for name in self._VIEWS:  # pickle does not keep views of a tensor; rebuilt on load
             state.pop(name, None)
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._make_views()
 

@@ -29,11 +29,14 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from ..control.base import ControlledOptimizer
 
 __all__ = ["TaskConfig", "TaskDistribution", "Task", "build_task", "run_episode", "fmnist_subset_path"]
 
@@ -114,7 +117,7 @@ def _parse_field(text: str, like: Any) -> Any:
             raise ValueError("one value expected")
         return type(like)(parts[0])
     kinds = {type(v) for v in like}
-    values = []
+    values: List[Union[int, float, str]] = []
     for t in parts:
         if int in kinds and t.lstrip("-").isdigit():
             values.append(int(t))
@@ -154,7 +157,7 @@ class TaskDistribution:
     fmnist_path: Optional[str] = field(default=None)
     """The subset file (None: :func:`fmnist_subset_path`)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if len(self.lr_range) != 2 or not 0.0 < self.lr_range[0] <= self.lr_range[1] < math.inf:
             raise ValueError(f"Invalid lr_range: {self.lr_range}")
         smallest = {"mlp_depth": 0, "teacher_classes": 2}  # 0 hidden layers: a linear model
@@ -314,7 +317,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float
     return float(F.cross_entropy(out, y)), float((out.argmax(dim=1) == y).float().mean())
 
 
-def run_episode(task: Task, optimizer) -> Dict[str, Any]:
+def run_episode(task: Task, optimizer: ControlledOptimizer) -> Dict[str, Any]:
     """Train ``task.model`` with ``optimizer`` (an rlopt optimizer built on its parameters) for
     the task's budget, calling ``epoch_end`` with validation metrics after every epoch.
 
@@ -332,7 +335,7 @@ def run_episode(task: Task, optimizer) -> Dict[str, Any]:
                 idx = order[i * bs:(i + 1) * bs]
                 xb, yb = task.train_x[idx], task.train_y[idx]
 
-                def closure(xb=xb, yb=yb):
+                def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
                     optimizer.zero_grad()
                     loss = F.cross_entropy(model(xb), yb)
                     loss.backward()
