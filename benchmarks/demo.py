@@ -13,7 +13,6 @@ small problem, not evidence about which optimizer is better: one seed, a few epo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -142,7 +141,8 @@ def main(argv=None) -> Dict[str, Any]:
         f"- small CNN, {args.epochs} epochs, batch {DEMO['batch_size']}, one seed ({args.seed}); "
         f"RL decisions every {args.interval} steps; total wall time {wall:.1f} s",
         f"- {CONVERGENCE_DEFINITION}", "",
-        "| method | test acc % | macro F1 % | val acc % | convergence epoch | train s | grad evals | steps per optimizer |",
+        "| method | test acc % | macro F1 % | val acc % | convergence epoch | train s | grad evals "
+        "| steps per optimizer |",
         "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         s = r["summary"]

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from rlopt.learned import LearnedOptimizer, LearnedRule, RuleSpec, load_rule
+from rlopt.learned import LearnedOptimizer, LearnedRule, load_rule
 from rlopt.learned.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, load_fmnist, sample_task
 
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -259,7 +259,8 @@ def write_report(out: Path, result: dict) -> None:
              f"horizon T = {result['horizon']}, tuning seeds {result['tune_seeds']}, eval seeds {result['eval_seeds']}", ""]
     if "summary" in result:
         lines += ["## Steps to reach tuned Adam's loss at horizon h (per task = family x eval seed)", "",
-                  "| group | h | method | sped up | reached | diverged (Adam) | median speed-up | log L_h - log L_h(Adam), mean [95% CI] |",
+                  "| group | h | method | sped up | reached | diverged (Adam) | median speed-up "
+                  "| log L_h - log L_h(Adam), mean [95% CI] |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in result["summary"]:
             lines.append(f"| {r['group']} | {r['horizon']} | {r['method']} | {r['sped_up']}/{r['tasks']} | "
@@ -287,7 +288,8 @@ def write_report(out: Path, result: dict) -> None:
         lines += ["", "## Meta-training: ES against TD3 (validation meta-objective, mean log(L_t/L_0) over 50 steps "
                   "on 8 fixed training-family tasks; lower is better)", "",
                   "| learner | best validation | training | wall time (s) |", "|---|---|---|---|",
-                  f"| ES | {c['es_best']:.3f} | {c['es'][-1]['iteration'] if c['es'] else 0} iterations | {c['es_elapsed_s']:.0f} |",
+                  f"| ES | {c['es_best']:.3f} | {c['es'][-1]['iteration'] if c['es'] else 0} iterations "
+                  f"| {c['es_elapsed_s']:.0f} |",
                   f"| TD3 | {c['td3_best']:.3f} | {c['td3_episodes']} episodes, {c['td3_updates']} updates | "
                   f"{c['td3'][-1]['elapsed_s'] if c['td3'] else 0:.0f} |"]
     (out / "table.md").write_text("\n".join(lines) + "\n")

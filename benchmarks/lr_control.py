@@ -19,7 +19,6 @@ Writes into ``--out`` (default the git-ignored ``benchmarks/runs/lr_control/``) 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -46,7 +45,8 @@ METHODS = ("constant", "step", "cosine", "plateau", "agent-log_improvement", "ag
 @dataclass
 class Config:
     data_dir: Optional[str] = None
-    """Folder with Fashion-MNIST (idx .gz files or the torchvision layout); None: $RLOPT_DATA_DIR or data/ at the repository root."""
+    """Folder with Fashion-MNIST (idx .gz files or the torchvision layout); None: $RLOPT_DATA_DIR or data/ at
+    the repository root."""
     download: bool = False
     """Let torchvision download Fashion-MNIST when data_dir holds none."""
     max_train: int = 15000
@@ -125,7 +125,7 @@ def run(method: str, seed: int, cfg: Config, data) -> Dict:
         loss_sum = torch.zeros(())
         n = 0
         for xb, yb in iterate_batches(data["train_x"], data["train_y"], cfg.batch_size, shuffle=True, generator=gen):
-            def closure():
+            def closure(xb=xb, yb=yb):
                 opt.zero_grad()
                 loss = F.cross_entropy(model(xb), yb)
                 loss.backward()
@@ -184,8 +184,8 @@ def write_report(cfg: Config, runs: List[Dict], command: str, data_summary: str,
         "# QLearningRateOptimizer vs learning-rate schedules (Fashion-MNIST, small CNN)",
         "",
         f"- Command: `{command}`",
-        f"- Hardware: {cpu_name()}, {cfg.threads} torch thread(s), {os.cpu_count()} cores shared with other jobs (wall times "
-        f"are indicative only); torch {torch.__version__}, Python {platform.python_version()}",
+        f"- Hardware: {cpu_name()}, {cfg.threads} torch thread(s), {os.cpu_count()} cores shared with other jobs "
+        f"(wall times are indicative only); torch {torch.__version__}, Python {platform.python_version()}",
         f"- Data: {data_summary}",
         f"- Model: SmallCNN (conv16-pool-conv32-pool-linear, {sum(p.numel() for p in SmallCNN().parameters())} "
         f"parameters); SGD momentum {cfg.momentum}, weight decay {cfg.weight_decay}, batch {cfg.batch_size}, "

@@ -25,7 +25,6 @@ git-ignored ``benchmarks/runs/fmnist_subset.npz``)::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import tarfile
 from pathlib import Path

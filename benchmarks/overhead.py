@@ -28,7 +28,6 @@ only reported.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import copy
 import json
@@ -236,7 +235,7 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
              "nesterov, weight decay 5e-4, fused=True); wrapper = RLSwitchingOptimizer with that SGD as its only "
              "choice, policy constant:sgd",
              "- interleaved rounds (order rotated), warm-up first; median over rounds of the mean step time per block",
-             f"- bars (GPU, ResNet-18): interval=epoch <= 3%, interval=50 <= 5%"
+             "- bars (GPU, ResNet-18): interval=epoch <= 3%, interval=50 <= 5%"
              + ("" if gpu else "; this is a CPU run: figures reported, bars not applicable"), ""]
     lines += ["| case | params | batch | rounds x steps | plain ms/step | wrapper (epoch) ms/step | overhead | "
               "wrapper (50) ms/step | overhead | bars met |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -259,7 +258,7 @@ def to_markdown(results: List[Dict[str, Any]], env: Dict[str, Any], command: str
         if max(spread.values()) > 0.1:
             noisy.append(f"{r['case']}: round-to-round spread of the step time up to {100 * max(spread.values()):.0f}% "
                          f"of the median (" + ", ".join(f"{n} {min(v):.2f}-{max(v):.2f} ms" for n, v in a.items())
-                         + f"); with the fastest round instead of the median: " + ", ".join(
+                         + "); with the fastest round instead of the median: " + ", ".join(
                              f"{n} {100 * (min(a[n]) / min(a['plain']) - 1):+.1f}%" for n in o)
                          + ". Differences smaller than the spread are noise, not overhead.")
     if all("step_ops" in r for r in results):

@@ -21,7 +21,6 @@ share of steps, and the gradient evaluations relative to SGD. Results: ``--out``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys

@@ -10,7 +10,6 @@ from a tie its greedy choice is, without any training.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path

@@ -55,7 +55,6 @@ benchmarks/runs/sam_payoff_overfit_mlp``: a variant in the overfitting regime al
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -420,7 +419,7 @@ def _ci(c: Dict[str, float], fmt: str = "+.2f") -> str:
 
 
 def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
-    L = [f"# Does SAM pay off in the meta-training task distribution?", "",
+    L = ["# Does SAM pay off in the meta-training task distribution?", "",
          "Written by `benchmarks/sam_payoff.py` (its docstring says how); every number below comes from this run.", "",
          f"* Command: `{meta['command']}` (from the repository root, `PYTHONPATH=.`)"
          + (f"; report rebuilt from its JSON with `{meta['report_rebuilt_with']}`" if meta.get("report_rebuilt_with") else ""),
@@ -433,8 +432,9 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
          f"choices sgd/sam, rho 0.05, "
          f"momentum 0.9, no weight decay): `sgd` = constant:sgd, `sam` = constant:sam, `sam_last` = SGD then "
          f"SAM from epoch `epochs - round({meta['last_fraction']} * epochs)` (a policy reading only the progress "
-         f"feature), `sam_last_separate` = the same schedule with `share_momentum=False` (SAM's momentum buffer starts at "
-         f"zero at the switch), `sgd_reorder` = constant:sgd with another batch order. All arms but `sam_last_separate` "
+         f"feature), `sam_last_separate` = the same schedule with `share_momentum=False` (SAM's momentum buffer "
+         f"starts at zero at the switch), `sgd_reorder` = constant:sgd with another batch order. "
+         f"All arms but `sam_last_separate` "
          f"run rlopt's default `share_momentum=True` (`sgd` and `sam` share one momentum buffer per parameter, so "
          f"`sam_last`'s switch carries the velocity on, as `benchmarks/train.py`'s sam-last does); `_make_optimizer` "
          f"takes no `share_momentum`, so `sam_last_separate`'s optimizer is built with its arguments plus "
@@ -466,8 +466,9 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
                   f"{s['prefix_identical']['sam_last_separate']}/{s['tasks']} the `sam_last_separate` run's training "
                   "losses before the switch equal the `sgd` run's exactly. `share_momentum` as run: "
                   + ", ".join(f"`{a}` {'/'.join(str(v) for v in s['share_momentum'][a])}" for a in ARMS) + ".", "",
-              "Paired differences (the `sgd_reorder - sgd` row is the noise of one comparison, and the `- sgd_reorder` rows "
-              "compare against that second SGD run, a check on the luck of the first; `sam_last - sgd` is SAM's "
+              "Paired differences (the `sgd_reorder - sgd` row is the noise of one comparison, and the "
+              "`- sgd_reorder` rows compare against that second SGD run, a check on the luck of the first; "
+              "`sam_last - sgd` is SAM's "
               "own effect in the last 30% with the momentum buffer carried on at the switch; `sam_last - "
               "sam_last_separate` is what sharing the buffer changes against restarting SAM's from zero):", "",
               "| comparison | acc diff, mean [95% CI] (pt) | median | wins > 1 pt | losses > 1 pt | within 1 pt | "
@@ -571,7 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     results = [run_distribution(name, dist, n, a.seed, a.last_fraction) for name, dist, n in plan if n > 0]
     meta = {
         "command": shlex.join(["python", "-m", "benchmarks.sam_payoff", *argv]),
-        "hardware": f"CPU ({platform.processor() or platform.machine()}, {_cpu_name()}), {torch.get_num_threads()} torch thread",
+        "hardware": f"CPU ({platform.processor() or platform.machine()}, {_cpu_name()}), "
+                    f"{torch.get_num_threads()} torch thread",
         "torch": str(torch.__version__), "python": platform.python_version(), "seed": a.seed,
         "last_fraction": a.last_fraction, "wall_s": time.perf_counter() - start,
     }

@@ -22,7 +22,6 @@ applied.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import statistics

@@ -157,7 +157,7 @@ def compare_pairs(rows: List[Dict[str, Any]], pairs: Sequence[str]) -> List[str]
 
 
 def _pct(d, digits=2):
-    m, sd, ci = d["mean"], d["std"], d["ci95"]
+    m, sd = d["mean"], d["std"]
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "-"
     if sd is None or math.isnan(sd):
@@ -193,24 +193,28 @@ def write_outputs(out: Path, rows: List[Dict[str, Any]], runs: Dict[str, List[Di
                       f"{r['grad_evals']['mean']:.0f}", share])
     env = header["environment"]
     hw = env.get("gpu", env.get("cpu"))
-    md = [f"# {header['dataset']} benchmark ({'SMOKE TEST: code paths only, numbers meaningless' if header['smoke'] else 'results'})",
+    smoke = "SMOKE TEST: code paths only, numbers meaningless"
+    md = [f"# {header['dataset']} benchmark ({smoke if header['smoke'] else 'results'})",
           "",
           f"- command: `{header['command']}`",
           f"- hardware: {hw} ({env['device']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch threads); "
           f"torch {env['torch']}, torchvision {env.get('torchvision', '?')}, Python {env['python']}",
           f"- data: {header['data']}",
-          f"- model {header['config']['model']}, {header['config']['epochs']} epochs, batch {header['config']['batch_size']}, "
+          f"- model {header['config']['model']}, {header['config']['epochs']} epochs, "
+          f"batch {header['config']['batch_size']}, "
           f"seeds {header['seeds']}, peak lr {header['config']['lr']} (Adam/AdamW {header['config']['adam_lr']}), "
-          f"warm-up {header['config']['warmup_epochs']} epochs then cosine, RL decision interval {header['config']['interval']}",
-          f"- test accuracy after the last epoch, mean ± sample std over seeds; 95% CI: Student t over seeds",
+          f"warm-up {header['config']['warmup_epochs']} epochs then cosine, "
+          f"RL decision interval {header['config']['interval']}",
+          "- test accuracy after the last epoch, mean ± sample std over seeds; 95% CI: Student t over seeds",
           f"- {CONVERGENCE_DEFINITION}",
           f"- s/epoch: training time per epoch (synchronized; evaluation excluded); acc points per {unit}: "
           f"final test accuracy (%) / training seconds of the run, mean over seeds",
-          f"- total wall time of the runs (sum over runs, evaluation and set-up included): {header['wall_seconds']:.1f} s",
+          f"- total wall time of the runs (sum over runs, evaluation and set-up included): "
+          f"{header['wall_seconds']:.1f} s",
           *[f"- {n}" for n in header.get("notes", [])],
           "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(l) + " |" for l in lines]
+    md += ["| " + " | ".join(cells) + " |" for cells in lines]
     md += compare_to_best_static(rows)
     md += compare_pairs(rows, header.get("pairs", CONTROL_PAIRS))
     md += ["", "Methods:", ""] + [f"- `{r['method']}`: {METHODS[r['method']]}" for r in rows]
@@ -283,7 +287,7 @@ def plot_figures(out: Path, runs: Dict[str, List[Dict[str, Any]]]) -> List[Path]
         names = sorted({seg[2] for _, segs in rows for seg in segs})
         colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
         fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
-        for k, (label, segs) in enumerate(rows):
+        for k, (_label, segs) in enumerate(rows):
             for n in names:
                 bars = [(a, b - a) for a, b, c in segs if c == n]
                 if bars:

@@ -4,14 +4,19 @@ or written as rules."""
 __version__ = "0.1.0"
 
 import os as _os
+from typing import TYPE_CHECKING, Union
 
 from .optim import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 from .control.choices import register_family
 from .learned import LearnedOptimizer
 from .policies import load_policy as _load_policy_file
 
+if TYPE_CHECKING:
+    from .learned.rule import LearnedRule
+    from .policies.base import Policy
 
-def load_policy(name_or_path, *, train: bool = False):
+
+def load_policy(name_or_path: "Union[str, _os.PathLike]", *, train: bool = False) -> "Union[Policy, LearnedRule]":
     """Load a policy by registered name (see :func:`list_policies`) or checkpoint path.
     Loaded policies are frozen unless ``train=True``."""
     from .registry import list_policies as _names, load_pretrained
@@ -24,7 +29,7 @@ def load_policy(name_or_path, *, train: bool = False):
     return _load_policy_file(name_or_path, train=train)
 
 
-def list_policies():
+def list_policies() -> dict[str, str]:
     """Names of the pretrained policies shipped with rlopt, with a one-line description each."""
     from .registry import list_policies as _list
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, cast
 
 from .control.observation import Signals
 
@@ -125,11 +125,11 @@ class BaselineReward(SwitchingReward):
 
     reference: Sequence[Tuple[float, float]] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         ref = [tuple(map(float, r)) for r in self.reference]
         if not ref or any(len(r) != 2 or not all(map(math.isfinite, r)) or r[0] <= 0 for r in ref):
             raise ValueError("BaselineReward needs reference = [(val_loss > 0, val_acc), ...] per epoch, all finite")
-        self.reference = ref
+        self.reference = cast(List[Tuple[float, float]], ref)  # pairs: checked above
 
     def _epoch(self, s: Signals) -> Optional[int]:
         """0-based index into ``reference`` of the epoch whose validation ``s`` carries."""
@@ -180,7 +180,7 @@ class FinalReward:
     potential: Optional[Callable[[Signals], float]] = None
     gamma: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         ref = tuple(float(v) for v in self.reference)
         if len(ref) != 2 or not all(map(math.isfinite, ref)) or ref[0] <= 0:
             raise ValueError(f"FinalReward needs reference = (val_loss > 0, val_acc), finite; got {self.reference!r}")
@@ -258,7 +258,7 @@ class InverseDistanceReward:
     min_distance: float = 1e-2
     skipped: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.min_distance > 0:
             raise ValueError(f"Invalid min_distance: {self.min_distance}")
 

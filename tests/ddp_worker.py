@@ -40,7 +40,7 @@ def run(case, rank):
         opt = QLearningRateOptimizer(net.parameters(), **common)
     raised = None
     for i in range(STEPS):
-        def closure():
+        def closure(i=i):
             opt.zero_grad()
             loss = F.cross_entropy(net(x[i]), y[i])
             loss.backward()

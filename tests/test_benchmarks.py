@@ -512,8 +512,8 @@ def test_welch_difference_and_verdicts_against_best_static():
             row("random-sgd-sam", 0.921, 0.02), row("pre-sgd-sam", 0.80, 0.001), row("dqn-sgd-sam", 0.93, 0.0, n=1)]
     md = "\n".join(compare_to_best_static(rows))
     assert "`sam`" in md  # the best static by mean; ppo's higher mean does not make it "static"
-    verdicts = {l.split(" | ")[0].lstrip("| "): l.split(" | ")[4] for l in md.splitlines() if l.startswith("| ")
-                and not l.startswith("| method")}
+    verdicts = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ")[4] for ln in md.splitlines() if ln.startswith("| ")
+                and not ln.startswith("| method")}
     assert verdicts == {"sgd": "worse", "ppo-sgd-sam": "better", "random-sgd-sam": "not separable",
                         "pre-sgd-sam": "worse", "dqn-sgd-sam": "too few runs"}
     assert "| ppo-sgd-sam | 3 | +3.00 |" in md and md.splitlines()[-4].endswith("| 0.75 |")
@@ -530,7 +530,7 @@ def test_control_pairs_report_each_learned_method_against_its_control():
     rows = [row("ppo-sgd-sam", 0.950, 0.001), row("random-sgd-sam", 0.921, 0.02), row("sgd", 0.90, 0.001),
             row("lr-dqn", 0.80, 0.001)]
     md = compare_pairs(rows, ["ppo-sgd-sam:random-sgd-sam", "lr-dqn:sgd", "dqn-sgd-sam:random-sgd-sam"])
-    lines = [l for l in md if l.startswith("| ") and not l.startswith("| A ")]
+    lines = [ln for ln in md if ln.startswith("| ") and not ln.startswith("| A ")]
     assert len(lines) == 2  # dqn-sgd-sam is not in the table
     diff, half = welch_diff(rows[0]["final_test_acc"], rows[1]["final_test_acc"], 3, 3)
     assert lines[0] == (f"| ppo-sgd-sam | random-sgd-sam | {100 * diff:+.2f} | "

@@ -101,7 +101,7 @@ def test_grad_scaler_fp16_loop_does_not_synchronise_and_matches_torch():
                if wrapped else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True))
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 14)
 
-        def step():
+        def step(model=model, x=x, y=y, opt=opt, scaler=scaler, wrapped=wrapped):
             opt.zero_grad()
             with torch.autocast("cuda", dtype=torch.float16):
                 loss = F.cross_entropy(model(x), y)

@@ -562,7 +562,7 @@ def test_stacked_mlp_grid_matches_torch_reference(regression):
             net[2].bias.copy_(init[3][c])
         opt = torch.optim.Adam(net.parameters(), lr=float(lr[c]), weight_decay=float(wd[c]))
 
-        def loss_of(xb, yb):
+        def loss_of(xb, yb, net=net):
             z = net(xb)
             return ((z[:, 0] - yb) ** 2).mean() if regression else torch.nn.functional.cross_entropy(z, yb)
 

@@ -1,8 +1,6 @@
 """LearnedOptimizer, its features, its checkpoints and its ES meta-training."""
 import copy
-import io
 import math
-import os
 import pickle
 
 import pytest

@@ -1,7 +1,6 @@
 """QLearningRateOptimizer: actions and bounds, equivalence with the plain base optimizer under a
 frozen "keep" policy, resume, features, schedulers, copies, non-finite safety."""
 import copy
-import io
 import math
 import pickle
 import sys

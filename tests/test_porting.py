@@ -75,7 +75,7 @@ def test_a_baseline_before_training_makes_the_first_reward_pay_for_progress():
                                    interval="epoch", total_epochs=3)
         if with_baseline:
             opt.baseline(val_loss=2.0, val_acc=0.2)
-        for epoch in range(2):
+        for _epoch in range(2):
             for _ in range(2):
                 opt.step(make_closure(model, opt, x, y))
             opt.epoch_end(val_loss=1.0, val_acc=0.5)

@@ -853,7 +853,7 @@ def test_steps_without_a_loss_warn_once_and_the_loss_can_be_passed():
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        opt.step(lambda: loss)  # after backward(): the loss reaches the policy
+        opt.step(lambda loss=loss: loss)  # after backward(): the loss reaches the policy
     assert opt.history[-1]["signals"]["loss"] == pytest.approx(loss.detach().item(), rel=0.05)
 
 
@@ -1177,7 +1177,7 @@ def test_final_decision_every_n_steps_is_paid_on_the_final_validation(budget):
     model = make_model()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1,
                                total_steps=30)
-    for k in range(30):
+    for _ in range(30):
         opt.step(make_closure(model, opt, x, y))
     assert opt.history[-1]["final"] and opt.history[-1]["step"] == 30
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
@@ -44,6 +44,11 @@ from .torch_compat import hooks_silenced
 from .validation import check_bool, check_count, check_group_hparams, check_lr, check_seed
 from ..rewards import RewardContext
 
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+    from ..policies import Policy
+
 __all__ = ["ControlledOptimizer"]
 
 # torch's keyword arguments for how an optimizer runs: accepted as torch accepts them
@@ -55,7 +60,7 @@ class ControlledOptimizer(Optimizer):
 
     kind = ""
 
-    def __init__(self, params, defaults: Dict[str, Any], specs: Sequence[ChoiceSpec], *,
+    def __init__(self, params: ParamsT, defaults: Dict[str, Any], specs: Sequence[ChoiceSpec], *,
                  action_names: Sequence[str], costs: Sequence[float], policy: Any, interval: Union[str, int], seed: Any,
                  total_steps: Any, total_epochs: Any, reward: Optional[Callable[[RewardContext], float]],
                  max_nonfinite_steps: Any, signal_every: Any, train_policy: Optional[bool],
@@ -130,7 +135,7 @@ class ControlledOptimizer(Optimizer):
 
     # ------------------------------------------------------------ public state
     @property
-    def policy(self):
+    def policy(self) -> Policy:
         return self.controller.policy
 
     @property

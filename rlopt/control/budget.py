@@ -91,7 +91,7 @@ class ComputeBudget:
         epoch_steps = self.epoch_steps
         if epoch_steps is None and counts["epoch"] >= 1 and counts["epoch_start_step"] > 0:
             epoch_steps = counts["epoch_start_step"] / counts["epoch"]
-        return None if epoch_steps is None else int(round(epoch_steps * self.total_epochs))
+        return None if epoch_steps is None or self.total_epochs is None else int(round(epoch_steps * self.total_epochs))
 
     def limit(self, counts: Mapping[str, int]) -> Optional[float]:
         n = self.length(counts)

@@ -92,7 +92,7 @@ def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, 
     if defaults is None:
         probe = torch.nn.Parameter(torch.zeros(1))
         try:
-            defaults = optimizer([probe], lr=1.0).defaults
+            defaults = optimizer([probe], lr=1.0).defaults  # type: ignore[call-arg]  # subclasses take lr
         except (TypeError, ValueError) as err:
             raise TypeError(f"Could not read {optimizer.__name__}'s defaults ({err}); pass defaults=") from None
     defaults = {k: v for k, v in dict(defaults).items() if k not in _NOT_HPARAMS}
@@ -170,7 +170,7 @@ def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> 
 def _accepted_options(optimizer: type) -> Tuple[str, ...]:
     """The constructor options of ``optimizer`` among :data:`_OPTION_KEYS`."""
     try:
-        names = inspect.signature(optimizer.__init__).parameters
+        names = inspect.signature(optimizer.__init__).parameters  # type: ignore[misc]  # the class's own __init__
     except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
         return ()
     if "kwargs" in names:  # SAM: its options go to its base (SGD)
@@ -265,7 +265,7 @@ def resolve_choices(choices: ChoicesArg, base_lr: float,
             if isinstance(c, str):
                 items.append((c, None))
             elif isinstance(c, (tuple, list)) and len(c) == 2:
-                items.append(tuple(c))
+                items.append((c[0], c[1]))
             else:
                 raise TypeError(f"A choice must be a name or a (name, kwargs) pair, got {c!r}")
     if not items:

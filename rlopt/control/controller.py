@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -30,6 +30,9 @@ from .signals import SignalTracker
 from .torch_compat import user_stacklevel
 from ..rewards import RewardContext
 from ..policies import Policy
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["Controller", "NonFiniteError"]
 
@@ -78,8 +81,8 @@ class Controller:
         self.val_fresh: List[str] = []  # metrics given since the last decision
         self.prev_signals: Optional[Signals] = None
         self.process_group = process_group
-        self.group = None  # resolved at the last decision (None: this rank decides alone)
-        self.synced_group = None  # the group this rank's policy was last made equal over
+        self.group: Optional[ProcessGroup] = None  # resolved at the last decision (None: this rank decides alone)
+        self.synced_group: Optional[ProcessGroup] = None  # the group this rank's policy was last made equal over
         self.warned: Dict[str, bool] = {}
 
     # ------------------------------------------------------------- progress
@@ -120,7 +123,7 @@ class Controller:
         c["step"] += 1
         c["interval_steps"] += 1
         self.interval_cost += cost
-        if self.interval == "epoch":
+        if isinstance(self.interval, str):  # "epoch"
             return None
         last = self.last_budget_step()
         if last and self.total_epochs is not None:
@@ -163,9 +166,11 @@ class Controller:
         with torch.enable_grad():
             return self._decide(tracker, final, extra_features, apply_action, history_extra, device, lr)
 
-    def _decide(self, tracker, final, extra_features, apply_action, history_extra, device, lr) -> int:
+    def _decide(self, tracker: SignalTracker, final: bool, extra_features: Callable[[Signals], Sequence[float]],
+                apply_action: Callable[[int], None], history_extra: Callable[[], Dict[str, Any]],
+                device: torch.device, lr: float) -> int:
         c = self.counts
-        summary = tracker.read()
+        summary: Mapping[str, Any] = tracker.read()
         val = dict(self.val)
         val_fresh, val_epoch = bool(self.val_fresh), c["val_epoch"]
         group = self.group = distributed.resolve_group(self.process_group)
@@ -200,6 +205,7 @@ class Controller:
         obs = self.observer.peek(signals, self.action, max(self.costs) / cheapest, extra_features(signals))
         reward, info = None, {}
         if c["decisions"] > 0:
+            assert self.action is not None  # set by the first decision
             ctx = RewardContext(now=signals, before=self.prev_signals,
                                 action=self.action_names[self.action], final=final)
             reward = self.reward_fn(ctx)

@@ -16,8 +16,8 @@ So at each decision point (never inside an ordinary step) the ranks:
    different seeds). Should they ever differ, every rank takes rank 0's action and rank 0's policy.
 
 That is three small all-reduces per decision (two in step 1, one in step 2), and one object
-broadcast at the first. The policies stay on the CPU; the collectives run where the process group's backend needs them (the model's
-device for NCCL).
+broadcast at the first. The policies stay on the CPU; the collectives run where the process group's backend
+needs them (the model's device for NCCL).
 
 Whether a step is skipped must not differ between ranks either. With a group the non-finite
 check looks at the gradients only, which DDP has made equal on every rank, not at each rank's
@@ -27,9 +27,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Tuple
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from ..policies.base import Policy
 
 __all__ = ["outside", "check_group_arg", "resolve_group", "collective_device", "reduce_signals", "broadcast_policy",
            "agree"]
@@ -37,7 +43,7 @@ __all__ = ["outside", "check_group_arg", "resolve_group", "collective_device", "
 AUTO = "auto"
 
 
-def _dist():
+def _dist() -> ModuleType:
     import torch.distributed as dist
 
     return dist
@@ -60,7 +66,7 @@ def check_group_arg(group: Any) -> None:
         raise TypeError(f"Invalid process_group: {group!r} (expected 'auto', None or a ProcessGroup)")
 
 
-def resolve_group(group: Any):
+def resolve_group(group: Any) -> Optional[ProcessGroup]:
     """The group whose ranks must agree, or None when there is nothing to keep in step.
 
     ``"auto"``: torch.distributed's default group, when it is initialised with more than one
@@ -78,7 +84,7 @@ def resolve_group(group: Any):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def collective_device(group, device: torch.device) -> torch.device:
+def collective_device(group: Optional[ProcessGroup], device: torch.device) -> torch.device:
     """Where the group's collectives take their tensors: the CPU for gloo (and MPI), else the
     model's ``device`` (NCCL and other device backends), falling back to the current CUDA device."""
     backend = str(_dist().get_backend(group))
@@ -91,7 +97,7 @@ def collective_device(group, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def _source(group) -> int:
+def _source(group: Optional[ProcessGroup]) -> int:
     """Global rank of the group's first rank."""
     dist = _dist()
     if group is None or group is dist.group.WORLD:
@@ -99,7 +105,7 @@ def _source(group) -> int:
     return dist.get_global_rank(group, 0)
 
 
-def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group,
+def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group: Optional[ProcessGroup],
                    device: torch.device) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Average ``means`` over the ranks that have a value (NaN: none; infinities count) and take
     the maximum of ``maxima``: one all-reduce each, on ``device``."""
@@ -117,17 +123,17 @@ def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group,
     return averaged, dict(zip(mkeys, top.cpu().tolist()))
 
 
-def broadcast_policy(policy, group, device: torch.device) -> None:
+def broadcast_policy(policy: Policy, group: Optional[ProcessGroup], device: torch.device) -> None:
     """Give every rank the first rank's policy state (networks, optimizer, buffers, RNG)."""
     dist = _dist()
-    holder = [policy.state_dict() if dist.get_rank(group) == 0 else None]
+    holder: List[Any] = [policy.state_dict() if dist.get_rank(group) == 0 else None]
     dist.broadcast_object_list(holder, src=_source(group), group=group,
                                device=device if device.type != "cpu" else None)
     if dist.get_rank(group) != 0:
         policy.load_state_dict(holder[0])
 
 
-def agree(action: int, policy, group, device: torch.device) -> int:
+def agree(action: int, policy: Policy, group: Optional[ProcessGroup], device: torch.device) -> int:
     """The action every rank takes: this rank's when all chose alike (the usual case); else the
     first rank's, whose policy state every rank then adopts."""
     dist = _dist()

@@ -7,7 +7,7 @@ skip the update on the device; where a choice runs unfused the flag is read on t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, cast
 
 import torch
 
@@ -15,6 +15,9 @@ from .inner import InnerSet
 from .signals import SignalTracker
 from . import torch_compat as _tc
 from .torch_compat import raw_step
+
+if TYPE_CHECKING:
+    from ..optim.sam import SAM
 
 __all__ = ["prepare", "apply"]
 
@@ -34,7 +37,8 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
         flag = tracker.begin(grads, loss, device, loss_skips=loss_skips, inv_scale=inv_scale, found_inf=scaler_inf)
         tracker.probe(params, flag)
         if inner.specs[i].needs_closure:  # SAM: ascend, evaluate again, come back
-            sam = inner.optimizers[i]
+            sam = cast("SAM", inner.optimizers[i])
+            assert closure is not None  # a choice that needs one is only taken with a closure
             norm = sam.grad_norm()
             sam.first_step(zero_grad=True, grad_norm=norm, found_inf=flag)
             try:
@@ -46,7 +50,7 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
                 perturbed = perturbed[0] if isinstance(perturbed, (tuple, list)) and perturbed else perturbed
                 tracker.add_sharpness(perturbed, norm * sam.param_groups[0]["rho"])
             tracker.check([p.grad for p in params if p.grad is not None], flag)  # the second gradient too
-            grads = None
+            return flag, None  # (the update reads the second pass's gradients)
     except BaseException:
         tracker.cancel()
         raise
@@ -57,7 +61,8 @@ def apply(inner: InnerSet, i: int, flag: torch.Tensor, grads: Optional[List[torc
     """Run choice ``i``'s update, skipped where ``flag`` is 1. ``grads``: what :func:`prepare`
     returned (saves gathering them again)."""
     opt = inner.optimizers[i]
-    target = opt.base_optimizer if inner.specs[i].needs_closure else opt
+    # Any: found_inf (set below) is read by torch's fused kernels but not declared by Optimizer
+    target: Any = cast("SAM", opt).base_optimizer if inner.specs[i].needs_closure else opt
     if inner.fused[i]:
         if _tc.fused_sgd_step(target, flag, grads):
             return

@@ -3,7 +3,7 @@ its action set and observation layout."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 from ..policies import ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy, policy_class
 from ..policies.rules import (RULE_NAMES, AdaptiveSamConfig, SamEveryConfig, SamLateConfig, ScheduledRandomConfig,
@@ -36,9 +36,10 @@ def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, An
     else:
         raise TypeError(f"Invalid policy: {spec!r} (expected a name, a config, a Policy or a checkpoint path)")
     own = policy.obs_layout
-    if layouts is not None and own is not None and own.get("version") != obs_layout["version"]:
+    version = None if own is None else own.get("version")
+    if layouts is not None and isinstance(version, int) and version != obs_layout["version"]:
         try:
-            obs_layout = layouts(own.get("version"))
+            obs_layout = layouts(version)
         except ValueError:
             pass  # a version this rlopt cannot make: the check below says so
     check_policy(policy, action_names, obs_layout)
@@ -70,7 +71,7 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
     if pretrained_info(name).get("optimizer") == "learned":
         raise ValueError(f"'{name}' is a learned update rule, not a decision policy: use "
                          f"rlopt.LearnedOptimizer(params, policy='{name}')")
-    return load_pretrained(name)
+    return cast(Policy, load_pretrained(name))  # a decision policy: a learned rule was refused above
 
 
 def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict[str, Any]) -> None:

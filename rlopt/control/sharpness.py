@@ -49,7 +49,7 @@ def measure_sharpness(params: Iterable[torch.nn.Parameter], closure: Callable[[]
     if not live:
         raise RuntimeError("measure_sharpness: the closure left no gradient on the parameters")
     with torch.no_grad():
-        grads = [p.grad.detach().clone() for p in live]
+        grads = [g.detach().clone() for g in (p.grad for p in live) if g is not None]
         dtype = torch.promote_types(grads[0].dtype, torch.float32)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(dtype)) for g in grads]))
         scale = rho / norm.clamp_min(torch.finfo(torch.float32).tiny)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, TypedDict
 
 import torch
 
@@ -27,6 +27,18 @@ def _refuse_sparse(tensors: Sequence[torch.Tensor]) -> None:
     if any(t.layout != torch.strided for t in tensors):
         raise RuntimeError("rlopt does not support sparse gradients (from nn.Embedding(sparse=True) or "
                            "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
+
+
+class Summary(TypedDict):
+    """What :meth:`SignalTracker.read` returns: the interval's means (NaN: none) and counts."""
+
+    loss: float
+    grad_norm: float
+    grad_cosine: float
+    grad_sign_agreement: float
+    skipped: int
+    longest_skip_run: int
+    sharpness: float
 
 
 class SignalTracker:
@@ -65,6 +77,13 @@ class SignalTracker:
     STATE_VERSION = 1
     DEFAULT_FOLD_EVERY = 128
     PROBE_ROWS = 16
+    # attributes set outside __init__, or whose type the first assignment does not tell
+    _unfused: Set[Tuple[str, Optional[torch.dtype]]]
+    _win_loss: Sequence[torch.Tensor]
+    _win_flag: Sequence[torch.Tensor]
+    _poll: Optional[List[Any]]
+    _host_current: Optional[bool]
+    _undo_probe: Optional[Tuple[int, Optional[torch.Tensor], Optional[tuple], int, Optional[torch.Tensor]]]
 
     def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
         if isinstance(signal_every, bool) or not isinstance(signal_every, int) or signal_every < 1:
@@ -322,7 +341,7 @@ class SignalTracker:
             last_good = torch.where(bad == 0, count, 0.0).cummax(0).values
             runs = count - last_good + self.run[0] * (count == self._steps_idx[:n]).to(dtype)
             self.run.copy_(torch.stack([runs[-1], torch.maximum(self.run[1], runs.max())]))
-            if self._sharp_win is not None:  # sharpness of the SAM steps not skipped (NaN elsewhere)
+            if self._sharp_win is not None and self.sharp is not None:  # sharpness of the SAM steps not skipped (NaN elsewhere)
                 est = (self._sharp_win[0, :n] - loss) / self._sharp_win[1, :n]
                 ok = (flag == 0) & est.isfinite()
                 self.sharp += torch.stack([torch.where(ok, est, 0.0).to(dtype).sum(), ok.to(dtype).sum()])
@@ -349,7 +368,7 @@ class SignalTracker:
             self._rows[:k].fill_(math.nan)
         self._nrows = 0
 
-    def _flat(self, params, ids) -> torch.Tensor:
+    def _flat(self, params: Sequence[torch.Tensor], ids: Sequence[int]) -> torch.Tensor:
         """The gradients of ``params[ids]`` as one float32 vector on the tracker's device, copied
         into one of two buffers kept for this (the one the last snapshot is not in): a sample
         allocates nothing, so a large gradient costs no fresh pages at every sample."""
@@ -366,7 +385,7 @@ class SignalTracker:
         return bufs[1][k]
 
     # -------------------------------------------------------------- reads
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> Summary:
         """:meth:`read`, then :meth:`new_interval`."""
         out = self.read()
         self.new_interval()
@@ -392,7 +411,7 @@ class SignalTracker:
             self.run.zero_()
             self._host_run = None
 
-    def read(self) -> Dict[str, float]:
+    def read(self) -> Summary:
         """The interval's means and counts so far (one host transfer). Changes no meaning: the
         window is folded into the sums, which the next read would do too; the probe rows in use
         (a few, sampled since the last fold of rows) come back in the same transfer and are
@@ -418,7 +437,7 @@ class SignalTracker:
                 v[self._SIGN] += sign
                 v[self._ALIGN_N] += 1
 
-        def mean(total, n):
+        def mean(total: float, n: float) -> float:
             return total / n if n > 0 else math.nan
 
         return {
@@ -593,7 +612,7 @@ class SignalTracker:
 
     _VIEWS = ("_win_loss", "_win_flag", "_row_views")
 
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         state["_poll"] = None  # CUDA events do not pickle; the next poll starts a new copy
         state.pop("_flat_bufs", None)  # scratch, made again at the next sample
@@ -601,7 +620,7 @@ class SignalTracker:
             state.pop(name, None)
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         state.setdefault("sharp", None)  # (pickled before the sharpness signal existed)
         state.setdefault("_sharp_win", None)
         self.__dict__.update(state)

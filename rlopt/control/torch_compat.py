@@ -26,7 +26,8 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from types import FrameType
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -66,7 +67,7 @@ _sgd_step_seen = None  # the class attribute last found to be torch's own step (
 _CHECKS_AT_FIRST_STEP = hasattr(importlib.import_module("torch.optim.sgd"), "_device_dtype_check_for_fused")
 
 
-def _is_torch_sgd_step(step) -> bool:
+def _is_torch_sgd_step(step: Any) -> bool:
     global _sgd_step_seen
     if step is _sgd_step_seen:
         return True
@@ -167,7 +168,7 @@ class hooks_silenced:
                 setattr(self.opt, name, type(hooks)())
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         for name, hooks in self.saved.items():
             setattr(self.opt, name, hooks)
         return False
@@ -226,6 +227,7 @@ def user_stacklevel(skip: Optional[Sequence[str]] = None) -> int:
     (past rlopt's and torch's frames). Only called when a warning is raised."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the rlopt package
     inside = tuple(skip or ()) + (here, os.path.dirname(torch.__file__))
+    frame: Optional[FrameType]
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

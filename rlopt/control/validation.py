@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import torch
 
@@ -79,6 +79,10 @@ def check_betas(betas: Any) -> None:
             raise ValueError(f"Invalid beta parameter at index {index}: {value}")
 
 
+@overload
+def check_count(value: Any, what: str, *, minimum: int = 1, allow_none: Literal[False] = False) -> int: ...
+@overload
+def check_count(value: Any, what: str, *, minimum: int = 1, allow_none: bool) -> Optional[int]: ...
 def check_count(value: Any, what: str, *, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
     """An integer (Python or NumPy) ``>= minimum``; returned as a Python int."""
     if value is None and allow_none:

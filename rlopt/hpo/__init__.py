@@ -15,7 +15,7 @@ from .space import GridSpace
 __all__ = ["QLearningAgent", "ReinforceAgent", "RLSampler", "GridSpace", "Observation"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> type:
     if name == "RLSampler":
         from .sampler import RLSampler
 

@@ -26,7 +26,7 @@ class Observation(NamedTuple):
     """
 
     number: int
-    index: Tuple[int, ...]
+    index: Tuple[int, ...]  # type: ignore[assignment]  # a field named as tuple.index, by design
     reward: float
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class QLearningAgent:
                 f"n_walkers={self.n_walkers}, step={self.step}, reward='{self.reward}')")
 
     # ---- state -------------------------------------------------------------------------------
-    def init_state(self, sizes, seed: Optional[int] = None) -> QLearningState:
+    def init_state(self, sizes: Sequence[int], seed: Optional[int] = None) -> QLearningState:
         return QLearningState(sizes=check_sizes(sizes), walkers=[None] * self.n_walkers)
 
     def _q(self, state: QLearningState, s: Tuple[int, ...]) -> np.ndarray:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -107,18 +107,19 @@ def entropy_surrogate(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _draw(p: torch.Tensor, rng: np.random.Generator) -> int:
-    p = p.double().numpy()
-    return int(rng.choice(len(p), p=p / p.sum()))
+    q = p.double().numpy()
+    return int(rng.choice(len(q), p=q / q.sum()))
 
 
-POLICIES = {"mlp": FactoredPolicy, "rnn": AutoregressivePolicy}
+SearchPolicy = Union[FactoredPolicy, AutoregressivePolicy]
+POLICIES: Dict[str, Type[SearchPolicy]] = {"mlp": FactoredPolicy, "rnn": AutoregressivePolicy}
 
 
 @dataclass
 class ReinforceState:
     """Everything a :class:`ReinforceAgent` has learnt (made by ``init_state``)."""
 
-    policy: nn.Module
+    policy: SearchPolicy
     optimizer: torch.optim.Optimizer
     baseline: Optional[float] = None
     pending: List[Tuple[Tuple[int, ...], float]] = field(default_factory=list)
@@ -180,7 +181,7 @@ class ReinforceAgent:
                 f"batch_size={self.batch_size}, gamma={self.gamma}, baseline='{self.baseline}', beta={self.beta}, "
                 f"reward='{self.reward}', entropy={self.entropy}, init={'given' if self.init else None})")
 
-    def init_state(self, sizes, seed: Optional[int] = None) -> ReinforceState:
+    def init_state(self, sizes: Sequence[int], seed: Optional[int] = None) -> ReinforceState:
         sizes = check_sizes(sizes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if seed is None else int(seed) % (2 ** 63))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,10 @@ try:
     from optuna.trial import TrialState
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("rlopt.hpo.sampler needs Optuna: pip install 'rlopt[hpo]'") from e
+
+if TYPE_CHECKING:
+    from optuna.study import Study
+    from optuna.trial import FrozenTrial
 
 __all__ = ["RLSampler"]
 
@@ -81,7 +85,8 @@ class RLSampler(BaseSampler):
         if search_space is not None:
             GridSpace(search_space, n_bins)  # validates now rather than at the first trial
         self.agent = agent
-        self.seed = int(np.random.SeedSequence().entropy % (2 ** 32)) if seed is None else int(seed)
+        # (the stub types entropy as int, sequence or None; it is an int when SeedSequence draws it)
+        self.seed = int(np.random.SeedSequence().entropy % (2 ** 32)) if seed is None else int(seed)  # type: ignore[operator]
         self.n_bins = n_bins
         self._fixed_space = dict(search_space) if search_space is not None else None
         self._independent = independent_sampler
@@ -89,12 +94,12 @@ class RLSampler(BaseSampler):
         self._cache: Optional[tuple] = None  # (space key, observation keys, agent state)
         self._lock = threading.Lock()
 
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         state["_lock"], state["_cache"] = None, None  # the cache is rebuilt from storage on demand
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -105,7 +110,7 @@ class RLSampler(BaseSampler):
         if self._independent is not None:
             self._independent.reseed_rng()
 
-    def infer_relative_search_space(self, study, trial) -> Dict[str, Any]:
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> Dict[str, Any]:
         if study._is_multi_objective():
             raise ValueError("RLSampler supports single-objective studies only")
         if self._fixed_space is not None:
@@ -113,7 +118,7 @@ class RLSampler(BaseSampler):
         space = self._intersection.calculate(study)
         return {n: d for n, d in space.items() if not d.single()}
 
-    def sample_relative(self, study, trial, search_space: Dict[str, Any]) -> Dict[str, Any]:
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: Dict[str, Any]) -> Dict[str, Any]:
         if not search_space:
             return {}
         grid = GridSpace(search_space, self.n_bins)
@@ -123,23 +128,24 @@ class RLSampler(BaseSampler):
             index = self.agent.propose(state, trial.number, rng)
         return grid.decode(index)
 
-    def sample_independent(self, study, trial, param_name: str, param_distribution: Any) -> Any:
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
         if self._independent is not None:
             return self._independent.sample_independent(study, trial, param_name, param_distribution)
         key = np.random.SeedSequence([self.seed, trial.number, zlib.crc32(param_name.encode())])
         one_off = optuna.samplers.RandomSampler(seed=int(key.generate_state(1)[0]))
         return one_off.sample_independent(study, trial, param_name, param_distribution)
 
-    def before_trial(self, study, trial) -> None:
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         if self._independent is not None:
             self._independent.before_trial(study, trial)
 
-    def after_trial(self, study, trial, state, values: Optional[Sequence[float]]) -> None:
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState,
+                    values: Optional[Sequence[float]]) -> None:
         if self._independent is not None:
             self._independent.after_trial(study, trial, state, values)
 
     # ---- the agent's state, rebuilt from storage ---------------------------------------------
-    def observations(self, study, grid: GridSpace, search_space: Dict[str, Any]) -> List[Observation]:
+    def observations(self, study: Study, grid: GridSpace, search_space: Dict[str, Any]) -> List[Observation]:
         """The study's finished trials on this space as agent observations, in trial-number order."""
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
         out = []
@@ -158,7 +164,7 @@ class RLSampler(BaseSampler):
             out.append(Observation(t.number, grid.encode(t.params), sign * float(value)))
         return out
 
-    def agent_state(self, study, grid: GridSpace, search_space: Dict[str, Any]):
+    def agent_state(self, study: Study, grid: GridSpace, search_space: Dict[str, Any]) -> Any:
         """The agent's state after the study's finished trials (replayed, or extended from the cache)."""
         obs = self.observations(study, grid, search_space)
         space_key = tuple((n, repr(search_space[n])) for n in grid.names)

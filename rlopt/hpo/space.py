@@ -18,9 +18,12 @@ grid value (nearest in log-space for log distributions); a categorical value mus
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from optuna.distributions import FloatDistribution, IntDistribution
 
 __all__ = ["Dimension", "GridSpace"]
 
@@ -65,7 +68,7 @@ class Dimension:
         return int(np.argmin(np.abs(self._coords - x)))
 
 
-def _float_values(d, n_bins: int) -> List[float]:
+def _float_values(d: FloatDistribution, n_bins: int) -> List[float]:
     if d.step is not None:
         n_steps = int(round((d.high - d.low) / d.step)) + 1
         if n_steps <= n_bins:
@@ -79,7 +82,7 @@ def _float_values(d, n_bins: int) -> List[float]:
     return [float(v) for v in np.linspace(d.low, d.high, n_bins)]
 
 
-def _int_values(d, n_bins: int) -> List[int]:
+def _int_values(d: IntDistribution, n_bins: int) -> List[int]:
     step = d.step
     n_steps = (d.high - d.low) // step + 1
     if n_steps <= n_bins:

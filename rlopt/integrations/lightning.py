@@ -103,7 +103,8 @@ class RLOptCallback(pl.Callback):
         if optimizer_index is not None and (isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int)):
             raise TypeError(f"optimizer_index must be an int or None, got {optimizer_index!r}")
         self.val_loss_key, self.val_acc_key, self.log = val_loss_key, val_acc_key, log
-        self._files = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path, "csv_path": csv_path}
+        self._files: Dict[str, Any] = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path,
+                                       "csv_path": csv_path}
         self.optimizer_index = optimizer_index
         self.decision_logger: Optional[DecisionLogger] = None
         self._decided_epoch = -1  # the epoch whose epoch_end was called (trainer.current_epoch)

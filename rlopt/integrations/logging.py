@@ -171,6 +171,7 @@ class DecisionLogger:
 
     def _write_csv(self, records: Sequence[Mapping[str, Any]]) -> None:
         path = self.csv_path
+        assert path is not None  # called only with a csv_path
         if self._csv_header is None and os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path, newline="", encoding="utf-8") as f:
                 self._csv_header = next(csv.reader(f), None)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -50,6 +50,10 @@ except ImportError as err:
                       "pip install 'rlopt[transformers]'") from err
 
 from .logging import DecisionLogger, decision_record, find_controlled_optimizer, scalars
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["RLOptCallback", "RLOptTrainer"]
 
@@ -70,12 +74,13 @@ class RLOptCallback(TrainerCallback):
 
     def __init__(self, val_loss_key: Optional[str] = "eval_loss", val_acc_key: Optional[str] = "eval_accuracy",
                  tensorboard_dir: Optional[str] = None, jsonl_path: Optional[str] = None,
-                 csv_path: Optional[str] = None):
+                 csv_path: Optional[str] = None) -> None:
         for name, value in (("val_loss_key", val_loss_key), ("val_acc_key", val_acc_key)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a str or None, got {value!r}")
         self.val_loss_key, self.val_acc_key = val_loss_key, val_acc_key
-        self._files = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path, "csv_path": csv_path}
+        self._files: Dict[str, Any] = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path,
+                                       "csv_path": csv_path}
         self.decision_logger: Optional[DecisionLogger] = None
         self.opt: Any = None
         self.trainer_log_cursor = -1  # the last decision RLOptTrainer put in the Trainer's logs
@@ -105,7 +110,8 @@ class RLOptCallback(TrainerCallback):
         if self.decision_logger is not None:
             self.decision_logger.log_new()
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       optimizer: Any = None, **kwargs: Any) -> None:
         self.opt = find_controlled_optimizer(optimizer)
         self.decision_logger = DecisionLogger(self.opt, **self._files)
         if not self.gives_closure:
@@ -118,18 +124,20 @@ class RLOptCallback(TrainerCallback):
             self.opt.baseline(**self._baseline)
         self._baseline = None
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.decision_logger is not None:  # decisions every N steps
             self.decision_logger.log_new()
 
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         if self.opt is None:
             return
         self._epoch_pending = True
         if not control.should_evaluate:  # no evaluation follows: the metrics of this epoch's last one, if any
             self._decide(self._metrics)
 
-    def on_evaluate(self, args, state, control, metrics=None, optimizer=None, **kwargs):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: Optional[Dict[str, float]] = None, optimizer: Any = None, **kwargs: Any) -> None:
         converted = self._convert(metrics or {})
         opt = self.opt
         if opt is None:
@@ -149,7 +157,8 @@ class RLOptCallback(TrainerCallback):
         else:
             self._metrics = converted
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         if self.opt is not None and self._epoch_pending:
             self._decide(self._metrics)
         if self.decision_logger is not None:
@@ -164,7 +173,7 @@ def _hint_closure(wrapper: Any) -> None:
         return
     original = wrapper.step
 
-    def step(closure=None, **kwargs):
+    def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
         try:
             return original(closure, **kwargs)
         except RuntimeError as err:
@@ -182,7 +191,7 @@ class RLOptTrainer(Trainer):
     :class:`RLOptCallback` (``rlopt_callback=``, default ``RLOptCallback()``) unless one is among
     ``callbacks``. Give the rlopt optimizer as ``optimizers=(opt, scheduler_or_None)``."""
 
-    def __init__(self, *args, rlopt_callback: Optional[RLOptCallback] = None, **kwargs):
+    def __init__(self, *args: Any, rlopt_callback: Optional[RLOptCallback] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, RLOptCallback)]
         if rlopt_callback is not None and rlopt_callback not in found:
@@ -198,7 +207,7 @@ class RLOptTrainer(Trainer):
         self._rlopt_window: list = []  # the micro-batches since the last optimizer step
         self._rlopt_loss = None
 
-    def training_step(self, model, inputs, *args, **kwargs):
+    def training_step(self, model: torch.nn.Module, inputs: Dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
         self._install_closure_step()
         self._rlopt_window.append((model, inputs, args, kwargs))
@@ -211,7 +220,7 @@ class RLOptTrainer(Trainer):
             return
         original = wrapper.step
 
-        def step(closure=None, **kwargs):
+        def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
             if closure is None:
                 closure = self._take_closure()
             return original(closure, **kwargs)
@@ -219,12 +228,12 @@ class RLOptTrainer(Trainer):
         wrapper.step = step
         wrapper._rlopt_closure_step = True
 
-    def _take_closure(self):
+    def _take_closure(self) -> Callable[[], Any]:
         window, loss = self._rlopt_window, self._rlopt_loss
         self._rlopt_window, self._rlopt_loss = [], None
         first = [loss]
 
-        def closure():
+        def closure() -> Any:
             if first:  # the Trainer's forward and backward of this step, already done
                 return first.pop()
             total = None
@@ -238,7 +247,7 @@ class RLOptTrainer(Trainer):
 
         return closure
 
-    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+    def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:
         cb = self.rlopt_callback
         opt = cb.opt
         if opt is not None and opt.history and opt.history[-1]["decision"] > cb.trainer_log_cursor:

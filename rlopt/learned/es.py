@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.func import grad_and_value, vmap
@@ -54,7 +54,8 @@ def rollout(thetas: torch.Tensor, spec: RuleSpec, task: Task, steps: int, lr: fl
     moms = [torch.zeros(n_members, K, *p.shape[1:]) for p in params]
     vs = [torch.zeros_like(p) for p in params]
 
-    def member(theta, ps, ms, ws, step):
+    def member(theta: torch.Tensor, ps: List[torch.Tensor], ms: List[torch.Tensor], ws: List[torch.Tensor],
+               step: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
         grads, loss = grad_and_value(task.loss)(ps)
         new = [reference_step(theta, spec, p, g, m, w, step, lr) for p, g, m, w in zip(ps, grads, ms, ws)]
         return loss, [x[0] for x in new], [x[1] for x in new], [x[2] for x in new]
@@ -90,7 +91,7 @@ class ESConfig:
     hidden: int = 8
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("pairs", "tasks_per_iter", "steps", "hidden"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

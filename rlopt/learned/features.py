@@ -19,7 +19,7 @@ and the tests check the two against each other.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import torch
 
@@ -60,7 +60,8 @@ def direction(weights: Dict[str, torch.Tensor], feats: torch.Tensor, scalars: to
 
 
 def reference_step(theta: torch.Tensor, spec: RuleSpec, p: torch.Tensor, g: torch.Tensor, mom: torch.Tensor,
-                   v: torch.Tensor, step: torch.Tensor, lr) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   v: torch.Tensor, step: torch.Tensor,
+                   lr: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the rule on one tensor, purely: returns ``(p, mom, v, step)`` after it.
 
     ``step`` is the number of steps taken before this one (a 0-dim tensor). Non-finite

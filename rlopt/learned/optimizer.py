@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
 
 from .rule import LearnedRule, load_rule
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["LearnedOptimizer", "DEFAULT_POLICY"]
 
@@ -68,8 +71,11 @@ class LearnedOptimizer(Optimizer):
         saturate, so nothing depends on the run's total length.
     """
 
-    def __init__(self, params, policy: Any = DEFAULT_POLICY, lr: Optional[float] = None,
-                 chunk_size: int = 1 << 16):
+    rule: LearnedRule
+    chunk_size: int
+
+    def __init__(self, params: ParamsT, policy: Any = DEFAULT_POLICY, lr: Optional[float] = None,
+                 chunk_size: int = 1 << 16) -> None:
         rule = load_rule(policy)
         if lr is None:
             lr = rule.lr
@@ -88,13 +94,13 @@ class LearnedOptimizer(Optimizer):
         self._buffers: Dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ pickling / checkpoints
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state["rule"] = self.rule
         state["chunk_size"] = self.chunk_size
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("chunk_size", 1 << 16)
         self._consts = {}
@@ -131,7 +137,8 @@ class LearnedOptimizer(Optimizer):
             c = self._consts[key] = w
         return c
 
-    def _scratch(self, device, dtype, rows: int, width: int):
+    def _scratch(self, device: torch.device, dtype: torch.dtype, rows: int,
+                 width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Work buffers reused from step to step (not state): ``rows x width`` and ``2 x width``,
         one pair per device and dtype, grown to the widest chunk seen (at most ``chunk_size``)."""
         key = (device, dtype, rows)
@@ -142,14 +149,14 @@ class LearnedOptimizer(Optimizer):
         return buf
 
     @staticmethod
-    def _found_inf(grads) -> torch.Tensor:
+    def _found_inf(grads: List[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(grads)
         device = norms[0].device
         total = torch.stack([n.to(device, torch.float32) for n in norms]).sum()
         return ~torch.isfinite(total)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One update of every parameter with a gradient; returns the closure's loss if given."""
         loss = None
         if closure is not None:

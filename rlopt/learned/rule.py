@@ -48,7 +48,7 @@ class RuleSpec:
     kappa: float = 2.0
     """Log-range of the magnitude output: ``|step| <= lr * exp(kappa)``."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (isinstance(self.hidden, int) and self.hidden >= 1):
             raise ValueError(f"Invalid hidden width: {self.hidden}")
         if not self.betas or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -119,7 +119,7 @@ class LearnedRule:
     meta: Dict[str, Any] = field(default_factory=dict)
     source: str = "<untrained>"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.theta, torch.Tensor) or self.theta.dim() != 1:
             raise ValueError("theta must be a 1-D tensor")
         if self.theta.numel() != self.spec.size:

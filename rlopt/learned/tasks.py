@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -39,6 +39,7 @@ __all__ = ["Task", "Rescaled", "FAMILIES", "TRAIN_FAMILIES", "HELDOUT_FAMILIES",
 TRAIN_FAMILIES = ("quadratic", "rosenbrock", "logistic", "mlp")
 HELDOUT_FAMILIES = ("mlp_deep", "cnn")
 FAMILIES = TRAIN_FAMILIES + HELDOUT_FAMILIES
+Data = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (images, labels) as load_fmnist returns them; None: a teacher
 
 
 @dataclass
@@ -68,13 +69,13 @@ def Rescaled(task: Task, generator: torch.Generator, max_factor: float = 10.0) -
     scales = [float(math.exp(s)) for s in logs]
     inner = task.loss_fn
 
-    def loss(params):
+    def loss(params: Sequence[torch.Tensor]) -> torch.Tensor:
         return inner([p / c for p, c in zip(params, scales)])
 
     return Task(task.name + "+rescaled", task.family, [p * c for p, c in zip(task.init_params, scales)], loss)
 
 
-def load_fmnist(path: str, pool: int = 2) -> torch.Tensor:
+def load_fmnist(path: str, pool: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
     """The training images of an ``.npz`` Fashion-MNIST file (``train_x``, ``train_y``) as
     ``(images [N, 1, 28/pool, 28/pool] standardised, labels [N])``; stays on the CPU."""
     import numpy as np
@@ -101,7 +102,7 @@ def _quadratic(g: torch.Generator) -> Task:
     target = torch.randn(d, generator=g)
     x0 = torch.randn(d, generator=g)
 
-    def loss(params):
+    def loss(params: Sequence[torch.Tensor]) -> torch.Tensor:
         e = params[0] - target
         return 0.5 * (e @ (a @ e)) / d
 
@@ -113,7 +114,7 @@ def _rosenbrock(g: torch.Generator) -> Task:
     b = 10 + 90 * float(torch.rand(1, generator=g))
     x0 = torch.randn(d, generator=g) * 0.5 - 0.5
 
-    def loss(params):
+    def loss(params: Sequence[torch.Tensor]) -> torch.Tensor:
         x = params[0]
         return ((1 - x[:-1]) ** 2 + b * (x[1:] - x[:-1] ** 2) ** 2).sum() / (d - 1)
 
@@ -129,14 +130,15 @@ def _logistic(g: torch.Generator) -> Task:
     w0 = torch.zeros(d)
     b0 = torch.zeros(1)
 
-    def loss(params):
+    def loss(params: Sequence[torch.Tensor]) -> torch.Tensor:
         w, b = params
         return F.binary_cross_entropy_with_logits(x @ w + b, y) + 1e-3 * (w * w).sum()
 
     return Task(f"logistic-d{d}", "logistic", [w0, b0], loss)
 
 
-def _classification_data(g: torch.Generator, data, n: int, image: bool):
+def _classification_data(g: torch.Generator, data: Data, n: int,
+                         image: bool) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """``n`` samples: from ``data`` (images, labels) where given, else a random teacher."""
     if data is not None:
         images, labels = data
@@ -152,12 +154,12 @@ def _classification_data(g: torch.Generator, data, n: int, image: bool):
     return x, y, "teacher"
 
 
-def _linear_init(g, fan_in, fan_out):
+def _linear_init(g: torch.Generator, fan_in: int, fan_out: int) -> List[torch.Tensor]:
     w = torch.randn(fan_in, fan_out, generator=g) * math.sqrt(2.0 / fan_in)
     return [w, torch.zeros(fan_out)]
 
 
-def _mlp(g: torch.Generator, data=None, deep: bool = False) -> Task:
+def _mlp(g: torch.Generator, data: Data = None, deep: bool = False) -> Task:
     x, y, src = _classification_data(g, data, 256, image=False)
     width = 16 if deep else int(16 * 2 ** int(torch.randint(0, 2, (1,), generator=g)))
     sizes = [x.shape[1]] + [width] * (3 if deep else 1) + [10]
@@ -166,7 +168,7 @@ def _mlp(g: torch.Generator, data=None, deep: bool = False) -> Task:
         params += _linear_init(g, a, b)
     act = torch.tanh if deep else torch.relu
 
-    def loss(ps):
+    def loss(ps: Sequence[torch.Tensor]) -> torch.Tensor:
         h = x
         for i in range(0, len(ps) - 2, 2):
             h = act(h @ ps[i] + ps[i + 1])
@@ -176,14 +178,14 @@ def _mlp(g: torch.Generator, data=None, deep: bool = False) -> Task:
     return Task(f"{family}-{src}-w{width}", family, params, loss)
 
 
-def _cnn(g: torch.Generator, data=None) -> Task:
+def _cnn(g: torch.Generator, data: Data = None) -> Task:
     x, y, src = _classification_data(g, data, 256, image=True)
     c1, c2 = 8, 16
     params = [torch.randn(c1, 1, 3, 3, generator=g) * math.sqrt(2.0 / 9), torch.zeros(c1),
               torch.randn(c2, c1, 3, 3, generator=g) * math.sqrt(2.0 / (9 * c1)), torch.zeros(c2),
               *_linear_init(g, c2, 10)]
 
-    def loss(ps):
+    def loss(ps: Sequence[torch.Tensor]) -> torch.Tensor:
         h = torch.relu(F.conv2d(x, ps[0], ps[1], stride=2, padding=1))
         h = torch.relu(F.conv2d(h, ps[2], ps[3], stride=2, padding=1))
         return F.cross_entropy(h.mean((2, 3)) @ ps[4] + ps[5], y)
@@ -191,7 +193,7 @@ def _cnn(g: torch.Generator, data=None) -> Task:
     return Task(f"cnn-{src}", "cnn", params, loss)
 
 
-_BUILDERS: Dict[str, Callable] = {
+_BUILDERS: Dict[str, Callable[[torch.Generator, Data], Task]] = {
     "quadratic": lambda g, data: _quadratic(g),
     "rosenbrock": lambda g, data: _rosenbrock(g),
     "logistic": lambda g, data: _logistic(g),
@@ -201,7 +203,7 @@ _BUILDERS: Dict[str, Callable] = {
 }
 
 
-def sample_task(family: str, seed: int, data=None, rescale: float = 1.0) -> Task:
+def sample_task(family: str, seed: int, data: Data = None, rescale: float = 1.0) -> Task:
     """The task of ``family`` with this ``seed`` (reproducible; the global RNG is not used).
     ``rescale > 1`` applies weight-rescaling augmentation with factors in ``[1/rescale, rescale]``."""
     if family not in _BUILDERS:
@@ -217,8 +219,8 @@ class TaskDistribution:
     """Uniform over ``families``; each draw is a fresh *even* seed (odd seeds are the evaluation's
     held-out tasks), rescaled with probability ``p_rescale``."""
 
-    def __init__(self, families: Sequence[str] = TRAIN_FAMILIES, data=None, p_rescale: float = 0.5,
-                 rescale: float = 10.0):
+    def __init__(self, families: Sequence[str] = TRAIN_FAMILIES, data: Data = None, p_rescale: float = 0.5,
+                 rescale: float = 10.0) -> None:
         bad = [f for f in families if f not in _BUILDERS]
         if bad or not families:
             raise ValueError(f"Unknown task families {bad}; available: {list(FAMILIES)}")

@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -34,7 +33,7 @@ from torch.func import grad_and_value
 from .es import meta_objective, rollout
 from .features import coordinate_features, time_features
 from .rule import LearnedRule, RuleSpec
-from .tasks import TRAIN_FAMILIES, TaskDistribution, load_fmnist
+from .tasks import TRAIN_FAMILIES, Task, TaskDistribution, load_fmnist
 
 __all__ = ["TD3Trainer", "main"]
 
@@ -73,13 +72,15 @@ class TD3Trainer:
         self.explore, self.policy_noise, self.noise_clip, self.policy_delay = explore, policy_noise, noise_clip, policy_delay
 
     # ------------------------------------------------------------------ acting
-    def _observe(self, params, grads, moms, vs, step: torch.Tensor) -> torch.Tensor:
+    def _observe(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor],
+                 vs: Sequence[torch.Tensor], step: torch.Tensor) -> torch.Tensor:
         s = time_features(step, self.spec)
         feats = torch.cat([coordinate_features(p, g, m, v, step, self.spec) for p, g, m, v in
                            zip(params, grads, moms, vs)], dim=1).t()
         return torch.cat([feats, s.expand(feats.shape[0], -1)], dim=1)
 
-    def _store(self, obs, act, rew, nxt, done):
+    def _store(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, nxt: torch.Tensor,
+               done: torch.Tensor) -> None:
         n = obs.shape[0]
         idx = (torch.arange(n) + self.ptr) % self.buf["obs"].shape[0]
         for k, v in (("obs", obs), ("act", act), ("rew", rew), ("next", nxt), ("done", done)):
@@ -143,7 +144,7 @@ class TD3Trainer:
             qn = torch.min(*[c(torch.cat([nxt, nact], 1)).squeeze(1) for c in self.critics_target])
             target = rew + self.gamma * (1 - done) * qn
         q = [c(torch.cat([obs, act], 1)).squeeze(1) for c in self.critics]
-        critic_loss = sum(nn.functional.mse_loss(qi, target) for qi in q)
+        critic_loss = cast(torch.Tensor, sum(nn.functional.mse_loss(qi, target) for qi in q))  # not the int start
         self.critic_opt.zero_grad()
         critic_loss.backward()
         self.critic_opt.step()
@@ -162,12 +163,12 @@ class TD3Trainer:
                     for p, pt in zip(c.parameters(), ct.parameters()):
                         pt.lerp_(p.detach(), self.tau)
 
-    def evaluate(self, tasks) -> float:
+    def evaluate(self, tasks: Sequence[Task]) -> float:
         theta = self.theta.detach()
         return float(sum(float(meta_objective(rollout(theta[None], self.spec, t, self.steps, self.lr))[0])
                          for t in tasks) / len(tasks))
 
-    def rule(self, meta=None) -> LearnedRule:
+    def rule(self, meta: Optional[Dict[str, Any]] = None) -> LearnedRule:
         return LearnedRule(self.spec, self.theta.detach(), lr=self.lr, meta=dict(meta or {}))
 
 
@@ -192,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          lr=args.lr, seed=args.seed)
     val = validation_tasks(TRAIN_FAMILIES, data)
     start = time.perf_counter()
-    best = {"objective": trainer.evaluate(val), "episode": 0, "theta": trainer.theta.detach().clone()}
+    best: Dict[str, Any] = {"objective": trainer.evaluate(val), "episode": 0, "theta": trainer.theta.detach().clone()}
     history = [{"episode": 0, "elapsed_s": 0.0, "validation": best["objective"]}]
     episodes = 0
     while time.perf_counter() - start < args.time_budget:

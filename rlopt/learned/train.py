@@ -22,23 +22,23 @@ import shlex
 import sys
 import time
 from dataclasses import asdict
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .es import ESConfig, ESTrainer
 from .rule import LearnedRule
-from .tasks import TRAIN_FAMILIES, TaskDistribution, load_fmnist, sample_task
+from .tasks import TRAIN_FAMILIES, Data, TaskDistribution, load_fmnist, sample_task
 
 __all__ = ["main", "validation_tasks"]
 
 
-def validation_tasks(families, data, per_family: int = 2) -> list:
+def validation_tasks(families: Sequence[str], data: Data, per_family: int = 2) -> list:
     """A fixed set of tasks from the training families (even seeds from their own range)."""
     return [sample_task(f, 2 * (1_000_000 + i), data) for f in families for i in range(per_family)]
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is an optional extra
@@ -102,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> LearnedRule:
     trainer = ESTrainer(config, TaskDistribution(families, data, p_rescale=args.p_rescale, rescale=args.rescale))
     val = validation_tasks(families, data)
     state_path = os.path.splitext(args.out)[0] + ".state.pt"
-    best = {"objective": trainer.evaluate(val), "iteration": 0, "theta": trainer.theta.clone()}
+    best: Dict[str, Any] = {"objective": trainer.evaluate(val), "iteration": 0, "theta": trainer.theta.clone()}
     elapsed = 0.0
     if args.resume and os.path.isfile(state_path):
         sd = torch.load(state_path, weights_only=True)
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> LearnedRule:
     meta = {"algo": "es", "config": asdict(config), "families": families, "data": "fmnist" if data is not None
             else "teacher", "p_rescale": args.p_rescale, "rescale": args.rescale}
 
-    def save_rule():
+    def save_rule() -> LearnedRule:
         rule = LearnedRule(trainer.spec, best["theta"], lr=config.lr,
                            meta={**meta, "best_iteration": best["iteration"],
                                  "validation_objective": best["objective"]})

@@ -45,11 +45,14 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from ..control.base import ControlledOptimizer
 
 __all__ = ["TaskConfig", "TaskDistribution", "Task", "build_task", "run_episode", "fmnist_subset_path",
            "cifar10_subset_path", "lr_factor", "PRESETS"]
@@ -188,7 +191,7 @@ def _parse_field(text: str, like: Any) -> Any:
             return parts[0].lower() in ("1", "true")
         return type(like)(parts[0])
     kinds = {type(v) for v in like}
-    values = []
+    values: List[Union[int, float, str]] = []
     for t in parts:
         if int in kinds and t.lstrip("-").isdigit():
             values.append(int(t))
@@ -251,7 +254,7 @@ class TaskDistribution:
     cifar10_path: Optional[str] = field(default=None)
     """The CIFAR-10 subset file (None: :func:`cifar10_subset_path`)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         smallest = {"mlp_depth": 0, "teacher_classes": 2}  # 0 hidden layers: a linear model
         for name in ("mlp_width", "mlp_depth", "cnn_width", "cnn_depth", "batch_size", "epochs", "n_train",
                      "teacher_d_in", "teacher_classes", "resnet_width", "resnet_depth", "resnet_batch_size",
@@ -573,7 +576,8 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float
     return float(F.cross_entropy(out, y)), float((out.argmax(dim=1) == y).float().mean())
 
 
-def train_steps(task: Task, optimizer, steps: "range", on_epoch_end=None) -> None:
+def train_steps(task: Task, optimizer: "ControlledOptimizer", steps: range,
+                on_epoch_end: Optional[Callable[[int, float, float], None]] = None) -> None:
     """Run the task's training steps ``steps`` (0-based indices into its whole run) with
     ``optimizer``: its batches in order (one permutation per epoch, drawn from ``task.generator``
     at the epoch's first step), its augmentation and its learning-rate schedule (the base lr of
@@ -597,7 +601,7 @@ def train_steps(task: Task, optimizer, steps: "range", on_epoch_end=None) -> Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-        def closure():
+        def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
@@ -609,7 +613,7 @@ def train_steps(task: Task, optimizer, steps: "range", on_epoch_end=None) -> Non
             on_epoch_end(epoch, val_loss, val_acc)
 
 
-def run_episode(task: Task, optimizer) -> Dict[str, Any]:
+def run_episode(task: Task, optimizer: "ControlledOptimizer") -> Dict[str, Any]:
     """Train ``task.model`` with ``optimizer`` (an rlopt optimizer built on its parameters) for
     the task's budget (:func:`train_steps`: its batches, augmentation and learning-rate
     schedule), calling ``epoch_end`` with validation metrics after every epoch.
@@ -622,7 +626,7 @@ def run_episode(task: Task, optimizer) -> Dict[str, Any]:
     cfg, model = task.config, task.model
     diverged, curve = False, []
 
-    def epoch_end(epoch, val_loss, val_acc):
+    def epoch_end(epoch: int, val_loss: float, val_acc: float) -> None:
         val_loss = val_loss if math.isfinite(val_loss) else 1e6
         curve.append((val_loss, val_acc))
         optimizer.epoch_end(val_loss=val_loss, val_acc=val_acc)

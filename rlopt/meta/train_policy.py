@@ -46,16 +46,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union, cast
 
 import torch
 
 from ..control.observation import LAYOUT_VERSION
 from ..optim.lr_control import DEFAULT_DQN_CONFIG, QLearningRateOptimizer
 from ..policies import DQNConfig, Policy, PPOConfig, ReplayBuffer
-from ..rewards import BaselineReward, FinalReward, sharpness_potential
+from ..rewards import BaselineReward, FinalReward, RewardContext, sharpness_potential
 from ..optim.switching import RLSwitchingOptimizer
-from .tasks import TaskDistribution, build_task, run_episode
+from .tasks import Task, TaskConfig, TaskDistribution, build_task, run_episode
 
 __all__ = ["train_policy", "TrainResult", "main"]
 
@@ -81,7 +81,8 @@ def _exploration_decay(episodes: int, mean_decisions: float, share: float = 0.6,
     return min(1.0, math.exp(math.log(end) / n))
 
 
-def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, seed: int):
+def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution,
+                   seed: int) -> Union[PPOConfig, DQNConfig]:
     if algo == "ppo":
         return PPOConfig(hidden=32, rollout_len=16, update_epochs=4, ent_coef=0.01)
     decay = _exploration_decay(episodes, dist.mean_decisions(seed=seed))
@@ -95,8 +96,10 @@ def _policy_config(kind: str, algo: str, episodes: int, dist: TaskDistribution, 
     return cfg
 
 
-def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: int, reward=None,
-                    budget: Optional[float] = None, train: bool = True):
+def _make_optimizer(kind: str, task: Task, choices: Sequence[str], policy: Any, seed: int,
+                    reward: Optional[Callable[[RewardContext], float]] = None,
+                    budget: Optional[float] = None, train: bool = True
+                    ) -> Union[RLSwitchingOptimizer, QLearningRateOptimizer]:
     cfg = task.config
     common = dict(policy=policy, interval=cfg.interval, seed=seed, total_steps=cfg.total_steps,
                   total_epochs=cfg.epochs, train_policy=train, process_group=None)  # one process, its own episodes
@@ -108,7 +111,8 @@ def _make_optimizer(kind: str, task, choices: Sequence[str], policy: Any, seed: 
     return QLearningRateOptimizer(task.model.parameters(), base="sgd", lr=cfg.lr, control=("lr",), **common)
 
 
-def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10=None) -> BaselineReward:
+def _reference_reward(cfg: TaskConfig, fmnist: Optional[Path], choices: Sequence[str], seed: int,
+                      cifar10: Optional[Path] = None) -> BaselineReward:
     """Train ``cfg``'s task with SGD alone (the same wrapper, initial weights and batch order as
     the policy's episode) and return the reward relative to that run."""
     task = build_task(cfg, fmnist, cifar10)
@@ -119,7 +123,8 @@ def _reference_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10=No
     return BaselineReward(reference=curve)
 
 
-def _final_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10, budget: float,
+def _final_reward(cfg: TaskConfig, fmnist: Optional[Path], choices: Sequence[str], seed: int,
+                  cifar10: Optional[Path], budget: float,
                   reference: str = "sam-late", shaping: float = 0.0) -> FinalReward:
     """Train ``cfg``'s task with the rule ``reference`` under the same compute budget (the same
     wrapper, initial weights, batches and augmentation as the policy's episode) and return the
@@ -131,7 +136,9 @@ def _final_reward(cfg, fmnist, choices: Sequence[str], seed: int, cifar10, budge
     return FinalReward(reference=(max(out["val_loss"], 1e-12), out["val_acc"]), potential=potential)
 
 
-def _command(kind, choices, algo, episodes, seed, out, data, register, reward="default", budget=None) -> str:
+def _command(kind: str, choices: Sequence[str], algo: str, episodes: int, seed: int,
+             out: "Optional[str | os.PathLike]", data: Sequence[str], register: Optional[str],
+             reward: str = "default", budget: Optional[float] = None) -> str:
     args = ["python", "-m", "rlopt.meta.train_policy", "--kind", kind]
     if kind == "switching":
         args += ["--choices", ",".join(choices), "--algo", algo]
@@ -155,7 +162,7 @@ def compact(policy: Policy) -> Policy:
         policy.buffer = ReplayBuffer(policy.buffer.capacity, policy.obs_dim)
     if hasattr(policy, "rollout"):
         policy.rollout.reset()
-    policy._pending = None
+    cast(Any, policy)._pending = None  # DQN's and PPO's step awaiting its reward (other kinds: unused)
     return policy
 
 
@@ -239,6 +246,7 @@ def train_policy(kind: str = "switching", choices: Sequence[str] = ("sgd", "sam"
             if reward == "paired":
                 fn = _reference_reward(cfg, fmnist, choices, seed, cifar10)
             elif reward == "final":
+                assert budget is not None  # (main() refuses --reward final without --budget)
                 fn = _final_reward(cfg, fmnist, choices, seed, cifar10, budget, reference, shaping)
             task = build_task(cfg, fmnist, cifar10)
             opt = _make_optimizer(kind, task, choices, policy, seed, fn, budget=budget)

@@ -6,7 +6,7 @@ import bisect
 import itertools
 import math
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..control.base import ControlledOptimizer
 from ..control.choices import FAMILIES, ChoiceSpec, resolve_choices
@@ -14,6 +14,9 @@ from ..control.observation import Signals
 from ..control.validation import check_count, check_lr, check_momentum, check_weight_decay
 from ..policies import DQNConfig
 from ..rewards import InverseDistanceReward, LogImprovementReward, RewardContext
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["QLearningRateOptimizer", "LR_ACTIONS", "WD_ACTIONS", "DEFAULT_DQN_CONFIG"]
 
@@ -139,7 +142,7 @@ class QLearningRateOptimizer(ControlledOptimizer):
 
     kind = "lr_control"
 
-    def __init__(self, params, base: Union[str, Tuple[str, Mapping[str, Any]]] = "sgd", lr: float = 0.1,
+    def __init__(self, params: ParamsT, base: Union[str, Tuple[str, Mapping[str, Any]]] = "sgd", lr: float = 0.1,
                  weight_decay: Optional[float] = None, control: Sequence[str] = ("lr",),
                  policy: Any = "dqn", interval: Union[str, int] = 10, momentum: float = 0.9,
                  seed: int = 0, *, total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
@@ -232,7 +235,7 @@ class QLearningRateOptimizer(ControlledOptimizer):
         return resolve_choices([(name, kwargs)], lr)[0]
 
     # ---------------------------------------------------------------------- hooks
-    def _default_reward(self):
+    def _default_reward(self) -> Callable[[RewardContext], float]:
         cls = LogImprovementReward if DEFAULT_REWARD == "log_improvement" else InverseDistanceReward
         reward = cls()
         if "lr" not in self._control:
@@ -241,7 +244,7 @@ class QLearningRateOptimizer(ControlledOptimizer):
             reward.wd = 0.0
         return reward
 
-    def _factors(self):
+    def _factors(self) -> Tuple[float, Optional[float]]:
         return self._lr_wd["lr"], self._lr_wd["weight_decay"]
 
     def _apply_action(self, action: int) -> None:

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 
 from ..control.torch_compat import hooks_silenced, raw_step
 from ..control.validation import check_group_hparams
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+_TensorList = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]  # what torch's foreach kernels take
 
 __all__ = ["SAM"]
 
@@ -60,8 +65,11 @@ class SAM(Optimizer):
         the second pass raises.
     """
 
-    def __init__(self, params, base_optimizer: type = torch.optim.SGD, rho: float = 0.05,
-                 adaptive: bool = False, **kwargs):
+    base_optimizer: Optimizer
+    _moved: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]]
+
+    def __init__(self, params: ParamsT, base_optimizer: type = torch.optim.SGD, rho: float = 0.05,
+                 adaptive: bool = False, **kwargs: Any) -> None:
         if isinstance(rho, bool) or not isinstance(rho, (numbers.Real, torch.Tensor)):
             raise TypeError(f"Invalid rho: {rho} (expected a float)")
         if isinstance(rho, torch.Tensor) and rho.numel() != 1:
@@ -83,13 +91,13 @@ class SAM(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
 
     # ------------------------------------------------------------------ phases
-    def _params_with_grad(self):
+    def _params_with_grad(self) -> List[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     @torch.no_grad()
     def grad_norm(self) -> Optional[torch.Tensor]:
         """Global L2 norm of the gradients (of ``|w| * g`` in adaptive groups), on device."""
-        norms = []
+        norms: List[torch.Tensor] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -97,7 +105,7 @@ class SAM(Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("SAM does not support sparse gradients (from nn.Embedding(sparse=True) or "
                                    "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
-            grads = [p.grad for p in params]
+            grads: _TensorList = [p.grad for p in params]
             if group["adaptive"]:
                 grads = torch._foreach_mul(torch._foreach_abs(params), grads)
             norms.extend(torch._foreach_norm(grads))
@@ -136,6 +144,7 @@ class SAM(Optimizer):
                     old = state["old_p"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 backups.append(old)
             torch._foreach_copy_(backups, params)
+            assert grad_norm is not None  # a parameter has a gradient
             scale = group["rho"] / (grad_norm.to(params[0].device) + 1e-12)
             grads = [p.grad for p in params]
             if found_inf is not None:
@@ -144,6 +153,7 @@ class SAM(Optimizer):
                 continue
             # e = (w^2 * g) * scale, in the order the reference SAM multiplies (floating-point
             # products are not associative: another order differs in the last bit on some inputs)
+            e_w: _TensorList
             if group["adaptive"]:
                 e_w = torch._foreach_mul(params, params)  # w^2 as torch.pow(w, 2) computes it
                 torch._foreach_mul_(e_w, grads)
@@ -159,7 +169,8 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _perturb_finite(self, gi: int, params, grads, scale: torch.Tensor, found_inf: torch.Tensor,
+    def _perturb_finite(self, gi: int, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                        scale: torch.Tensor, found_inf: torch.Tensor,
                         adaptive: bool) -> None:
         """``w += e`` with ``e`` computed in flat buffers (one per device and dtype) so that one
         kernel can zero its non-finite entries; ``e = 0`` where ``found_inf`` is 1. For finite
@@ -177,7 +188,8 @@ class SAM(Optimizer):
             flat.nan_to_num_(0.0, 0.0, 0.0)
             torch._foreach_add_(sub, views)
 
-    def _flat_views(self, gi: int, params):
+    def _flat_views(self, gi: int,
+                    params: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, List[torch.Tensor], List[int]]]:
         """Per device and dtype: a flat buffer and one view of it per parameter, with the
         parameter's own strides where it is dense (so foreach kernels keep their fast path);
         kept between steps and rebuilt when the parameters with a gradient change."""
@@ -186,7 +198,7 @@ class SAM(Optimizer):
         hit = cache.get(gi)
         if hit is not None and hit[0] == key:
             return hit[1]
-        parts = {}
+        parts: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
         for i, p in enumerate(params):
             parts.setdefault((p.device, p.dtype), []).append(i)
         out = []
@@ -219,7 +231,8 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    # the closure returns the loss tensor (torch's annotation says float)
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise RuntimeError(
                 "SAM needs a closure: step(closure) where the closure clears the gradients, "
@@ -237,7 +250,7 @@ class SAM(Optimizer):
         return loss
 
     # ------------------------------------------------------------ checkpoints
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """The base optimizer's state dict (its groups carry ``rho`` and ``adaptive``); SAM's own
         state-dict hooks run around it."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -250,7 +263,7 @@ class SAM(Optimizer):
                 sd = result
         return sd
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -270,12 +283,12 @@ class SAM(Optimizer):
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
 
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state["base_optimizer"] = self.base_optimizer
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         if "base_optimizer" in state:
             self.param_groups = self.base_optimizer.param_groups

@@ -1,7 +1,7 @@
 """RLSwitchingOptimizer: a policy chooses which inner optimizer (SGD, SAM, Adam, ...) runs."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -10,6 +10,12 @@ from ..control.budget import BUDGET_FEATURES, ComputeBudget, check_budget
 from ..control.choices import ChoicesArg, resolve_choices
 from ..control.validation import check_count, check_lr, check_momentum, check_weight_decay
 from ..rewards import RewardContext, SwitchingReward
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
+
+    from ..control.choices import ChoiceSpec
+    from ..control.observation import Signals
 
 __all__ = ["RLSwitchingOptimizer"]
 
@@ -128,7 +134,7 @@ class RLSwitchingOptimizer(ControlledOptimizer):
 
     kind = "switching"
 
-    def __init__(self, params, choices: ChoicesArg = ("sgd", "sam", "adam"), policy: Any = "ppo",
+    def __init__(self, params: ParamsT, choices: ChoicesArg = ("sgd", "sam", "adam"), policy: Any = "ppo",
                  interval: Union[str, int] = "epoch", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: Optional[float] = None, seed: int = 0, *,
                  total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
@@ -162,31 +168,32 @@ class RLSwitchingOptimizer(ControlledOptimizer):
                          extra_features=BUDGET_FEATURES if budget is not None else ())
         self.budget: Optional[ComputeBudget] = budget
 
-    def _default_reward(self):
+    def _default_reward(self) -> Callable[[RewardContext], float]:
         return SwitchingReward()
 
     def _active(self) -> int:
+        assert self.controller.action is not None  # taken at the first step
         if self.budget is None:
             return self.controller.action
         return self.budget.choose(self.controller.action, self.controller.counts)
 
-    def _extra_features(self, signals):
+    def _extra_features(self, signals: Signals) -> Sequence[float]:
         return () if self.budget is None else self.budget.features(self.controller.counts)
 
-    def _history_extra(self):
+    def _history_extra(self) -> Dict[str, Any]:
         return {} if self.budget is None else self.budget.history(self.controller.counts)
 
-    def _extra_state(self):
+    def _extra_state(self) -> Dict[str, Any]:
         return {} if self.budget is None else self.budget.state_dict(self.controller.counts)
 
-    def _check_extra_state(self, state):
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         if self.budget is not None:
             self.budget.check_state(state)
         elif state:
             raise ValueError(f"rlopt.extra: the checkpoint was saved with compute_budget="
                              f"{state.get('compute_budget')!r}, this optimizer has none")
 
-    def _load_extra_state(self, state):
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         if self.budget is not None and state:
             self.budget.load_state_dict(state)
 
@@ -194,7 +201,7 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         pass  # the next step() runs inner optimizer `action`; nothing else changes
 
     @property
-    def choices(self):
+    def choices(self) -> Tuple[ChoiceSpec, ...]:
         """The resolved choices (name, family, hyper-parameters, lr scale, cost)."""
         return self.inner.specs
 

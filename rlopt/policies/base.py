@@ -18,23 +18,24 @@ import abc
 import dataclasses
 import numbers
 import os
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 
 __all__ = ["Policy", "POLICY_FORMAT", "register_policy", "policy_class", "load_policy"]
 
 POLICY_FORMAT = "rlopt.policy/1"
-_REGISTRY: Dict[str, type] = {}
+_REGISTRY: Dict[str, Type[Policy]] = {}
+_P = TypeVar("_P", bound="Policy")
 
 
-def register_policy(cls: type) -> type:
+def register_policy(cls: Type[_P]) -> Type[_P]:
     """Class decorator: make a policy kind loadable from checkpoints by its ``kind`` name."""
     _REGISTRY[cls.kind] = cls
     return cls
 
 
-def policy_class(kind: str) -> type:
+def policy_class(kind: str) -> Type[Policy]:
     try:
         return _REGISTRY[kind]
     except KeyError:
@@ -152,7 +153,8 @@ class Policy(abc.ABC):
         return {
             "format": POLICY_FORMAT,
             "kind": self.kind,
-            "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {},
+            # (an instance: __init__ made it one; the stub's is_dataclass also admits a class)
+            "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {},  # type: ignore[arg-type]
             "obs_dim": self.obs_dim,
             "action_names": list(self.action_names),
             "obs_layout": self.obs_layout,
@@ -169,7 +171,7 @@ class Policy(abc.ABC):
         torch.save(ckpt, path)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> "Policy":
+    def from_checkpoint(cls: Type[_P], ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> _P:
         policy = cls(int(ckpt["obs_dim"]), ckpt["action_names"], ckpt.get("config") or None,
                      seed=int(ckpt.get("seed", 0)), obs_layout=ckpt.get("obs_layout"))
         policy.load_state_dict(ckpt["state"])
@@ -180,12 +182,12 @@ class Policy(abc.ABC):
 
     # Generators pickle only on recent torch versions: carry their state instead.
     # (as bytes: a temporary tensor cannot cross to a spawned process through shared memory)
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         state["generator"] = bytes(self.generator.get_state().numpy().tobytes())
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         rng = state.pop("generator")
         self.__dict__.update(state)
         self.generator = torch.Generator()

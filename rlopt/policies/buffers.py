@@ -35,7 +35,7 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, obs, action: int, reward: float, next_obs, terminal: bool) -> None:
+    def add(self, obs: torch.Tensor, action: int, reward: float, next_obs: torch.Tensor, terminal: bool) -> None:
         i = self.pos
         self.obs[i] = obs
         self.action[i] = action
@@ -130,7 +130,7 @@ class RolloutBuffer:
     def full(self) -> bool:
         return self.pos == self.size
 
-    def add(self, obs, action: int, logprob: float, value: float, reward: float, done: bool) -> None:
+    def add(self, obs: torch.Tensor, action: int, logprob: float, value: float, reward: float, done: bool) -> None:
         if self.full():
             raise RuntimeError("Rollout buffer is full; call reset() after the update")
         i = self.pos
@@ -155,7 +155,7 @@ class RolloutBuffer:
                 raise ValueError("Rollout buffer state does not fit this buffer's length or observation size "
                                  f"({key}: this buffer's {tuple(getattr(self, key).shape)})")
         pos = state["pos"]
-        if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or not 0 <= pos <= self.size:
+        if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or not 0 <= int(pos) <= self.size:
             raise ValueError(f"Invalid rollout buffer position {pos!r} for length {self.size}")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

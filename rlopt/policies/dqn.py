@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class DQNConfig:
     the largest value any return can have (``max|r|`` from the rewards observed so far): Q is
     diverging. 0 turns the check off."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 0.0 < self.lr < math.inf:
             raise ValueError(f"Invalid lr: {self.lr}")
         if self.epsilon_decay is not None and not 0.0 < self.epsilon_decay <= 1.0:
@@ -141,14 +141,14 @@ class DQNPolicy(Policy):
     """Epsilon-greedy DQN. Frozen (``train=False``), it acts greedily.
 
     :meth:`observe` returns (and keeps in ``last_info``) ``epsilon``, ``decisions`` and, on
-    decisions with gradient steps, ``td_loss``, ``q_mean`` and ``q_abs_max`` (mean and largest |Q| of the batch's actions),
-    ``q_bound`` (``max|r| / (1 - gamma)``) and ``n_updates``.
+    decisions with gradient steps, ``td_loss``, ``q_mean`` and ``q_abs_max`` (mean and largest |Q| of the batch's
+    actions), ``q_bound`` (``max|r| / (1 - gamma)``) and ``n_updates``.
     """
 
     kind = "dqn"
     Config = DQNConfig
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         c = self.config
         with torch.random.fork_rng(devices=[]):
@@ -164,7 +164,7 @@ class DQNPolicy(Policy):
         self.n_decisions = 0  # transitions observed while learning: the clock of the schedules
         self.reward_scale = 0.0  # max |r| observed
         self._q_warned = False
-        self._pending = None  # (obs, action) awaiting its reward
+        self._pending: Optional[Tuple[torch.Tensor, int]] = None  # (obs, action) awaiting its reward
 
     @classmethod
     def from_checkpoint(cls, ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> "DQNPolicy":
@@ -206,7 +206,8 @@ class DQNPolicy(Policy):
         self._pending = (obs, action)
         return action
 
-    def observe(self, reward, next_obs, *, terminal=False, truncated=False) -> Dict[str, float]:
+    def observe(self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False,
+                truncated: bool = False) -> Dict[str, float]:
         if not self.training or self._pending is None:
             self._pending = None
             return {}

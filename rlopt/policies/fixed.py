@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,7 +23,7 @@ class ConstantPolicy(Policy):
     kind = "constant"
     Config = ConstantConfig
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         a = self.config.action
         if isinstance(a, str):
@@ -50,7 +50,7 @@ class RandomPolicy(Policy):
     kind = "random"
     Config = RandomConfig
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         probs = self.config.probs
         probs = torch.full((self.n_actions,), 1.0 / self.n_actions) if probs is None else torch.tensor(

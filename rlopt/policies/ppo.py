@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class PPOConfig:
     share statistics over the last 16 rollouts; at the default ``rollout_len`` it has no effect
     (each update is standardised over its own rollout; CleanRL and SB3 standardise per minibatch)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("actor_lr", "critic_lr"):
             if not 0.0 < getattr(self, name) < math.inf:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)}")
@@ -122,7 +122,7 @@ class PPOPolicy(Policy):
     kind = "ppo"
     Config = PPOConfig
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         c = self.config
         with torch.random.fork_rng(devices=[]):
@@ -138,7 +138,7 @@ class PPOPolicy(Policy):
         # The last advantages (a ring), for their standardisation: see PPOConfig.normalize_advantages.
         self.adv_history = torch.zeros(max(c.rollout_len, c.advantage_norm_samples))
         self.adv_count = 0  # advantages computed so far
-        self._pending = None  # (obs, action, logprob, value)
+        self._pending: Optional[Tuple[torch.Tensor, int, float, float]] = None  # (obs, action, logprob, value)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> "PPOPolicy":
@@ -169,7 +169,8 @@ class PPOPolicy(Policy):
             self._pending = (obs, action, float(torch.log(probs[action])), float(self.critic(obs)))
         return action
 
-    def observe(self, reward, next_obs, *, terminal=False, truncated=False) -> Dict[str, float]:
+    def observe(self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False,
+                truncated: bool = False) -> Dict[str, float]:
         if not self.training or self._pending is None:
             self._pending = None
             return {}
@@ -210,7 +211,7 @@ class PPOPolicy(Policy):
         n = buf.size
         mb = min(c.minibatch_size or n, n)
         params = [*self.actor.parameters(), *self.critic.parameters()]
-        stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
+        stats: Dict[str, List[float]] = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
         for _ in range(c.update_epochs):
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, mb):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -39,7 +39,7 @@ Action = Union[int, str]
 class _Rule(Policy):
     """Two actions (``config.sam``, ``config.base``) and features read by name."""
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         self.sam = self._index(self.config.sam, "sam")
         base = self.config.base
@@ -108,12 +108,12 @@ class SamLatePolicy(_Rule):
     kind = "sam-late"
     Config = SamLateConfig
 
-    def _needs(self):
+    def _needs(self) -> Sequence[Tuple[str, str]]:
         if self.config.start is None:
             return (("budget_affordable", "give the optimizer a compute_budget, or SamLateConfig(start=...)"),)
         return ()
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         start = self.config.start
         if start is not None and not (isinstance(start, (int, float)) and 0.0 <= start <= 1.0):
@@ -145,7 +145,7 @@ class SamEveryPolicy(_Rule):
     kind = "sam-every"
     Config = SamEveryConfig
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         k = self.config.k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -194,12 +194,12 @@ class ScheduledRandomPolicy(_Rule):
     kind = "ss-sam"
     Config = ScheduledRandomConfig
 
-    def _needs(self):
+    def _needs(self) -> Sequence[Tuple[str, str]]:
         if self.config.share is None:
             return (("budget_affordable", "give the optimizer a compute_budget, or ScheduledRandomConfig(share=...)"),)
         return ()
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         share, schedule = self.config.share, self.config.schedule
         if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
@@ -253,7 +253,7 @@ class AdaptiveSamPolicy(_Rule):
     kind = "ae-sam"
     Config = AdaptiveSamConfig
 
-    def __init__(self, obs_dim, action_names, config=None, **kwargs):
+    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         decay = self.config.decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
@@ -333,9 +333,9 @@ def rule_from_name(name: str, obs_dim: int, action_names: Sequence[str], obs_lay
             what = "an int" if kind == "sam-every" else "a number"
             raise ValueError(f"Invalid policy name {name!r}: the part after ':' must be {what}") from None
     configs = {"sam-late": lambda: SamLateConfig(start=value if arg else None),
-               "sam-every": lambda: SamEveryConfig(k=value),
+               "sam-every": lambda: SamEveryConfig(k=int(value)),
                "ss-sam": lambda: ScheduledRandomConfig(share=value if arg else None),
                "ae-sam": lambda: AdaptiveSamConfig(threshold=value) if arg else AdaptiveSamConfig()}
-    cls = {"sam-late": SamLatePolicy, "sam-every": SamEveryPolicy, "ss-sam": ScheduledRandomPolicy,
+    cls: Callable[..., Policy] = {"sam-late": SamLatePolicy, "sam-every": SamEveryPolicy, "ss-sam": ScheduledRandomPolicy,
            "ae-sam": AdaptiveSamPolicy}[kind]
     return cls(obs_dim, action_names, configs[kind](), seed=seed, obs_layout=obs_layout)

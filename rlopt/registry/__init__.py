@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from ..learned.rule import LearnedRule
+    from ..policies.base import Policy
 
 __all__ = ["list_policies", "load_pretrained", "pretrained_info", "pretrained_path"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _index() -> Dict[str, Dict[str, Any]]:
+def _index() -> dict[str, dict[str, Any]]:
     path = os.path.join(_HERE, "index.json")
     if not os.path.isfile(path):
         return {}
@@ -27,12 +31,12 @@ def _index() -> Dict[str, Dict[str, Any]]:
     return {name: entry for name, entry in index.items() if os.path.isfile(os.path.join(_HERE, f"{name}.pt"))}
 
 
-def list_policies() -> Dict[str, str]:
+def list_policies() -> dict[str, str]:
     """``{name: one-line description}`` of the shipped pretrained policies."""
     return {name: entry["description"] for name, entry in _index().items()}
 
 
-def pretrained_info(name: str) -> Dict[str, Any]:
+def pretrained_info(name: str) -> dict[str, Any]:
     """The ``index.json`` entry of a shipped policy: description, command, episodes, training time."""
     index = _index()
     if name not in index:
@@ -46,7 +50,7 @@ def pretrained_path(name: str) -> str:
     return os.path.join(_HERE, f"{name}.pt")
 
 
-def load_pretrained(name: str, *, train: bool = False):
+def load_pretrained(name: str, *, train: bool = False) -> Union[Policy, LearnedRule]:
     """Load a shipped policy by name (frozen unless ``train=True``); a learned update rule
     (``"optimizer": "learned"``) comes back as a :class:`rlopt.learned.LearnedRule`."""
     if pretrained_info(name).get("optimizer") == "learned":
