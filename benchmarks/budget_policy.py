@@ -21,6 +21,7 @@ Usage::
 
     python -m benchmarks.budget_policy --budget 0.3 --out benchmarks/results/budget_policy
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -49,12 +51,11 @@ def _policy_arg(spec: Any):
     from rlopt.policies.rules import AdaptiveSamConfig
 
     if isinstance(spec, dict) and spec.get("kind") == "ae-sam":
-        return AdaptiveSamConfig(threshold=spec["threshold"], threshold_end=spec["threshold_end"],
-                                 decay=spec["decay"])
+        return AdaptiveSamConfig(threshold=spec["threshold"], threshold_end=spec["threshold_end"], decay=spec["decay"])
     return spec  # a name ("sam-late", "ss-sam", "ae-sam") or a checkpoint path
 
 
-def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One task trained by one policy under the budget: final validation metrics and spending."""
     from rlopt import RLSwitchingOptimizer
     from rlopt.meta.tasks import TaskConfig, build_task, run_episode
@@ -64,28 +65,49 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     cfg = TaskConfig(**job["config"])
     task = build_task(cfg, cifar10_path=job["cifar10"])
     kw = {"weight_decay": cfg.weight_decay} if cfg.weight_decay else {}
-    opt = RLSwitchingOptimizer(task.model.parameters(), choices=["sgd", "sam"], policy=_policy_arg(job["policy"]),
-                               lr=cfg.lr, interval=cfg.interval, seed=cfg.seed, total_steps=cfg.total_steps,
-                               total_epochs=cfg.epochs, process_group=None, train_policy=False,
-                               compute_budget=job["budget"], **kw)
+    opt = RLSwitchingOptimizer(
+        task.model.parameters(),
+        choices=["sgd", "sam"],
+        policy=_policy_arg(job["policy"]),
+        lr=cfg.lr,
+        interval=cfg.interval,
+        seed=cfg.seed,
+        total_steps=cfg.total_steps,
+        total_epochs=cfg.epochs,
+        process_group=None,
+        train_policy=False,
+        compute_budget=job["budget"],
+        **kw,
+    )
     t0 = time.perf_counter()
     out = run_episode(task, opt)
-    return {"key": job["key"], "val_loss": out["val_loss"], "val_acc": out["val_acc"],
-            "budget_used": opt.history[-1].get("budget_used", math.nan), "sam_share": out["action_share"]["sam"],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "key": job["key"],
+        "val_loss": out["val_loss"],
+        "val_acc": out["val_acc"],
+        "budget_used": opt.history[-1].get("budget_used", math.nan),
+        "sam_share": out["action_share"]["sam"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def score(res: Dict[str, Any], ref: Dict[str, Any]) -> float:
+def score(res: dict[str, Any], ref: dict[str, Any]) -> float:
     """What :class:`rlopt.rewards.FinalReward` pays at the end (defaults acc=10, loss=1)."""
-    return 10.0 * (res["val_acc"] - ref["val_acc"]) + math.log(max(ref["val_loss"], 1e-12) / max(res["val_loss"], 1e-12))
+    return 10.0 * (res["val_acc"] - ref["val_acc"]) + math.log(
+        max(ref["val_loss"], 1e-12) / max(res["val_loss"], 1e-12)
+    )
 
 
-def _decode(x: Sequence[float]) -> Dict[str, Any]:
-    return {"kind": "ae-sam", "threshold": round(float(x[0]), 4), "threshold_end": round(float(x[1]), 4),
-            "decay": round(float(1.0 / (1.0 + math.exp(-x[2]))), 4)}
+def _decode(x: Sequence[float]) -> dict[str, Any]:
+    return {
+        "kind": "ae-sam",
+        "threshold": round(float(x[0]), 4),
+        "threshold_end": round(float(x[1]), 4),
+        "decay": round(float(1.0 / (1.0 + math.exp(-x[2]))), 4),
+    }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from rlopt.meta.tasks import TaskDistribution
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,10 +118,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--test-tasks", type=int, default=10, help="held-out tasks (task seed 2)")
     ap.add_argument("--popsize", type=int, default=6, help="CMA-ES population")
     ap.add_argument("--generations", type=int, default=4, help="CMA-ES generations (0: no tuning)")
-    ap.add_argument("--policy", action="append", default=[], metavar="NAME=PATH",
-                    help="also evaluate this policy checkpoint on the held-out tasks (repeatable)")
-    ap.add_argument("--task", action="append", default=None, metavar="FIELD=VALUES",
-                    help=f"TaskDistribution overrides of the resnet preset (default: {' '.join(DEFAULT_TASKS)})")
+    ap.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also evaluate this policy checkpoint on the held-out tasks (repeatable)",
+    )
+    ap.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        metavar="FIELD=VALUES",
+        help=f"TaskDistribution overrides of the resnet preset (default: {' '.join(DEFAULT_TASKS)})",
+    )
     ap.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     ap.add_argument("--out", default=str(runs_path("budget_policy")), help="output folder (default %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -118,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     train, test = tasks(a.train_tasks, 1), tasks(a.test_tasks, 2)
     cache_file = out / "runs.jsonl"
-    cache: Dict[str, Dict[str, Any]] = {}
+    cache: dict[str, dict[str, Any]] = {}
     if cache_file.is_file():
         for line in cache_file.read_text().splitlines():
             r = json.loads(line)
@@ -131,10 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         total = a.train_tasks * (1 + a.popsize * a.generations) + a.test_tasks * (4 + len(a.policy))
         bar = tqdm(total=total, desc="budget_policy", unit="run")
 
-    def run_all(specs: List[Any], cfgs: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    def run_all(specs: list[Any], cfgs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         jobs = []
-        for i, spec in enumerate(specs):
-            for j, cfg in enumerate(cfgs):
+        for spec in specs:
+            for cfg in cfgs:
                 key = json.dumps([spec, cfg["seed"], a.budget, cfg["interval"]], sort_keys=True)
                 jobs.append({"key": key, "policy": spec, "config": cfg, "budget": a.budget, "cifar10": cifar10})
         todo = [j for j in jobs if j["key"] not in cache]
@@ -156,8 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if a.generations > 0:
         from cmaes import CMA
 
-        es = CMA(mean=np.array([0.0, 0.0, 2.2]), sigma=1.0, population_size=a.popsize, seed=0,
-                 bounds=np.array([[-3.0, 3.0], [-3.0, 3.0], [-1.0, 5.0]]))
+        es = CMA(
+            mean=np.array([0.0, 0.0, 2.2]),
+            sigma=1.0,
+            population_size=a.popsize,
+            seed=0,
+            bounds=np.array([[-3.0, 3.0], [-3.0, 3.0], [-1.0, 5.0]]),
+        )
         for gen in range(a.generations):
             xs = [es.ask() for _ in range(a.popsize)]
             specs = [_decode(x) for x in xs]
@@ -165,12 +202,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             scores = [float(np.mean([score(r, ref) for r, ref in zip(res, ref_train)])) for res in results]
             es.tell([(x, -s) for x, s in zip(xs, scores)])
             for spec, s, res in zip(specs, scores, results):
-                history.append({"generation": gen, "spec": spec, "train_score": s,
-                                "sam_share": float(np.mean([r["sam_share"] for r in res]))})
+                history.append(
+                    {
+                        "generation": gen,
+                        "spec": spec,
+                        "train_score": s,
+                        "sam_share": float(np.mean([r["sam_share"] for r in res])),
+                    }
+                )
                 if s > best["score"]:
                     best = {"spec": spec, "score": s}
-    arms = {"sam-late": "sam-late", "random (ss-sam)": "ss-sam", "ae-sam (defaults)": "ae-sam",
-            "ae-sam (tuned)": best["spec"]}
+    arms = {
+        "sam-late": "sam-late",
+        "random (ss-sam)": "ss-sam",
+        "ae-sam (defaults)": "ae-sam",
+        "ae-sam (tuned)": best["spec"],
+    }
     arms.update(dict(p.split("=", 1) for p in a.policy))
     results = dict(zip(arms, run_all(list(arms.values()), test)))
     pool.close()
@@ -182,44 +229,82 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         acc = [100.0 * (r["val_acc"] - q["val_acc"]) for r, q in zip(res, ref)]
         loss = [q["val_loss"] - r["val_loss"] for r, q in zip(res, ref)]
         sc = [score(r, q) for r, q in zip(res, ref)]
-        table[name] = {"acc_vs_sam_late": t_interval(acc), "loss_vs_sam_late": t_interval(loss),
-                       "score": t_interval(sc), "val_acc": float(np.mean([r["val_acc"] for r in res])),
-                       "budget_used": float(np.mean([r["budget_used"] for r in res])),
-                       "sam_share": float(np.mean([r["sam_share"] for r in res]))}
+        table[name] = {
+            "acc_vs_sam_late": t_interval(acc),
+            "loss_vs_sam_late": t_interval(loss),
+            "score": t_interval(sc),
+            "val_acc": float(np.mean([r["val_acc"] for r in res])),
+            "budget_used": float(np.mean([r["budget_used"] for r in res])),
+            "sam_share": float(np.mean([r["sam_share"] for r in res])),
+        }
     wall = time.perf_counter() - start
-    summary = {"budget": a.budget, "interval": a.interval, "best": best, "history": history, "table": table,
-               "train_tasks": train, "test_tasks": test, "command": "python -m benchmarks.budget_policy " +
-               " ".join(argv), "commit": _commit(), "wall_s": wall,
-               "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, nice 19), {a.workers} "
-                           f"processes x 1 torch thread, torch {torch.__version__}"}
+    summary = {
+        "budget": a.budget,
+        "interval": a.interval,
+        "best": best,
+        "history": history,
+        "table": table,
+        "train_tasks": train,
+        "test_tasks": test,
+        "command": "python -m benchmarks.budget_policy " + " ".join(argv),
+        "commit": _commit(),
+        "wall_s": wall,
+        "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, nice 19), {a.workers} "
+        f"processes x 1 torch thread, torch {torch.__version__}",
+    }
     (out / "budget_policy.json").write_text(json.dumps(summary, indent=1) + "\n")
-    lines = [f"# Budgeted policies against SAM-late at budget {a.budget}", "",
-             f"Command: `{summary['command']}`", "",
-             f"Commit {summary['commit']}; {summary['hardware']}; {wall / 60:.1f} min (cached runs not counted). "
-             f"Tasks: resnet preset with {' '.join(overrides)}; tuning on {a.train_tasks} tasks (task seed 1), "
-             f"evaluation on {a.test_tasks} held-out tasks (task seed 2).", "",
-             f"Tuned rule (CMA-ES, population {a.popsize}, {a.generations} generations): `{best['spec']}`, "
-             f"training score {best['score']:+.3f}.", "",
-             "Held-out tasks, each arm minus SAM-late at the same budget (paired; mean [95% t-interval] over "
-             "tasks); score = 10 * accuracy difference + log-ratio of the validation losses (FinalReward):", "",
-             "| policy | val acc | acc - SAM-late (pt) | loss: SAM-late - policy | score | compute used | SAM chosen (share of decisions) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Budgeted policies against SAM-late at budget {a.budget}",
+        "",
+        f"Command: `{summary['command']}`",
+        "",
+        f"Commit {summary['commit']}; {summary['hardware']}; {wall / 60:.1f} min (cached runs not counted). "
+        f"Tasks: resnet preset with {' '.join(overrides)}; tuning on {a.train_tasks} tasks (task seed 1), "
+        f"evaluation on {a.test_tasks} held-out tasks (task seed 2).",
+        "",
+        f"Tuned rule (CMA-ES, population {a.popsize}, {a.generations} generations): `{best['spec']}`, "
+        f"training score {best['score']:+.3f}.",
+        "",
+        "Held-out tasks, each arm minus SAM-late at the same budget (paired; mean [95% t-interval] over "
+        "tasks); score = 10 * accuracy difference + log-ratio of the validation losses (FinalReward):",
+        "",
+        "| policy | val acc | acc - SAM-late (pt) | loss: SAM-late - policy | score | compute used "
+        "| SAM chosen (share of decisions) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, e in table.items():
-        f3 = lambda t, k=2: f"{t[0]:+.{k}f} [{t[1]:+.{k}f}, {t[2]:+.{k}f}]"
-        lines.append(f"| {name} | {100 * e['val_acc']:.2f} | {f3(e['acc_vs_sam_late'])} | "
-                     f"{f3(e['loss_vs_sam_late'], 3)} | {f3(e['score'], 3)} | {e['budget_used']:.3f} | "
-                     f"{e['sam_share']:.3f} |")
+
+        def f3(t: Any, k: int = 2) -> str:
+            return f"{t[0]:+.{k}f} [{t[1]:+.{k}f}, {t[2]:+.{k}f}]"
+
+        lines.append(
+            f"| {name} | {100 * e['val_acc']:.2f} | {f3(e['acc_vs_sam_late'])} | "
+            f"{f3(e['loss_vs_sam_late'], 3)} | {f3(e['score'], 3)} | {e['budget_used']:.3f} | "
+            f"{e['sam_share']:.3f} |"
+        )
     (out / "budget_policy.md").write_text("\n".join(lines) + "\n")
     if a.generations > 0:
-        from rlopt.policies.rules import AdaptiveSamPolicy, AdaptiveSamConfig  # noqa: F401
         from rlopt import RLSwitchingOptimizer
+        from rlopt.policies.rules import AdaptiveSamConfig, AdaptiveSamPolicy  # noqa: F401
 
-        probe = RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(1))], choices=["sgd", "sam"],
-                                     policy=_policy_arg(best["spec"]), total_steps=10, compute_budget=a.budget,
-                                     process_group=None, interval=a.interval)
-        probe.policy.save(out / "tuned.pt", trained_with="benchmarks.budget_policy", command=summary["command"],
-                          compute_budget=a.budget, interval=a.interval, tuned=best,
-                          held_out=table["ae-sam (tuned)"])
+        probe = RLSwitchingOptimizer(
+            [torch.nn.Parameter(torch.zeros(1))],
+            choices=["sgd", "sam"],
+            policy=_policy_arg(best["spec"]),
+            total_steps=10,
+            compute_budget=a.budget,
+            process_group=None,
+            interval=a.interval,
+        )
+        probe.policy.save(
+            out / "tuned.pt",
+            trained_with="benchmarks.budget_policy",
+            command=summary["command"],
+            compute_budget=a.budget,
+            interval=a.interval,
+            tuned=best,
+            held_out=table["ae-sam (tuned)"],
+        )
     print(f"wrote {out / 'budget_policy.md'}")
     return summary
 

@@ -9,6 +9,7 @@ Contract of every ``python -m benchmarks.<name>`` command:
   another place, and prints where it wrote; committed results under ``benchmarks/results/`` are
   written only when ``--out`` points there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,18 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional
 
-__all__ = ["HelpFormatter", "parser", "PACKAGE_DIR", "REPO_DIR", "RUNS_DIR", "RESULTS_DIR", "DATA_DIR",
-           "runs_path", "missing_data_message", "fail"]
+__all__ = [
+    "HelpFormatter",
+    "parser",
+    "PACKAGE_DIR",
+    "REPO_DIR",
+    "RUNS_DIR",
+    "RESULTS_DIR",
+    "DATA_DIR",
+    "runs_path",
+    "missing_data_message",
+    "fail",
+]
 
 #: the ``benchmarks`` package folder
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -44,8 +55,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parser(module: str, description: str, **kwargs) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` for ``python -m benchmarks.<module>`` with :class:`HelpFormatter`."""
-    return argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=description,
-                                   formatter_class=HelpFormatter, **kwargs)
+    return argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{module}", description=description, formatter_class=HelpFormatter, **kwargs
+    )
 
 
 def runs_path(*parts: str) -> Path:
@@ -56,11 +68,13 @@ def runs_path(*parts: str) -> Path:
 def missing_data_message(err, offline_hint: str = "") -> str:
     """One line for ``parser.error`` when a data set is not found: which flags to pass."""
     hint = f"; {offline_hint}" if offline_hint else ""
-    return (f"no {err.name} data under {err.root}: pass --data-dir PATH (a folder with the data set, its idx "
-            f".gz files or an image tar), set $RLOPT_DATA_DIR, or pass --download{hint}")
+    return (
+        f"no {err.name} data under {err.root}: pass --data-dir PATH (a folder with the data set, its idx "
+        f".gz files or an image tar), set $RLOPT_DATA_DIR, or pass --download{hint}"
+    )
 
 
-def fail(ap: argparse.ArgumentParser, message: str) -> "NoReturn":
+def fail(ap: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with status 2 and one line, ``<prog>: error: <message>``, without the (long) usage."""
     print(f"{ap.prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -24,6 +24,7 @@ Example:
     >>> ds.train_x.shape, ds.train_x.dtype, ds.val_x.shape, ds.test_x.shape
     (torch.Size([54000, 1, 28, 28]), torch.uint8, torch.Size([6000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,20 +34,34 @@ import os
 import pickle
 import struct
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import rlopt.meta.tasks
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageDataset", "load_dataset", "DATASETS", "read_idx", "read_image_folder",
-           "stratified_split", "stratified_subset", "normalize", "augment_crop_flip", "PAD_MODES", "iterate_batches",
-           "symmetric_label_noise",
-           "SUBSET_PATH", "DEFAULT_DATA_DIR", "MissingDataError"]
+import rlopt.meta.tasks
+
+__all__ = [
+    "ImageDataset",
+    "load_dataset",
+    "DATASETS",
+    "read_idx",
+    "read_image_folder",
+    "stratified_split",
+    "stratified_subset",
+    "normalize",
+    "augment_crop_flip",
+    "PAD_MODES",
+    "iterate_batches",
+    "symmetric_label_noise",
+    "SUBSET_PATH",
+    "DEFAULT_DATA_DIR",
+    "MissingDataError",
+]
 
 SUBSET_PATH = Path(rlopt.meta.tasks.__file__).resolve().parent / "data" / "fmnist_subset.npz"  # shipped in rlopt
 #: where data is looked for without ``data_dir`` or ``$RLOPT_DATA_DIR``: ``data/`` at the repository root
@@ -59,17 +74,34 @@ class MissingDataError(FileNotFoundError):
 
     def __init__(self, name: str, root: Path) -> None:
         self.name, self.root = name, Path(root)
-        super().__init__(f"No {name} data under {root}: expected the torchvision layout, idx .gz files, "
-                         f"train/ and test/ image folders or an image tar; pass data_dir=... or download=True")
+        super().__init__(
+            f"No {name} data under {root}: expected the torchvision layout, idx .gz files, "
+            f"train/ and test/ image folders or an image tar; pass data_dir=... or download=True"
+        )
 
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                  "Bag", "Ankle boot"]
+
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FMNIST_FILES = {"train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
-                "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz"}
+FMNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte.gz",
+    "train_y": "train-labels-idx1-ubyte.gz",
+    "test_x": "t10k-images-idx3-ubyte.gz",
+    "test_y": "t10k-labels-idx1-ubyte.gz",
+}
 
 #: canonical name -> (aliases, classes, channels, image side)
-DATASETS: Dict[str, Tuple[Tuple[str, ...], List[str], int, int]] = {
+DATASETS: dict[str, tuple[tuple[str, ...], list[str], int, int]] = {
     "fashion-mnist": (("fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist"), FMNIST_CLASSES, 1, 28),
     "cifar10": (("cifar10", "cifar-10", "cifar_10"), CIFAR10_CLASSES, 3, 32),
     "fmnist-subset": (("fmnist-subset", "fashion-mnist-subset", "embedded"), FMNIST_CLASSES, 1, 28),
@@ -89,7 +121,7 @@ class ImageDataset:
     """Train / validation / test splits as uint8 ``(N, C, H, W)`` images and int64 labels (CPU)."""
 
     name: str
-    classes: List[str]
+    classes: list[str]
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
@@ -98,8 +130,8 @@ class ImageDataset:
     test_y: torch.Tensor
     source: str
     #: per-channel mean and std of the training split, in [0, 1] units
-    mean: Tuple[float, ...] = ()
-    std: Tuple[float, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -114,9 +146,11 @@ class ImageDataset:
         return int(self.train_x.shape[-1])
 
     def summary(self) -> str:
-        return (f"{self.name}: train {len(self.train_y)}, val {len(self.val_y)}, test {len(self.test_y)}, "
-                f"{self.in_channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes "
-                f"(source: {self.source})")
+        return (
+            f"{self.name}: train {len(self.train_y)}, val {len(self.val_y)}, test {len(self.test_y)}, "
+            f"{self.in_channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes "
+            f"(source: {self.source})"
+        )
 
 
 # --------------------------------------------------------------------------------------- readers
@@ -128,7 +162,7 @@ def read_idx(path: os.PathLike) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte idx file (magic {data[:4].hex()})")
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path}: expected {int(np.prod(shape))} bytes of data, found {arr.size}")
@@ -142,7 +176,7 @@ def _find_idx_dir(root: Path) -> Optional[Path]:
     return None
 
 
-def _read_fmnist_idx(d: Path) -> Dict[str, np.ndarray]:
+def _read_fmnist_idx(d: Path) -> dict[str, np.ndarray]:
     out = {}
     for key, fname in FMNIST_FILES.items():
         path = d / fname if (d / fname).is_file() else d / fname[:-3]
@@ -151,15 +185,20 @@ def _read_fmnist_idx(d: Path) -> Dict[str, np.ndarray]:
     return out
 
 
-def _read_cifar_batches(d: Path) -> Dict[str, np.ndarray]:
+def _read_cifar_batches(d: Path) -> dict[str, np.ndarray]:
     def load(f):
         with open(d / f, "rb") as fh:
             entry = pickle.load(fh, encoding="latin1")
         return np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(entry["labels"])
+
     tr = [load(f"data_batch_{i}") for i in range(1, 6)]
     te_x, te_y = load("test_batch")
-    return {"train_x": np.concatenate([t[0] for t in tr]), "train_y": np.concatenate([t[1] for t in tr]).astype(np.int64),
-            "test_x": te_x, "test_y": te_y.astype(np.int64)}
+    return {
+        "train_x": np.concatenate([t[0] for t in tr]),
+        "train_y": np.concatenate([t[1] for t in tr]).astype(np.int64),
+        "test_x": te_x,
+        "test_y": te_y.astype(np.int64),
+    }
 
 
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -174,8 +213,9 @@ def _decode(data: bytes, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def read_image_folder(root: os.PathLike, channels: int = 3, classes: Optional[Sequence[str]] = None
-                      ) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+def read_image_folder(
+    root: os.PathLike, channels: int = 3, classes: Optional[Sequence[str]] = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode ``root/<class>/<image>`` into uint8 ``(N, C, H, W)`` and int64 labels.
 
     Classes are the sorted sub-folder names (as torchvision's ``ImageFolder``) unless given."""
@@ -192,9 +232,9 @@ def read_image_folder(root: os.PathLike, channels: int = 3, classes: Optional[Se
     return np.stack(xs), np.asarray(ys, dtype=np.int64), names
 
 
-def _read_image_tar(path: Path, channels: int) -> Dict[str, np.ndarray]:
+def _read_image_tar(path: Path, channels: int) -> dict[str, np.ndarray]:
     """An ImageFolder tree (``[prefix/]{train,test}/<class>/<image>``) inside a tar archive."""
-    items: Dict[str, List[Tuple[str, str, bytes]]] = {"train": [], "test": []}
+    items: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
     with tarfile.open(path, "r:*") as tar:
         for m in tar:
             if not m.isfile() or not m.name.lower().endswith(_IMG_EXT):
@@ -207,7 +247,7 @@ def _read_image_tar(path: Path, channels: int) -> Dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path}: no train/<class>/ and test/<class>/ images inside")
     classes = sorted({c for c, _, _ in items["train"]})
     index = {c: i for i, c in enumerate(classes)}
-    out: Dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
     for split, entries in items.items():
         entries.sort(key=lambda e: e[1])
         out[f"{split}_x"] = np.stack([_decode(b, channels) for _, _, b in entries])
@@ -216,7 +256,7 @@ def _read_image_tar(path: Path, channels: int) -> Dict[str, np.ndarray]:
     return out
 
 
-def _read_folder_splits(root: Path, channels: int) -> Dict[str, np.ndarray]:
+def _read_folder_splits(root: Path, channels: int) -> dict[str, np.ndarray]:
     tr_x, tr_y, classes = read_image_folder(root / "train", channels)
     te_x, te_y, _ = read_image_folder(root / "test", channels, classes)
     return {"train_x": tr_x, "train_y": tr_y, "test_x": te_x, "test_y": te_y, "classes": np.asarray(classes)}
@@ -257,7 +297,7 @@ def _download(name: str, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- splitting
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(keep, held_out)``: ``round(fraction * n_c)`` of each class ``c`` held out, seeded."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"Invalid val_fraction: {fraction}")
@@ -286,9 +326,16 @@ def _cache_path(cache_dir: Path, name: str, source: str) -> Path:
     return cache_dir / f"{name}-{key}.npz"
 
 
-def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bool = False,
-                 val_fraction: float = 0.1, seed: int = 0, cache_dir: Optional[os.PathLike] = None,
-                 max_train: Optional[int] = None, max_test: Optional[int] = None) -> ImageDataset:
+def load_dataset(
+    name: str,
+    data_dir: Optional[os.PathLike] = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: Optional[os.PathLike] = None,
+    max_train: Optional[int] = None,
+    max_test: Optional[int] = None,
+) -> ImageDataset:
     """Load ``name`` ("fashion-mnist", "cifar10" or "fmnist-subset") as uint8 tensors.
 
     Args:
@@ -315,9 +362,12 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
             arrays = {k: z[k] for k in z.files}
         source = f"embedded subset {SUBSET_PATH.name}"
     else:
-        root = Path(data_dir if data_dir is not None else os.environ.get("RLOPT_DATA_DIR", DEFAULT_DATA_DIR)).expanduser()
-        cache = Path(cache_dir if cache_dir is not None else
-                     os.environ.get("RLOPT_CACHE_DIR", "~/.cache/rlopt/datasets")).expanduser()
+        root = Path(
+            data_dir if data_dir is not None else os.environ.get("RLOPT_DATA_DIR", DEFAULT_DATA_DIR)
+        ).expanduser()
+        cache = Path(
+            cache_dir if cache_dir is not None else os.environ.get("RLOPT_CACHE_DIR", "~/.cache/rlopt/datasets")
+        ).expanduser()
         found = _locate(canon, root, channels)
         if found is None and download:
             root.mkdir(parents=True, exist_ok=True)
@@ -350,13 +400,23 @@ def load_dataset(name: str, data_dir: Optional[os.PathLike] = None, download: bo
     train_x = t(tr_x[keep])
     flat = train_x.float().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
     return ImageDataset(
-        name=canon, classes=classes, train_x=train_x, train_y=t(tr_y[keep]).long(),
-        val_x=t(tr_x[held]), val_y=t(tr_y[held]).long(), test_x=t(te_x), test_y=t(te_y).long(),
-        source=source, mean=tuple(flat.mean(1).tolist()), std=tuple(flat.std(1).clamp_min(1e-3).tolist()))
+        name=canon,
+        classes=classes,
+        train_x=train_x,
+        train_y=t(tr_y[keep]).long(),
+        val_x=t(tr_x[held]),
+        val_y=t(tr_y[held]).long(),
+        test_x=t(te_x),
+        test_y=t(te_y).long(),
+        source=source,
+        mean=tuple(flat.mean(1).tolist()),
+        std=tuple(flat.std(1).clamp_min(1e-3).tolist()),
+    )
 
 
-def symmetric_label_noise(labels: torch.Tensor, fraction: float, num_classes: int, seed: int
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+def symmetric_label_noise(
+    labels: torch.Tensor, fraction: float, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric label noise: ``round(fraction * n)`` labels, drawn without replacement, each
     replaced by one of the *other* ``num_classes - 1`` classes chosen uniformly, so that
     ``fraction`` is exactly the share of wrong labels. (The convention that draws the new label
@@ -373,7 +433,7 @@ def symmetric_label_noise(labels: torch.Tensor, fraction: float, num_classes: in
         raise ValueError(f"Invalid num_classes for label noise: {num_classes} (at least 2)")
     n = len(labels)
     k = int(round(float(fraction) * n))
-    rng = np.random.default_rng([int(seed), 0x1ab31])  # a stream of its own, apart from the split's
+    rng = np.random.default_rng([int(seed), 0x1AB31])  # a stream of its own, apart from the split's
     idx = np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, dtype=np.int64)
     shift = rng.integers(1, num_classes, size=k)  # 1..K-1: never the label it replaces
     noisy = labels.clone()
@@ -384,8 +444,9 @@ def symmetric_label_noise(labels: torch.Tensor, fraction: float, num_classes: in
 
 
 # ------------------------------------------------------------------- device-side batching
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-              channels_last: bool = False) -> torch.Tensor:
+def normalize(
+    x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False
+) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` -> float32 normalised; ``mean``/``std`` are ``(1, C, 1, 1)`` on the device."""
     x = x_uint8.float().div_(255).sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -394,10 +455,10 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 PAD_MODES = ("zeros", "reflect")
 
 
-_GRIDS: Dict[Tuple[int, int, int, str], Tuple[torch.Tensor, ...]] = {}
+_GRIDS: dict[tuple[int, int, int, str], tuple[torch.Tensor, ...]] = {}
 
 
-def _crop_grid(n: int, h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+def _crop_grid(n: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Index tensors of a batched crop, made once per shape and device: images ``(n, 1, 1)``,
     rows ``(h, 1)``, columns ``(w,)`` and the columns reversed."""
     key = (n, h, w, str(device))
@@ -405,13 +466,22 @@ def _crop_grid(n: int, h: int, w: int, device: torch.device) -> Tuple[torch.Tens
         if len(_GRIDS) > 16:  # a few batch shapes per run; never grow without bound
             _GRIDS.clear()
         cols = torch.arange(w, device=device)
-        _GRIDS[key] = (torch.arange(n, device=device).view(n, 1, 1), torch.arange(h, device=device).view(h, 1),
-                       cols, cols.flip(0))
+        _GRIDS[key] = (
+            torch.arange(n, device=device).view(n, 1, 1),
+            torch.arange(h, device=device).view(h, 1),
+            cols,
+            cols.flip(0),
+        )
     return _GRIDS[key]
 
 
-def augment_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
-                      generator: Optional[torch.Generator] = None, pad_mode: str = "zeros") -> torch.Tensor:
+def augment_crop_flip(
+    x: torch.Tensor,
+    pad: int = 4,
+    flip: bool = True,
+    generator: Optional[torch.Generator] = None,
+    pad_mode: str = "zeros",
+) -> torch.Tensor:
     """Random crop with padding ``pad`` and random horizontal flip, batched on ``x``'s device.
 
     ``pad_mode``: ``"zeros"`` pads with black pixels (torchvision's ``RandomCrop`` default, before
@@ -439,16 +509,21 @@ def augment_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True,
     return xp.permute(0, 2, 3, 1)[batch, dy + rows, dx + cols].permute(0, 3, 1, 2)
 
 
-def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                    drop_last: bool = False, generator: Optional[torch.Generator] = None
-                    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def iterate_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of tensors that already live on the training device (no DataLoader)."""
     n = len(y)
     order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     for i in range(0, stop, batch_size):
         if order is None:
-            yield x[i:i + batch_size], y[i:i + batch_size]
+            yield x[i : i + batch_size], y[i : i + batch_size]
         else:
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             yield x[idx], y[idx]

@@ -33,6 +33,7 @@ final test accuracy and compute, and paired differences (same seed) against ``sa
 against random switching at the same budget, and SAM-late and SAM against SGD, each with a 95%
 Student t interval over seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,23 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from .cli import fail, missing_data_message, parser, runs_path
 from .data import MissingDataError, load_dataset
 from .table import _T95, _reusable
-from .train import (TrainConfig, add_config_args, checkpoint_path, config_from_args, logged_config,
-                    sam_late_branch_epoch, train)
+from .train import (
+    TrainConfig,
+    add_config_args,
+    checkpoint_path,
+    config_from_args,
+    logged_config,
+    sam_late_branch_epoch,
+    train,
+)
 
 __all__ = ["Arm", "arms", "jobs", "arm_label", "paired", "analyse", "main", "LEARNED_PLACEHOLDER"]
 
@@ -76,7 +85,7 @@ class Arm:
         return self.policy == "sam-late" and 0.0 < self.budget < 1.0
 
 
-def arms(budgets: Sequence[float], learned: Optional[str]) -> List[Arm]:
+def arms(budgets: Sequence[float], learned: Optional[str]) -> list[Arm]:
     """The arms, longest runs first (SAM, then SGD, whose checkpoints the sam-late arms wait for)."""
     out = [Arm("sam", "sam-late", 1.0), Arm("sgd", "sam-late", 0.0)]
     for b in sorted(budgets, reverse=True):
@@ -87,7 +96,7 @@ def arms(budgets: Sequence[float], learned: Optional[str]) -> List[Arm]:
     return out
 
 
-def arm_label(config: Dict[str, Any]) -> Optional[str]:
+def arm_label(config: dict[str, Any]) -> Optional[str]:
     """The arm a run log's config belongs to (None: not a switch run)."""
     if config.get("method") != "switch" or config.get("budget") is None:
         return None
@@ -113,7 +122,7 @@ class Job:
     cfg: TrainConfig
     prefix: Optional[TrainConfig] = None
     branch_epoch: int = 0
-    checkpoint_epochs: Tuple[int, ...] = ()
+    checkpoint_epochs: tuple[int, ...] = ()
 
     def units(self, steps_per_epoch: int) -> float:
         """Expected cost in SGD epochs (a SAM step counts 2): what the time estimate scales."""
@@ -123,18 +132,25 @@ class Job:
         return e * (1.0 + b)
 
 
-def jobs(base: TrainConfig, seeds: Sequence[int], noises: Sequence[float], arm_list: Sequence[Arm],
-         steps_per_epoch: int) -> List[Job]:
+def jobs(
+    base: TrainConfig, seeds: Sequence[int], noises: Sequence[float], arm_list: Sequence[Arm], steps_per_epoch: int
+) -> list[Job]:
     """Every run of the experiment, seed-major (a time budget that runs out leaves whole seeds)."""
-    out: List[Job] = []
+    out: list[Job] = []
     for seed in seeds:
         for noise in noises:
+
             def cfg_of(arm: Arm, seed: int = seed, noise: float = noise) -> TrainConfig:
-                return dataclasses.replace(base, method="switch", policy=arm.policy, budget=arm.budget, seed=seed,
-                                           label_noise=noise)
+                return dataclasses.replace(
+                    base, method="switch", policy=arm.policy, budget=arm.budget, seed=seed, label_noise=noise
+                )
+
             sgd = cfg_of(Arm("sgd", "sam-late", 0.0))
-            branch = {a.label: sam_late_branch_epoch(a.budget, base.epochs, steps_per_epoch, base.interval)
-                      for a in arm_list if a.branches}
+            branch = {
+                a.label: sam_late_branch_epoch(a.budget, base.epochs, steps_per_epoch, base.interval)
+                for a in arm_list
+                if a.branches
+            }
             for arm in arm_list:
                 if arm.branches and branch[arm.label] > 0:
                     out.append(Job(arm, cfg_of(arm), prefix=sgd, branch_epoch=branch[arm.label]))
@@ -154,7 +170,7 @@ def _claim(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir) / f"{cfg.run_name()}.claim"
 
 
-def _logged_rates(runs_dir: Path, device: str) -> List[float]:
+def _logged_rates(runs_dir: Path, device: str) -> list[float]:
     """Seconds per SGD epoch (a SAM step counts 2) of the runs logged in ``runs_dir`` on ``device``."""
     seen = []
     for f in runs_dir.glob("*.json"):
@@ -169,16 +185,25 @@ def _logged_rates(runs_dir: Path, device: str) -> List[float]:
     return seen
 
 
-def work(job_list: List[Job], data, ckpt_dir: Path, deadline: float, unit_seconds: float, overhead: float,
-         steps_per_epoch: int, device: str, log=print) -> Dict[str, List[str]]:
+def work(
+    job_list: list[Job],
+    data,
+    ckpt_dir: Path,
+    deadline: float,
+    unit_seconds: float,
+    overhead: float,
+    steps_per_epoch: int,
+    device: str,
+    log=print,
+) -> dict[str, list[str]]:
     """One worker: take unclaimed runs in order until none is left or none fits before ``deadline``
     (``time.time()``). A run's expected time is ``overhead`` plus its cost in SGD epochs times the
     slowest rate of the runs this worker made, else of the runs logged on this device, else
     ``unit_seconds``. Returns the runs it made and the ones it left."""
-    made: List[str] = []
-    mine: List[float] = []
+    made: list[str] = []
+    mine: list[float] = []
     logged = _logged_rates(Path(job_list[0].cfg.out_dir), device) if job_list else []
-    skipped: Dict[str, str] = {}
+    skipped: dict[str, str] = {}
     done: set = set()
 
     def is_done(cfg: TrainConfig) -> bool:
@@ -220,17 +245,32 @@ def work(job_list: List[Job], data, ckpt_dir: Path, deadline: float, unit_second
             try:
                 t0 = time.perf_counter()
                 if remake:
-                    log(f"[{name}] the checkpoint of {j.prefix.run_name()} at epoch {j.branch_epoch} is "
-                        "missing here: making that prefix again")
-                    train(dataclasses.replace(j.prefix, out_dir=None), data=data, log=log,
-                          checkpoint_epochs=(j.branch_epoch,), checkpoint_dir=ckpt_dir, stop_after=j.branch_epoch)
-                result = train(j.cfg, data=data, log=log, checkpoint_epochs=j.checkpoint_epochs,
-                               checkpoint_dir=ckpt_dir if j.checkpoint_epochs else None, start_from=start_from,
-                               log_decisions=False)
+                    log(
+                        f"[{name}] the checkpoint of {j.prefix.run_name()} at epoch {j.branch_epoch} is "
+                        "missing here: making that prefix again"
+                    )
+                    train(
+                        dataclasses.replace(j.prefix, out_dir=None),
+                        data=data,
+                        log=log,
+                        checkpoint_epochs=(j.branch_epoch,),
+                        checkpoint_dir=ckpt_dir,
+                        stop_after=j.branch_epoch,
+                    )
+                result = train(
+                    j.cfg,
+                    data=data,
+                    log=log,
+                    checkpoint_epochs=j.checkpoint_epochs,
+                    checkpoint_dir=ckpt_dir if j.checkpoint_epochs else None,
+                    start_from=start_from,
+                    log_decisions=False,
+                )
                 if remake and "path" in result:  # the log says that its prefix was made again
                     result["branched_from"]["prefix_made_again"] = True
-                    Path(result["path"]).write_text(json.dumps({k: v for k, v in result.items() if k != "path"},
-                                                               indent=1))
+                    Path(result["path"]).write_text(
+                        json.dumps({k: v for k, v in result.items() if k != "path"}, indent=1)
+                    )
                 units = j.units(steps_per_epoch) + (j.branch_epoch if remake else 0)
                 mine.append(max(0.0, time.perf_counter() - t0 - overhead) / max(1e-9, units))
                 made.append(name)
@@ -248,9 +288,9 @@ def work(job_list: List[Job], data, ckpt_dir: Path, deadline: float, unit_second
     return {"made": made, "left": sorted(skipped)}
 
 
-def _drop_spent_checkpoints(job_list: List[Job], ckpt_dir: Path, is_done) -> None:
+def _drop_spent_checkpoints(job_list: list[Job], ckpt_dir: Path, is_done) -> None:
     """Delete the checkpoints whose branch runs are all made (each holds a model and its momentum)."""
-    need: Dict[Path, bool] = {}
+    need: dict[Path, bool] = {}
     for j in job_list:
         if j.prefix is not None:
             p = checkpoint_path(ckpt_dir, j.prefix, j.branch_epoch)
@@ -265,7 +305,7 @@ def _t95(df: int) -> float:
     return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
 
 
-def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, Any]:
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """Mean of the per-seed differences ``a - b`` (seeds in both), its sample std and the
     half-width of its 95% Student t interval (NaN with fewer than two pairs)."""
     seeds = sorted(set(a) & set(b))
@@ -280,7 +320,7 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, Any]:
     return {"n": n, "seeds": seeds, "mean": m, "std": sd, "half": _t95(n - 1) * sd / math.sqrt(n)}
 
 
-def _comparisons(labels: Sequence[str], reference: str) -> List[Tuple[str, str, str]]:
+def _comparisons(labels: Sequence[str], reference: str) -> list[tuple[str, str, str]]:
     """(A, B, why) pairs: every arm against the reference, each budgeted arm against random switching
     at its budget, and SAM and SAM-late against SGD (the effects the predictions are about)."""
     out = []
@@ -298,9 +338,9 @@ def _comparisons(labels: Sequence[str], reference: str) -> List[Tuple[str, str, 
     return out
 
 
-def analyse(out: Path, reference: str = REFERENCE) -> Dict[str, Any]:
+def analyse(out: Path, reference: str = REFERENCE) -> dict[str, Any]:
     """Read ``<out>/runs/*.json``; write ``<out>/table.md`` and ``summary.json``; return the summary."""
-    groups: Dict[Tuple, Dict[str, Dict[int, Dict[str, Any]]]] = {}
+    groups: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = {}
     envs, commits = set(), set()
     for f in sorted((out / "runs").glob("*.json")):
         r = json.loads(f.read_text())
@@ -312,36 +352,58 @@ def analyse(out: Path, reference: str = REFERENCE) -> Dict[str, Any]:
         groups.setdefault(key, {}).setdefault(label, {})[c["seed"]] = r
         envs.add(r["environment"].get("gpu", r["environment"].get("cpu")))
         commits.add(r["environment"].get("commit"))
-    md = [f"# The deciding experiment: {out.name}", "",
-          f"- runs: `{out / 'runs'}`; hardware: {', '.join(sorted(map(str, envs))) or '-'}; "
-          f"commits: {', '.join(sorted(map(str, commits))) or '-'}",
-          "- outcome: final test accuracy (points); differences are paired by seed (same initial weights, "
-          "batches and noisy labels), mean with its 95% Student t interval over the seeds both arms have; "
-          "\"better\"/\"worse\" only where the interval excludes 0",
-          "- cost: gradient evaluations per step (SGD 1, SAM 2); SAM share: share of steps that ran SAM"]
-    summary: Dict[str, Any] = {"conditions": []}
+    md = [
+        f"# The deciding experiment: {out.name}",
+        "",
+        f"- runs: `{out / 'runs'}`; hardware: {', '.join(sorted(map(str, envs))) or '-'}; "
+        f"commits: {', '.join(sorted(map(str, commits))) or '-'}",
+        "- outcome: final test accuracy (points); differences are paired by seed (same initial weights, "
+        "batches and noisy labels), mean with its 95% Student t interval over the seeds both arms have; "
+        '"better"/"worse" only where the interval excludes 0',
+        "- cost: gradient evaluations per step (SGD 1, SAM 2); SAM share: share of steps that ran SAM",
+    ]
+    summary: dict[str, Any] = {"conditions": []}
     for key in sorted(groups):
         dataset, model, epochs, noise = key
         by = groups[key]
         order = {a.label: i for i, a in enumerate(arms([0.3, 0.15], None))}
-        labels = sorted(by, key=lambda l: (order.get(l, 99), l))
-        acc = {l: {s: 100 * r["summary"]["final_test_acc"] for s, r in by[l].items()} for l in labels}
-        md += ["", f"## {dataset}, {model}, {epochs} epochs, label noise {noise:g}", "",
-               "| arm | seeds | test acc % (mean ± std) | cost (x SGD) | SAM share | branched from SGD at epoch |",
-               "|---|---|---|---|---|---|"]
+        labels = sorted(by, key=lambda lab: (order.get(lab, 99), lab))
+        acc = {lab: {s: 100 * r["summary"]["final_test_acc"] for s, r in by[lab].items()} for lab in labels}
+        md += [
+            "",
+            f"## {dataset}, {model}, {epochs} epochs, label noise {noise:g}",
+            "",
+            "| arm | seeds | test acc % (mean ± std) | cost (x SGD) | SAM share | branched from SGD at epoch |",
+            "|---|---|---|---|---|---|",
+        ]
         rows = []
-        for l in labels:
-            xs = list(acc[l].values())
+        for lab in labels:
+            xs = list(acc[lab].values())
             m = sum(xs) / len(xs)
             sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else math.nan
-            cost = [r["summary"]["grad_evals"] / max(1, r["summary"]["steps"]) for r in by[l].values()]
-            share = [r["summary"]["step_share"].get("sam", 0.0) for r in by[l].values()]
-            br = sorted({r["branched_from"]["epoch"] for r in by[l].values() if r.get("branched_from")})
-            rows.append({"arm": l, "seeds": sorted(acc[l]), "acc_mean": m, "acc_std": sd,
-                         "cost": sum(cost) / len(cost), "sam_share": sum(share) / len(share), "branch_epochs": br})
-            md.append(f"| {l} | {len(xs)} | {m:.2f} ± {sd:.2f} | {sum(cost) / len(cost):.3f} | "
-                      f"{100 * sum(share) / len(share):.1f}% | {', '.join(map(str, br)) or '-'} |")
-        md += ["", "| A | B | comparison | pairs | A - B (points) | 95% interval | verdict |", "|---|---|---|---|---|---|---|"]
+            cost = [r["summary"]["grad_evals"] / max(1, r["summary"]["steps"]) for r in by[lab].values()]
+            share = [r["summary"]["step_share"].get("sam", 0.0) for r in by[lab].values()]
+            br = sorted({r["branched_from"]["epoch"] for r in by[lab].values() if r.get("branched_from")})
+            rows.append(
+                {
+                    "arm": lab,
+                    "seeds": sorted(acc[lab]),
+                    "acc_mean": m,
+                    "acc_std": sd,
+                    "cost": sum(cost) / len(cost),
+                    "sam_share": sum(share) / len(share),
+                    "branch_epochs": br,
+                }
+            )
+            md.append(
+                f"| {lab} | {len(xs)} | {m:.2f} ± {sd:.2f} | {sum(cost) / len(cost):.3f} | "
+                f"{100 * sum(share) / len(share):.1f}% | {', '.join(map(str, br)) or '-'} |"
+            )
+        md += [
+            "",
+            "| A | B | comparison | pairs | A - B (points) | 95% interval | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
         diffs = []
         for a, b, why in _comparisons(labels, reference):
             p = paired(acc[a], acc[b])
@@ -349,12 +411,21 @@ def analyse(out: Path, reference: str = REFERENCE) -> Dict[str, Any]:
                 interval, verdict = "-", "too few pairs"
             else:
                 interval = f"[{p['mean'] - p['half']:+.2f}, {p['mean'] + p['half']:+.2f}]"
-                verdict = ("better" if p["mean"] - p["half"] > 0 else "worse" if p["mean"] + p["half"] < 0
-                           else "not separable")
+                verdict = (
+                    "better" if p["mean"] - p["half"] > 0 else "worse" if p["mean"] + p["half"] < 0 else "not separable"
+                )
             diffs.append({"a": a, "b": b, "comparison": why, **p, "verdict": verdict})
             md.append(f"| {a} | {b} | {why} | {p['n']} | {p['mean']:+.2f} | {interval} | {verdict} |")
-        summary["conditions"].append({"dataset": dataset, "model": model, "epochs": epochs, "label_noise": noise,
-                                      "arms": rows, "differences": diffs})
+        summary["conditions"].append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "epochs": epochs,
+                "label_noise": noise,
+                "arms": rows,
+                "differences": diffs,
+            }
+        )
     (out / "table.md").write_text("\n".join(md) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -362,38 +433,87 @@ def analyse(out: Path, reference: str = REFERENCE) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    ap = parser("decide", "The deciding experiment: SGD, SAM and budgeted SAM controllers (sam-late, random, "
-                "ae-sam, a learned policy), paired by seed, several runs at a time on one device; 'analyse' "
-                "tabulates paired differences.")
-    ap.add_argument("command", choices=("run", "worker", "analyse"),
-                    help="run: train the arms (starts --workers processes); analyse: the table; worker: one of "
-                    "run's processes")
-    ap.add_argument("--out", required=True, help="study folder: run logs in <out>/runs/, table.md, summary.json "
-                    "(e.g. benchmarks/results/decide/cifar10)")
+    ap = parser(
+        "decide",
+        "The deciding experiment: SGD, SAM and budgeted SAM controllers (sam-late, random, "
+        "ae-sam, a learned policy), paired by seed, several runs at a time on one device; 'analyse' "
+        "tabulates paired differences.",
+    )
+    ap.add_argument(
+        "command",
+        choices=("run", "worker", "analyse"),
+        help="run: train the arms (starts --workers processes); analyse: the table; worker: one of run's processes",
+    )
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="study folder: run logs in <out>/runs/, table.md, summary.json (e.g. benchmarks/results/decide/cifar10)",
+    )
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.4],
-                    help="label-noise levels of the training split (each a condition)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.3], help="compute budgets of the budgeted arms")
-    ap.add_argument("--learned", default=LEARNED_PLACEHOLDER,
-                    help="registry name (or checkpoint path) of the learned policy; its arms are skipped, with a "
-                    "message, when there is no such policy; 'none' leaves them out")
+    ap.add_argument(
+        "--noise",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.4],
+        help="label-noise levels of the training split (each a condition)",
+    )
+    ap.add_argument(
+        "--budgets", type=float, nargs="+", default=[0.15, 0.3], help="compute budgets of the budgeted arms"
+    )
+    ap.add_argument(
+        "--learned",
+        default=LEARNED_PLACEHOLDER,
+        help="registry name (or checkpoint path) of the learned policy; its arms are skipped, with a "
+        "message, when there is no such policy; 'none' leaves them out",
+    )
     ap.add_argument("--workers", type=int, default=1, help="processes training at once on the device")
-    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                    help="start no run expected to end later than SECONDS after the start (default: no limit)")
-    ap.add_argument("--unit-seconds", type=float, default=3.0,
-                    help="expected seconds per SGD epoch of one run while the others run too, until a run of "
-                    "this call has finished (then the slowest measured rate)")
-    ap.add_argument("--run-overhead", type=float, default=15.0,
-                    help="expected seconds of a run's set-up and evaluation on top of its epochs")
-    ap.add_argument("--checkpoint-dir", default=None,
-                    help="where the SGD runs' checkpoints go (default benchmarks/runs/decide_ckpt/<out's name>, "
-                    "git-ignored)")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no run expected to end later than SECONDS after the start (default: no limit)",
+    )
+    ap.add_argument(
+        "--unit-seconds",
+        type=float,
+        default=3.0,
+        help="expected seconds per SGD epoch of one run while the others run too, until a run of "
+        "this call has finished (then the slowest measured rate)",
+    )
+    ap.add_argument(
+        "--run-overhead",
+        type=float,
+        default=15.0,
+        help="expected seconds of a run's set-up and evaluation on top of its epochs",
+    )
+    ap.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where the SGD runs' checkpoints go (default benchmarks/runs/decide_ckpt/<out's name>, git-ignored)",
+    )
     ap.add_argument("--reference", default=REFERENCE, help="analyse: the arm every other is paired against")
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # worker: time.time() limit
     ap.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
-    add_config_args(ap, skip=("method", "seed", "out_dir", "label_noise", "policy", "budget", "adam_lr",
-                              "adamw_weight_decay", "policy_train", "pretrained", "sam_share", "random_probs",
-                              "sam_every", "sam_last_fraction"))
+    add_config_args(
+        ap,
+        skip=(
+            "method",
+            "seed",
+            "out_dir",
+            "label_noise",
+            "policy",
+            "budget",
+            "adam_lr",
+            "adamw_weight_decay",
+            "policy_train",
+            "pretrained",
+            "sam_share",
+            "random_probs",
+            "sam_every",
+            "sam_last_fraction",
+        ),
+    )
     own = {"val_fraction": 0.05, "interval": 10}  # the main tables' hold-out; a decision every 10 steps
     ap.set_defaults(**own)
     for action in ap._actions:
@@ -402,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _learned_name(name: str) -> Tuple[Optional[str], Optional[str]]:
+def _learned_name(name: str) -> tuple[Optional[str], Optional[str]]:
     """(name to use, or None; a message when it is skipped)."""
     if name in ("", "none"):
         return None, None
@@ -412,8 +532,10 @@ def _learned_name(name: str) -> Tuple[Optional[str], Optional[str]]:
 
     shipped = sorted(list_policies())
     if name not in shipped:
-        return None, (f"learned policy '{name}' is not in the registry (shipped: {shipped}): its arms are skipped; "
-                      "pass --learned NAME once it ships")
+        return None, (
+            f"learned policy '{name}' is not in the registry (shipped: {shipped}): its arms are skipped; "
+            "pass --learned NAME once it ships"
+        )
     return name, None
 
 
@@ -425,14 +547,21 @@ def _learned_fits(name: str, cfg: TrainConfig) -> Optional[str]:
     from rlopt import RLSwitchingOptimizer
 
     try:
-        RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(1))], choices=["sgd", "sam"], policy=name,
-                             interval=cfg.interval, total_steps=100, compute_budget=0.15, train_policy=None)
+        RLSwitchingOptimizer(
+            [torch.nn.Parameter(torch.zeros(1))],
+            choices=["sgd", "sam"],
+            policy=name,
+            interval=cfg.interval,
+            total_steps=100,
+            compute_budget=0.15,
+            train_policy=None,
+        )
     except (ValueError, TypeError, RuntimeError, KeyError) as e:
         return f"learned policy '{name}' does not fit the budgeted arms ({e}): its arms are skipped"
     return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     t0 = time.time()  # the time budget counts from here: the data's first decoding included
     ap = _parser()
     args = ap.parse_args(argv)
@@ -450,8 +579,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(why)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else runs_path("decide_ckpt", out.name)
     try:
-        data = load_dataset(base.dataset, base.data_dir, base.download, base.val_fraction, seed=0,
-                            cache_dir=base.cache_dir, max_train=base.max_train, max_test=base.max_test)
+        data = load_dataset(
+            base.dataset,
+            base.data_dir,
+            base.download,
+            base.val_fraction,
+            seed=0,
+            cache_dir=base.cache_dir,
+            max_train=base.max_train,
+            max_test=base.max_test,
+        )
     except MissingDataError as e:
         fail(ap, missing_data_message(e))
     spe = len(data.train_y) // base.batch_size
@@ -461,9 +598,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     job_list = jobs(base, range(args.seeds), args.noise, arm_list, spe)
     if args.command == "worker":
         from .train import environment, resolve_device
+
         env = environment(resolve_device(base.device))
-        res = work(job_list, data, ckpt, args.deadline or math.inf, args.unit_seconds, args.run_overhead, spe,
-                   env.get("gpu", env["device"]), log=lambda s: print(f"[w{args.worker_id}] {s}", flush=True))
+        res = work(
+            job_list,
+            data,
+            ckpt,
+            args.deadline or math.inf,
+            args.unit_seconds,
+            args.run_overhead,
+            spe,
+            env.get("gpu", env["device"]),
+            log=lambda s: print(f"[w{args.worker_id}] {s}", flush=True),
+        )
         print(f"[w{args.worker_id}] made {len(res['made'])} run(s); left {len(res['left'])}", flush=True)
         return res
     # run: clear stale claims (one driver at a time), then the workers
@@ -472,11 +619,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for c in (out / "runs").glob("*.claim"):
         c.unlink()
     before = {j.cfg.run_name() for j in job_list if _reusable(j.cfg) is not None}
-    print(f"{len(job_list)} runs in the experiment, {len(before)} already made; {spe} steps/epoch; branch epochs "
-          + ", ".join(f"{j.arm.label} {j.branch_epoch}" for j in job_list[:len(arm_list)] if j.prefix is not None),
-          flush=True)
+    print(
+        f"{len(job_list)} runs in the experiment, {len(before)} already made; {spe} steps/epoch; branch epochs "
+        + ", ".join(f"{j.arm.label} {j.branch_epoch}" for j in job_list[: len(arm_list)] if j.prefix is not None),
+        flush=True,
+    )
     if args.workers <= 1:
         from .train import environment, resolve_device
+
         env = environment(resolve_device(base.device))
         work(job_list, data, ckpt, deadline, args.unit_seconds, args.run_overhead, spe, env.get("gpu", env["device"]))
     else:
@@ -484,18 +634,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         argv[argv.index("run")] = "worker"
         procs = []
         for i in range(args.workers):
-            cmd = [sys.executable, "-m", "benchmarks.decide", *argv, "--deadline", repr(deadline), "--worker-id", str(i)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.decide",
+                *argv,
+                "--deadline",
+                repr(deadline),
+                "--worker-id",
+                str(i),
+            ]
             env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1])]
-                                                + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1])] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            )
             procs.append(subprocess.Popen(cmd, env=env))
             time.sleep(1.0)  # staggered: the first claims go to different runs
         for p in procs:
             p.wait()
     after = {j.cfg.run_name() for j in job_list if _reusable(j.cfg) is not None}
     missing = [j.cfg.run_name() for j in job_list if j.cfg.run_name() not in after]
-    print(f"made {len(after - before)} run(s) in {time.time() - t0:.0f} s; {len(after)} of {len(job_list)} done"
-          + (f"; missing: {', '.join(missing)}" if missing else ""), flush=True)
+    print(
+        f"made {len(after - before)} run(s) in {time.time() - t0:.0f} s; {len(after)} of {len(job_list)} done"
+        + (f"; missing: {', '.join(missing)}" if missing else ""),
+        flush=True,
+    )
     return {"made": sorted(after - before), "done": sorted(after), "missing": missing, "skipped_learned": why}
 
 

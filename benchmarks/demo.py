@@ -11,6 +11,7 @@ then prints a comparison table and saves a figure (curves + the optimizer-choice
 Under three minutes on a 2-core CPU with the defaults. It is a demonstration of the mechanics on a
 small problem, not evidence about which optimizer is better: one seed, a few epochs, a small model.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 
@@ -26,13 +27,33 @@ from .cli import parser, runs_path
 from .data import load_dataset
 from .train import CONVERGENCE_DEFINITION, METHODS, TrainConfig, environment, resolve_device, train
 
-DEMO = dict(dataset="fmnist-subset", model="small-cnn", width=16, epochs=8, batch_size=128, lr=0.1,
-            warmup_epochs=0.5, adam_lr=2e-3, interval=10, crop_pad=2)
+DEMO = dict(
+    dataset="fmnist-subset",
+    model="small-cnn",
+    width=16,
+    epochs=8,
+    batch_size=128,
+    lr=0.1,
+    warmup_epochs=0.5,
+    adam_lr=2e-3,
+    interval=10,
+    crop_pad=2,
+)
 
 
 #: one colour per name, the same in every panel: a method and the optimizer it is named after share one
-COLOURS = {"sgd": "C0", "sam": "C1", "adamw": "C2", "adam": "C4", "ppo-sgd-sam-adamw": "C3", "ppo-sgd-sam": "C5",
-           "dqn-sgd-sam": "C6", "ppo-sgd-sam-adam": "C8", "pre-sgd-sam": "C9", "pre-sgd-sam-adam": "C7"}
+COLOURS = {
+    "sgd": "C0",
+    "sam": "C1",
+    "adamw": "C2",
+    "adam": "C4",
+    "ppo-sgd-sam-adamw": "C3",
+    "ppo-sgd-sam": "C5",
+    "dqn-sgd-sam": "C6",
+    "ppo-sgd-sam-adam": "C8",
+    "pre-sgd-sam": "C9",
+    "pre-sgd-sam-adam": "C7",
+}
 
 
 def colour(name: str) -> str:
@@ -40,11 +61,12 @@ def colour(name: str) -> str:
     return COLOURS.get(name, f"C{sum(map(ord, name)) % 10}")
 
 
-def plot(out: Path, results: Dict[str, Dict[str, Any]]) -> Path:
+def plot(out: Path, results: dict[str, dict[str, Any]]) -> Path:
     """demo.png: test accuracy and losses per method (top), the RL method's optimizer per step and its
     rewards (bottom). A final-decision reward (the end-of-run bonus) is marked and labelled, not
     plotted on the scale of the others, so it does not flatten them."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
@@ -61,16 +83,19 @@ def plot(out: Path, results: Dict[str, Dict[str, Any]]) -> Path:
     acc_ax.legend(fontsize=8, title="method", title_fontsize=8)
     loss_ax.set(title="loss per epoch", xlabel="epoch")
     handles = [Line2D([], [], color=colour(m), marker=".", label=m) for m in results]
-    handles += [Line2D([], [], color="0.3", label="validation (solid)"),
-                Line2D([], [], color="0.3", ls="--", lw=1, label="training (dashed)")]
+    handles += [
+        Line2D([], [], color="0.3", label="validation (solid)"),
+        Line2D([], [], color="0.3", ls="--", lw=1, label="training (dashed)"),
+    ]
     loss_ax.legend(handles=handles, fontsize=8)
     if rl is not None:
         name = rl["config"]["method"]
         ax = axes[1][0]
         names = sorted({s[2] for s in rl["choice_segments"]})
         for k, n in enumerate(names):
-            ax.broken_barh([(a, b - a) for a, b, c in rl["choice_segments"] if c == n], (k - 0.4, 0.8),
-                           color=colour(n), label=n)
+            ax.broken_barh(
+                [(a, b - a) for a, b, c in rl["choice_segments"] if c == n], (k - 0.4, 0.8), color=colour(n), label=n
+            )
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names)
         ax.set(title=f"{name}: optimizer chosen at each step", xlabel="step")
@@ -88,9 +113,15 @@ def plot(out: Path, results: Dict[str, Dict[str, Any]]) -> Path:
             pad = 0.1 * (hi - lo or 1.0)
             rax.set_ylim(lo - pad, hi + 3 * pad)
             for s, r in finals:
-                rax.annotate(f"final reward {r:+.2f}\n(end-of-run bonus, off this scale)", xy=(s, hi + 2 * pad),
-                             ha="right", va="center", fontsize=8, color=colour(name),
-                             arrowprops=dict(arrowstyle="-", color=colour(name)))
+                rax.annotate(
+                    f"final reward {r:+.2f}\n(end-of-run bonus, off this scale)",
+                    xy=(s, hi + 2 * pad),
+                    ha="right",
+                    va="center",
+                    fontsize=8,
+                    color=colour(name),
+                    arrowprops=dict(arrowstyle="-", color=colour(name)),
+                )
                 rax.plot([s], [hi + 2 * pad], marker="^", color=colour(name), ls="")
             rax.legend(fontsize=8, loc="lower left")
         rax.set(title=f"{name}: reward of each decision", xlabel="step", ylabel="reward")
@@ -104,19 +135,33 @@ def plot(out: Path, results: Dict[str, Dict[str, Any]]) -> Path:
     return path
 
 
-def main(argv=None) -> Dict[str, Any]:
+def main(argv=None) -> dict[str, Any]:
     ap = parser("demo", __doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["ppo-sgd-sam-adamw", "sgd", "sam", "adamw"],
-                    help=f"methods to compare, any of: {', '.join(METHODS)}")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["ppo-sgd-sam-adamw", "sgd", "sam", "adamw"],
+        help=f"methods to compare, any of: {', '.join(METHODS)}",
+    )
     ap.add_argument("--epochs", type=int, default=DEMO["epochs"], help="training epochs per method")
-    ap.add_argument("--interval", default=DEMO["interval"], type=lambda s: s if s == "epoch" else int(s),
-                    help="RL decision interval: 'epoch' or N steps")
+    ap.add_argument(
+        "--interval",
+        default=DEMO["interval"],
+        type=lambda s: s if s == "epoch" else int(s),
+        help="RL decision interval: 'epoch' or N steps",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, data order and policy")
     ap.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cuda' or 'cpu'")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: half the cores, 1 to 4: "
-                    "oversubscribed OpenMP threads are much slower on a busy machine)")
-    ap.add_argument("--out", default=str(runs_path("demo")),
-                    help="folder for demo.png, demo.md, demo.json and the run logs")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default: half the cores, 1 to 4: "
+        "oversubscribed OpenMP threads are much slower on a busy machine)",
+    )
+    ap.add_argument(
+        "--out", default=str(runs_path("demo")), help="folder for demo.png, demo.md, demo.json and the run logs"
+    )
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -124,32 +169,46 @@ def main(argv=None) -> Dict[str, Any]:
     out = Path(args.out)
     t0 = time.perf_counter()
     data = load_dataset("fmnist-subset")
-    results: Dict[str, Dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for m in args.methods:
-        cfg = TrainConfig(**{**DEMO, "epochs": args.epochs, "interval": args.interval, "method": m, "seed": args.seed,
-                             "device": args.device, "out_dir": str(out / "runs")})
+        cfg = TrainConfig(
+            **{
+                **DEMO,
+                "epochs": args.epochs,
+                "interval": args.interval,
+                "method": m,
+                "seed": args.seed,
+                "device": args.device,
+                "out_dir": str(out / "runs"),
+            }
+        )
         results[m] = train(cfg, data=data, progress=True, log=lambda s: None)
         s = results[m]["summary"]
         print(f"{m:>20s}: test acc {100 * s['final_test_acc']:.2f}%  ({s['train_seconds_total']:.1f}s)", flush=True)
     wall = time.perf_counter() - t0
     env = environment(device)
-    rows: List[str] = [
-        f"# Demo: {data.summary()}", "",
+    rows: list[str] = [
+        f"# Demo: {data.summary()}",
+        "",
         f"- command: `{' '.join(['python -m benchmarks.demo'] + list(sys.argv[1:] if argv is None else argv))}`",
         f"- hardware: {env.get('gpu', env['cpu'])} ({env['device']}, {env['cpu_count']} cores, "
         f"{torch.get_num_threads()} torch threads), torch {env['torch']}; code: commit {env.get('commit', 'unknown')}",
         f"- small CNN, {args.epochs} epochs, batch {DEMO['batch_size']}, one seed ({args.seed}); "
         f"RL decisions every {args.interval} steps; total wall time {wall:.1f} s",
-        f"- {CONVERGENCE_DEFINITION}", "",
+        f"- {CONVERGENCE_DEFINITION}",
+        "",
         "| method | test acc % | macro F1 % | val acc % | convergence epoch | train s | grad evals "
         "| steps per optimizer |",
-        "|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in results.items():
         s = r["summary"]
         share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(s["step_share"].items()))
-        rows.append(f"| {m} | {100 * s['final_test_acc']:.2f} | {100 * s['final_test_f1']:.2f} | "
-                    f"{100 * s['final_val_acc']:.2f} | {s['convergence_epoch']} | {s['train_seconds_total']:.1f} | "
-                    f"{s['grad_evals']} | {share} |")
+        rows.append(
+            f"| {m} | {100 * s['final_test_acc']:.2f} | {100 * s['final_test_f1']:.2f} | "
+            f"{100 * s['final_val_acc']:.2f} | {s['convergence_epoch']} | {s['train_seconds_total']:.1f} | "
+            f"{s['grad_evals']} | {share} |"
+        )
     rows += ["", "One seed on a small subset: differences of a point or two are within seed-to-seed noise."]
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.md").write_text("\n".join(rows) + "\n")

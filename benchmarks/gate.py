@@ -32,6 +32,7 @@ Usage::
 Each instance's figures are appended to ``runs.jsonl`` as it ends (a re-run with the same
 ``--out`` skips the instances already there); ``gate.json`` and ``gate.md`` hold the analysis.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -58,7 +60,7 @@ ARMS = ("sgd", "sam", "sam-late", "random")
 
 
 # ------------------------------------------------------------------------------------ statistics
-def t_interval(x: Sequence[float], level: float = 0.95) -> Tuple[float, float, float]:
+def t_interval(x: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """Mean and the two ends of its t-interval (NaN ends for fewer than two values)."""
     from scipy import stats
 
@@ -122,26 +124,41 @@ class _SamOverSgd:
         return loss
 
 
-def _arm(cfg, arm: str, budget: float, interval: int, cifar10) -> Dict[str, Any]:
+def _arm(cfg, arm: str, budget: float, interval: int, cifar10) -> dict[str, Any]:
     from rlopt import RLSwitchingOptimizer
     from rlopt.meta.tasks import build_task, run_episode
 
     task = build_task(cfg, cifar10_path=cifar10)
     policy = {"sgd": "constant:sgd", "sam": "constant:sam", "sam-late": "sam-late", "random": "ss-sam"}[arm]
     kw = {"compute_budget": budget} if arm in ("sam-late", "random") else {}
-    opt = RLSwitchingOptimizer(task.model.parameters(), choices=["sgd", "sam"], policy=policy, lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, interval=interval, seed=cfg.seed,
-                               total_steps=cfg.total_steps, total_epochs=cfg.epochs, process_group=None,
-                               train_policy=False, **kw)
+    opt = RLSwitchingOptimizer(
+        task.model.parameters(),
+        choices=["sgd", "sam"],
+        policy=policy,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        interval=interval,
+        seed=cfg.seed,
+        total_steps=cfg.total_steps,
+        total_epochs=cfg.epochs,
+        process_group=None,
+        train_policy=False,
+        **kw,
+    )
     t0 = time.perf_counter()
     out = run_episode(task, opt)
     last = opt.history[-1] if opt.history else {}
-    return {"val_loss": out["val_loss"], "val_acc": out["val_acc"], "diverged": out["diverged"],
-            "budget_used": last.get("budget_used", 1.0 if arm == "sam" else 0.0),
-            "sam_share": out["action_share"].get("sam", 0.0), "seconds": time.perf_counter() - t0}
+    return {
+        "val_loss": out["val_loss"],
+        "val_acc": out["val_acc"],
+        "diverged": out["diverged"],
+        "budget_used": last.get("budget_used", 1.0 if arm == "sam" else 0.0),
+        "sam_share": out["action_share"].get("sam", 0.0),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def _windows(cfg, fracs: Sequence[float], window: int, rho: float, cifar10) -> List[Dict[str, Any]]:
+def _windows(cfg, fracs: Sequence[float], window: int, rho: float, cifar10) -> list[dict[str, Any]]:
     from rlopt.control.sharpness import measure_sharpness
     from rlopt.meta.tasks import _evaluate, build_task, lr_factor, train_steps
 
@@ -150,14 +167,14 @@ def _windows(cfg, fracs: Sequence[float], window: int, rho: float, cifar10) -> L
     sgd = torch.optim.SGD(task.model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     branch_at = sorted({min(E - window, max(1, round(f * E))) for f in fracs})
     probe = (task.train_x[:256], task.train_y[:256])
-    pending: Dict[int, Dict[str, Any]] = {}
+    pending: dict[int, dict[str, Any]] = {}
     rows = []
     for e in range(E):
         if e in branch_at:
             twin_task, twin_sgd = copy.deepcopy((task, sgd))
             probe_model = copy.deepcopy(task.model).train()
 
-            def closure():
+            def closure(probe_model: torch.nn.Module = probe_model) -> torch.Tensor:
                 probe_model.zero_grad()
                 loss = F.cross_entropy(probe_model(probe[0]), probe[1])
                 loss.backward()
@@ -166,22 +183,31 @@ def _windows(cfg, fracs: Sequence[float], window: int, rho: float, cifar10) -> L
             sharp = float(measure_sharpness(probe_model.parameters(), closure, rho=rho))
             train_steps(twin_task, _SamOverSgd(twin_sgd, rho), range(e * spe, (e + window) * spe))
             sam_loss, sam_acc = _evaluate(twin_task.model, twin_task.val_x, twin_task.val_y)
-            pending[e + window - 1] = {"epoch": e, "progress": e / E, "sharpness": sharp,
-                                       "lr_factor": lr_factor(cfg.schedule, e * spe, cfg.total_steps, cfg.warmup),
-                                       "sam_val_loss": sam_loss, "sam_val_acc": sam_acc}
+            pending[e + window - 1] = {
+                "epoch": e,
+                "progress": e / E,
+                "sharpness": sharp,
+                "lr_factor": lr_factor(cfg.schedule, e * spe, cfg.total_steps, cfg.warmup),
+                "sam_val_loss": sam_loss,
+                "sam_val_acc": sam_acc,
+            }
         train_steps(task, sgd, range(e * spe, (e + 1) * spe))
         if e in pending:
             sgd_loss, sgd_acc = _evaluate(task.model, task.val_x, task.val_y)
             row = pending.pop(e)
-            row.update(sgd_val_loss=sgd_loss, sgd_val_acc=sgd_acc,
-                       gain_loss=math.log(sgd_loss / row["sam_val_loss"]) if min(sgd_loss, row["sam_val_loss"]) > 0
-                       and math.isfinite(sgd_loss + row["sam_val_loss"]) else math.nan,
-                       gain_acc=row["sam_val_acc"] - sgd_acc)
+            row.update(
+                sgd_val_loss=sgd_loss,
+                sgd_val_acc=sgd_acc,
+                gain_loss=math.log(sgd_loss / row["sam_val_loss"])
+                if min(sgd_loss, row["sam_val_loss"]) > 0 and math.isfinite(sgd_loss + row["sam_val_loss"])
+                else math.nan,
+                gain_acc=row["sam_val_acc"] - sgd_acc,
+            )
             rows.append(row)
     return rows
 
 
-def run_instance(job: Dict[str, Any]) -> Dict[str, Any]:
+def run_instance(job: dict[str, Any]) -> dict[str, Any]:
     """All arms and the branched windows of one (task, seed) instance."""
     from rlopt.meta.tasks import TaskConfig
 
@@ -191,30 +217,42 @@ def run_instance(job: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.perf_counter()
     arms = {a: _arm(cfg, a, job["budget"], job["interval"], job["cifar10"]) for a in ARMS}
     windows = _windows(cfg, job["fracs"], max(1, round(job["window_frac"] * cfg.epochs)), job["rho"], job["cifar10"])
-    return {"key": job["key"], "task": job["task"], "seed": cfg.seed, "config": job["config"], "short": cfg.short(),
-            "arms": arms, "windows": windows, "seconds": time.perf_counter() - t0}
+    return {
+        "key": job["key"],
+        "task": job["task"],
+        "seed": cfg.seed,
+        "config": job["config"],
+        "short": cfg.short(),
+        "arms": arms,
+        "windows": windows,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ------------------------------------------------------------------------------------ analysis
-def analyse(rows: List[Dict[str, Any]], folds: int = 5) -> Dict[str, Any]:
+def analyse(rows: list[dict[str, Any]], folds: int = 5) -> dict[str, Any]:
     """Paired differences per task (seeds averaged) with 95% t-intervals, by noise level too,
     and the cross-validated R^2 of the window gains."""
-    by_task: Dict[int, List[Dict[str, Any]]] = {}
+    by_task: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append(r)
 
-    def diffs(a: str, b: str, metric: str, subset=None) -> List[float]:
+    def diffs(a: str, b: str, metric: str, subset=None) -> list[float]:
         out = []
-        for t, rs in sorted(by_task.items()):
+        for _task, rs in sorted(by_task.items()):
             if subset is not None and not subset(rs[0]):
                 continue
             sign = -1.0 if metric == "val_loss" else 1.0  # loss: b - a, so positive is better for a
             out.append(float(np.mean([sign * (r["arms"][a][metric] - r["arms"][b][metric]) for r in rs])))
         return out
 
-    comparisons = {"SAM - SGD": ("sam", "sgd"), "SAM-late - random (same budget)": ("sam-late", "random"),
-                   "SAM-late - SGD": ("sam-late", "sgd"), "random - SGD": ("random", "sgd"),
-                   "SAM - SAM-late": ("sam", "sam-late")}
+    comparisons = {
+        "SAM - SGD": ("sam", "sgd"),
+        "SAM-late - random (same budget)": ("sam-late", "random"),
+        "SAM-late - SGD": ("sam-late", "sgd"),
+        "random - SGD": ("random", "sgd"),
+        "SAM - SAM-late": ("sam", "sam-late"),
+    }
     noise_levels = sorted({r["config"]["label_noise"] for r in rows})
     table = {}
     for name, (a, b) in comparisons.items():
@@ -241,78 +279,124 @@ def analyse(rows: List[Dict[str, Any]], folds: int = 5) -> Dict[str, Any]:
     task_groups = [g.split("/")[0] for g in groups]  # folds by task: a task's seeds stay together
     r2 = {}
     if len(y) >= 10:
-        r2 = {"sharpness": cv_r2(sharp, y, task_groups, folds),
-              "log sharpness": cv_r2(np.log(np.clip(sharp, 1e-6, None)), y, task_groups, folds),
-              "progress": cv_r2(prog, y, task_groups, folds),
-              "progress + sharpness": cv_r2(np.column_stack([prog, sharp]), y, task_groups, folds)}
+        r2 = {
+            "sharpness": cv_r2(sharp, y, task_groups, folds),
+            "log sharpness": cv_r2(np.log(np.clip(sharp, 1e-6, None)), y, task_groups, folds),
+            "progress": cv_r2(prog, y, task_groups, folds),
+            "progress + sharpness": cv_r2(np.column_stack([prog, sharp]), y, task_groups, folds),
+        }
     from scipy import stats
 
     rho_s = float(stats.spearmanr(sharp, y).statistic) if len(y) > 2 else math.nan
     gain_acc = [100.0 * w["gain_acc"] for _, w in win]
-    summary = {"instances": len(rows), "tasks": len(by_task), "comparisons": table, "budget_used": budget,
-               "windows": {"n": int(len(y)), "cv_r2": r2, "spearman_sharpness_gain": rho_s, "folds": folds,
-                           "gain_loss": t_interval(list(y)), "gain_acc_points": t_interval(gain_acc)}}
+    summary = {
+        "instances": len(rows),
+        "tasks": len(by_task),
+        "comparisons": table,
+        "budget_used": budget,
+        "windows": {
+            "n": int(len(y)),
+            "cv_r2": r2,
+            "spearman_sharpness_gain": rho_s,
+            "folds": folds,
+            "gain_loss": t_interval(list(y)),
+            "gain_acc_points": t_interval(gain_acc),
+        },
+    }
     sam = table["SAM - SGD"]["val_acc"]
     late = table["SAM-late - random (same budget)"]["val_acc"]
     predicts = bool(r2) and r2["progress + sharpness"] > max(0.0, r2["progress"]) and r2["sharpness"] > 0
-    summary["verdict"] = {"sam_beats_sgd": bool(sam["lo"] > 0), "sam_late_beats_random": bool(late["lo"] > 0),
-                          "sharpness_predicts_gain": predicts}
+    summary["verdict"] = {
+        "sam_beats_sgd": bool(sam["lo"] > 0),
+        "sam_late_beats_random": bool(late["lo"] > 0),
+        "sharpness_predicts_gain": predicts,
+    }
     summary["verdict"]["passes"] = summary["verdict"]["sam_beats_sgd"] and (
-        summary["verdict"]["sam_late_beats_random"] or predicts)
+        summary["verdict"]["sam_late_beats_random"] or predicts
+    )
     return summary
 
 
-def _fmt(e: Dict[str, float], unit: str = "") -> str:
+def _fmt(e: dict[str, float], unit: str = "") -> str:
     return f"{e['mean']:+.2f}{unit} [{e['lo']:+.2f}, {e['hi']:+.2f}] (n={e['n']})"
 
 
-def report(summary: Dict[str, Any], rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
-    lines = [f"# Gate: {meta['title']}", "", f"Command: `{meta['command']}`", "",
-             f"Commit {meta['commit']}; {meta['hardware']}; {summary['instances']} instances "
-             f"({summary['tasks']} tasks x seeds), budget {meta['budget']}, decisions every {meta['interval']} "
-             f"steps; {meta['wall_s'] / 60:.1f} min.", "",
-             "Paired differences (first arm minus second; accuracy in points, loss as second minus first, so "
-             "positive favours the first arm), mean [95% t-interval] over tasks, each task's seeds averaged:", "",
-             "| comparison | metric | all | " + " | ".join(
-                 k.split(" ", 1)[1] for k in next(iter(summary["comparisons"].values())) if "noise" in k
-                 and k.startswith("val_acc")) + " |",
-             "|---|---|---|" + "---|" * sum(1 for k in next(iter(summary["comparisons"].values()))
-                                           if k.startswith("val_acc noise")) ]
+def report(summary: dict[str, Any], rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# Gate: {meta['title']}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Commit {meta['commit']}; {meta['hardware']}; {summary['instances']} instances "
+        f"({summary['tasks']} tasks x seeds), budget {meta['budget']}, decisions every {meta['interval']} "
+        f"steps; {meta['wall_s'] / 60:.1f} min.",
+        "",
+        "Paired differences (first arm minus second; accuracy in points, loss as second minus first, so "
+        "positive favours the first arm), mean [95% t-interval] over tasks, each task's seeds averaged:",
+        "",
+        "| comparison | metric | all | "
+        + " | ".join(
+            k.split(" ", 1)[1]
+            for k in next(iter(summary["comparisons"].values()))
+            if "noise" in k and k.startswith("val_acc")
+        )
+        + " |",
+        "|---|---|---|"
+        + "---|" * sum(1 for k in next(iter(summary["comparisons"].values())) if k.startswith("val_acc noise")),
+    ]
     for name, entry in summary["comparisons"].items():
-        for metric, unit in (("val_acc", " pt"), ("val_loss", "")):
+        for metric in ("val_acc", "val_loss"):
             cols = [_fmt(entry[metric])] + [_fmt(v) for k, v in entry.items() if k.startswith(metric + " noise")]
             lines.append(f"| {name} | {metric} | " + " | ".join(cols) + " |")
     w = summary["windows"]
-    lines += ["", f"Compute used (extra gradient evaluations per step, mean): "
-              + ", ".join(f"{a} {v:.3f}" for a, v in summary["budget_used"].items()), "",
-              f"Window study: {w['n']} branched windows; gain of SAM over SGD, log(val loss SGD / val loss SAM) "
-              f"{w['gain_loss'][0]:+.4f} [{w['gain_loss'][1]:+.4f}, {w['gain_loss'][2]:+.4f}], on accuracy "
-              f"{w['gain_acc_points'][0]:+.2f} pt [{w['gain_acc_points'][1]:+.2f}, {w['gain_acc_points'][2]:+.2f}]; "
-              f"Spearman(sharpness, gain) {w['spearman_sharpness_gain']:+.3f}.", "",
-              f"Cross-validated R^2 of the window's loss gain ({w['folds']}-fold by task):", "",
-              "| predictors | CV R^2 |", "|---|---|"]
+    lines += [
+        "",
+        "Compute used (extra gradient evaluations per step, mean): "
+        + ", ".join(f"{a} {v:.3f}" for a, v in summary["budget_used"].items()),
+        "",
+        f"Window study: {w['n']} branched windows; gain of SAM over SGD, log(val loss SGD / val loss SAM) "
+        f"{w['gain_loss'][0]:+.4f} [{w['gain_loss'][1]:+.4f}, {w['gain_loss'][2]:+.4f}], on accuracy "
+        f"{w['gain_acc_points'][0]:+.2f} pt [{w['gain_acc_points'][1]:+.2f}, {w['gain_acc_points'][2]:+.2f}]; "
+        f"Spearman(sharpness, gain) {w['spearman_sharpness_gain']:+.3f}.",
+        "",
+        f"Cross-validated R^2 of the window's loss gain ({w['folds']}-fold by task):",
+        "",
+        "| predictors | CV R^2 |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:+.3f} |" for k, v in w["cv_r2"].items()]
     v = summary["verdict"]
-    lines += ["", "Verdict: " + ("PASSES" if v["passes"] else "FAILS") + f" (SAM beats SGD: {v['sam_beats_sgd']}; "
-              f"SAM-late beats random at the same budget: {v['sam_late_beats_random']}; sharpness predicts the "
-              f"window gain beyond progress: {v['sharpness_predicts_gain']}).", "", "## Instances", "",
-              "| task | seed | config | SGD acc | SAM acc | SAM-late acc | random acc | s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Verdict: " + ("PASSES" if v["passes"] else "FAILS") + f" (SAM beats SGD: {v['sam_beats_sgd']}; "
+        f"SAM-late beats random at the same budget: {v['sam_late_beats_random']}; sharpness predicts the "
+        f"window gain beyond progress: {v['sharpness_predicts_gain']}).",
+        "",
+        "## Instances",
+        "",
+        "| task | seed | config | SGD acc | SAM acc | SAM-late acc | random acc | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["task"], r["seed"])):
         a = r["arms"]
-        lines.append(f"| {r['task']} | {r['seed']} | {r['short']} | " + " | ".join(
-            f"{100 * a[k]['val_acc']:.1f}" for k in ARMS) + f" | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['task']} | {r['seed']} | {r['short']} | "
+            + " | ".join(f"{100 * a[k]['val_acc']:.1f}" for k in ARMS)
+            + f" | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from rlopt.meta.tasks import TaskDistribution
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -321,8 +405,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=2, help="seeds per task (data subset, init, noise, batches)")
     ap.add_argument("--task-seed", type=int, default=0, help="seed of the task draw")
     ap.add_argument("--preset", default="resnet", help="task distribution preset (rlopt.meta.tasks.PRESETS)")
-    ap.add_argument("--task", action="append", default=[], metavar="FIELD=VALUES",
-                    help="override a TaskDistribution field (repeatable), e.g. --task label_noise=0.4")
+    ap.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUES",
+        help="override a TaskDistribution field (repeatable), e.g. --task label_noise=0.4",
+    )
     ap.add_argument("--budget", type=float, default=0.3, help="compute budget of SAM-late and random")
     ap.add_argument("--interval", type=int, default=2, help="decision interval (steps) of the rule arms")
     ap.add_argument("--fracs", default="0.2,0.4,0.6,0.8", help="branch points, as shares of the run")
@@ -331,13 +420,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--folds", type=int, default=5, help="cross-validation folds (by task)")
     ap.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     ap.add_argument("--cifar10", default=None, help="CIFAR-10 subset file (default: rlopt.meta.tasks' lookup)")
-    ap.add_argument("--title", default="is there something for a SAM-switching policy to learn?",
-                    help="the report's title")
+    ap.add_argument(
+        "--title", default="is there something for a SAM-switching policy to learn?", help="the report's title"
+    )
     ap.add_argument("--out", default=str(runs_path("gate")), help="output folder (default %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--analyse-only", action="store_true",
-                    help="run nothing: analyse the instances already in --out's runs.jsonl (those of this command's "
-                    "tasks and seeds)")
+    ap.add_argument(
+        "--analyse-only",
+        action="store_true",
+        help="run nothing: analyse the instances already in --out's runs.jsonl (those of this command's "
+        "tasks and seeds)",
+    )
     a = ap.parse_args(argv)
 
     commit = _commit()  # the code the runs are made with
@@ -345,8 +438,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     dist = dist.with_overrides(a.task)
     cifar10 = dist.resolved_cifar10_path()
     if "cifar10" in dist.data and cifar10 is None:
-        print("warning: no CIFAR-10 subset found: its tasks fall back to Fashion-MNIST (build it with "
-              "python -m benchmarks.make_subset --dataset cifar10 --data-dir ...)", file=sys.stderr)
+        print(
+            "warning: no CIFAR-10 subset found: its tasks fall back to Fashion-MNIST (build it with "
+            "python -m benchmarks.make_subset --dataset cifar10 --data-dir ...)",
+            file=sys.stderr,
+        )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(a.task_seed)
@@ -356,9 +452,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         cfg = dist.sample(g, 1000 * a.task_seed + t)
         for s in range(a.seeds):
             c = dataclasses.replace(cfg, seed=1000 * a.task_seed + 100 * t + s)
-            jobs.append({"key": f"{t}/{s}", "task": t, "config": dataclasses.asdict(c), "budget": a.budget,
-                         "interval": a.interval, "fracs": fracs, "window_frac": a.window_frac, "rho": a.rho,
-                         "cifar10": None if cifar10 is None else os.fspath(cifar10)})
+            jobs.append(
+                {
+                    "key": f"{t}/{s}",
+                    "task": t,
+                    "config": dataclasses.asdict(c),
+                    "budget": a.budget,
+                    "interval": a.interval,
+                    "fracs": fracs,
+                    "window_frac": a.window_frac,
+                    "rho": a.rho,
+                    "cifar10": None if cifar10 is None else os.fspath(cifar10),
+                }
+            )
     runs_file = out / "runs.jsonl"
     done = {}
     if runs_file.is_file():
@@ -379,7 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="gate", unit="run")
     ctx = mp.get_context("spawn")
     with ctx.Pool(max(1, a.workers)) as pool, runs_file.open("a") as f:
-        for r in (pool.imap_unordered(run_instance, todo) if todo else ()):
+        for r in pool.imap_unordered(run_instance, todo) if todo else ():
             done[r["key"]] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -388,14 +494,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 bar.update()
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - start + sum(r["seconds"] for k, r in done.items()
-                                             if k not in {j["key"] for j in todo}) / max(1, a.workers)
+    wall = (
+        time.perf_counter()
+        - start
+        + sum(r["seconds"] for k, r in done.items() if k not in {j["key"] for j in todo}) / max(1, a.workers)
+    )
     rows = [done[j["key"]] for j in jobs]
     summary = analyse(rows, a.folds)
-    meta = {"title": a.title, "command": "python -m benchmarks.gate " + " ".join(argv), "commit": commit,
-            "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, nice 19), {a.workers} processes "
-                        f"x 1 torch thread, torch {torch.__version__}", "budget": a.budget, "interval": a.interval,
-            "wall_s": wall, "distribution": dist.describe()}
+    meta = {
+        "title": a.title,
+        "command": "python -m benchmarks.gate " + " ".join(argv),
+        "commit": commit,
+        "hardware": f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, nice 19), {a.workers} processes "
+        f"x 1 torch thread, torch {torch.__version__}",
+        "budget": a.budget,
+        "interval": a.interval,
+        "wall_s": wall,
+        "distribution": dist.describe(),
+    }
     (out / "gate.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n")
     (out / "gate.md").write_text(report(summary, rows, meta))
     print(f"wrote {out / 'gate.md'}: " + ("PASSES" if summary["verdict"]["passes"] else "FAILS"))

@@ -29,6 +29,7 @@ Protocol.
 Writes ``results.json`` (everything), ``table.md``, ``curves.png``, ``speedup.png``, ``speed.png``
 to ``--out`` (default: the git-ignored ``benchmarks/runs/learned_eval``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,24 +40,54 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from rlopt.learned import LearnedOptimizer, LearnedRule, load_rule
 from rlopt.learned.tasks import HELDOUT_FAMILIES, TRAIN_FAMILIES, load_fmnist, sample_task
 
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]  # two-sided 95% Student t quantiles, df = 1..30
+_T95 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]  # two-sided 95% Student t quantiles, df = 1..30
 
 
 def _t95(df: int) -> float:
     return _T95[df - 1] if df <= len(_T95) else 1.96
 
 
-def run(family: str, seed: int, make_opt, steps: int, data) -> List[float]:
+def run(family: str, seed: int, make_opt, steps: int, data) -> list[float]:
     """Losses ``L_0 .. L_steps`` of one optimizer on one task (nan after a non-finite loss)."""
     task = sample_task(family, seed, data)
     params = [torch.nn.Parameter(p) for p in task.init()]
@@ -90,14 +121,14 @@ def _log(v: float) -> float:
     return math.log(v) if math.isfinite(v) and v > 0 else (-50.0 if v == 0 else math.inf)
 
 
-def _thin(curve: Sequence[float], dense: int) -> List[float]:
+def _thin(curve: Sequence[float], dense: int) -> list[float]:
     """Every step up to ``dense``, every 5th after; 4 significant digits (for results.json)."""
     idx = list(range(min(dense + 1, len(curve)))) + list(range(dense + 5, len(curve), 5))
     return [float(f"{curve[i]:.4g}") for i in idx]
 
 
 def _diverged(losses: Sequence[float], h: int) -> bool:
-    return not all(math.isfinite(x) for x in losses[:h + 1]) or losses[h] > losses[0]
+    return not all(math.isfinite(x) for x in losses[: h + 1]) or losses[h] > losses[0]
 
 
 def _steps_to(losses: Sequence[float], h: int, target: float) -> Optional[int]:
@@ -109,7 +140,7 @@ def _steps_to(losses: Sequence[float], h: int, target: float) -> Optional[int]:
     return None
 
 
-def _ci(xs: List[float]) -> Dict[str, float]:
+def _ci(xs: list[float]) -> dict[str, float]:
     xs = [x for x in xs if math.isfinite(x)]
     if len(xs) < 2:
         return {"mean": xs[0] if xs else float("nan"), "lo": float("nan"), "hi": float("nan"), "n": len(xs)}
@@ -118,7 +149,7 @@ def _ci(xs: List[float]) -> Dict[str, float]:
     return {"mean": m, "lo": m - half, "hi": m + half, "n": len(xs)}
 
 
-def tasks_study(args, rules: Dict[str, LearnedRule], data, progress) -> dict:
+def tasks_study(args, rules: dict[str, LearnedRule], data, progress) -> dict:
     H = args.horizon
     horizons = [H, 2 * H, 5 * H, 10 * H]
     steps = horizons[-1]
@@ -134,8 +165,10 @@ def tasks_study(args, rules: Dict[str, LearnedRule], data, progress) -> dict:
                     tuning[f"{fam}/{kind}/{lr:g}/{seed}"] = [losses[h] for h in horizons]
                     bar.update(1)
             for h_i, h in enumerate(horizons):
-                scores = {lr: statistics.mean(_log(tuning[f"{fam}/{kind}/{lr:g}/{s}"][h_i]) for s in args.tune_seeds)
-                          for lr in args.lrs}
+                scores = {
+                    lr: statistics.mean(_log(tuning[f"{fam}/{kind}/{lr:g}/{s}"][h_i]) for s in args.tune_seeds)
+                    for lr in args.lrs
+                }
                 tuned[f"{fam}/{kind}/{h}"] = min(args.lrs, key=lambda lr: (scores[lr], lr))
     bar.close()
     curves = {}
@@ -159,16 +192,36 @@ def tasks_study(args, rules: Dict[str, LearnedRule], data, progress) -> dict:
                 target = adam[h]
                 adam_steps = _steps_to(adam, h, target)
                 for m in methods:
-                    c = curves[f"{fam}/{seed}/sgd@{tuned[f'{fam}/sgd/{h}']:g}"] if m == "sgd" else curves[f"{fam}/{seed}/{m}"]
+                    c = (
+                        curves[f"{fam}/{seed}/sgd@{tuned[f'{fam}/sgd/{h}']:g}"]
+                        if m == "sgd"
+                        else curves[f"{fam}/{seed}/{m}"]
+                    )
                     s = _steps_to(c, h, target)
                     ok = math.isfinite(c[h]) and c[h] > 0 and math.isfinite(target) and target > 0
-                    rows.append({"family": fam, "group": "train" if fam in TRAIN_FAMILIES else "heldout",
-                                 "seed": seed, "horizon": h, "method": m, "steps": s, "adam_steps": adam_steps,
-                                 "diverged": _diverged(c, h), "adam_diverged": _diverged(adam, h),
-                                 "sped_up": s is not None and adam_steps is not None and s < adam_steps,
-                                 "log_diff": math.log(c[h]) - math.log(target) if ok else float("nan")})
-    return {"horizons": horizons, "tuned_lr": tuned, "tuning": tuning, "curves": curves, "rows": rows,
-            "families": families}
+                    rows.append(
+                        {
+                            "family": fam,
+                            "group": "train" if fam in TRAIN_FAMILIES else "heldout",
+                            "seed": seed,
+                            "horizon": h,
+                            "method": m,
+                            "steps": s,
+                            "adam_steps": adam_steps,
+                            "diverged": _diverged(c, h),
+                            "adam_diverged": _diverged(adam, h),
+                            "sped_up": s is not None and adam_steps is not None and s < adam_steps,
+                            "log_diff": math.log(c[h]) - math.log(target) if ok else float("nan"),
+                        }
+                    )
+    return {
+        "horizons": horizons,
+        "tuned_lr": tuned,
+        "tuning": tuning,
+        "curves": curves,
+        "rows": rows,
+        "families": families,
+    }
 
 
 def thin_study(study: dict, dense: int) -> dict:
@@ -177,7 +230,7 @@ def thin_study(study: dict, dense: int) -> dict:
     return {**study, "curve_steps": step_index, "curves": {k: _thin(c, dense) for k, c in study["curves"].items()}}
 
 
-def summarise(study: dict, methods: List[str]) -> List[dict]:
+def summarise(study: dict, methods: list[str]) -> list[dict]:
     out = []
     for group in ("train", "heldout"):
         for h in study["horizons"]:
@@ -185,38 +238,60 @@ def summarise(study: dict, methods: List[str]) -> List[dict]:
                 rs = [r for r in study["rows"] if r["group"] == group and r["horizon"] == h and r["method"] == m]
                 if not rs:
                     continue
-                ratios = [(r["adam_steps"] / r["steps"] if r["steps"] else (math.inf if r["steps"] == 0 else 0.0))
-                          if r["steps"] is not None and r["adam_steps"] is not None else 0.0 for r in rs]
-                out.append({"group": group, "horizon": h, "method": m, "tasks": len(rs),
-                            "sped_up": sum(r["sped_up"] for r in rs), "reached": sum(r["steps"] is not None for r in rs),
-                            "diverged": sum(r["diverged"] for r in rs),
-                            "adam_diverged": sum(r["adam_diverged"] for r in rs),
-                            "median_speedup": statistics.median(ratios),
-                            "log_diff": _ci([r["log_diff"] for r in rs])})
+                ratios = [
+                    (r["adam_steps"] / r["steps"] if r["steps"] else (math.inf if r["steps"] == 0 else 0.0))
+                    if r["steps"] is not None and r["adam_steps"] is not None
+                    else 0.0
+                    for r in rs
+                ]
+                out.append(
+                    {
+                        "group": group,
+                        "horizon": h,
+                        "method": m,
+                        "tasks": len(rs),
+                        "sped_up": sum(r["sped_up"] for r in rs),
+                        "reached": sum(r["steps"] is not None for r in rs),
+                        "diverged": sum(r["diverged"] for r in rs),
+                        "adam_diverged": sum(r["adam_diverged"] for r in rs),
+                        "median_speedup": statistics.median(ratios),
+                        "log_diff": _ci([r["log_diff"] for r in rs]),
+                    }
+                )
     return out
 
 
-def per_family(study: dict, methods: List[str], h: int) -> List[dict]:
+def per_family(study: dict, methods: list[str], h: int) -> list[dict]:
     out = []
     for fam in study["families"]:
         for m in methods:
             rs = [r for r in study["rows"] if r["family"] == fam and r["horizon"] == h and r["method"] == m]
-            out.append({"family": fam, "method": m, "tasks": len(rs), "sped_up": sum(r["sped_up"] for r in rs),
-                        "diverged": sum(r["diverged"] for r in rs), "log_diff": _ci([r["log_diff"] for r in rs]),
-                        "adam_lr": study["tuned_lr"][f"{fam}/adam/{h}"],
-                        "sgd_lr": study["tuned_lr"][f"{fam}/sgd/{h}"]})
+            out.append(
+                {
+                    "family": fam,
+                    "method": m,
+                    "tasks": len(rs),
+                    "sped_up": sum(r["sped_up"] for r in rs),
+                    "diverged": sum(r["diverged"] for r in rs),
+                    "log_diff": _ci([r["log_diff"] for r in rs]),
+                    "adam_lr": study["tuned_lr"][f"{fam}/adam/{h}"],
+                    "sgd_lr": study["tuned_lr"][f"{fam}/sgd/{h}"],
+                }
+            )
     return out
 
 
 # --------------------------------------------------------------------------- cost
-def speed_study(sizes: Sequence[int], rule: LearnedRule, repeats: int, progress) -> List[dict]:
+def speed_study(sizes: Sequence[int], rule: LearnedRule, repeats: int, progress) -> list[dict]:
     rows = []
     bar = progress(len(sizes), "speed")
     for n in sizes:
-        makers = {"adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
-                  "adam_foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
-                  "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
-                  "learned": lambda ps: LearnedOptimizer(ps, policy=rule)}
+        makers = {
+            "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+            "adam_foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+            "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+            "learned": lambda ps: LearnedOptimizer(ps, policy=rule),
+        }
         opts = {}
         g = torch.Generator().manual_seed(0)
         for name, make in makers.items():
@@ -235,11 +310,23 @@ def speed_study(sizes: Sequence[int], rule: LearnedRule, repeats: int, progress)
                 times[name].append(time.perf_counter() - t)
                 cpu[name].append(time.thread_time() - c)
         for name, opt in opts.items():
-            state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                        if isinstance(v, torch.Tensor))
-            rows.append({"params": 4 * (n // 4), "optimizer": name, "step_ms": 1e3 * statistics.median(times[name]),
-                         "step_ms_min": 1e3 * min(times[name]), "cpu_ms": 1e3 * statistics.median(cpu[name]),
-                         "state_bytes": state, "repeats": reps})
+            state = sum(
+                v.numel() * v.element_size()
+                for st in opt.state.values()
+                for v in st.values()
+                if isinstance(v, torch.Tensor)
+            )
+            rows.append(
+                {
+                    "params": 4 * (n // 4),
+                    "optimizer": name,
+                    "step_ms": 1e3 * statistics.median(times[name]),
+                    "step_ms_min": 1e3 * min(times[name]),
+                    "cpu_ms": 1e3 * statistics.median(cpu[name]),
+                    "state_bytes": state,
+                    "repeats": reps,
+                }
+            )
         del opts
         bar.update(1)
     bar.close()
@@ -254,50 +341,78 @@ def _fmt_ci(d):
 
 
 def write_report(out: Path, result: dict) -> None:
-    lines = [f"# learned_eval: {result['policy']} vs tuned Adam and SGD-momentum", "",
-             f"commit {result['commit']}, {result['hardware']}, torch {result['torch']}; "
-             f"horizon T = {result['horizon']}, tuning seeds {result['tune_seeds']}, eval seeds {result['eval_seeds']}", ""]
+    lines = [
+        f"# learned_eval: {result['policy']} vs tuned Adam and SGD-momentum",
+        "",
+        f"commit {result['commit']}, {result['hardware']}, torch {result['torch']}; "
+        f"horizon T = {result['horizon']}, tuning seeds {result['tune_seeds']}, eval seeds {result['eval_seeds']}",
+        "",
+    ]
     if "summary" in result:
-        lines += ["## Steps to reach tuned Adam's loss at horizon h (per task = family x eval seed)", "",
-                  "| group | h | method | sped up | reached | diverged (Adam) | median speed-up "
-                  "| log L_h - log L_h(Adam), mean [95% CI] |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Steps to reach tuned Adam's loss at horizon h (per task = family x eval seed)",
+            "",
+            "| group | h | method | sped up | reached | diverged (Adam) | median speed-up "
+            "| log L_h - log L_h(Adam), mean [95% CI] |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in result["summary"]:
-            lines.append(f"| {r['group']} | {r['horizon']} | {r['method']} | {r['sped_up']}/{r['tasks']} | "
-                         f"{r['reached']}/{r['tasks']} | {r['diverged']} ({r['adam_diverged']}) | "
-                         f"{r['median_speedup']:.2f} | {_fmt_ci(r['log_diff'])} |")
-        lines += ["", f"## Per family at h = {result['horizon']} (tuned lrs: Adam / SGD)", "",
-                  "| family | method | sped up | diverged | log-loss diff [95% CI] | Adam lr | SGD lr |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['group']} | {r['horizon']} | {r['method']} | {r['sped_up']}/{r['tasks']} | "
+                f"{r['reached']}/{r['tasks']} | {r['diverged']} ({r['adam_diverged']}) | "
+                f"{r['median_speedup']:.2f} | {_fmt_ci(r['log_diff'])} |"
+            )
+        lines += [
+            "",
+            f"## Per family at h = {result['horizon']} (tuned lrs: Adam / SGD)",
+            "",
+            "| family | method | sped up | diverged | log-loss diff [95% CI] | Adam lr | SGD lr |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in result["per_family"]:
-            lines.append(f"| {r['family']} | {r['method']} | {r['sped_up']}/{r['tasks']} | {r['diverged']} | "
-                         f"{_fmt_ci(r['log_diff'])} | {r['adam_lr']:g} | {r['sgd_lr']:g} |")
+            lines.append(
+                f"| {r['family']} | {r['method']} | {r['sped_up']}/{r['tasks']} | {r['diverged']} | "
+                f"{_fmt_ci(r['log_diff'])} | {r['adam_lr']:g} | {r['sgd_lr']:g} |"
+            )
     if "speed" in result:
-        lines += ["", "## Step time and optimizer state (one thread; median of interleaved repeats; CPU ms = the "
-                  "thread's CPU time, robust to other jobs on a shared machine)", "",
-                  "| params | optimizer | CPU ms (median) | x Adam (CPU) | wall ms (median) | wall ms (min) | x Adam (wall) "
-                  "| state MB | x Adam state |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Step time and optimizer state (one thread; median of interleaved repeats; CPU ms = the "
+            "thread's CPU time, robust to other jobs on a shared machine)",
+            "",
+            "| params | optimizer | CPU ms (median) | x Adam (CPU) | wall ms (median) | wall ms (min) | x Adam (wall) "
+            "| state MB | x Adam state |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         base = {r["params"]: r for r in result["speed"] if r["optimizer"] == "adam"}
         for r in result["speed"]:
             b = base[r["params"]]
-            lines.append(f"| {r['params']:.0e} | {r['optimizer']} | {r['cpu_ms']:.3f} | {r['cpu_ms'] / b['cpu_ms']:.2f} | "
-                         f"{r['step_ms']:.3f} | {r['step_ms_min']:.3f} | {r['step_ms'] / b['step_ms']:.2f} | "
-                         f"{r['state_bytes'] / 1e6:.2f} | {r['state_bytes'] / max(b['state_bytes'], 1):.2f} |")
+            lines.append(
+                f"| {r['params']:.0e} | {r['optimizer']} | {r['cpu_ms']:.3f} | {r['cpu_ms'] / b['cpu_ms']:.2f} | "
+                f"{r['step_ms']:.3f} | {r['step_ms_min']:.3f} | {r['step_ms'] / b['step_ms']:.2f} | "
+                f"{r['state_bytes'] / 1e6:.2f} | {r['state_bytes'] / max(b['state_bytes'], 1):.2f} |"
+            )
     if "es_vs_td3" in result:
         c = result["es_vs_td3"]
-        lines += ["", "## Meta-training: ES against TD3 (validation meta-objective, mean log(L_t/L_0) over 50 steps "
-                  "on 8 fixed training-family tasks; lower is better)", "",
-                  "| learner | best validation | training | wall time (s) |", "|---|---|---|---|",
-                  f"| ES | {c['es_best']:.3f} | {c['es'][-1]['iteration'] if c['es'] else 0} iterations "
-                  f"| {c['es_elapsed_s']:.0f} |",
-                  f"| TD3 | {c['td3_best']:.3f} | {c['td3_episodes']} episodes, {c['td3_updates']} updates | "
-                  f"{c['td3'][-1]['elapsed_s'] if c['td3'] else 0:.0f} |"]
+        lines += [
+            "",
+            "## Meta-training: ES against TD3 (validation meta-objective, mean log(L_t/L_0) over 50 steps "
+            "on 8 fixed training-family tasks; lower is better)",
+            "",
+            "| learner | best validation | training | wall time (s) |",
+            "|---|---|---|---|",
+            f"| ES | {c['es_best']:.3f} | {c['es'][-1]['iteration'] if c['es'] else 0} iterations "
+            f"| {c['es_elapsed_s']:.0f} |",
+            f"| TD3 | {c['td3_best']:.3f} | {c['td3_episodes']} episodes, {c['td3_updates']} updates | "
+            f"{c['td3'][-1]['elapsed_s'] if c['td3'] else 0:.0f} |",
+        ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(out: Path, result: dict, methods: List[str]) -> None:
+def plot(out: Path, result: dict, methods: list[str]) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -308,8 +423,11 @@ def plot(out: Path, result: dict, methods: List[str]) -> None:
         H10 = study["horizons"][-1]
         fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
         for ax, fam in zip(axes.flat, fams):
-            series = {"adam": f"adam@{study['tuned_lr'][f'{fam}/adam/{H10}']:g}",
-                      "sgd-m": f"sgd@{study['tuned_lr'][f'{fam}/sgd/{H10}']:g}", **{m: m for m in methods if m != "sgd"}}
+            series = {
+                "adam": f"adam@{study['tuned_lr'][f'{fam}/adam/{H10}']:g}",
+                "sgd-m": f"sgd@{study['tuned_lr'][f'{fam}/sgd/{H10}']:g}",
+                **{m: m for m in methods if m != "sgd"},
+            }
             for label, key in series.items():
                 cs = torch.tensor([study["curves"][f"{fam}/{s}/{key}"] for s in result["eval_seeds"]])
                 rel = (cs / cs[:, :1]).clamp(min=1e-12)
@@ -322,7 +440,9 @@ def plot(out: Path, result: dict, methods: List[str]) -> None:
             ax.set_xlabel("step")
         axes.flat[0].set_ylabel("median L_k / L_0")
         axes.flat[0].legend(fontsize=7)
-        fig.suptitle("Loss curves on held-out tasks (median over 5 eval seeds; baselines tuned for 10x horizon)", fontsize=10)
+        fig.suptitle(
+            "Loss curves on held-out tasks (median over 5 eval seeds; baselines tuned for 10x horizon)", fontsize=10
+        )
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=80)
         plt.close(fig)
@@ -334,7 +454,9 @@ def plot(out: Path, result: dict, methods: List[str]) -> None:
             ax.axhline(0.5, color="0.6", ls="--", lw=0.8)
             ax.set_xscale("log")
             ax.set_xticks(study["horizons"], [str(h) for h in study["horizons"]])
-            ax.set_title({"train": "training families, held-out seeds", "heldout": "held-out families"}[group], fontsize=9)
+            ax.set_title(
+                {"train": "training families, held-out seeds", "heldout": "held-out families"}[group], fontsize=9
+            )
             ax.set_xlabel("horizon h (steps)")
         axes[0].set_ylabel("fraction of tasks faster than tuned Adam")
         axes[0].legend(fontsize=7)
@@ -363,21 +485,36 @@ def es_vs_td3(out: Path, es_state: str, td3_log: str) -> dict:
     sd = torch.load(es_state, weights_only=True)
     hist = sd["trainer"]["history"]
     per_it = float(sd["elapsed_s"]) / max(len(hist), 1)
-    es = [{"iteration": r["iteration"], "elapsed_s": round(r["iteration"] * per_it, 1), "validation": r["validation"]}
-          for r in hist if "validation" in r]
+    es = [
+        {"iteration": r["iteration"], "elapsed_s": round(r["iteration"] * per_it, 1), "validation": r["validation"]}
+        for r in hist
+        if "validation" in r
+    ]
     with open(td3_log) as f:
         td3 = json.load(f)
-    res = {"es": es, "es_elapsed_s": float(sd["elapsed_s"]), "es_best": float(sd["best_objective"]),
-           "td3": td3["history"], "td3_best": td3["best_validation"], "td3_episodes": td3["episodes"],
-           "td3_updates": td3["updates"]}
+    res = {
+        "es": es,
+        "es_elapsed_s": float(sd["elapsed_s"]),
+        "es_best": float(sd["best_objective"]),
+        "td3": td3["history"],
+        "td3_best": td3["best_validation"],
+        "td3_episodes": td3["episodes"],
+        "td3_updates": td3["updates"],
+    }
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([r["elapsed_s"] / 60 for r in es], [r["validation"] for r in es], "o-", label="ES (antithetic)")
-        ax.plot([r["elapsed_s"] / 60 for r in td3["history"]], [r["validation"] for r in td3["history"]], "s-",
-                label="TD3 (coordinate-wise)")
+        ax.plot(
+            [r["elapsed_s"] / 60 for r in td3["history"]],
+            [r["validation"] for r in td3["history"]],
+            "s-",
+            label="TD3 (coordinate-wise)",
+        )
         ax.set_xlabel("training wall time (min, shared CPU)")
         ax.set_ylabel("validation meta-objective (lower is better)")
         ax.legend(fontsize=8)
@@ -397,23 +534,32 @@ def _progress(enabled: bool):
 
     def make(total, desc):
         if tqdm is None or not enabled:
+
             class _Null:
                 def update(self, n=1):
                     pass
 
                 def close(self):
                     pass
+
             return _Null()
         return tqdm(total=total, desc=desc)
+
     return make
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.learned_eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.learned_eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--policy", default="learned-es", help="the rule under test (registry name or path)")
-    ap.add_argument("--controls", default="untrained", help="comma-separated extra rules: 'untrained' (the "
-                                                            "rule's initial weights) and/or name=path")
+    ap.add_argument(
+        "--controls",
+        default="untrained",
+        help="comma-separated extra rules: 'untrained' (the rule's initial weights) and/or name=path",
+    )
     ap.add_argument("--data", default="rlopt/meta/data/fmnist_subset.npz", help="Fashion-MNIST subset (.npz)")
     ap.add_argument("--horizon", type=int, default=50, help="meta-training horizon T")
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1", help="lr grid of the baselines")
@@ -439,8 +585,9 @@ def main(argv=None) -> dict:
     rules = {"learned": rule}
     for c in [c for c in args.controls.split(",") if c]:
         if c == "untrained":
-            rules["untrained"] = LearnedRule(rule.spec, rule.spec.init_theta(torch.Generator().manual_seed(0)),
-                                             lr=rule.lr)
+            rules["untrained"] = LearnedRule(
+                rule.spec, rule.spec.init_theta(torch.Generator().manual_seed(0)), lr=rule.lr
+            )
         else:
             name, path = c.split("=", 1)
             rules[name] = load_rule(path)
@@ -448,10 +595,17 @@ def main(argv=None) -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    result = {"policy": args.policy, "rule_lr": rule.lr, "commit": commit, "torch": torch.__version__,
-              "hardware": f"CPU {platform.machine()} ({os.cpu_count()} cores, shared), 1 thread",
-              "horizon": args.horizon, "tune_seeds": args.tune_seeds, "eval_seeds": args.eval_seeds,
-              "lrs": args.lrs}
+    result = {
+        "policy": args.policy,
+        "rule_lr": rule.lr,
+        "commit": commit,
+        "torch": torch.__version__,
+        "hardware": f"CPU {platform.machine()} ({os.cpu_count()} cores, shared), 1 thread",
+        "horizon": args.horizon,
+        "tune_seeds": args.tune_seeds,
+        "eval_seeds": args.eval_seeds,
+        "lrs": args.lrs,
+    }
     start = time.perf_counter()
     methods = ["sgd"] + list(rules)
     if not args.no_tasks:

@@ -15,6 +15,7 @@ CartPole-v1, ``ppo.py`` 490.04 ± 6.12 and ``dqn.py`` 488.69 ± 16.11.
 
 Output: one JSON per run, ``summary.json`` and ``summary.md`` under ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ BAR = {"CartPole-v1": 195.0}  # the mean return every seed must reach
 LEARNERS = {"ppo": (PPOPolicy, PPOConfig), "dqn": (DQNPolicy, DQNConfig)}
 
 
-def _parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -58,8 +60,16 @@ def _parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def run_learner(algo: str, env_id: str, seed: int, steps: int, config: Optional[Dict[str, Any]] = None,
-                last: int = 20, log_every: int = 1000, bar: Any = None) -> Dict[str, Any]:
+def run_learner(
+    algo: str,
+    env_id: str,
+    seed: int,
+    steps: int,
+    config: Optional[dict[str, Any]] = None,
+    last: int = 20,
+    log_every: int = 1000,
+    bar: Any = None,
+) -> dict[str, Any]:
     """Train ``algo``'s policy (default config updated by ``config``) for ``steps`` environment
     steps of ``env_id``; return the episode returns, diagnostics and the score."""
     import gymnasium as gym
@@ -71,9 +81,9 @@ def run_learner(algo: str, env_id: str, seed: int, steps: int, config: Optional[
     policy = policy_cls(obs_dim, [str(a) for a in range(env.action_space.n)], cfg, seed=seed)
     obs, _ = env.reset(seed=seed)
     obs_t = torch.as_tensor(obs, dtype=torch.float32)
-    returns: List[float] = []
-    ends: List[int] = []
-    diagnostics: List[Dict[str, float]] = []
+    returns: list[float] = []
+    ends: list[int] = []
+    diagnostics: list[dict[str, float]] = []
     episode_return, window = 0.0, {}
     warned = []
     start = time.perf_counter()
@@ -110,16 +120,28 @@ def run_learner(algo: str, env_id: str, seed: int, steps: int, config: Optional[
     score = float(np.mean(returns[-last:])) if returns else math.nan
     q_means = [abs(r["q_mean"]) for r in diagnostics if "q_mean" in r]
     return {
-        "algo": algo, "env": env_id, "seed": seed, "steps": steps, "config": vars(cfg), "overrides": config or {},
-        "score": score, "last": last, "episodes": len(returns), "returns": returns, "episode_ends": ends,
-        "diagnostics": diagnostics, "max_abs_mean_q": max(q_means) if q_means else None,
-        "q_bound": policy.q_bound() if algo == "dqn" else None, "divergence_warnings": warned,
-        "wall_s": wall, "us_per_step": 1e6 * wall / steps,
+        "algo": algo,
+        "env": env_id,
+        "seed": seed,
+        "steps": steps,
+        "config": vars(cfg),
+        "overrides": config or {},
+        "score": score,
+        "last": last,
+        "episodes": len(returns),
+        "returns": returns,
+        "episode_ends": ends,
+        "diagnostics": diagnostics,
+        "max_abs_mean_q": max(q_means) if q_means else None,
+        "q_bound": policy.q_bound() if algo == "dqn" else None,
+        "divergence_warnings": warned,
+        "wall_s": wall,
+        "us_per_step": 1e6 * wall / steps,
     }
 
 
-def summarise(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["env"], r["algo"]), []).append(r)
     rows = []
@@ -127,15 +149,25 @@ def summarise(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         rs = sorted(rs, key=lambda r: r["seed"])
         scores = [r["score"] for r in rs]
         bar = BAR.get(env_id)
-        row = {"env": env_id, "algo": algo, "seeds": [r["seed"] for r in rs], "scores": scores,
-               "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-               "min": min(scores), "steps": rs[0]["steps"], "last": rs[0]["last"],
-               "published": PUBLISHED.get((env_id, algo), "-"),
-               "bar": bar, "bar_met": None if bar is None else all(s >= bar for s in scores),
-               "us_per_step": statistics.mean(r["us_per_step"] for r in rs)}
+        row = {
+            "env": env_id,
+            "algo": algo,
+            "seeds": [r["seed"] for r in rs],
+            "scores": scores,
+            "mean": statistics.mean(scores),
+            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "min": min(scores),
+            "steps": rs[0]["steps"],
+            "last": rs[0]["last"],
+            "published": PUBLISHED.get((env_id, algo), "-"),
+            "bar": bar,
+            "bar_met": None if bar is None else all(s >= bar for s in scores),
+            "us_per_step": statistics.mean(r["us_per_step"] for r in rs),
+        }
         if algo == "dqn":
-            row["max_abs_mean_q"] = max((abs(d["q_mean"]) for r in rs for d in r["diagnostics"] if "q_mean" in d),
-                                        default=math.nan)
+            row["max_abs_mean_q"] = max(
+                (abs(d["q_mean"]) for r in rs for d in r["diagnostics"] if "q_mean" in d), default=math.nan
+            )
             row["q_bound"] = max(r["q_bound"] for r in rs)
             row["divergence_warnings"] = sum(bool(r["divergence_warnings"]) for r in rs)
         else:
@@ -146,53 +178,75 @@ def summarise(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| task | learner | steps | mean return, last episodes, per seed | mean ± std | bar | published |",
-             "|---|---|---|---|---|---|---|"]
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| task | learner | steps | mean return, last episodes, per seed | mean ± std | bar | published |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         per_seed = " / ".join(f"{s:.1f}" for s in r["scores"])
         bar = "-" if r["bar"] is None else f">= {r['bar']:g}: {'met' if r['bar_met'] else 'NOT met'}"
-        lines.append(f"| {r['env']} | rlopt {r['algo']} | {r['steps']} | {per_seed} (seeds "
-                     f"{','.join(map(str, r['seeds']))}) | {r['mean']:.1f} ± {r['std']:.1f} | {bar} | {r['published']} |")
+        lines.append(
+            f"| {r['env']} | rlopt {r['algo']} | {r['steps']} | {per_seed} (seeds "
+            f"{','.join(map(str, r['seeds']))}) | {r['mean']:.1f} ± {r['std']:.1f} | {bar} | {r['published']} |"
+        )
     lines.append("")
     for r in rows:
         if r["algo"] == "dqn":
-            lines.append(f"- {r['env']} dqn: largest |mean Q| of the training batches (1k-step windows) "
-                         f"{r['max_abs_mean_q']:.1f}, bound max|r|/(1-gamma) {r['q_bound']:.1f}; runs that warned of "
-                         f"divergence: {r['divergence_warnings']}; {r['us_per_step']:.0f} us/step")
+            lines.append(
+                f"- {r['env']} dqn: largest |mean Q| of the training batches (1k-step windows) "
+                f"{r['max_abs_mean_q']:.1f}, bound max|r|/(1-gamma) {r['q_bound']:.1f}; runs that warned of "
+                f"divergence: {r['divergence_warnings']}; {r['us_per_step']:.0f} us/step"
+            )
         else:
-            lines.append(f"- {r['env']} ppo, last 10 logged windows: approx-KL {r['final_approx_kl']:.4f}, clip "
-                         f"fraction {r['final_clipfrac']:.3f}, entropy {r['final_entropy']:.3f}, explained variance "
-                         f"{r['final_explained_variance']:.3f}; {r['us_per_step']:.0f} us/step")
+            lines.append(
+                f"- {r['env']} ppo, last 10 logged windows: approx-KL {r['final_approx_kl']:.4f}, clip "
+                f"fraction {r['final_clipfrac']:.3f}, entropy {r['final_entropy']:.3f}, explained variance "
+                f"{r['final_explained_variance']:.3f}; {r['us_per_step']:.0f} us/step"
+            )
     return "\n".join(lines) + "\n"
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--envs", default="CartPole-v1,Acrobot-v1", help="gymnasium task ids, comma-separated")
     parser.add_argument("--algos", default="ppo,dqn", help="learners, comma-separated (ppo, dqn)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds, comma-separated")
     parser.add_argument("--steps", type=int, default=100_000, help="environment steps (decisions) per run")
     parser.add_argument("--last", type=int, default=20, help="training episodes the score averages")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field of every learner run (a study of alternatives; "
-                             "the check itself uses the defaults)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field of every learner run (a study of alternatives; "
+        "the check itself uses the defaults)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (per run)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (the progress bar "
-                        "then counts finished runs)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, one process each (the progress bar then counts finished runs)",
+    )
     parser.add_argument("--out", default="benchmarks/runs/learner_check", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--summarise-only", action="store_true",
-                        help="run nothing: rebuild summary.json and summary.md from --out's runs/*.json")
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="run nothing: rebuild summary.json and summary.md from --out's runs/*.json",
+    )
     args = parser.parse_args(argv)
     try:
         import gymnasium  # noqa: F401
@@ -213,15 +267,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     plan = [(env_id, algo, seed) for env_id in envs for algo in algos for seed in seeds]
     runs = []
 
-    def record(r: Dict[str, Any]) -> None:
+    def record(r: dict[str, Any]) -> None:
         (out / "runs" / f"{r['env']}_{r['algo']}_s{r['seed']}.json").write_text(json.dumps(r))
         runs.append(r)
 
     from tqdm.auto import tqdm
 
     if args.jobs <= 1:
-        bar = tqdm(total=len(plan) * args.steps, unit="step", unit_scale=True, desc="learner check",
-                   disable=args.no_progress)
+        bar = tqdm(
+            total=len(plan) * args.steps, unit="step", unit_scale=True, desc="learner check", disable=args.no_progress
+        )
         for env_id, algo, seed in plan:
             record(run_learner(algo, env_id, seed, args.steps, overrides, last=args.last, bar=bar))
     else:
@@ -229,8 +284,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
         bar = tqdm(total=len(plan), unit="run", desc="learner check", disable=args.no_progress)
         with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
-            futures = [pool.submit(run_learner, algo, env_id, seed, args.steps, overrides, args.last)
-                       for env_id, algo, seed in plan]
+            futures = [
+                pool.submit(run_learner, algo, env_id, seed, args.steps, overrides, args.last)
+                for env_id, algo, seed in plan
+            ]
             for future in as_completed(futures):
                 record(future.result())
                 bar.update()
@@ -239,17 +296,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return _write_summary(out, runs, argv, commit, args.threads, overrides)
 
 
-def _write_summary(out: Path, runs: Sequence[Dict[str, Any]], argv: Optional[Sequence[str]], commit: Optional[str],
-                   threads: int, overrides: Any) -> Dict[str, Any]:
+def _write_summary(
+    out: Path,
+    runs: Sequence[dict[str, Any]],
+    argv: Optional[Sequence[str]],
+    commit: Optional[str],
+    threads: int,
+    overrides: Any,
+) -> dict[str, Any]:
     rows = summarise(runs)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     summary = {
-        "command": previous.get("command") if commit is None else
-        " ".join(["python", "-m", "benchmarks.learner_check", *(argv if argv is not None else sys.argv[1:])]),
+        "command": previous.get("command")
+        if commit is None
+        else " ".join(["python", "-m", "benchmarks.learner_check", *(argv if argv is not None else sys.argv[1:])]),
         "commit": previous.get("commit") if commit is None else commit,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
-        "overrides": overrides, "rows": rows,
+        "overrides": overrides,
+        "rows": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = markdown(rows)

@@ -17,6 +17,7 @@ Writes into ``--out`` (default the git-ignored ``benchmarks/runs/lr_control/``) 
     python -m benchmarks.lr_control --data-dir <Fashion-MNIST folder>   # the full benchmark (3 seeds)
     python -m benchmarks.lr_control --smoke                              # a few seconds, nothing written
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +60,10 @@ class Config:
     weight_decay: float = 5e-4
     interval: int = 10
     """Agent decision interval (steps)."""
-    seeds: Tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2)
     threads: int = 1
     """torch CPU threads (1: on shared cores, more threads ran up to 8x slower here)."""
-    methods: Tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHODS
 
 
 class SmallCNN(nn.Module):
@@ -81,18 +82,18 @@ class SmallCNN(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch: int = 1000) -> Tuple[float, float]:
+def evaluate(model, x, y, batch: int = 1000) -> tuple[float, float]:
     model.eval()
     loss, correct = 0.0, 0
     for i in range(0, len(y), batch):
-        out = model(x[i:i + batch])
-        loss += float(F.cross_entropy(out, y[i:i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+        out = model(x[i : i + batch])
+        loss += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
     model.train()
     return loss / len(y), correct / len(y)
 
 
-def run(method: str, seed: int, cfg: Config, data) -> Dict:
+def run(method: str, seed: int, cfg: Config, data) -> dict:
     torch.manual_seed(seed)
     model = SmallCNN()
     params = model.parameters()
@@ -100,16 +101,28 @@ def run(method: str, seed: int, cfg: Config, data) -> Dict:
     total = steps_per_epoch * cfg.epochs
     sched, plateau = None, False
     if method.startswith("agent-"):
-        reward = {"log_improvement": LogImprovementReward(wd=0.0),
-                  "inverse_distance": InverseDistanceReward(wd=0.0)}[method.split("-", 1)[1]]
-        opt = QLearningRateOptimizer(params, base="sgd", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     momentum=cfg.momentum, control=("lr",), policy="dqn",
-                                     interval=cfg.interval, seed=seed, total_steps=total, reward=reward)
+        reward = {"log_improvement": LogImprovementReward(wd=0.0), "inverse_distance": InverseDistanceReward(wd=0.0)}[
+            method.split("-", 1)[1]
+        ]
+        opt = QLearningRateOptimizer(
+            params,
+            base="sgd",
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            control=("lr",),
+            policy="dqn",
+            interval=cfg.interval,
+            seed=seed,
+            total_steps=total,
+            reward=reward,
+        )
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if method == "step":
             sched = torch.optim.lr_scheduler.MultiStepLR(
-                opt, [cfg.epochs // 2 * steps_per_epoch, (3 * cfg.epochs) // 4 * steps_per_epoch], 0.1)
+                opt, [cfg.epochs // 2 * steps_per_epoch, (3 * cfg.epochs) // 4 * steps_per_epoch], 0.1
+            )
         elif method == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         elif method == "plateau":
@@ -117,7 +130,7 @@ def run(method: str, seed: int, cfg: Config, data) -> Dict:
         elif method != "constant":
             raise ValueError(f"Unknown method {method!r}")
     gen = torch.Generator().manual_seed(1000 + seed)
-    lrs: List[Tuple[int, float]] = []
+    lrs: list[tuple[int, float]] = []
     epochs_log = []
     step = 0
     t0 = time.perf_counter()
@@ -125,6 +138,7 @@ def run(method: str, seed: int, cfg: Config, data) -> Dict:
         loss_sum = torch.zeros(())
         n = 0
         for xb, yb in iterate_batches(data["train_x"], data["train_y"], cfg.batch_size, shuffle=True, generator=gen):
+
             def closure(xb=xb, yb=yb):
                 opt.zero_grad()
                 loss = F.cross_entropy(model(xb), yb)
@@ -143,19 +157,28 @@ def run(method: str, seed: int, cfg: Config, data) -> Dict:
             sched.step(val_loss)
         if isinstance(opt, QLearningRateOptimizer):
             opt.epoch_end(val_loss=val_loss, val_acc=val_acc)
-        epochs_log.append({"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "val_loss": val_loss,
-                           "val_acc": val_acc})
+        epochs_log.append(
+            {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "val_loss": val_loss, "val_acc": val_acc}
+        )
     wall = time.perf_counter() - t0
     test_loss, test_acc = evaluate(model, data["test_x"], data["test_y"])
-    out = {"method": method, "seed": seed, "test_acc": test_acc, "test_loss": test_loss,
-           "final_train_loss": epochs_log[-1]["train_loss"], "wall_s": wall, "epochs": epochs_log, "lrs": lrs}
+    out = {
+        "method": method,
+        "seed": seed,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "final_train_loss": epochs_log[-1]["train_loss"],
+        "wall_s": wall,
+        "epochs": epochs_log,
+        "lrs": lrs,
+    }
     if isinstance(opt, QLearningRateOptimizer):
         out["choices"] = [h["choice"] for h in opt.history]
         out["rewards"] = [h["reward"] for h in opt.history]
     return out
 
 
-def mean_std(xs: List[float]) -> Tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
@@ -169,7 +192,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write_report(cfg: Config, runs: List[Dict], command: str, data_summary: str, total_wall: float) -> str:
+def write_report(cfg: Config, runs: list[dict], command: str, data_summary: str, total_wall: float) -> str:
     rows = []
     for m in cfg.methods:
         rs = [r for r in runs if r["method"] == m]
@@ -200,7 +223,9 @@ def write_report(cfg: Config, runs: List[Dict], command: str, data_summary: str,
         "|---|---|---|---|",
     ]
     for m, acc, tl, wall in rows:
-        lines.append(f"| {m} | {acc[0]:.2f} ± {acc[1]:.2f} | {tl[0]:.4f} ± {tl[1]:.4f} | {wall[0]:.1f} ± {wall[1]:.1f} |")
+        lines.append(
+            f"| {m} | {acc[0]:.2f} ± {acc[1]:.2f} | {tl[0]:.4f} ± {tl[1]:.4f} | {wall[0]:.1f} ± {wall[1]:.1f} |"
+        )
     lines += [
         "",
         "Mean ± sample standard deviation over the seeds. Final train loss: mean mini-batch loss of the "
@@ -214,7 +239,7 @@ def write_report(cfg: Config, runs: List[Dict], command: str, data_summary: str,
     return "\n".join(lines)
 
 
-def plot(runs: List[Dict], cfg: Config, path: Path) -> None:
+def plot(runs: list[dict], cfg: Config, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,12 +274,17 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
     ap.add_argument("--seeds", type=int, nargs="+", help=f"seeds (default {' '.join(map(str, d.seeds))})")
     ap.add_argument("--methods", nargs="+", choices=METHODS, help=f"methods (default all: {' '.join(METHODS)})")
-    ap.add_argument("--max-train", type=int, help=f"training images before the validation split (default {d.max_train})")
+    ap.add_argument(
+        "--max-train", type=int, help=f"training images before the validation split (default {d.max_train})"
+    )
     ap.add_argument("--threads", type=int, help=f"torch CPU threads (default {d.threads})")
     ap.add_argument("--data-dir", help="Fashion-MNIST folder (default $RLOPT_DATA_DIR or data/ at the repository root)")
     ap.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
-    ap.add_argument("--out", default=str(runs_path("lr_control")),
-                    help="output folder for lr_control.md, lr_control_lr.png and lr_control.json")
+    ap.add_argument(
+        "--out",
+        default=str(runs_path("lr_control")),
+        help="output folder for lr_control.md, lr_control_lr.png and lr_control.json",
+    )
     args = ap.parse_args(argv)
     cfg = Config()
     if args.smoke:
@@ -266,16 +296,21 @@ def main(argv=None) -> None:
     cfg.download = cfg.download or args.download
     torch.set_num_threads(cfg.threads)
     try:
-        ds = load_dataset("fashion-mnist", data_dir=cfg.data_dir, download=cfg.download, max_train=cfg.max_train,
-                          seed=0)
+        ds = load_dataset(
+            "fashion-mnist", data_dir=cfg.data_dir, download=cfg.download, max_train=cfg.max_train, seed=0
+        )
     except MissingDataError as e:
         fail(ap, missing_data_message(e, "or --smoke --data-dir PATH for a quick check"))
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
-    data = {k: normalize(getattr(ds, k), mean, std) if k.endswith("_x") else getattr(ds, k)
-            for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
-    summary = (f"Fashion-MNIST, stratified subset: {len(ds.train_y)} train / {len(ds.val_y)} validation "
-               f"(held out of {cfg.max_train}) / {len(ds.test_y)} test images")
+    data = {
+        k: normalize(getattr(ds, k), mean, std) if k.endswith("_x") else getattr(ds, k)
+        for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+    }
+    summary = (
+        f"Fashion-MNIST, stratified subset: {len(ds.train_y)} train / {len(ds.val_y)} validation "
+        f"(held out of {cfg.max_train}) / {len(ds.test_y)} test images"
+    )
     print(summary, flush=True)
     runs = []
     t0 = time.perf_counter()
@@ -283,11 +318,15 @@ def main(argv=None) -> None:
         for m in cfg.methods:
             r = run(m, seed, cfg, data)
             runs.append(r)
-            print(f"{m:24s} seed {seed}: test acc {100 * r['test_acc']:.2f} %, final train loss "
-                  f"{r['final_train_loss']:.4f}, {r['wall_s']:.1f} s", flush=True)
+            print(
+                f"{m:24s} seed {seed}: test acc {100 * r['test_acc']:.2f} %, final train loss "
+                f"{r['final_train_loss']:.4f}, {r['wall_s']:.1f} s",
+                flush=True,
+            )
     total = time.perf_counter() - t0
-    command = "python -m benchmarks.lr_control" + ("" if argv is None and len(sys.argv) == 1 else
-                                                   " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = "python -m benchmarks.lr_control" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     report = write_report(cfg, runs, command, summary, total)
     print(report)
     if args.smoke:

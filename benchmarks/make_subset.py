@@ -23,12 +23,12 @@ git-ignored ``benchmarks/runs/fmnist_subset.npz``)::
     python -m benchmarks.make_subset --dataset cifar10 --data-dir ../shared/data/cifar10-jpeg.tar.gz \
         --per-class-train 400 --per-class-test 100 --seed 0      # -> data/meta/cifar10_subset.npz
 """
+
 from __future__ import annotations
 
 import hashlib
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -55,10 +55,10 @@ def _find_tar(path: Path) -> Path:
     raise FileNotFoundError(path)
 
 
-def read_tar_subset(path: Path, per_class: Dict[str, int], seed: int) -> Dict[str, np.ndarray]:
+def read_tar_subset(path: Path, per_class: dict[str, int], seed: int) -> dict[str, np.ndarray]:
     """``per_class[split]`` images of every class of ``split`` ("train"/"test") from an ImageFolder
     tar, sampled with ``seed`` from the sorted member names; only those are decoded."""
-    members: Dict[str, List[Tuple[str, str, bytes]]] = {s: [] for s in per_class}
+    members: dict[str, list[tuple[str, str, bytes]]] = {s: [] for s in per_class}
     with tarfile.open(path, "r:*") as tar:
         for m in tar:
             if not m.isfile() or not m.name.lower().endswith(_IMG_EXT):
@@ -70,7 +70,7 @@ def read_tar_subset(path: Path, per_class: Dict[str, int], seed: int) -> Dict[st
         raise FileNotFoundError(f"{path}: no {'/'.join(per_class)}/<class>/ images inside")
     classes = sorted({c for c, _, _ in members["train"]})
     rng = np.random.default_rng(seed)
-    out: Dict[str, np.ndarray] = {"classes": np.asarray(classes)}
+    out: dict[str, np.ndarray] = {"classes": np.asarray(classes)}
     for split, entries in members.items():
         entries.sort(key=lambda e: e[1])
         labels = np.asarray([classes.index(c) for c, _, _ in entries])
@@ -83,19 +83,30 @@ def read_tar_subset(path: Path, per_class: Dict[str, int], seed: int) -> Dict[st
 
 def main(argv=None) -> None:
     ap = parser("make_subset", __doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default="fashion-mnist",
-                    help="which subset to build")
-    ap.add_argument("--data-dir", required=True,
-                    help="Fashion-MNIST: folder with the idx .gz files; CIFAR-10: an ImageFolder tar or a folder "
-                    "holding one (required)")
-    ap.add_argument("--per-class-train", type=int, default=None,
-                    help="training images per class (default: 500 Fashion-MNIST, 400 CIFAR-10)")
+    ap.add_argument(
+        "--dataset", choices=("fashion-mnist", "cifar10"), default="fashion-mnist", help="which subset to build"
+    )
+    ap.add_argument(
+        "--data-dir",
+        required=True,
+        help="Fashion-MNIST: folder with the idx .gz files; CIFAR-10: an ImageFolder tar or a folder "
+        "holding one (required)",
+    )
+    ap.add_argument(
+        "--per-class-train",
+        type=int,
+        default=None,
+        help="training images per class (default: 500 Fashion-MNIST, 400 CIFAR-10)",
+    )
     ap.add_argument("--per-class-test", type=int, default=100, help="test images per class")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample")
-    ap.add_argument("--out", default=None,
-                    help=f"output .npz file (default: {runs_path(SUBSET_PATH.name).relative_to(REPO_DIR)} for "
-                    f"Fashion-MNIST, whose shipped subset is {SUBSET_PATH.relative_to(REPO_DIR)}; "
-                    f"{CIFAR_SUBSET_PATH.relative_to(REPO_DIR)} for CIFAR-10)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help=f"output .npz file (default: {runs_path(SUBSET_PATH.name).relative_to(REPO_DIR)} for "
+        f"Fashion-MNIST, whose shipped subset is {SUBSET_PATH.relative_to(REPO_DIR)}; "
+        f"{CIFAR_SUBSET_PATH.relative_to(REPO_DIR)} for CIFAR-10)",
+    )
     args = ap.parse_args(argv)
 
     if args.dataset == "cifar10":
@@ -103,8 +114,11 @@ def main(argv=None) -> None:
         try:
             src = _find_tar(Path(args.data_dir))
         except FileNotFoundError:
-            fail(ap, f"no CIFAR-10 image tar at {args.data_dir}: pass --data-dir with cifar10-jpeg.tar.gz "
-                 "or the folder holding it")
+            fail(
+                ap,
+                f"no CIFAR-10 image tar at {args.data_dir}: pass --data-dir with cifar10-jpeg.tar.gz "
+                "or the folder holding it",
+            )
         arrays = read_tar_subset(src, {"train": per_train, "test": args.per_class_test}, args.seed)
         out = Path(args.out) if args.out else CIFAR_SUBSET_PATH
     else:
@@ -116,16 +130,23 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(args.seed)
         tr = per_class_sample(full["train_y"], per_train, rng)
         te = per_class_sample(full["test_y"], args.per_class_test, rng)
-        arrays = dict(train_x=full["train_x"][tr], train_y=full["train_y"][tr].astype(np.uint8),
-                      test_x=full["test_x"][te], test_y=full["test_y"][te].astype(np.uint8),
-                      train_index=tr.astype(np.int32), test_index=te.astype(np.int32),
-                      classes=np.asarray(FMNIST_CLASSES))
+        arrays = dict(
+            train_x=full["train_x"][tr],
+            train_y=full["train_y"][tr].astype(np.uint8),
+            test_x=full["test_x"][te],
+            test_y=full["test_y"][te].astype(np.uint8),
+            train_index=tr.astype(np.int32),
+            test_index=te.astype(np.int32),
+            classes=np.asarray(FMNIST_CLASSES),
+        )
         out = Path(args.out) if args.out else runs_path(SUBSET_PATH.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    print(f"wrote {out}: {len(arrays['train_y'])} train + {len(arrays['test_y'])} test images, "
-          f"{out.stat().st_size / 1e6:.2f} MB, sha256 {sha}")
+    print(
+        f"wrote {out}: {len(arrays['train_y'])} train + {len(arrays['test_y'])} test images, "
+        f"{out.stat().st_size / 1e6:.2f} MB, sha256 {sha}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Models for the benchmarks: torchvision ResNet-18 (CIFAR or ImageNet stem) and a small CNN."""
+
 from __future__ import annotations
 
 import torch
@@ -38,13 +39,19 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(2 * width, num_classes)
 
@@ -58,8 +65,7 @@ MODELS = ("resnet18", "resnet18-imagenet", "small-cnn")
 INITS = (None, "pytorch")
 
 
-def build_model(name: str, num_classes: int, in_channels: int, width: int = 32,
-                init: str | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int, width: int = 32, init: str | None = None) -> nn.Module:
     """``"resnet18"`` (CIFAR stem), ``"resnet18-imagenet"`` or ``"small-cnn"``.
 
     ``init="pytorch"`` re-initialises every convolution of a ResNet with PyTorch's layer default

@@ -13,6 +13,7 @@ timed after ``torch.cuda.synchronize()``. ``--compile`` adds ``torch.compile`` o
 (``--compile-mode reduce-overhead``: with CUDA graphs); ``--cuda-graph`` replays the model's eager
 forward and backward as CUDA graphs instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +36,36 @@ from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 from rlopt.policies import RandomConfig
 
 from .cli import RUNS_DIR, fail, missing_data_message, parser
-from .data import (PAD_MODES, MissingDataError, ImageDataset, augment_crop_flip, iterate_batches, load_dataset, normalize,
-                   symmetric_label_noise)
+from .data import (
+    PAD_MODES,
+    ImageDataset,
+    MissingDataError,
+    augment_crop_flip,
+    iterate_batches,
+    load_dataset,
+    normalize,
+    symmetric_label_noise,
+)
 from .models import INITS, build_model
 
-__all__ = ["TrainConfig", "METHODS", "train", "classification_metrics", "convergence_epoch",
-           "CONVERGENCE_DEFINITION", "environment", "cosine_warmup", "logged_config", "checkpoint_path",
-           "sam_late_branch_epoch", "check_branch", "BRANCH_FIELDS"]
+__all__ = [
+    "TrainConfig",
+    "METHODS",
+    "train",
+    "classification_metrics",
+    "convergence_epoch",
+    "CONVERGENCE_DEFINITION",
+    "environment",
+    "cosine_warmup",
+    "logged_config",
+    "checkpoint_path",
+    "sam_late_branch_epoch",
+    "check_branch",
+    "BRANCH_FIELDS",
+]
 
 #: method name -> one-line description
-METHODS: Dict[str, str] = {
+METHODS: dict[str, str] = {
     "sgd": "SGD (Nesterov momentum), cosine schedule",
     "sam": "SAM over that SGD, cosine schedule",
     "adamw": "AdamW, cosine schedule",
@@ -53,37 +75,50 @@ METHODS: Dict[str, str] = {
     "ppo-sgd-sam": "RLSwitchingOptimizer, PPO policy over {sgd, sam}",
     "ppo-sgd-sam-adamw": "RLSwitchingOptimizer, PPO policy over {sgd, sam, adamw}",
     "random-sgd-sam": "RLSwitchingOptimizer, random policy over {sgd, sam} picking SAM with probability --sam-share "
-                      "(benchmarks.table: the SAM step share of ppo-sgd-sam's run of the same seed)",
+    "(benchmarks.table: the SAM step share of ppo-sgd-sam's run of the same seed)",
     "random-sgd-sam-adam": "RLSwitchingOptimizer, random policy over {sgd, sam, adam} with probabilities "
-                           "--random-probs (benchmarks.table: the step shares of pre-sgd-sam-adam's run of the "
-                           "same seed)",
+    "--random-probs (benchmarks.table: the step shares of pre-sgd-sam-adam's run of the "
+    "same seed)",
     "sam-every-k": "SGD, with a SAM step every --sam-every steps (shared momentum)",
     "sam-last": "SGD, then SAM for the last --sam-last-fraction of the epochs (shared momentum)",
     "pre-sgd-sam": "RLSwitchingOptimizer, shipped policy switch-sgd-sam used zero-shot (frozen)",
     "ppo-sgd-sam-adam": "RLSwitchingOptimizer, PPO policy over {sgd, sam, adam} (the online counterpart of "
-                        "pre-sgd-sam-adam)",
+    "pre-sgd-sam-adam)",
     "pre-sgd-sam-adam": "RLSwitchingOptimizer, shipped policy switch-sgd-sam-adam used zero-shot (frozen)",
     "lr-dqn": "QLearningRateOptimizer over that SGD, shipped policy lr-dqn used zero-shot (frozen), on top of "
-              "the cosine schedule",
+    "the cosine schedule",
     "lr-dqn-online": "QLearningRateOptimizer as lr-dqn, its DQN learning online from scratch",
     "switch": "RLSwitchingOptimizer over {sgd, sam} with policy --policy (a rule: sam-late, ss-sam, ae-sam, "
-              "sam-every:<k>; a shipped policy's name; a checkpoint path) under compute budget --budget (SAM on "
-              "at most that share of the steps)",
+    "sam-every:<k>; a shipped policy's name; a checkpoint path) under compute budget --budget (SAM on "
+    "at most that share of the steps)",
 }
-RL_METHODS = ("const-sgd", "dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam", "pre-sgd-sam",
-              "ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam", "lr-dqn", "lr-dqn-online", "switch")
+RL_METHODS = (
+    "const-sgd",
+    "dqn-sgd-sam",
+    "ppo-sgd-sam",
+    "ppo-sgd-sam-adamw",
+    "random-sgd-sam",
+    "pre-sgd-sam",
+    "ppo-sgd-sam-adam",
+    "pre-sgd-sam-adam",
+    "random-sgd-sam-adam",
+    "lr-dqn",
+    "lr-dqn-online",
+    "switch",
+)
 #: RL methods whose policy is frozen (shipped, constant or random); the others follow --policy-train
-_FROZEN = ("const-sgd", "random-sgd-sam", "random-sgd-sam-adam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn",
-           "switch")
+_FROZEN = ("const-sgd", "random-sgd-sam", "random-sgd-sam-adam", "pre-sgd-sam", "pre-sgd-sam-adam", "lr-dqn", "switch")
 
 #: torch.compile modes accepted by --compile-mode (None: torch's default)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-CONVERGENCE_DEFINITION = ("convergence epoch: the first epoch (1-based) whose test accuracy is within "
-                          "0.5 percentage points of the run's final-epoch test accuracy")
+CONVERGENCE_DEFINITION = (
+    "convergence epoch: the first epoch (1-based) whose test accuracy is within "
+    "0.5 percentage points of the run's final-epoch test accuracy"
+)
 
 
-def _probs(text: Optional[str], n: int) -> Optional[Tuple[float, ...]]:
+def _probs(text: Optional[str], n: int) -> Optional[tuple[float, ...]]:
     """``"0.4,0.3,0.3"`` -> (0.4, 0.3, 0.3); None stays None (uniform)."""
     if text is None:
         return None
@@ -92,8 +127,9 @@ def _probs(text: Optional[str], n: int) -> Optional[Tuple[float, ...]]:
     except ValueError:
         raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated numbers") from None
     if len(probs) != n or any(not p >= 0 for p in probs) or not sum(probs) > 0:
-        raise ValueError(f"Invalid random_probs {text!r}: expected {n} comma-separated non-negative numbers "
-                         "with a positive sum")
+        raise ValueError(
+            f"Invalid random_probs {text!r}: expected {n} comma-separated non-negative numbers with a positive sum"
+        )
     return probs
 
 
@@ -229,11 +265,12 @@ class TrainConfig:
         noise = f"_noise{self.label_noise:g}" if self.label_noise else ""
         fast = "_cudagraph" if self.cuda_graph else f"_compile-{self.compile_mode or 'default'}" if self.compile else ""
         tag = f"_{self.tag}" if self.tag else ""
-        return (f"{self.dataset}_{self.model}_{self.method_name()}_e{self.epochs}_s{self.seed}{init}{pad}{noise}"
-                f"{fast}{tag}")
+        return (
+            f"{self.dataset}_{self.model}_{self.method_name()}_e{self.epochs}_s{self.seed}{init}{pad}{noise}{fast}{tag}"
+        )
 
 
-def logged_config(config: Dict[str, Any]) -> Dict[str, Any]:
+def logged_config(config: dict[str, Any]) -> dict[str, Any]:
     """A run log's ``config`` as today's :class:`TrainConfig` reads it: a field the log predates
     takes the value those runs had (``pad_mode`` "zeros": zero padding was the default then; the
     others their defaults), and ``pad_mode`` None, the old spelling of zeros, reads as "zeros"."""
@@ -245,7 +282,7 @@ def logged_config(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ metrics
-def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> Dict[str, float]:
+def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy and macro-averaged precision, recall and F1 (each the unweighted mean over classes
     of the per-class value; a class with no predicted or no true sample scores 0 there, as
     scikit-learn with ``zero_division=0``)."""
@@ -257,11 +294,15 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes
     recall = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
-    return {"acc": float(tp.sum() / cm.sum().clamp_min(1)), "precision": float(precision.mean()),
-            "recall": float(recall.mean()), "f1": float(f1.mean())}
+    return {
+        "acc": float(tp.sum() / cm.sum().clamp_min(1)),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+    }
 
 
-def convergence_epoch(test_acc: List[float], tol: float = 0.005) -> Optional[int]:
+def convergence_epoch(test_acc: list[float], tol: float = 0.005) -> Optional[int]:
     """See :data:`CONVERGENCE_DEFINITION` (accuracies as fractions, ``tol`` 0.005 = 0.5 points)."""
     if not test_acc:
         return None
@@ -271,11 +312,13 @@ def convergence_epoch(test_acc: List[float], tol: float = 0.005) -> Optional[int
 
 def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR factor per step: linear warm-up to 1 over ``warmup_steps``, then cosine to 0."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
     return factor
 
 
@@ -291,21 +334,41 @@ def source_commit() -> Optional[str]:
     try:
         head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
-            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "rlopt",
-                                          "benchmarks", ":!benchmarks/results"],
-                                   capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(
+                git
+                + [
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                    "--",
+                    "rlopt",
+                    "benchmarks",
+                    ":!benchmarks/results",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return None
 
 
-def environment(device: torch.device) -> Dict[str, Any]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device), "commit": source_commit()}
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "commit": source_commit(),
+    }
     try:
         import torchvision
+
         env["torchvision"] = torchvision.__version__
     except ImportError:  # pragma: no cover
         pass
@@ -361,26 +424,48 @@ class _Stepper:
             self.opt = torch.optim.Adam(params, lr=cfg.adam_lr, **fused_kw)
         elif m in ("lr-dqn", "lr-dqn-online"):
             self.opt = self.rl = QLearningRateOptimizer(
-                params, base=("sgd", {"nesterov": True}), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                momentum=cfg.momentum, control=("lr",),
+                params,
+                base=("sgd", {"nesterov": True}),
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum,
+                control=("lr",),
                 policy=(cfg.pretrained or "lr-dqn") if m == "lr-dqn" else "dqn",
-                interval=cfg.interval, seed=cfg.seed, total_epochs=cfg.epochs,
-                total_steps=cfg.epochs * steps_per_epoch, train_policy=None if m in _FROZEN else cfg.policy_train)
+                interval=cfg.interval,
+                seed=cfg.seed,
+                total_epochs=cfg.epochs,
+                total_steps=cfg.epochs * steps_per_epoch,
+                train_policy=None if m in _FROZEN else cfg.policy_train,
+            )
         elif m == "switch":
             sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
             self.opt = self.rl = RLSwitchingOptimizer(
-                params, choices={"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}, policy=cfg.policy, interval=cfg.interval,
-                lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed, total_epochs=cfg.epochs,
-                total_steps=cfg.epochs * steps_per_epoch, train_policy=None, compute_budget=cfg.budget)
+                params,
+                choices={"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)},
+                policy=cfg.policy,
+                interval=cfg.interval,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                seed=cfg.seed,
+                total_epochs=cfg.epochs,
+                total_steps=cfg.epochs * steps_per_epoch,
+                train_policy=None,
+                compute_budget=cfg.budget,
+            )
         else:
             sgd = {"nesterov": True, "weight_decay": cfg.weight_decay}
-            choices: Dict[str, Dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
-            policy: Any = {"dqn-sgd-sam": "dqn", "ppo-sgd-sam": "ppo", "ppo-sgd-sam-adamw": "ppo",
-                           "ppo-sgd-sam-adam": "ppo", "const-sgd": "constant:sgd",
-                           "pre-sgd-sam": cfg.pretrained or "switch-sgd-sam",
-                           "pre-sgd-sam-adam": cfg.pretrained or "switch-sgd-sam-adam",
-                           "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share)),
-                           "random-sgd-sam-adam": RandomConfig(probs=_probs(cfg.random_probs, 3))}[m]
+            choices: dict[str, dict[str, Any]] = {"sgd": sgd, "sam": dict(sgd, rho=cfg.rho)}
+            policy: Any = {
+                "dqn-sgd-sam": "dqn",
+                "ppo-sgd-sam": "ppo",
+                "ppo-sgd-sam-adamw": "ppo",
+                "ppo-sgd-sam-adam": "ppo",
+                "const-sgd": "constant:sgd",
+                "pre-sgd-sam": cfg.pretrained or "switch-sgd-sam",
+                "pre-sgd-sam-adam": cfg.pretrained or "switch-sgd-sam-adam",
+                "random-sgd-sam": RandomConfig(probs=(1.0 - cfg.sam_share, cfg.sam_share)),
+                "random-sgd-sam-adam": RandomConfig(probs=_probs(cfg.random_probs, 3)),
+            }[m]
             if m == "const-sgd":
                 choices = {"sgd": sgd}
             if m == "ppo-sgd-sam-adamw":
@@ -388,9 +473,17 @@ class _Stepper:
             if m in ("ppo-sgd-sam-adam", "pre-sgd-sam-adam", "random-sgd-sam-adam"):  # as "adam": no weight decay
                 choices["adam"] = {"lr": cfg.adam_lr, "weight_decay": 0.0}
             self.opt = self.rl = RLSwitchingOptimizer(
-                params, choices=choices, policy=policy, interval=cfg.interval, lr=cfg.lr, momentum=cfg.momentum,
-                seed=cfg.seed, total_epochs=cfg.epochs, total_steps=cfg.epochs * steps_per_epoch,
-                train_policy=None if m in _FROZEN else cfg.policy_train)
+                params,
+                choices=choices,
+                policy=policy,
+                interval=cfg.interval,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                seed=cfg.seed,
+                total_epochs=cfg.epochs,
+                total_steps=cfg.epochs * steps_per_epoch,
+                train_policy=None if m in _FROZEN else cfg.policy_train,
+            )
         self.sam_from_epoch = cfg.epochs - int(round(cfg.sam_last_fraction * cfg.epochs))
 
     @property
@@ -442,7 +535,7 @@ class _Stepper:
 
 # ---------------------------------------------------------------------------------- training
 @torch.no_grad()
-def evaluate(model, x_u8, y, mean, std, cfg: TrainConfig, device, num_classes: int) -> Dict[str, float]:
+def evaluate(model, x_u8, y, mean, std, cfg: TrainConfig, device, num_classes: int) -> dict[str, float]:
     model.eval()
     cl = cfg.channels_last and device.type == "cuda"
     total_loss = torch.zeros((), device=device)
@@ -515,7 +608,7 @@ def sam_late_branch_epoch(budget: float, epochs: int, steps_per_epoch: int, inte
     return max(0, math.floor(((1.0 - budget) * total - every) / steps_per_epoch + 1e-9))  # 0.7 * 2760 < 1932
 
 
-def check_branch(cfg: TrainConfig, ck: Dict[str, Any], steps_per_epoch: int) -> None:
+def check_branch(cfg: TrainConfig, ck: dict[str, Any], steps_per_epoch: int) -> None:
     """Refuse to start ``cfg`` from checkpoint ``ck`` unless the checkpointed run is ``cfg``'s
     own run up to ``ck["epoch"]``: the same config but for :data:`BRANCH_FIELDS`, and a budget
     change only for a sam-late ``switch`` run that spent nothing and branches no later than
@@ -525,37 +618,52 @@ def check_branch(cfg: TrainConfig, ck: Dict[str, Any], steps_per_epoch: int) -> 
     old, new = logged_config(ck["config"]), json.loads(json.dumps(dataclasses.asdict(cfg)))
     differ = sorted(k for k in new if k not in BRANCH_FIELDS and old.get(k) != new[k])
     if differ:
-        raise ValueError(f"The checkpoint's run differs from this run in {differ}: "
-                         + ", ".join(f"{k}={old.get(k)!r} there, {new[k]!r} here" for k in differ))
+        raise ValueError(
+            f"The checkpoint's run differs from this run in {differ}: "
+            + ", ".join(f"{k}={old.get(k)!r} there, {new[k]!r} here" for k in differ)
+        )
     epoch = int(ck["epoch"])
     if not 0 < epoch < cfg.epochs:
         raise ValueError(f"Invalid checkpoint epoch {epoch} for a run of {cfg.epochs} epochs")
     if old.get("budget") != cfg.budget:
         if cfg.method != "switch" or cfg.policy != "sam-late" or cfg.budget is None or old.get("budget") is None:
-            raise ValueError("Only a sam-late switch run may start from a checkpoint at another budget, got "
-                             f"method {cfg.method!r}, policy {cfg.policy!r}, budget {old.get('budget')!r} -> {cfg.budget!r}")
+            raise ValueError(
+                "Only a sam-late switch run may start from a checkpoint at another budget, got "
+                f"method {cfg.method!r}, policy {cfg.policy!r}, budget {old.get('budget')!r} -> {cfg.budget!r}"
+            )
         extra = ck["optimizer"]["rlopt"]["extra"]
         if extra.get("spent") or extra.get("overridden"):
-            raise ValueError(f"The checkpoint's run spent budget ({extra.get('spent')} extra gradient evaluations, "
-                             f"{extra.get('overridden')} steps overridden): it is not this run's prefix")
+            raise ValueError(
+                f"The checkpoint's run spent budget ({extra.get('spent')} extra gradient evaluations, "
+                f"{extra.get('overridden')} steps overridden): it is not this run's prefix"
+            )
         limit = sam_late_branch_epoch(cfg.budget, cfg.epochs, steps_per_epoch, cfg.interval)
         if epoch > limit:
-            raise ValueError(f"sam-late at budget {cfg.budget} may start from a checkpoint at epoch {limit} at the "
-                             f"latest (its first SAM decision comes after it), not {epoch}")
+            raise ValueError(
+                f"sam-late at budget {cfg.budget} may start from a checkpoint at epoch {limit} at the "
+                f"latest (its first SAM decision comes after it), not {epoch}"
+            )
 
 
-def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # other processes wait for the file: write it whole
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool = False,
-          log: Callable[[str], None] = print, *, checkpoint_epochs: Sequence[int] = (),
-          checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
-          start_from: Optional[Union[str, os.PathLike]] = None, stop_after: Optional[int] = None,
-          log_decisions: bool = True) -> Dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    data: Optional[ImageDataset] = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    *,
+    checkpoint_epochs: Sequence[int] = (),
+    checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+    start_from: Optional[Union[str, os.PathLike]] = None,
+    stop_after: Optional[int] = None,
+    log_decisions: bool = True,
+) -> dict[str, Any]:
     """Run one training run; return (and write, if ``cfg.out_dir``) its log as a dict.
 
     ``checkpoint_epochs``: after each of these epochs write a checkpoint (model, optimizer,
@@ -579,8 +687,10 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     if cfg.compile_mode is not None and not cfg.compile:
         raise ValueError(f"compile_mode {cfg.compile_mode!r} is set but compile is not")
     if cfg.cuda_graph and cfg.compile:
-        raise ValueError("cuda_graph and compile exclude each other (compile_mode='reduce-overhead' makes CUDA "
-                         "graphs of the compiled model)")
+        raise ValueError(
+            "cuda_graph and compile exclude each other (compile_mode='reduce-overhead' makes CUDA "
+            "graphs of the compiled model)"
+        )
     if not 0.0 <= cfg.label_noise <= 1.0:
         raise ValueError(f"Invalid label_noise: {cfg.label_noise} (a fraction in [0, 1])")
     if checkpoint_epochs and checkpoint_dir is None:
@@ -595,8 +705,16 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction, seed=0,
-                            cache_dir=cfg.cache_dir, max_train=cfg.max_train, max_test=cfg.max_test)
+        data = load_dataset(
+            cfg.dataset,
+            cfg.data_dir,
+            cfg.download,
+            cfg.val_fraction,
+            seed=0,
+            cache_dir=cfg.cache_dir,
+            max_train=cfg.max_train,
+            max_test=cfg.max_test,
+        )
     ck = torch.load(start_from, map_location="cpu", weights_only=True) if start_from is not None else None
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -621,10 +739,15 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(ty)} training images")
     if cfg.cuda_graph:  # the capture's input: a batch made as the training batches are (shape, layout)
-        sample = tx[:cfg.batch_size]
+        sample = tx[: cfg.batch_size]
         if cfg.augment:  # a generator of its own: the run's draws stay as without graphs
-            sample = augment_crop_flip(sample, cfg.crop_pad, flip=True, pad_mode=cfg.pad_mode,
-                                       generator=torch.Generator(device=device).manual_seed(0))
+            sample = augment_crop_flip(
+                sample,
+                cfg.crop_pad,
+                flip=True,
+                pad_mode=cfg.pad_mode,
+                generator=torch.Generator(device=device).manual_seed(0),
+            )
         fwd = graph_model(model, normalize(sample, mean, std, cl), cfg.bf16)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -637,18 +760,22 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     sched = torch.optim.lr_scheduler.LambdaLR(stepper.scheduled, cosine_warmup(total_steps, warmup))
 
     env = environment(device)
-    log(f"[{cfg.run_name()}] {data.summary()} | {METHODS[cfg.method]} | {env['device']} "
-        f"{env.get('gpu', env['cpu'])} | torch {env['torch']} | {steps_per_epoch} steps/epoch")
-    epochs: List[Dict[str, Any]] = []
-    choice_ids: Dict[str, int] = {}
-    step_choices: List[int] = []  # choice per step, as small ints (host only, no sync)
+    log(
+        f"[{cfg.run_name()}] {data.summary()} | {METHODS[cfg.method]} | {env['device']} "
+        f"{env.get('gpu', env['cpu'])} | torch {env['torch']} | {steps_per_epoch} steps/epoch"
+    )
+    epochs: list[dict[str, Any]] = []
+    choice_ids: dict[str, int] = {}
+    step_choices: list[int] = []  # choice per step, as small ints (host only, no sync)
     start_epoch, branched_from, elapsed = 0, None, 0.0
     if ck is not None:
         check_branch(cfg, ck, steps_per_epoch)
         state = ck["optimizer"]
         if logged_config(ck["config"]).get("budget") != cfg.budget:  # nothing spent (checked): any budget's state
-            state = {**state, "rlopt": {**state["rlopt"], "extra": {**state["rlopt"]["extra"],
-                                                                      "compute_budget": cfg.budget}}}
+            state = {
+                **state,
+                "rlopt": {**state["rlopt"], "extra": {**state["rlopt"]["extra"], "compute_budget": cfg.budget}},
+            }
         stepper.opt.load_state_dict(state)
         sched.load_state_dict(ck["scheduler"])
         gen.set_state(ck["generator"])
@@ -658,14 +785,21 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         choice_ids = {str(k): int(v) for k, v in ck["choice_ids"].items()}
         step_choices = [int(c) for c in ck["step_choices"]]
         start_epoch, elapsed = int(ck["epoch"]), float(ck["elapsed"])
-        branched_from = {"run": ck["run_name"], "epoch": start_epoch, "path": str(start_from),
-                         "budget": logged_config(ck["config"]).get("budget"), "before": ck.get("branched_from")}
+        branched_from = {
+            "run": ck["run_name"],
+            "epoch": start_epoch,
+            "path": str(start_from),
+            "budget": logged_config(ck["config"]).get("budget"),
+            "before": ck.get("branched_from"),
+        }
         log(f"[{cfg.run_name()}] starts from {start_from} (epoch {start_epoch})")
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=cfg.method, leave=False,
-                   dynamic_ncols=True)
+
+        bar = tqdm(
+            total=total_steps, initial=start_epoch * steps_per_epoch, desc=cfg.method, leave=False, dynamic_ncols=True
+        )
     t_run = time.perf_counter()
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     for epoch in range(start_epoch, last):
@@ -705,24 +839,47 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         eval_time = time.perf_counter() - t1
         train_loss = float(loss_sum) / steps_per_epoch
         stepper.epoch_end(val.get("loss"), val.get("acc"))  # None without a validation split: training loss
-        rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val.get("loss"), "val_acc": val.get("acc"),
-               "test_loss": test["loss"], "test_acc": test["acc"], "test_f1": test["f1"],
-               "test_precision": test["precision"], "test_recall": test["recall"],
-               "lr": sched.get_last_lr()[0], "train_seconds": train_time, "eval_seconds": eval_time,
-               "grad_evals": grad_evals}
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val.get("loss"),
+            "val_acc": val.get("acc"),
+            "test_loss": test["loss"],
+            "test_acc": test["acc"],
+            "test_f1": test["f1"],
+            "test_precision": test["precision"],
+            "test_recall": test["recall"],
+            "lr": sched.get_last_lr()[0],
+            "train_seconds": train_time,
+            "eval_seconds": eval_time,
+            "grad_evals": grad_evals,
+        }
         epochs.append(rec)
         if bar is not None:
             bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{100 * test['acc']:.1f}")
         else:
-            log(f"  epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  val acc "
-                f"{100 * (val.get('acc') or 0):.2f}  test acc {100 * test['acc']:.2f}  {train_time:.2f}s")
+            log(
+                f"  epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  val acc "
+                f"{100 * (val.get('acc') or 0):.2f}  test acc {100 * test['acc']:.2f}  {train_time:.2f}s"
+            )
         if epoch + 1 in checkpoint_epochs and epoch + 1 < cfg.epochs:
-            state = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "run_name": cfg.run_name(),
-                     "epoch": epoch + 1, "model": model.state_dict(), "optimizer": stepper.opt.state_dict(),
-                     "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                     "stepper": {"step_count": stepper.step_count, "epoch": stepper.epoch}, "epochs": epochs,
-                     "choice_ids": choice_ids, "step_choices": step_choices, "branched_from": branched_from,
-                     "elapsed": elapsed + time.perf_counter() - t_run}
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "config": dataclasses.asdict(cfg),
+                "run_name": cfg.run_name(),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": stepper.opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "stepper": {"step_count": stepper.step_count, "epoch": stepper.epoch},
+                "epochs": epochs,
+                "choice_ids": choice_ids,
+                "step_choices": step_choices,
+                "branched_from": branched_from,
+                "elapsed": elapsed + time.perf_counter() - t_run,
+            }
             _save_checkpoint(checkpoint_path(checkpoint_dir, cfg, epoch + 1), state)
     wall = elapsed + time.perf_counter() - t_run
     if bar is not None:
@@ -732,7 +889,7 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         return {"config": dataclasses.asdict(cfg), "epochs": epochs, "stopped_after": last, "wall_seconds": wall}
 
     names = {v: k for k, v in choice_ids.items()}
-    segments: List[Tuple[int, int, str]] = []  # [first step, last step + 1, choice]
+    segments: list[tuple[int, int, str]] = []  # [first step, last step + 1, choice]
     for s, c in enumerate(step_choices):
         if segments and segments[-1][2] == names[c]:
             segments[-1][1] = s + 1
@@ -746,22 +903,38 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
     accs = [e["test_acc"] for e in epochs]
     secs = sorted(e["train_seconds"] for e in epochs)
     summary = {
-        "final_test_acc": accs[-1], "best_test_acc": max(accs), "final_val_acc": epochs[-1]["val_acc"],
-        "final_test_f1": epochs[-1]["test_f1"], "final_test_precision": epochs[-1]["test_precision"],
+        "final_test_acc": accs[-1],
+        "best_test_acc": max(accs),
+        "final_val_acc": epochs[-1]["val_acc"],
+        "final_test_f1": epochs[-1]["test_f1"],
+        "final_test_precision": epochs[-1]["test_precision"],
         "final_test_recall": epochs[-1]["test_recall"],
-        "convergence_epoch": convergence_epoch(accs), "convergence_definition": CONVERGENCE_DEFINITION,
-        "train_seconds_total": sum(secs), "wall_seconds": wall,
-        "seconds_per_epoch_median": secs[len(secs) // 2], "seconds_per_epoch_min": secs[0],
-        "seconds_per_epoch_max": secs[-1], "steps": len(step_choices),
+        "convergence_epoch": convergence_epoch(accs),
+        "convergence_definition": CONVERGENCE_DEFINITION,
+        "train_seconds_total": sum(secs),
+        "wall_seconds": wall,
+        "seconds_per_epoch_median": secs[len(secs) // 2],
+        "seconds_per_epoch_min": secs[0],
+        "seconds_per_epoch_max": secs[-1],
+        "steps": len(step_choices),
         "grad_evals": sum(e["grad_evals"] for e in epochs),
         "step_share": {n: c / max(1, len(step_choices)) for n, c in counts.items()},
     }
     data_summary = data.summary()
     if cfg.label_noise:
-        data_summary += (f"; label noise: {len(noisy)} of {len(train_y)} training labels replaced by another class "
-                         f"(seed {cfg.seed}), validation and test labels clean")
-    result = {"config": dataclasses.asdict(cfg), "environment": env, "data": data_summary,
-              "epochs": epochs, "summary": summary, "choice_segments": segments, "decisions": decisions}
+        data_summary += (
+            f"; label noise: {len(noisy)} of {len(train_y)} training labels replaced by another class "
+            f"(seed {cfg.seed}), validation and test labels clean"
+        )
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "environment": env,
+        "data": data_summary,
+        "epochs": epochs,
+        "summary": summary,
+        "choice_segments": segments,
+        "decisions": decisions,
+    }
     if branched_from is not None:
         result["branched_from"] = branched_from
     result = _json_safe(result)
@@ -771,19 +944,21 @@ def train(cfg: TrainConfig, data: Optional[ImageDataset] = None, progress: bool 
         path = out / f"{cfg.run_name()}.json"
         path.write_text(json.dumps(result, indent=1))
         result["path"] = str(path)
-    log(f"[{cfg.run_name()}] final test acc {100 * accs[-1]:.2f}%  best {100 * max(accs):.2f}%  "
+    log(
+        f"[{cfg.run_name()}] final test acc {100 * accs[-1]:.2f}%  best {100 * max(accs):.2f}%  "
         f"convergence epoch {summary['convergence_epoch']}  {sum(secs):.1f}s training  "
-        f"steps per optimizer {counts}")
+        f"steps per optimizer {counts}"
+    )
     return result
 
 
 # -------------------------------------------------------------------------------------- CLI
-def add_config_args(ap: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) -> None:
+def add_config_args(ap: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per TrainConfig field (help text: the field's docstring)."""
     import ast
     import inspect
 
-    docs: Dict[str, str] = {}
+    docs: dict[str, str] = {}
     src = inspect.getsource(TrainConfig)
     tree = ast.parse(src)
     body = tree.body[0].body
@@ -813,7 +988,7 @@ def config_from_args(args: argparse.Namespace, **override) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-def main(argv=None) -> Dict[str, Any]:
+def main(argv=None) -> dict[str, Any]:
     ap = parser("train", "One benchmark training run. Methods: " + ", ".join(METHODS))
     add_config_args(ap)
     ap.add_argument("--progress", action="store_true", help="tqdm progress bar")

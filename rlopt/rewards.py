@@ -30,11 +30,13 @@ so the swing of the validation metrics that follows each switch earns nothing. O
 potential-based shaping term ``gamma * Phi(s') - Phi(s)`` (Ng et al., 1999), which leaves the best
 policy unchanged, e.g. :func:`sharpness_potential`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, cast
+from typing import Callable, Optional, cast
 
 from .control.observation import Signals
 
@@ -123,13 +125,13 @@ class BaselineReward(SwitchingReward):
     left is what the choices changed.
     """
 
-    reference: Sequence[Tuple[float, float]] = ()
+    reference: Sequence[tuple[float, float]] = ()
 
     def __post_init__(self) -> None:
         ref = [tuple(map(float, r)) for r in self.reference]
         if not ref or any(len(r) != 2 or not all(map(math.isfinite, r)) or r[0] <= 0 for r in ref):
             raise ValueError("BaselineReward needs reference = [(val_loss > 0, val_acc), ...] per epoch, all finite")
-        self.reference = cast(List[Tuple[float, float]], ref)  # pairs: checked above
+        self.reference = cast(list[tuple[float, float]], ref)  # pairs: checked above
 
     def _epoch(self, s: Signals) -> Optional[int]:
         """0-based index into ``reference`` of the epoch whose validation ``s`` carries."""
@@ -173,7 +175,7 @@ class FinalReward:
     state after the final decision is taken as 0. E.g. :func:`sharpness_potential`.
     """
 
-    reference: Tuple[float, float] = (math.nan, math.nan)
+    reference: tuple[float, float] = (math.nan, math.nan)
     acc: float = 10.0
     loss: float = 1.0
     skipped: float = 1.0

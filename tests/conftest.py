@@ -3,6 +3,7 @@
 Everything is tiny (a 4-8-3 MLP on 16 samples) and seeded with local generators, so the
 whole suite runs in seconds on a CPU and never depends on the global torch RNG.
 """
+
 from __future__ import annotations
 
 import io
@@ -130,8 +131,9 @@ def assert_tree_equal(a, b, path="root"):
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), path
         assert a.shape == b.shape and a.dtype == b.dtype, path
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                     and torch.equal(a.nan_to_num(), b.nan_to_num())), path
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ), path
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b) if isinstance(b, dict) else b)
         for k in a:

@@ -4,6 +4,7 @@ usage: python ddp_worker.py RANK INIT_METHOD OUT CASE [CASE ...]; writes {case: 
 A case is KIND-POLICY-MODE. Each rank trains on its own shard with its own seed; only rank 0
 reports validation metrics unless the mode says otherwise.
 """
+
 import copy
 import pickle
 import sys
@@ -32,14 +33,21 @@ def run(case, rank):
         x[4:] = float("nan")  # from step 5 on: NaN gradients on every rank once DDP has averaged them
     group = dist.new_group([0, 1]) if mode == "group" else "auto" if sync else None
     interval = "epoch" if mode == "val" else 3
-    common = dict(interval=interval, lr=0.05, seed=rank, total_steps=STEPS, process_group=group,
-                  max_nonfinite_steps=2 if mode == "gradnan" else 1)
+    common = dict(
+        interval=interval,
+        lr=0.05,
+        seed=rank,
+        total_steps=STEPS,
+        process_group=group,
+        max_nonfinite_steps=2 if mode == "gradnan" else 1,
+    )
     if kind == "switching":
         opt = RLSwitchingOptimizer(net.parameters(), choices=["sgd", "sam", "adam"], policy=policy, **common)
     else:
         opt = QLearningRateOptimizer(net.parameters(), **common)
     raised = None
     for i in range(STEPS):
+
         def closure(i=i):
             opt.zero_grad()
             loss = F.cross_entropy(net(x[i]), y[i])
@@ -47,6 +55,7 @@ def run(case, rank):
             if mode == "lossnan" and rank == 1 and i == 5:  # this rank's loss only: its gradient is finite
                 return loss.detach() * float("nan")
             return loss
+
         try:
             opt.step(closure)
         except RuntimeError as err:
@@ -68,14 +77,17 @@ def run(case, rank):
                 opt.epoch_end(val_acc=0.2)
             else:
                 opt.epoch_end()
-    out = {"choices": [h["choice"] for h in opt.history],
-           "observations": [h["observation"] for h in opt.history],
-           "rewards": [h["reward"] for h in opt.history],
-           "val_loss": [h["signals"]["val_loss"] for h in opt.history],
-           "val_acc": [h["signals"]["val_acc"] for h in opt.history],
-           "skipped": [h["signals"]["skipped"] for h in opt.history],
-           "params": [p.detach().clone() for p in model.parameters()],
-           "policy": opt.policy.state_dict(), "raised": raised}
+    out = {
+        "choices": [h["choice"] for h in opt.history],
+        "observations": [h["observation"] for h in opt.history],
+        "rewards": [h["reward"] for h in opt.history],
+        "val_loss": [h["signals"]["val_loss"] for h in opt.history],
+        "val_acc": [h["signals"]["val_acc"] for h in opt.history],
+        "skipped": [h["signals"]["skipped"] for h in opt.history],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "policy": opt.policy.state_dict(),
+        "raised": raised,
+    }
     if mode == "group":
         twin = copy.deepcopy(opt)
         out["deepcopy_keeps_group"] = twin.controller.process_group is group and twin._in_group()
@@ -96,8 +108,14 @@ def opt_auto(net):
 def outside_member(rank):
     """A group of rank 0 alone: rank 1 is outside it, and both decide alone without waiting."""
     group = dist.new_group([0])
-    opt = RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(2))], choices=["sgd", "adam"], policy="random",
-                               interval=1, seed=rank, process_group=group)
+    opt = RLSwitchingOptimizer(
+        [torch.nn.Parameter(torch.zeros(2))],
+        choices=["sgd", "adam"],
+        policy="random",
+        interval=1,
+        seed=rank,
+        process_group=group,
+    )
     for _ in range(3):
         opt.param_groups[0]["params"][0].grad = torch.ones(2)
         opt.step()

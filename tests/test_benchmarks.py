@@ -1,5 +1,6 @@
 """Tests of the benchmarks package: metrics, data loaders, splits, smoke mode of every method,
 the demo and overhead scripts at toy sizes, and the quickstart notebook (executed with nbclient)."""
+
 import gzip
 import json
 import math
@@ -15,10 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not an installed package
 
-from benchmarks.data import (augment_crop_flip, iterate_batches, load_dataset, read_idx,  # noqa: E402
-                             stratified_split)
-from benchmarks.train import (METHODS, classification_metrics, convergence_epoch,  # noqa: E402
-                              cosine_warmup)
+from benchmarks.data import augment_crop_flip, iterate_batches, load_dataset, read_idx, stratified_split  # noqa: E402
+from benchmarks.train import METHODS, classification_metrics, convergence_epoch, cosine_warmup  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -101,8 +100,9 @@ def test_read_idx_roundtrip(tmp_path):
 @pytest.mark.parametrize("sub", [".", "FashionMNIST/raw"])
 def test_fashion_mnist_idx_loader_and_cache(idx_dir, tmp_path, sub):
     cache = tmp_path / "cache"
-    ds = load_dataset("fashion-mnist", data_dir=idx_dir / sub if sub != "." else idx_dir, cache_dir=cache,
-                      val_fraction=0.2, seed=0)
+    ds = load_dataset(
+        "fashion-mnist", data_dir=idx_dir / sub if sub != "." else idx_dir, cache_dir=cache, val_fraction=0.2, seed=0
+    )
     assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (80, 1, 28, 28)
     assert ds.val_x.shape == (20, 1, 28, 28) and ds.test_x.shape == (20, 1, 28, 28)
     assert ds.train_y.dtype == torch.int64 and ds.num_classes == 10 and ds.in_channels == 1
@@ -179,10 +179,16 @@ def test_augmentation_and_batches():
     # a crop of the zero-padded image: every non-zero value sits at its original position shifted
     for a, b in zip(x, z):
         pad = torch.nn.functional.pad(a, (2, 2, 2, 2))
-        assert any(torch.equal(pad[:, i:i + 4, j:j + 4], b) for i in range(5) for j in range(5))
+        assert any(torch.equal(pad[:, i : i + 4, j : j + 4], b) for i in range(5) for j in range(5))
     labels = torch.arange(10)
-    seen = torch.cat([yb for _, yb in iterate_batches(labels, labels, 3, shuffle=True, drop_last=True,
-                                                      generator=torch.Generator().manual_seed(0))])
+    seen = torch.cat(
+        [
+            yb
+            for _, yb in iterate_batches(
+                labels, labels, 3, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+            )
+        ]
+    )
     assert len(seen) == 9 and len(set(seen.tolist())) == 9
 
 
@@ -202,8 +208,8 @@ def test_augmentation_matches_a_per_image_reference(pad_mode):
         flips = torch.rand(n, generator=ref_g) < 0.5
         mode = "constant" if pad_mode == "zeros" else pad_mode
         for i in range(n):
-            padded = torch.nn.functional.pad(x[i:i + 1].float(), (pad,) * 4, mode=mode)[0].to(torch.uint8)
-            crop = padded[:, dy[i]:dy[i] + 7, dx[i]:dx[i] + 9]
+            padded = torch.nn.functional.pad(x[i : i + 1].float(), (pad,) * 4, mode=mode)[0].to(torch.uint8)
+            crop = padded[:, dy[i] : dy[i] + 7, dx[i] : dx[i] + 9]
             assert torch.equal(out[i], crop.flip(2) if flips[i] else crop)
         assert torch.equal(g.get_state(), ref_g.get_state())
     assert out.is_contiguous(memory_format=torch.channels_last)  # normalize's channels_last copy is free
@@ -226,8 +232,13 @@ def test_smoke_every_method(tmp_path):
         assert len(run["epochs"]) == 2 and run["summary"]["steps"] == 6
         assert 0.0 <= run["summary"]["final_test_acc"] <= 1.0
         assert abs(sum(run["summary"]["step_share"].values()) - 1.0) < 1e-9
-        if cfg["method"] in ("dqn-sgd-sam", "ppo-sgd-sam", "ppo-sgd-sam-adamw", "random-sgd-sam",
-                             "random-sgd-sam-adam"):
+        if cfg["method"] in (
+            "dqn-sgd-sam",
+            "ppo-sgd-sam",
+            "ppo-sgd-sam-adamw",
+            "random-sgd-sam",
+            "random-sgd-sam-adam",
+        ):
             assert run["decisions"] and any(d["reward"] is not None for d in run["decisions"])
         if cfg["method"] == "sam-every-k":
             assert run["summary"]["step_share"] == {"sgd": 0.5, "sam": 0.5}
@@ -260,9 +271,32 @@ def test_table_in_pieces_matches_random_share_and_aggregates(tmp_path):
     share of ppo-sgd-sam's run of the same seed; a missing run is listed, not invented."""
     from benchmarks.table import main
 
-    tiny = ["--dataset", "fmnist-subset", "--model", "small-cnn", "--width", "4", "--max-train", "400",
-            "--max-test", "100", "--batch-size", "64", "--epochs", "2", "--max-steps-per-epoch", "4",
-            "--interval", "2", "--device", "cpu", "--seeds", "1", "--out", str(tmp_path / "t")]
+    tiny = [
+        "--dataset",
+        "fmnist-subset",
+        "--model",
+        "small-cnn",
+        "--width",
+        "4",
+        "--max-train",
+        "400",
+        "--max-test",
+        "100",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--max-steps-per-epoch",
+        "4",
+        "--interval",
+        "2",
+        "--device",
+        "cpu",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "t"),
+    ]
     first = main(tiny + ["--methods", "sgd", "ppo-sgd-sam", "--claim"])
     assert "rows" not in first and not list((tmp_path / "t" / "runs").glob("*.claim"))
     main(tiny + ["--methods", "random-sgd-sam", "--claim"])
@@ -285,15 +319,44 @@ def test_table_in_pieces_matches_random_share_and_aggregates(tmp_path):
 def test_demo_and_overhead_scripts_run(tmp_path):
     from benchmarks import demo, overhead
 
-    res = demo.main(["--epochs", "1", "--methods", "ppo-sgd-sam-adamw", "sgd", "--out", str(tmp_path / "demo"),
-                     "--threads", "1"])
+    res = demo.main(
+        ["--epochs", "1", "--methods", "ppo-sgd-sam-adamw", "sgd", "--out", str(tmp_path / "demo"), "--threads", "1"]
+    )
     assert set(res) == {"ppo-sgd-sam-adamw", "sgd"} and (tmp_path / "demo" / "demo.png").is_file()
-    r = overhead.main(["--cases", "mlp", "--repeats", "2", "--block", "5", "--warmup", "1", "--device", "cpu",
-                       "--out", str(tmp_path / "ovh")])
+    r = overhead.main(
+        [
+            "--cases",
+            "mlp",
+            "--repeats",
+            "2",
+            "--block",
+            "5",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ovh"),
+        ]
+    )
     assert set(r[0]["overhead"]) == {"wrapper, interval=epoch", "wrapper, interval=50"}
     assert (tmp_path / "ovh.md").is_file()
-    counted = overhead.main(["--cases", "mlp", "--repeats", "0", "--block", "20", "--warmup", "1", "--device", "cpu",
-                             "--out", str(tmp_path / "ops")])[0]
+    counted = overhead.main(
+        [
+            "--cases",
+            "mlp",
+            "--repeats",
+            "0",
+            "--block",
+            "20",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ops"),
+        ]
+    )[0]
     assert "overhead" not in counted and counted["step_ops"]["plain"]["all"] == 3.0
     assert "not timed" in (tmp_path / "ops.md").read_text()
 
@@ -304,9 +367,31 @@ def test_speed_script_variants_and_repeats(tmp_path):
     from benchmarks import speed
     from benchmarks.train import TrainConfig
 
-    res = speed.main(["--dataset", "fmnist-subset", "--model", "small-cnn", "--methods", "sgd", "sam",
-                      "--variants", "eager", "--repeats", "2", "--epochs", "2", "--batch-size", "256",
-                      "--max-steps-per-epoch", "2", "--threads", "1", "--out", str(tmp_path / "sp")])
+    res = speed.main(
+        [
+            "--dataset",
+            "fmnist-subset",
+            "--model",
+            "small-cnn",
+            "--methods",
+            "sgd",
+            "sam",
+            "--variants",
+            "eager",
+            "--repeats",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--max-steps-per-epoch",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "sp"),
+        ]
+    )
     assert list(res["rows"]) == ["sgd [eager]", "sam [eager]"]
     for row in res["rows"].values():
         assert len(row["all_s"]) == 2 and all(len(s) == 2 for s in row["all_s"])
@@ -315,7 +400,8 @@ def test_speed_script_variants_and_repeats(tmp_path):
     b = res["bars"]
     assert not b["applicable"] and set(b["variants"]) == {"eager"}
     assert b["variants"]["eager"]["sam_ratio"] == pytest.approx(
-        res["rows"]["sam [eager]"]["median_s"] / res["rows"]["sgd [eager]"]["median_s"])
+        res["rows"]["sam [eager]"]["median_s"] / res["rows"]["sgd [eager]"]["median_s"]
+    )
     md = (tmp_path / "sp.md").read_text()
     assert "| sam [eager] | 2 |" in md and "2 rounds" in md
     assert json.loads((tmp_path / "sp.json").read_text())["repeats"] == 2
@@ -328,12 +414,17 @@ def test_speed_script_variants_and_repeats(tmp_path):
     assert not speed._variant_config(TrainConfig(compile=True), "sgd", "eager").compile
     cfg = speed._variant_config(TrainConfig(compile=True), "sgd", "cuda-graph")
     assert (cfg.compile, cfg.cuda_graph) == (False, True)
-    for bad, msg in (({"repeats": 0}, "Invalid repeats"), ({"variants": ["jit"]}, "Unknown variant"),
-                     ({"methods": ["sg"]}, "Unknown method"), ({"variants": ["cuda-graph"]}, "needs a CUDA device")):
+    for bad, msg in (
+        ({"repeats": 0}, "Invalid repeats"),
+        ({"variants": ["jit"]}, "Unknown variant"),
+        ({"methods": ["sg"]}, "Unknown method"),
+        ({"variants": ["cuda-graph"]}, "needs a CUDA device"),
+    ):
         kw = {"methods": ["sgd"], "base": TrainConfig(dataset="no-such-data"), **bad}
         with pytest.raises(ValueError, match=msg):  # refused before the data set is looked up
             speed.measure(**kw)
     from benchmarks.train import train
+
     with pytest.raises(ValueError, match="Unknown compile_mode"):
         train(TrainConfig(dataset="no-such-data", compile=True, compile_mode="fast"))
     with pytest.raises(ValueError, match="compile is not"):
@@ -357,9 +448,30 @@ def test_speed_script_goes_on_after_a_failing_row(tmp_path, monkeypatch):
         return real_train(cfg, **kw)
 
     monkeypatch.setattr(speed, "train", train)
-    res = speed.main(["--dataset", "fmnist-subset", "--model", "small-cnn", "--methods", "sam", "sgd", "sgd",
-                      "--repeats", "2", "--epochs", "2", "--batch-size", "256", "--max-steps-per-epoch", "1",
-                      "--threads", "1", "--out", str(tmp_path / "sp")])
+    res = speed.main(
+        [
+            "--dataset",
+            "fmnist-subset",
+            "--model",
+            "small-cnn",
+            "--methods",
+            "sam",
+            "sgd",
+            "sgd",
+            "--repeats",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--max-steps-per-epoch",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path / "sp"),
+        ]
+    )
     assert list(res["rows"]) == ["sgd"] and len(res["rows"]["sgd"]["all_s"]) == 2
     assert res["errors"] == {"sam": "RuntimeError: capture failed"}
     assert "**sam failed** (not run again): `RuntimeError: capture failed`" in (tmp_path / "sp.md").read_text()
@@ -371,16 +483,28 @@ def test_overhead_paired_statistic_and_pooling(tmp_path):
     # a slow drift between rounds hits both configurations of a round alike: the paired figure sees
     # the wrapper's constant +1%, the ratio of medians does not
     plain = [10.0, 10.0, 10.0, 20.0, 20.0]
-    times = {"plain": plain, "wrapper, interval=epoch": [1.01 * p for p in plain],
-             "wrapper, interval=50": [1.01 * p for p in plain[:3]] + [10.1, 10.1]}
+    times = {
+        "plain": plain,
+        "wrapper, interval=epoch": [1.01 * p for p in plain],
+        "wrapper, interval=50": [1.01 * p for p in plain[:3]] + [10.1, 10.1],
+    }
     pairs = overhead.paired_overheads(times)
     assert pairs["wrapper, interval=epoch"] == pytest.approx([0.01] * 5)
     assert pairs["wrapper, interval=50"][-1] == pytest.approx(-0.495)
     lo, hi = overhead.median_ci([0.01] * 9 + [0.5])
     assert lo == pytest.approx(0.01) and hi <= 0.5
-    run = {"environment": {"gpu": "X", "device": "cuda", "torch": "2"}, "results": [
-        {"case": "resnet18", "repeats": 5, "all_step_ms": times, "median_step_ms": {"plain": 10.0},
-         "overhead": {n: 0.0 for n in overhead.BARS}}]}
+    run = {
+        "environment": {"gpu": "X", "device": "cuda", "torch": "2"},
+        "results": [
+            {
+                "case": "resnet18",
+                "repeats": 5,
+                "all_step_ms": times,
+                "median_step_ms": {"plain": 10.0},
+                "overhead": {n: 0.0 for n in overhead.BARS},
+            }
+        ],
+    }
     paths = []
     for i in range(2):
         paths.append(str(tmp_path / f"r{i}.json"))
@@ -404,13 +528,15 @@ def test_quickstart_notebook_executes(tmp_path):
     pytest.importorskip("ipykernel")
     path = ROOT / "notebooks" / "quickstart.ipynb"
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "epoch 5:" in outputs and "steps per optimizer" in outputs
-    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-               for o in c.get("outputs", []))
+    assert any(
+        "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
 
 
 # ------------------------------------------------------------------------------- policy probe
@@ -459,15 +585,19 @@ def test_policy_probe_by_feature(tmp_path):
 
 
 def test_pre_methods_take_a_checkpoint_path(tmp_path):
-    from benchmarks.train import TrainConfig, _Stepper
-
     import rlopt
-    from rlopt.meta.train_policy import train_policy
+    from benchmarks.train import TrainConfig, _Stepper
     from rlopt.meta.tasks import TaskDistribution
+    from rlopt.meta.train_policy import train_policy
 
     path = tmp_path / "candidate.pt"
-    train_policy(episodes=1, out=path, progress=False, threads=None,
-                 distribution=TaskDistribution(data=("teacher",), epochs=(1,), n_train=(64,)))
+    train_policy(
+        episodes=1,
+        out=path,
+        progress=False,
+        threads=None,
+        distribution=TaskDistribution(data=("teacher",), epochs=(1,), n_train=(64,)),
+    )
     params = [torch.nn.Parameter(torch.zeros(3))]
     stepper = _Stepper(TrainConfig(method="pre-sgd-sam", pretrained=str(path)), params, steps_per_epoch=4, fused=False)
     expected = rlopt.load_policy(path)
@@ -479,9 +609,25 @@ def test_pre_methods_take_a_checkpoint_path(tmp_path):
 def test_policy_eval_pairs_policies_with_their_controls(tmp_path):
     from benchmarks import policy_eval
 
-    out = policy_eval.main(["switch-sgd-sam", "--tasks", "2", "--data", "teacher",
-                            "--task", "epochs=2", "--task", "n_train=64", "--task", "mlp_width=8",
-                            "--task", "interval=epoch", "--out", str(tmp_path / "ev")])
+    out = policy_eval.main(
+        [
+            "switch-sgd-sam",
+            "--tasks",
+            "2",
+            "--data",
+            "teacher",
+            "--task",
+            "epochs=2",
+            "--task",
+            "n_train=64",
+            "--task",
+            "mlp_width=8",
+            "--task",
+            "interval=epoch",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     s = out["summary"]
     assert set(s) == {"sgd", "sam", "switch-sgd-sam", "random@switch-sgd-sam"}
     assert s["sgd"]["sam_share"] == 0.0 and s["sam"]["sam_share"] == 1.0 and s["sam"]["grad_evals_x_sgd"] == 2.0
@@ -505,17 +651,30 @@ def test_welch_difference_and_verdicts_against_best_static():
     assert math.isnan(welch_diff({"mean": 0.9, "std": math.nan}, {"mean": 0.8, "std": 0.01}, 1, 3)[1])
 
     def row(method, mean, std, n=3, ge=100.0):
-        return {"method": method, "n": n, "final_test_acc": {"mean": mean, "std": std},
-                "grad_evals": {"mean": ge}}
+        return {"method": method, "n": n, "final_test_acc": {"mean": mean, "std": std}, "grad_evals": {"mean": ge}}
 
-    rows = [row("sgd", 0.900, 0.001), row("sam", 0.920, 0.001, ge=200.0), row("ppo-sgd-sam", 0.950, 0.001, ge=150.0),
-            row("random-sgd-sam", 0.921, 0.02), row("pre-sgd-sam", 0.80, 0.001), row("dqn-sgd-sam", 0.93, 0.0, n=1)]
+    rows = [
+        row("sgd", 0.900, 0.001),
+        row("sam", 0.920, 0.001, ge=200.0),
+        row("ppo-sgd-sam", 0.950, 0.001, ge=150.0),
+        row("random-sgd-sam", 0.921, 0.02),
+        row("pre-sgd-sam", 0.80, 0.001),
+        row("dqn-sgd-sam", 0.93, 0.0, n=1),
+    ]
     md = "\n".join(compare_to_best_static(rows))
     assert "`sam`" in md  # the best static by mean; ppo's higher mean does not make it "static"
-    verdicts = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ")[4] for ln in md.splitlines() if ln.startswith("| ")
-                and not ln.startswith("| method")}
-    assert verdicts == {"sgd": "worse", "ppo-sgd-sam": "better", "random-sgd-sam": "not separable",
-                        "pre-sgd-sam": "worse", "dqn-sgd-sam": "too few runs"}
+    verdicts = {
+        ln.split(" | ")[0].lstrip("| "): ln.split(" | ")[4]
+        for ln in md.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| method")
+    }
+    assert verdicts == {
+        "sgd": "worse",
+        "ppo-sgd-sam": "better",
+        "random-sgd-sam": "not separable",
+        "pre-sgd-sam": "worse",
+        "dqn-sgd-sam": "too few runs",
+    }
     assert "| ppo-sgd-sam | 3 | +3.00 |" in md and md.splitlines()[-4].endswith("| 0.75 |")
     assert compare_to_best_static([row("ppo-sgd-sam", 0.9, 0.01)]) == []
 
@@ -527,14 +686,20 @@ def test_control_pairs_report_each_learned_method_against_its_control():
     def row(method, mean, std, n=3):
         return {"method": method, "n": n, "final_test_acc": {"mean": mean, "std": std}}
 
-    rows = [row("ppo-sgd-sam", 0.950, 0.001), row("random-sgd-sam", 0.921, 0.02), row("sgd", 0.90, 0.001),
-            row("lr-dqn", 0.80, 0.001)]
+    rows = [
+        row("ppo-sgd-sam", 0.950, 0.001),
+        row("random-sgd-sam", 0.921, 0.02),
+        row("sgd", 0.90, 0.001),
+        row("lr-dqn", 0.80, 0.001),
+    ]
     md = compare_pairs(rows, ["ppo-sgd-sam:random-sgd-sam", "lr-dqn:sgd", "dqn-sgd-sam:random-sgd-sam"])
     lines = [ln for ln in md if ln.startswith("| ") and not ln.startswith("| A ")]
     assert len(lines) == 2  # dqn-sgd-sam is not in the table
     diff, half = welch_diff(rows[0]["final_test_acc"], rows[1]["final_test_acc"], 3, 3)
-    assert lines[0] == (f"| ppo-sgd-sam | random-sgd-sam | {100 * diff:+.2f} | "
-                        f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}] | not separable |")
+    assert lines[0] == (
+        f"| ppo-sgd-sam | random-sgd-sam | {100 * diff:+.2f} | "
+        f"[{100 * (diff - half):+.2f}, {100 * (diff + half):+.2f}] | not separable |"
+    )
     assert lines[1].startswith("| lr-dqn | sgd | -10.00 |") and lines[1].endswith("| B better |")
     assert compare_pairs(rows, ["sam:sgd"]) == []
 
@@ -571,18 +736,23 @@ def test_reflect_padding_option():
     assert bool((z > 0).all())  # zero padding would bring zeros into most crops
     for a, b in zip(x, z):
         ref = torch.nn.functional.pad(a[None].float(), (2, 2, 2, 2), mode="reflect")[0].to(torch.uint8)
-        assert any(torch.equal(ref[:, i:i + 6, j:j + 6], b) for i in range(5) for j in range(5))
+        assert any(torch.equal(ref[:, i : i + 6, j : j + 6], b) for i in range(5) for j in range(5))
     with pytest.raises(ValueError, match="Unknown pad_mode"):
         augment_crop_flip(x, pad=2, pad_mode="edge")
     assert TrainConfig(pad_mode="reflect").run_name().endswith("_s0_pad-reflect")
     assert TrainConfig().pad_mode == "reflect" and TrainConfig().run_name().endswith("_s0_pad-reflect")
     assert TrainConfig(pad_mode=None).pad_mode == "zeros"  # the old spelling of zero padding
-    assert TrainConfig(init="pytorch", pad_mode="reflect", tag="t").run_name().endswith("_s0_init-pytorch_pad-reflect_t")
+    assert (
+        TrainConfig(init="pytorch", pad_mode="reflect", tag="t").run_name().endswith("_s0_init-pytorch_pad-reflect_t")
+    )
     # a graphed or compiled run does not overwrite the log of the eager one
     assert TrainConfig(cuda_graph=True, tag="t", pad_mode="zeros").run_name().endswith("_s0_cudagraph_t")
     assert TrainConfig(compile=True).run_name().endswith("_s0_pad-reflect_compile-default")
-    assert TrainConfig(compile=True, compile_mode="reduce-overhead", pad_mode="zeros").run_name().endswith(
-        "_s0_compile-reduce-overhead")
+    assert (
+        TrainConfig(compile=True, compile_mode="reduce-overhead", pad_mode="zeros")
+        .run_name()
+        .endswith("_s0_compile-reduce-overhead")
+    )
     for bad, msg in ((dict(pad_mode="edge"), "pad_mode"), (dict(init="xavier"), "init"), (dict(method="sg"), "method")):
         with pytest.raises(ValueError, match=f"Unknown {msg}"):
             train(TrainConfig(dataset="no-such-data", **bad))  # refused before the data set is looked up
@@ -637,8 +807,9 @@ def test_run_logs_name_the_commit(monkeypatch):
     assert tr.source_commit() is None
 
 
-@pytest.mark.parametrize("folder", ["cifar10_resnet18_e30", "fashion-mnist_resnet18_e30", "cifar10_floor/black",
-                                    "cifar10_floor/reflect"])
+@pytest.mark.parametrize(
+    "folder", ["cifar10_resnet18_e30", "fashion-mnist_resnet18_e30", "cifar10_floor/black", "cifar10_floor/reflect"]
+)
 def test_committed_run_logs_still_resolve(folder):
     """The committed tables' run logs (zero padding, then the default, with pad_mode None or no
     pad_mode at all; and the reflect-padded floor runs) still load: their config read by today's
@@ -685,8 +856,20 @@ def test_label_noise_in_training_runs():
 
     data = load_dataset("fmnist-subset", max_train=200, max_test=50, val_fraction=0.1)
     val_y, test_y, train_y = data.val_y.clone(), data.test_y.clone(), data.train_y.clone()
-    kw = dict(dataset="fmnist-subset", model="small-cnn", width=4, max_train=200, max_test=50, batch_size=32, epochs=1,
-              max_steps_per_epoch=2, device="cpu", out_dir=None, method="sgd", threads=1)
+    kw = dict(
+        dataset="fmnist-subset",
+        model="small-cnn",
+        width=4,
+        max_train=200,
+        max_test=50,
+        batch_size=32,
+        epochs=1,
+        max_steps_per_epoch=2,
+        device="cpu",
+        out_dir=None,
+        method="sgd",
+        threads=1,
+    )
     noisy = train(TrainConfig(**kw, label_noise=0.4), data=data, log=lambda s: None)
     clean = train(TrainConfig(**kw), data=data, log=lambda s: None)
     assert "label noise: 72 of 180 training labels" in noisy["data"] and "label noise" not in clean["data"]

@@ -4,6 +4,7 @@ across a resume and a copy; its features, history and errors) and the sharpness 
 The extra compute is counted independently of the optimizer: every closure call is one gradient
 evaluation, so closure calls minus steps are the evaluations beyond SGD's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,13 +13,12 @@ import pickle
 
 import pytest
 import torch
+from conftest import assert_tree_equal, make_data, make_model, normalize, roundtrip
 from torch.nn import functional as F
 
 from rlopt import RLSwitchingOptimizer
 from rlopt.control.budget import BUDGET_FEATURES
 from rlopt.control.sharpness import measure_sharpness, sharpness_estimate
-
-from conftest import assert_tree_equal, make_data, make_model, normalize, roundtrip
 
 POLICIES = ["random", "ppo", "dqn", "constant:sam", "sam-late", "sam-every:2", "ss-sam", "ss-sam:0.8", "ae-sam:-1"]
 EPOCH = 8  # steps per epoch
@@ -27,13 +27,20 @@ EPOCH = 8  # steps per epoch
 class Run:
     """A model, an optimizer and a closure that counts its calls."""
 
-    def __init__(self, policy, interval, share, *, total_steps=None, total_epochs=None, seed=0, model_seed=0,
-                 **kw):
+    def __init__(self, policy, interval, share, *, total_steps=None, total_epochs=None, seed=0, model_seed=0, **kw):
         self.model = make_model(seed=model_seed)
         self.x, self.y = make_data()
-        self.opt = RLSwitchingOptimizer(self.model.parameters(), choices=["sgd", "sam"], policy=policy,
-                                        interval=interval, seed=seed, total_steps=total_steps,
-                                        total_epochs=total_epochs, compute_budget=share, **kw)
+        self.opt = RLSwitchingOptimizer(
+            self.model.parameters(),
+            choices=["sgd", "sam"],
+            policy=policy,
+            interval=interval,
+            seed=seed,
+            total_steps=total_steps,
+            total_epochs=total_epochs,
+            compute_budget=share,
+            **kw,
+        )
         self.calls = self.steps = 0
 
     def closure(self):
@@ -56,8 +63,9 @@ class Run:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("interval,length", [(1, "steps"), (3, "steps"), (3, "epochs"), ("epoch", "steps"),
-                                             ("epoch", "epochs")])
+@pytest.mark.parametrize(
+    "interval,length", [(1, "steps"), (3, "steps"), (3, "epochs"), ("epoch", "steps"), ("epoch", "epochs")]
+)
 def test_budget_is_never_exceeded(policy, interval, length):
     share, epochs = 0.3, 5
     n = EPOCH * epochs
@@ -166,8 +174,9 @@ def test_features_show_the_budget_left_and_the_steps_left():
     spender = Run("constant:sam", 4, share, total_steps=n)
     spender.run(8)
     obs = spender.opt.history[-1]["observation"]
-    torch.testing.assert_close(torch.tensor([obs[i] for i in at]),
-                               torch.tensor([(12 - 8) / 12, 32 / 40, 4 / 32]))  # 8 of 12 evaluations spent
+    torch.testing.assert_close(
+        torch.tensor([obs[i] for i in at]), torch.tensor([(12 - 8) / 12, 32 / 40, 4 / 32])
+    )  # 8 of 12 evaluations spent
     assert spender.opt.history[-1]["budget_used"] == 8 / 40
 
 
@@ -175,20 +184,24 @@ def test_without_a_budget_the_layout_is_unchanged():
     model = make_model()
     plain = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="random", total_steps=10)
     assert not set(BUDGET_FEATURES) & set(plain.observation_layout["names"])
-    budgeted = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="random", total_steps=10,
-                                    compute_budget=0.1)
+    budgeted = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy="random", total_steps=10, compute_budget=0.1
+    )
     assert budgeted.observation_layout["names"][:-2] == plain.observation_layout["names"][:-2] + list(BUDGET_FEATURES)
 
 
-@pytest.mark.parametrize("kwargs,err,msg", [
-    (dict(compute_budget=-0.1, total_steps=10), ValueError, "Invalid compute_budget: -0.1"),
-    (dict(compute_budget=1.5, total_steps=10), ValueError, r"in \[0, 1\]"),
-    (dict(compute_budget=float("nan"), total_steps=10), ValueError, "Invalid compute_budget"),
-    (dict(compute_budget=True, total_steps=10), TypeError, "must be a number"),
-    (dict(compute_budget="0.3", total_steps=10), TypeError, "must be a number"),
-    (dict(compute_budget=0.3), ValueError, "needs the run's length"),
-    (dict(compute_budget=0.3, choices=["sgd", "adam"], total_steps=10), ValueError, r"in \[0, 0\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,msg",
+    [
+        (dict(compute_budget=-0.1, total_steps=10), ValueError, "Invalid compute_budget: -0.1"),
+        (dict(compute_budget=1.5, total_steps=10), ValueError, r"in \[0, 1\]"),
+        (dict(compute_budget=float("nan"), total_steps=10), ValueError, "Invalid compute_budget"),
+        (dict(compute_budget=True, total_steps=10), TypeError, "must be a number"),
+        (dict(compute_budget="0.3", total_steps=10), TypeError, "must be a number"),
+        (dict(compute_budget=0.3), ValueError, "needs the run's length"),
+        (dict(compute_budget=0.3, choices=["sgd", "adam"], total_steps=10), ValueError, r"in \[0, 0\]"),
+    ],
+)
 def test_bad_budgets(kwargs, err, msg):
     kwargs = {"choices": ["sgd", "sam"], **kwargs}
     with pytest.raises(err, match=msg):
@@ -258,7 +271,7 @@ def test_sharpness_estimate_on_a_network_equals_a_direct_computation():
     w = {n: p.detach() for n, p in zip(names, params)}
     loss = F.cross_entropy(torch.func.functional_call(model, w, (x,)), y)
     g = torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(w)
-    norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+    norm = torch.sqrt(sum((v**2).sum() for v in g.values()))
     shifted = {n: w[n] + rho * g[n] / norm for n in names}
     direct = (F.cross_entropy(torch.func.functional_call(model, shifted, (x,)), y) - loss) / (rho * norm)
     # the same sums in another order (norm of norms): compared at float32 resolution
@@ -272,7 +285,7 @@ def test_sharpness_estimate_is_nan_without_a_gradient_and_refuses_rho_zero():
 
 
 # ----------------------------------------------------------------------------- DDP
-_DDP_WORKER = r'''
+_DDP_WORKER = r"""
 import sys
 import torch, torch.distributed as dist, torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -303,7 +316,7 @@ for policy, interval in [("random", 1), ("ss-sam", 3), ("constant:sam", 2)]:
                        "params": [p.detach().clone() for p in model.parameters()]}
 torch.save(results, out)
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -317,8 +330,12 @@ def test_ranks_count_the_same_budget(tmp_path):
     script.write_text(_DDP_WORKER)
     init = f"file://{tmp_path / 'rendezvous'}"
     outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(outs[r])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), init, str(outs[r])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for r in range(2)
+    ]
     logs = []
     for p in procs:
         try:
@@ -350,8 +367,13 @@ def test_the_budget_adds_no_operation_to_a_step():
         params = [torch.nn.Parameter(torch.randn(3, 2, generator=gen)) for _ in range(4)]
         for p in params:
             p.grad = torch.randn(3, 2, generator=gen)
-        opt = RLSwitchingOptimizer(params, choices={"sgd": {}, "dear": {"family": "sgd", "cost": 2.0}},
-                                   policy="constant:dear", total_steps=200, compute_budget=share)
+        opt = RLSwitchingOptimizer(
+            params,
+            choices={"sgd": {}, "dear": {"family": "sgd", "cost": 2.0}},
+            policy="constant:dear",
+            total_steps=200,
+            compute_budget=share,
+        )
         for _ in range(40):
             opt.step()
         with CountOps() as count:

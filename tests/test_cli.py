@@ -4,6 +4,7 @@ Contract (benchmarks/cli.py): every flag has a help string that shows its defaul
 ``--out`` writes under the git-ignored ``benchmarks/runs/`` whatever the working directory, never
 into tracked files; a missing data set ends with one line naming the flags to pass.
 """
+
 import argparse
 import importlib
 import os
@@ -22,8 +23,18 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cli import RUNS_DIR  # noqa: E402
 
 #: every ``python -m benchmarks.<module>`` command with a ``main(argv)``
-MODULES = ["demo", "overhead", "speed", "table", "train", "lr_control", "policy_eval", "policy_probe",
-           "sam_payoff", "make_subset"]
+MODULES = [
+    "demo",
+    "overhead",
+    "speed",
+    "table",
+    "train",
+    "lr_control",
+    "policy_eval",
+    "policy_probe",
+    "sam_payoff",
+    "make_subset",
+]
 #: scripts run as files (``PYTHONPATH=. python benchmarks/scripts/<name>``)
 SCRIPTS = ["count_step_ops.py", "step_host_cost.py", "diff_tables.py"]
 
@@ -99,8 +110,12 @@ def test_script_help_shows_defaults(script, monkeypatch, capsys):
 
 
 def _tracked_status():
-    res = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/results", "benchmarks/data"],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        ["git", "status", "--porcelain", "--", "benchmarks/results", "benchmarks/data"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     return res.stdout if res.returncode == 0 else None
 
 
@@ -108,9 +123,30 @@ def test_default_run_writes_only_ignored_files_from_any_directory(tmp_path):
     if _tracked_status() is None:
         pytest.skip("not a git checkout")
     before = _tracked_status()
-    res = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--cases", "mlp", "--device", "cpu",
-                          "--repeats", "1", "--block", "4", "--warmup", "1", "--threads", "1"],
-                         cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.overhead",
+            "--cases",
+            "mlp",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--block",
+            "4",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     wrote = res.stdout.strip().splitlines()[-1]
     assert wrote.startswith("wrote "), res.stdout
@@ -124,8 +160,9 @@ def test_default_run_writes_only_ignored_files_from_any_directory(tmp_path):
         p.unlink()
 
 
-@pytest.mark.parametrize("module,hint", [("table", "--smoke"), ("train", "--dataset fmnist-subset"),
-                                         ("speed", "--download")])
+@pytest.mark.parametrize(
+    "module,hint", [("table", "--smoke"), ("train", "--dataset fmnist-subset"), ("speed", "--download")]
+)
 def test_missing_data_fails_with_one_line_naming_the_flags(module, hint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RLOPT_DATA_DIR", str(tmp_path / "none"))
     monkeypatch.chdir(tmp_path)

@@ -3,6 +3,7 @@ poll, no host synchronisation in ordinary steps, checkpoints across devices.
 
 Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_closure, make_data, make_model, roundtrip
 from torch.nn import functional as F
 
-from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer, SAM
-
-from conftest import make_closure, make_data, make_model, roundtrip
+from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = torch.device("cuda")
@@ -30,8 +30,7 @@ def _reference(choice, params):
         return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
     if choice == "adam":
         return torch.optim.Adam(params, lr=0.1 * 0.01, fused=True)
-    return SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-               fused=True)
+    return SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
 
 
 def _steps_without_sync(step, n: int) -> None:
@@ -50,8 +49,12 @@ def test_constant_policy_equals_fused_torch_on_cuda(choice):
     m1, x, y = _cuda_setup()
     m2, _, _ = _cuda_setup()
     sgd = {"nesterov": True, "weight_decay": 5e-4}
-    opt = RLSwitchingOptimizer(m1.parameters(), choices={"sgd": sgd, "sam": dict(sgd, rho=0.05), "adam": {}},
-                               policy=f"constant:{choice}", lr=0.1)
+    opt = RLSwitchingOptimizer(
+        m1.parameters(),
+        choices={"sgd": sgd, "sam": dict(sgd, rho=0.05), "adam": {}},
+        policy=f"constant:{choice}",
+        lr=0.1,
+    )
     ref = _reference(choice, m2.parameters())
     for _ in range(8):
         l1 = opt.step(make_closure(m1, opt, x, y))
@@ -70,8 +73,7 @@ def test_constant_policy_equals_fused_torch_on_cuda(choice):
 def test_ordinary_steps_do_not_synchronise_with_the_host(with_closure):
     model, x, y = _cuda_setup()
     choices = ["sgd", "sam", "adam"] if with_closure else ["sgd", "adam"]  # SAM needs a closure
-    opt = RLSwitchingOptimizer(model.parameters(), choices=choices, policy="ppo", interval="epoch",
-                               total_epochs=2)
+    opt = RLSwitchingOptimizer(model.parameters(), choices=choices, policy="ppo", interval="epoch", total_epochs=2)
     closure = make_closure(model, opt, x, y)
 
     def step():
@@ -97,9 +99,12 @@ def test_grad_scaler_fp16_loop_does_not_synchronise_and_matches_torch():
     results = []
     for wrapped in (True, False):
         model, x, y = _cuda_setup()
-        opt = (RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", lr=0.1)
-               if wrapped else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True))
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 14)
+        opt = (
+            RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", lr=0.1)
+            if wrapped
+            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        )
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**14)
 
         def step(model=model, x=x, y=y, opt=opt, scaler=scaler, wrapped=wrapped):
             opt.zero_grad()
@@ -124,8 +129,9 @@ def test_grad_scaler_fp16_loop_does_not_synchronise_and_matches_torch():
 
 def test_nonfinite_steps_are_skipped_on_cuda_and_a_long_run_raises():
     model, x, y = _cuda_setup()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd",
-                               interval="epoch", max_nonfinite_steps=3)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", interval="epoch", max_nonfinite_steps=3
+    )
     bad = [False]
 
     def closure():
@@ -161,8 +167,15 @@ def test_nonfinite_steps_are_skipped_on_cuda_and_a_long_run_raises():
 @pytest.mark.parametrize("policy,interval", [("ppo", 3), ("dqn", "epoch")])
 def test_cuda_checkpoint_resumes_identically(policy, interval):
     def build(model):
-        return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
-                                    interval=interval, seed=3, total_steps=24, total_epochs=4)
+        return RLSwitchingOptimizer(
+            model.parameters(),
+            choices=["sgd", "sam", "adam"],
+            policy=policy,
+            interval=interval,
+            seed=3,
+            total_steps=24,
+            total_epochs=4,
+        )
 
     m1, x, y = _cuda_setup()
     opt1 = build(m1)
@@ -240,10 +253,13 @@ def test_graphed_benchmark_model_trains_like_the_eager_one():
         fwd = graph_model(graphed, batches[0], bf16=True)
         for b1, b2 in zip(eager.buffers(), graphed.buffers()):
             assert torch.equal(b1, b2)  # the warm-up's training-mode passes left no trace
-        opts = [SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, fused=True)
-                for m in (eager, graphed)]
+        opts = [
+            SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, fused=True)
+            for m in (eager, graphed)
+        ]
         for i, (xb, yb) in enumerate(zip(batches, y)):
             for f, opt in zip((eager, fwd), opts):
+
                 def closure(f=f, opt=opt, xb=xb, yb=yb):
                     opt.zero_grad(set_to_none=True)
                     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
@@ -275,8 +291,16 @@ def test_benchmark_run_with_cuda_graph_trains_as_without(method):
     _benchmarks()
     from benchmarks.train import TrainConfig, train
 
-    kw = dict(dataset="fmnist-subset", model="resnet18", method=method, epochs=2, max_steps_per_epoch=4,
-              batch_size=64, out_dir=None, interval=2)
+    kw = dict(
+        dataset="fmnist-subset",
+        model="resnet18",
+        method=method,
+        epochs=2,
+        max_steps_per_epoch=4,
+        batch_size=64,
+        out_dir=None,
+        interval=2,
+    )
     runs = [train(TrainConfig(cuda_graph=g, **kw), log=lambda s: None) for g in (False, True)]
     for e1, e2 in zip(runs[0]["epochs"], runs[1]["epochs"]):
         assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=2e-2)
@@ -302,8 +326,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_nccl_available(),
-                    reason="needs NCCL")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_nccl_available(), reason="needs NCCL"
+)
 def test_nccl_collectives_take_tensors_on_the_model_device(tmp_path):
     # one rank is all one GPU allows: it runs every collective of rlopt.distributed through NCCL
     import subprocess
@@ -313,6 +338,11 @@ def test_nccl_collectives_take_tensors_on_the_model_device(tmp_path):
     script.write_text(NCCL_SCRIPT)
     root = str(Path(__file__).resolve().parents[1])  # the child imports this checkout's rlopt, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, str(script), f"file://{tmp_path / 'rdv'}"], capture_output=True,
-                         text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, str(script), f"file://{tmp_path / 'rdv'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr

@@ -1,5 +1,6 @@
 """Any torch optimizer as a choice family (``rlopt.choices.register_family``): the extension point
 for a learned update rule."""
+
 import copy
 
 import pytest
@@ -42,8 +43,9 @@ def test_registered_family_runs_like_the_optimizer_itself(signsgd):
     x, y = torch.randn(5, 16, 6), torch.randint(0, 3, (5, 16))
     a, b = _model(), _model()
     with pytest.warns(RuntimeWarning, match="without fused kernels"):
-        opt = RLSwitchingOptimizer(a.parameters(), choices={"s": {"family": "signsgd", "weight_decay": 0.01}},
-                                   policy="constant:s", lr=0.5)
+        opt = RLSwitchingOptimizer(
+            a.parameters(), choices={"s": {"family": "signsgd", "weight_decay": 0.01}}, policy="constant:s", lr=0.5
+        )
     ref = SignSGD(b.parameters(), lr=0.05, weight_decay=0.01)  # lr * lr_scale
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
@@ -57,8 +59,9 @@ def test_registered_family_runs_like_the_optimizer_itself(signsgd):
     # give the reference's 0.05, 0.025, ... exactly (a product by 0.5 is exact)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
-    restored = RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd"}},
-                                    policy="constant:s", lr=0.5)
+    restored = RLSwitchingOptimizer(
+        _model().parameters(), choices={"s": {"family": "signsgd"}}, policy="constant:s", lr=0.5
+    )
     restored.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert restored.inner_optimizers["s"].param_groups[0]["weight_decay"] == 0.01
 
@@ -77,15 +80,18 @@ def test_switching_between_sgd_and_a_registered_family(signsgd):
     assert F.cross_entropy(model(x), y).item() < first
 
 
-@pytest.mark.parametrize("args,kwargs,err,msg", [
-    (("sgd", SignSGD), {}, ValueError, "exists already"),
-    (("x", torch.nn.Linear), {}, TypeError, "Optimizer subclass"),
-    (("", SignSGD), {}, TypeError, "non-empty string"),
-    (("x", SignSGD), {"follows_momentum": True}, ValueError, "follows_momentum needs"),
-    (("x", SignSGD), {"cost": 0}, ValueError, "Invalid cost"),
-    (("x", SignSGD), {"lr_scale": -1}, ValueError, "Invalid lr_scale"),
-    (("x", torch.optim.LBFGS), {}, ValueError, "needs a closure"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,err,msg",
+    [
+        (("sgd", SignSGD), {}, ValueError, "exists already"),
+        (("x", torch.nn.Linear), {}, TypeError, "Optimizer subclass"),
+        (("", SignSGD), {}, TypeError, "non-empty string"),
+        (("x", SignSGD), {"follows_momentum": True}, ValueError, "follows_momentum needs"),
+        (("x", SignSGD), {"cost": 0}, ValueError, "Invalid cost"),
+        (("x", SignSGD), {"lr_scale": -1}, ValueError, "Invalid lr_scale"),
+        (("x", torch.optim.LBFGS), {}, ValueError, "needs a closure"),
+    ],
+)
 def test_bad_registrations(args, kwargs, err, msg):
     before = dict(FAMILIES)
     with pytest.raises(err, match=msg):
@@ -122,8 +128,9 @@ CHOICE_ERRORS = [  # resolve_choices, the check behind every optimizer's choices
 ]
 
 
-@pytest.mark.parametrize("choices,err,msg", CHOICE_ERRORS,
-                         ids=[f"{i}-{e[2][:30]}" for i, e in enumerate(CHOICE_ERRORS)])
+@pytest.mark.parametrize(
+    "choices,err,msg", CHOICE_ERRORS, ids=[f"{i}-{e[2][:30]}" for i, e in enumerate(CHOICE_ERRORS)]
+)
 def test_bad_choice_options(choices, err, msg, rmsprop):
     with pytest.raises(err, match=msg):
         resolve_choices(choices, 0.1)
@@ -153,14 +160,17 @@ def test_a_registered_family_is_never_trusted_to_skip_fused(signsgd):
         loss = model(torch.full((2, 6), float("nan"))).sum()
         loss.backward()
         return loss
+
     opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # skipped
 
 
 def test_checkpoint_of_another_family_under_the_same_name_is_refused(signsgd):
-    a = RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "signsgd"}, "t": {"family": "sgd"}},
-                             policy="constant:s")
-    b = RLSwitchingOptimizer(_model().parameters(), choices={"s": {"family": "adam"}, "t": {"family": "sgd"}},
-                             policy="constant:s")
+    a = RLSwitchingOptimizer(
+        _model().parameters(), choices={"s": {"family": "signsgd"}, "t": {"family": "sgd"}}, policy="constant:s"
+    )
+    b = RLSwitchingOptimizer(
+        _model().parameters(), choices={"s": {"family": "adam"}, "t": {"family": "sgd"}}, policy="constant:s"
+    )
     with pytest.raises(ValueError, match="families"):
         b.load_state_dict(a.state_dict())

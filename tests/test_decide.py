@@ -2,6 +2,7 @@
 two worker processes, the SGD arm's checkpoints and the sam-late arms branched from them, resuming
 across calls (finished runs are not made again; a machine without the checkpoints makes the SGD
 prefix again), the time budget, and the paired analysis of the runs it made."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,36 @@ from benchmarks.decide import LEARNED_PLACEHOLDER, arm_label, arms, jobs, main, 
 from benchmarks.train import TrainConfig, sam_late_branch_epoch, train
 
 #: a small CNN, 3 epochs of 4 steps, on the embedded Fashion-MNIST subset (a few seconds for all runs)
-TOY = ["--dataset", "fmnist-subset", "--model", "small-cnn", "--width", "4", "--max-train", "400", "--max-test", "100",
-       "--batch-size", "32", "--eval-batch-size", "256", "--epochs", "3", "--max-steps-per-epoch", "4",
-       "--warmup-epochs", "0.5", "--lr", "0.1", "--interval", "1", "--device", "cpu", "--threads", "1"]
+TOY = [
+    "--dataset",
+    "fmnist-subset",
+    "--model",
+    "small-cnn",
+    "--width",
+    "4",
+    "--max-train",
+    "400",
+    "--max-test",
+    "100",
+    "--batch-size",
+    "32",
+    "--eval-batch-size",
+    "256",
+    "--epochs",
+    "3",
+    "--max-steps-per-epoch",
+    "4",
+    "--warmup-epochs",
+    "0.5",
+    "--lr",
+    "0.1",
+    "--interval",
+    "1",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 
 
 def _logs(out):
@@ -26,8 +54,11 @@ def _logs(out):
 
 
 def _name(logs, label, seed, noise):
-    hits = [n for n, r in logs.items() if arm_label(r["config"]) == label and r["config"]["seed"] == seed
-            and r["config"]["label_noise"] == noise]
+    hits = [
+        n
+        for n, r in logs.items()
+        if arm_label(r["config"]) == label and r["config"]["seed"] == seed and r["config"]["label_noise"] == noise
+    ]
     assert len(hits) == 1, (label, seed, noise, hits)
     return hits[0]
 
@@ -36,8 +67,18 @@ def test_arms_and_branch_points():
     """SGD and SAM are sam-late at budgets 0 and 1; the sam-late arms branch off the SGD run at the
     last epoch before their first SAM decision; the learned arms are there when a name is given."""
     labels = [a.label for a in arms([0.15, 0.3], "pol")]
-    assert labels == ["sam", "sgd", "random@0.3", "ae-sam@0.3", "pol@0.3", "random@0.15", "ae-sam@0.15", "pol@0.15",
-                      "sam-late@0.3", "sam-late@0.15"]
+    assert labels == [
+        "sam",
+        "sgd",
+        "random@0.3",
+        "ae-sam@0.3",
+        "pol@0.3",
+        "random@0.15",
+        "ae-sam@0.15",
+        "pol@0.15",
+        "sam-late@0.3",
+        "sam-late@0.15",
+    ]
     # CIFAR-10 with 5% held out: 92 steps per epoch, 30 epochs, a decision every 10 steps
     assert sam_late_branch_epoch(0.3, 30, 92, 10) == 20 and sam_late_branch_epoch(0.15, 30, 92, 10) == 25
     assert sam_late_branch_epoch(0.3, 30, 92, "epoch") == 20  # the decision at epoch 21's end picks SAM
@@ -48,8 +89,9 @@ def test_arms_and_branch_points():
     assert all(j.checkpoint_epochs == (20, 25) for j in sgd)
     late = [j for j in js if j.arm.label.startswith("sam-late")]
     assert {(j.arm.label, j.branch_epoch) for j in late} == {("sam-late@0.3", 20), ("sam-late@0.15", 25)}
-    assert all(j.prefix.run_name() == s.cfg.run_name() for j in late for s in sgd
-               if s.cfg.label_noise == j.cfg.label_noise)
+    assert all(
+        j.prefix.run_name() == s.cfg.run_name() for j in late for s in sgd if s.cfg.label_noise == j.cfg.label_noise
+    )
     assert paired({0: 1.0, 1: 3.0, 2: 5.0}, {0: 0.0, 1: 1.0})["mean"] == 1.5  # seeds in both only
 
 
@@ -112,8 +154,14 @@ def test_decide_dry_run_branches_resumes_and_analyses(tmp_path):
     logs = _logs(out)
     clean = summary["conditions"][0]
     got = next(d for d in clean["differences"] if d["a"] == "sam" and d["b"] == "sgd")
-    want = [100 * (logs[_name(logs, "sam", s, 0.0)]["summary"]["final_test_acc"]
-                   - logs[_name(logs, "sgd", s, 0.0)]["summary"]["final_test_acc"]) for s in (0, 1)]
+    want = [
+        100
+        * (
+            logs[_name(logs, "sam", s, 0.0)]["summary"]["final_test_acc"]
+            - logs[_name(logs, "sgd", s, 0.0)]["summary"]["final_test_acc"]
+        )
+        for s in (0, 1)
+    ]
     assert got["mean"] == pytest.approx(sum(want) / 2)
     sd = abs(want[0] - want[1]) / math.sqrt(2)
     assert got["half"] == pytest.approx(12.706 * sd / math.sqrt(2))
@@ -123,8 +171,22 @@ def test_decide_dry_run_branches_resumes_and_analyses(tmp_path):
 def test_learned_policy_that_does_not_fit_is_skipped(tmp_path):
     """A shipped policy made without the budget features cannot drive the budgeted arms: its arms are
     skipped with the reason, before any run (here the time budget starts none of the others)."""
-    res = main(["run", "--out", str(tmp_path / "o"), "--seeds", "1", "--noise", "0", "--learned", "switch-sgd-sam",
-                "--time-budget", "0", *TOY])
+    res = main(
+        [
+            "run",
+            "--out",
+            str(tmp_path / "o"),
+            "--seeds",
+            "1",
+            "--noise",
+            "0",
+            "--learned",
+            "switch-sgd-sam",
+            "--time-budget",
+            "0",
+            *TOY,
+        ]
+    )
     assert "does not fit the budgeted arms" in res["skipped_learned"] and res["made"] == []
     assert not any("switch-sgd-sam" in n for n in res["missing"]) and len(res["missing"]) == 8
 
@@ -135,11 +197,33 @@ def test_learned_arms_run_a_policy_checkpoint(tmp_path):
     (here an untrained PPO policy, frozen), labelled by the file's name."""
     from rlopt import RLSwitchingOptimizer
 
-    opt = RLSwitchingOptimizer([torch.nn.Parameter(torch.zeros(1))], choices=["sgd", "sam"], policy="ppo",
-                               interval=1, total_steps=100, compute_budget=0.3)
+    opt = RLSwitchingOptimizer(
+        [torch.nn.Parameter(torch.zeros(1))],
+        choices=["sgd", "sam"],
+        policy="ppo",
+        interval=1,
+        total_steps=100,
+        compute_budget=0.3,
+    )
     opt.controller.policy.save(tmp_path / "pol.pt")
-    res = main(["run", "--out", str(tmp_path / "o"), "--checkpoint-dir", str(tmp_path / "ck"), "--seeds", "1",
-                "--noise", "0", "--budgets", "0.3", "--learned", str(tmp_path / "pol.pt"), *TOY])
+    res = main(
+        [
+            "run",
+            "--out",
+            str(tmp_path / "o"),
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            "--seeds",
+            "1",
+            "--noise",
+            "0",
+            "--budgets",
+            "0.3",
+            "--learned",
+            str(tmp_path / "pol.pt"),
+            *TOY,
+        ]
+    )
     assert res["skipped_learned"] is None and res["missing"] == [] and len(res["made"]) == 6
     summary = main(["analyse", "--out", str(tmp_path / "o")])
     labels = [a["arm"] for a in summary["conditions"][0]["arms"]]
@@ -151,9 +235,23 @@ def test_learned_arms_run_a_policy_checkpoint(tmp_path):
 def test_branch_refusals(tmp_path):
     """A run starts only from its own run's checkpoint, or (sam-late) from a smaller budget's that
     spent nothing, no later than its branch point."""
-    base = dict(dataset="fmnist-subset", model="small-cnn", width=4, max_train=200, max_test=50, batch_size=32,
-                epochs=3, max_steps_per_epoch=2, warmup_epochs=0.5, lr=0.05, interval=1, device="cpu", out_dir=None,
-                method="switch", threads=1)
+    base = dict(
+        dataset="fmnist-subset",
+        model="small-cnn",
+        width=4,
+        max_train=200,
+        max_test=50,
+        batch_size=32,
+        epochs=3,
+        max_steps_per_epoch=2,
+        warmup_epochs=0.5,
+        lr=0.05,
+        interval=1,
+        device="cpu",
+        out_dir=None,
+        method="switch",
+        threads=1,
+    )
     data = load_dataset("fmnist-subset", max_train=200, max_test=50, val_fraction=0.1)
 
     def q(line):  # the runs' log lines: not wanted here
@@ -169,17 +267,22 @@ def test_branch_refusals(tmp_path):
     rnd = TrainConfig(**base, policy="ss-sam", budget=0.0)  # at budget 0 it spends nothing either
     train(rnd, data=data, log=q, checkpoint_epochs=(1,), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="Only a sam-late switch run"):  # at 0.3 it would have drawn SAM
-        train(TrainConfig(**base, policy="ss-sam", budget=0.3), data=data, log=q,
-              start_from=tmp_path / f"{rnd.run_name()}_ep1.pt")
+        train(
+            TrainConfig(**base, policy="ss-sam", budget=0.3),
+            data=data,
+            log=q,
+            start_from=tmp_path / f"{rnd.run_name()}_ep1.pt",
+        )
     sam = TrainConfig(**base, budget=1.0)
     train(sam, data=data, log=q, checkpoint_epochs=(1,), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="spent budget"):
-        train(TrainConfig(**base, budget=0.3), data=data, log=q,
-              start_from=tmp_path / f"{sam.run_name()}_ep1.pt")
+        train(TrainConfig(**base, budget=0.3), data=data, log=q, start_from=tmp_path / f"{sam.run_name()}_ep1.pt")
     # resuming a run's own checkpoint gives the uninterrupted run
     whole = train(sgd, data=data, log=q)
     resumed = train(sgd, data=data, log=q, start_from=ck2)
     assert [e["test_loss"] for e in resumed["epochs"]] == [e["test_loss"] for e in whole["epochs"]]
     assert resumed["branched_from"]["epoch"] == 2
-    assert torch.equal(torch.tensor([e["train_loss"] for e in resumed["epochs"]]),
-                       torch.tensor([e["train_loss"] for e in whole["epochs"]]))
+    assert torch.equal(
+        torch.tensor([e["train_loss"] for e in resumed["epochs"]]),
+        torch.tensor([e["train_loss"] for e in whole["epochs"]]),
+    )

@@ -5,6 +5,7 @@ metrics. With the default ``process_group="auto"`` the ranks must still see one 
 choose one action and end with equal parameters and equal policies. With ``process_group=None``
 (the control) they decide alone, and their observations differ.
 """
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,16 @@ from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-SYNCED = ["switching-ppo-sync", "switching-dqn-sync", "lr-dqn-sync", "switching-ppo-group",
-          "switching-random-diverge", "switching-ppo-val", "switching-ppo-lossnan", "switching-ppo-gradnan"]
+SYNCED = [
+    "switching-ppo-sync",
+    "switching-dqn-sync",
+    "lr-dqn-sync",
+    "switching-ppo-group",
+    "switching-random-diverge",
+    "switching-ppo-val",
+    "switching-ppo-lossnan",
+    "switching-ppo-gradnan",
+]
 CASES = SYNCED + ["switching-ppo-alone", "outside"]
 
 
@@ -28,8 +37,14 @@ def ranks(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     init = f"file://{tmp_path / 'rendezvous'}"
     outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), init, str(outs[r]), *CASES],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), init, str(outs[r]), *CASES],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     logs = []
     for p in procs:
         try:
@@ -69,7 +84,7 @@ def test_ranks_decide_together(ranks, case):
     assert a["observations"] == b["observations"]
     assert a["rewards"] == b["rewards"]
     for p, q in zip(a["params"], b["params"]):  # both ranks run the same code on all-reduced
-        assert torch.equal(p, q)                     # gradients: equal by construction
+        assert torch.equal(p, q)  # gradients: equal by construction
     ta, tb = _tensors(a["policy"]), _tensors(b["policy"])
     assert len(ta) == len(tb) and all(torch.equal(u, v) for u, v in zip(ta, tb))
     assert a["skipped"] == b["skipped"]

@@ -1,5 +1,6 @@
 """The thin path of an ordinary step: torch's fused SGD kernel called directly must give what
 ``SGD(fused=True).step()`` gives, bit for bit, and step aside wherever that is not certain."""
+
 from __future__ import annotations
 
 import copy
@@ -20,11 +21,14 @@ def _pair(groups_kw, seed=0):
     return (torch.optim.SGD(groups, lr=0.1, fused=True), ps), (torch.optim.SGD(ref_groups, lr=0.1, fused=True), ref_ps)
 
 
-@pytest.mark.parametrize("kw", [
-    [{"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}],
-    [{"momentum": 0.5, "dampening": 0.3}, {"momentum": 0.9, "maximize": True}],
-    [{"momentum": 0.0, "weight_decay": 1e-2}],
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        [{"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}],
+        [{"momentum": 0.5, "dampening": 0.3}, {"momentum": 0.9, "maximize": True}],
+        [{"momentum": 0.0, "weight_decay": 1e-2}],
+    ],
+)
 def test_bit_identical_to_torch_fused_sgd_including_skipped_steps(kw):
     (opt, ps), (ref, ref_ps) = _pair(kw)
     gen = torch.Generator().manual_seed(1)
@@ -48,8 +52,9 @@ def test_bit_identical_to_torch_fused_sgd_including_skipped_steps(kw):
         for p, r in zip(ps, ref_ps):
             assert torch.equal(p, r)
         for p, r in zip(ps, ref_ps):
-            assert torch.equal(opt.state[p].get("momentum_buffer", torch.zeros(0)),
-                               ref.state[r].get("momentum_buffer", torch.zeros(0)))
+            assert torch.equal(
+                opt.state[p].get("momentum_buffer", torch.zeros(0)), ref.state[r].get("momentum_buffer", torch.zeros(0))
+            )
     assert taken >= 11  # every step after the first
 
 

@@ -1,4 +1,5 @@
 """Observation features: SignalTracker against hand-computed values, ObservationBuilder bounds."""
+
 from __future__ import annotations
 
 import math
@@ -6,13 +7,18 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_closure, make_data, make_model, roundtrip
 
 from rlopt import RLSwitchingOptimizer
-from rlopt.control.observation import BASE_FEATURES, FEATURE_NAMES, LAYOUT_VERSION, ObservationBuilder, Signals
+from rlopt.control.observation import (
+    BASE_FEATURES,
+    FEATURE_NAMES,
+    LAYOUT_VERSION,
+    ObservationBuilder,
+    Signals,
+    observation_layout,
+)
 from rlopt.control.signals import SignalTracker
-from rlopt.control.observation import observation_layout
-
-from conftest import make_closure, make_data, make_model, roundtrip
 
 
 def _params():
@@ -294,10 +300,26 @@ def test_layout_names_and_version():
 def test_observation_hand_computed_values():
     b = ObservationBuilder(ACTIONS)
     names = b.layout["names"]
-    o1 = b.build(Signals(loss=2.0, grad_norm=1.0, val_loss=1.0, val_acc=0.5, steps=4, skipped=1, cost=1.5,
-                         progress=0.25), prev_action=None, max_cost=2.0)
-    o2 = b.build(Signals(loss=1.0, grad_norm=2.0, grad_cosine=0.3, grad_sign_agreement=-0.2, val_loss=0.5,
-                         val_acc=0.6, steps=4, cost=1.0, progress=0.5), prev_action=1, max_cost=2.0)
+    o1 = b.build(
+        Signals(loss=2.0, grad_norm=1.0, val_loss=1.0, val_acc=0.5, steps=4, skipped=1, cost=1.5, progress=0.25),
+        prev_action=None,
+        max_cost=2.0,
+    )
+    o2 = b.build(
+        Signals(
+            loss=1.0,
+            grad_norm=2.0,
+            grad_cosine=0.3,
+            grad_sign_agreement=-0.2,
+            val_loss=0.5,
+            val_acc=0.6,
+            steps=4,
+            cost=1.0,
+            progress=0.5,
+        ),
+        prev_action=1,
+        max_cost=2.0,
+    )
     f1, f2 = dict(zip(names, o1.tolist())), dict(zip(names, o2.tolist()))
     assert f1["loss_level"] == 0.0 and f1["loss_change"] == 0.0 and f1["skipped"] == 0.25
     assert f1["cost"] == pytest.approx(0.5) and f1["progress"] == pytest.approx(-0.5) and f1["has_budget"] == 1.0
@@ -319,11 +341,18 @@ def _random_signals(g):
 
     wild = [math.nan, math.inf, -math.inf, 0.0, -1.0, 1e-30, 1e30, 0.5, 3.0]
     steps = int(torch.randint(0, 20, (), generator=g))
-    return Signals(loss=pick(wild), grad_norm=pick(wild), grad_cosine=pick([math.nan, -1.0, 0.2, 1.0]),
-                   grad_sign_agreement=pick([math.nan, -1.0, 0.7, 1.0]), val_loss=pick(wild),
-                   val_acc=pick([math.nan, 0.0, 0.3, 1.0]), steps=steps,
-                   skipped=int(torch.randint(0, steps + 1, (), generator=g)), cost=pick(wild),
-                   progress=pick([math.nan, 0.0, 0.5, 1.0]))
+    return Signals(
+        loss=pick(wild),
+        grad_norm=pick(wild),
+        grad_cosine=pick([math.nan, -1.0, 0.2, 1.0]),
+        grad_sign_agreement=pick([math.nan, -1.0, 0.7, 1.0]),
+        val_loss=pick(wild),
+        val_acc=pick([math.nan, 0.0, 0.3, 1.0]),
+        steps=steps,
+        skipped=int(torch.randint(0, steps + 1, (), generator=g)),
+        cost=pick(wild),
+        progress=pick([math.nan, 0.0, 0.5, 1.0]),
+    )
 
 
 def test_observation_lies_in_unit_box_for_any_signals():
@@ -338,8 +367,9 @@ def test_observation_lies_in_unit_box_for_any_signals():
 def test_optimizer_observations_lie_in_unit_box():
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy="random", interval=2,
-                               total_steps=12)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam", "adam"], policy="random", interval=2, total_steps=12
+    )
     for k in range(12):
         opt.step(make_closure(model, opt, x * (10.0 if k % 5 == 0 else 1.0), y))
     assert len(opt.history) == 7

@@ -1,4 +1,5 @@
 """The gate study's statistics and one instance end to end on a tiny task."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,19 @@ def test_sam_over_sgd_is_sam():
 
 
 def _row(task, seed, accs, windows):
-    arms = {a: {"val_acc": acc, "val_loss": 1.0 - acc, "budget_used": 0.3, "sam_share": 0.3} for a, acc in
-            zip(ARMS, accs)}
-    return {"key": f"{task}/{seed}", "task": task, "seed": seed, "config": {"label_noise": 0.2 * (task % 2)},
-            "short": "t", "arms": arms, "windows": windows, "seconds": 1.0}
+    arms = {
+        a: {"val_acc": acc, "val_loss": 1.0 - acc, "budget_used": 0.3, "sam_share": 0.3} for a, acc in zip(ARMS, accs)
+    }
+    return {
+        "key": f"{task}/{seed}",
+        "task": task,
+        "seed": seed,
+        "config": {"label_noise": 0.2 * (task % 2)},
+        "short": "t",
+        "arms": arms,
+        "windows": windows,
+        "seconds": 1.0,
+    }
 
 
 def test_analyse_reads_paired_differences_and_the_verdict():
@@ -55,8 +65,10 @@ def test_analyse_reads_paired_differences_and_the_verdict():
     rows = []
     for t in range(6):
         for s in range(2):
-            wins = [{"gain_loss": 0.1 * sh + 0.001 * rng.normal(), "gain_acc": 0.0, "sharpness": sh, "progress": p}
-                    for sh, p in zip(rng.uniform(1, 2, 4), (0.2, 0.4, 0.6, 0.8))]
+            wins = [
+                {"gain_loss": 0.1 * sh + 0.001 * rng.normal(), "gain_acc": 0.0, "sharpness": sh, "progress": p}
+                for sh, p in zip(rng.uniform(1, 2, 4), (0.2, 0.4, 0.6, 0.8))
+            ]
             rows.append(_row(t, s, [0.5, 0.52 + 0.001 * t, 0.515, 0.505], wins))
     s = analyse(rows, folds=3)
     c = s["comparisons"]["SAM - SGD"]["val_acc"]
@@ -69,11 +81,23 @@ def test_analyse_reads_paired_differences_and_the_verdict():
 def test_one_instance_end_to_end():
     from rlopt.meta.tasks import TaskDistribution
 
-    dist = TaskDistribution.preset("resnet", data=("fmnist",), resnet_width=(4,), resnet_n_train=(128,),
-                                   resnet_epochs=(4,), n_val=64)
+    dist = TaskDistribution.preset(
+        "resnet", data=("fmnist",), resnet_width=(4,), resnet_n_train=(128,), resnet_epochs=(4,), n_val=64
+    )
     cfg = dist.sample(torch.Generator().manual_seed(0), 0)
-    r = run_instance({"key": "0/0", "task": 0, "config": dataclasses.asdict(cfg), "budget": 0.3, "interval": 1,
-                      "fracs": [0.25, 0.5], "window_frac": 0.25, "rho": 0.05, "cifar10": None})
+    r = run_instance(
+        {
+            "key": "0/0",
+            "task": 0,
+            "config": dataclasses.asdict(cfg),
+            "budget": 0.3,
+            "interval": 1,
+            "fracs": [0.25, 0.5],
+            "window_frac": 0.25,
+            "rho": 0.05,
+            "cifar10": None,
+        }
+    )
     assert set(r["arms"]) == set(ARMS) and len(r["windows"]) == 2
     assert r["arms"]["sam-late"]["budget_used"] <= 0.3 + 1e-9 and r["arms"]["random"]["budget_used"] <= 0.3 + 1e-9
     assert all(math.isfinite(w["sharpness"]) and math.isfinite(w["gain_loss"]) for w in r["windows"])

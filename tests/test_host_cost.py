@@ -4,6 +4,7 @@ On a GPU a ResNet-sized training step is often bound by the host launching kerne
 operation the wrapper adds to a step shows in the step time (issue 2's overhead bars). Wall
 clocks are too noisy for CI; the number of operations torch dispatches per step is exact.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,6 +28,7 @@ def _params(n=8):
 # steps without a closure on purpose: the count is of the bare step
 pytestmark = pytest.mark.filterwarnings("ignore:None of the last")
 
+
 def _ops_per_step(opt, steps=320):
     for _ in range(40):  # past the first fold and probe
         opt.step()
@@ -39,8 +41,14 @@ def _ops_per_step(opt, steps=320):
 @pytest.mark.parametrize("interval", ["epoch", 50])
 def test_wrapper_adds_few_operations_per_step(interval):
     plain = _ops_per_step(torch.optim.SGD(_params(), **SGD, fused=True))
-    opt = RLSwitchingOptimizer(_params(), choices={"sgd": dict(nesterov=True, weight_decay=5e-4)},
-                               policy="constant:sgd", interval=interval, lr=0.1, momentum=0.9)
+    opt = RLSwitchingOptimizer(
+        _params(),
+        choices={"sgd": dict(nesterov=True, weight_decay=5e-4)},
+        policy="constant:sgd",
+        interval=interval,
+        lr=0.1,
+        momentum=0.9,
+    )
     wrapped = _ops_per_step(opt)
     views = VIEW_OPS
     extra = sum(wrapped.values()) - sum(plain.values())
@@ -55,8 +63,11 @@ def test_wrapper_adds_few_operations_per_step(interval):
     assert extra_kernels <= bound, sorted(wrapped.items(), key=lambda kv: -kv[1])[:12]
     assert extra <= bound + 3.0, sorted(wrapped.items(), key=lambda kv: -kv[1])[:12]
     # one profiler range per user step, as for the plain optimizer: the inner step is called bare
-    assert wrapped["profiler._record_function_enter_new.default"] == plain[
-        "profiler._record_function_enter_new.default"] == 1.0
+    assert (
+        wrapped["profiler._record_function_enter_new.default"]
+        == plain["profiler._record_function_enter_new.default"]
+        == 1.0
+    )
 
 
 def test_global_step_hooks_see_one_call_per_user_step():

@@ -1,5 +1,6 @@
 """Tests for rlopt.hpo: the agents against hand computations, the Optuna sampler's contracts,
 and a small Ray Tune search."""
+
 import math
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_epsilon_schedule_both_signs(effect, sign):
     st.t = 3
     k = max(0.0, 0.2 + sign * 0.5 * 0.25)
     assert agent.epsilon(st, s) == pytest.approx(0.1 + 0.8 * math.exp(-k * 3))
-    st.t = 10 ** 6
+    st.t = 10**6
     assert agent.epsilon(st, s) == pytest.approx(0.1)  # k > 0 in both cases here: eps -> eps_min
     # a large variance: "speeds" decays faster than the base rate, "slows" clips k at 0 (eps stays max)
     st.q[s] = np.array([-10.0, 10.0])
@@ -234,14 +235,17 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def test_grid_space_values():
-    g = GridSpace({
-        "lin": FloatDistribution(0.0, 1.0),
-        "log": FloatDistribution(1e-4, 1e-1, log=True),
-        "stepped": FloatDistribution(0.0, 1.0, step=0.25),
-        "small_int": IntDistribution(2, 6, step=2),
-        "big_int": IntDistribution(1, 1000, log=True),
-        "cat": CategoricalDistribution(["relu", "tanh", None]),
-    }, n_bins=4)
+    g = GridSpace(
+        {
+            "lin": FloatDistribution(0.0, 1.0),
+            "log": FloatDistribution(1e-4, 1e-1, log=True),
+            "stepped": FloatDistribution(0.0, 1.0, step=0.25),
+            "small_int": IntDistribution(2, 6, step=2),
+            "big_int": IntDistribution(1, 1000, log=True),
+            "cat": CategoricalDistribution(["relu", "tanh", None]),
+        },
+        n_bins=4,
+    )
     assert g.names == sorted(g.names)
     vals = {d.name: d.values for d in g.dims}
     np.testing.assert_allclose(vals["lin"], [0, 1 / 3, 2 / 3, 1])
@@ -253,15 +257,17 @@ def test_grid_space_values():
     # off-grid values map to the nearest grid value, in log-space for log dimensions
     idx = g.encode({"lin": 0.6, "log": 3e-3, "stepped": 0.5, "small_int": 5, "big_int": 40, "cat": None})
     # big_int 40: nearest in log-space is 100 (|log 40 - log 100| < |log 40 - log 10|), linearly it would be 10
-    assert g.decode(idx) == {"big_int": 100, "cat": None, "lin": 2 / 3, "log": 1e-3, "small_int": 4,
-                             "stepped": 0.25}
+    assert g.decode(idx) == {"big_int": 100, "cat": None, "lin": 2 / 3, "log": 1e-3, "small_int": 4, "stepped": 0.25}
 
 
-@pytest.mark.parametrize("space, message", [
-    ({}, "Invalid search space"),
-    ({"x": "uniform"}, "unsupported distribution"),
-    ({"x": FloatDistribution(0.0, 1.0)}, None),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({}, "Invalid search space"),
+        ({"x": "uniform"}, "unsupported distribution"),
+        ({"x": FloatDistribution(0.0, 1.0)}, None),
+    ],
+)
 def test_bad_spaces(space, message):
     if message is None:  # the control: a good space passes
         assert GridSpace(space).sizes == (10,) and RLSampler(QLearningAgent(), search_space=space)
@@ -384,8 +390,9 @@ def test_two_processes_on_one_storage(tmp_path):
     optuna.create_study(study_name="shared", storage=url)
     code = WORKER.format(repo=REPO, url=url)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE) for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
@@ -473,14 +480,22 @@ def test_ray_tune_search_with_asha(tmp_path):
             tune.report({"loss": loss})
 
     space = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "width": IntDistribution(16, 128, log=True)}
-    search = OptunaSearch(space, metric="loss", mode="min",
-                          sampler=RLSampler(QLearningAgent(n_walkers=2), seed=0, n_bins=6, search_space=space))
+    search = OptunaSearch(
+        space,
+        metric="loss",
+        mode="min",
+        sampler=RLSampler(QLearningAgent(n_walkers=2), seed=0, n_bins=6, search_space=space),
+    )
     asha = ASHAScheduler(metric="loss", mode="min", max_t=4, grace_period=1, reduction_factor=2)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
+    ray.init(
+        num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True
+    )
     try:
-        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=8),
-                           run_config=tune.RunConfig(storage_path=str(tmp_path), name="rl", verbose=0))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=8),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="rl", verbose=0),
+        )
         results = tuner.fit()
     finally:
         ray.shutdown()
@@ -505,8 +520,13 @@ def test_pretrained_agent():
     agent = pretrained_agent("hpobench-mlp", lr=0.02)
     assert isinstance(agent, ReinforceAgent) and agent.init is not None and agent.lr == 0.02
     # it runs on the space it was trained for (HPOBench MLP grid, as integer indices)
-    space = {"alpha": IntDistribution(0, 9), "batch_size": IntDistribution(0, 9), "depth": IntDistribution(0, 2),
-             "learning_rate_init": IntDistribution(0, 9), "width": IntDistribution(0, 9)}
+    space = {
+        "alpha": IntDistribution(0, 9),
+        "batch_size": IntDistribution(0, 9),
+        "depth": IntDistribution(0, 2),
+        "learning_rate_init": IntDistribution(0, 9),
+        "width": IntDistribution(0, 9),
+    }
     study = optuna.create_study(sampler=RLSampler(agent, seed=0, search_space=space))
     study.optimize(lambda t: sum(t.suggest_int(n, d.low, d.high) for n, d in space.items()), n_trials=10)
     assert len(study.trials) == 10
@@ -520,8 +540,28 @@ def test_benchmark_cli_smoke(tmp_path):
 
     from benchmarks.hpo.__main__ import main
 
-    main(["--tiers", "tabular", "--tasks", "nb201/cifar10", "--seeds", "2", "--budget", "8", "--budgets", "4", "8",
-          "--samplers", "grid", "random", "q-formula", "reinforce-mlp", "--out", str(tmp_path)])
+    main(
+        [
+            "--tiers",
+            "tabular",
+            "--tasks",
+            "nb201/cifar10",
+            "--seeds",
+            "2",
+            "--budget",
+            "8",
+            "--budgets",
+            "4",
+            "8",
+            "--samplers",
+            "grid",
+            "random",
+            "q-formula",
+            "reinforce-mlp",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     ranks = summary["tiers"]["tabular"]["budgets"]["8"]["mean_rank"]
     assert sorted(ranks) == ["grid", "q-formula", "random", "reinforce-mlp"]
@@ -529,8 +569,28 @@ def test_benchmark_cli_smoke(tmp_path):
     assert (tmp_path / "regret_tabular.png").stat().st_size > 0
     # a rerun reuses the raw runs and writes the same tables
     before = (tmp_path / "tables.md").read_text().split("\n", 1)[1]
-    main(["--tiers", "tabular", "--tasks", "nb201/cifar10", "--seeds", "2", "--budget", "8", "--budgets", "4", "8",
-          "--samplers", "grid", "random", "q-formula", "reinforce-mlp", "--out", str(tmp_path)])
+    main(
+        [
+            "--tiers",
+            "tabular",
+            "--tasks",
+            "nb201/cifar10",
+            "--seeds",
+            "2",
+            "--budget",
+            "8",
+            "--budgets",
+            "4",
+            "8",
+            "--samplers",
+            "grid",
+            "random",
+            "q-formula",
+            "reinforce-mlp",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert (tmp_path / "tables.md").read_text().split("\n", 1)[1] == before
 
 
@@ -543,8 +603,10 @@ def test_stacked_mlp_grid_matches_torch_reference(regression):
     g = torch.Generator().manual_seed(0)
     n, d, o = 40, 5, (1 if regression else 3)
     x = {k: torch.randn(m, d, generator=g) for k, m in (("train", n), ("val", 12), ("test", 12))}
-    y = {k: (torch.randn(len(v), generator=g) if regression else torch.randint(0, o, (len(v),), generator=g))
-         for k, v in x.items()}
+    y = {
+        k: (torch.randn(len(v), generator=g) if regression else torch.randint(0, o, (len(v),), generator=g))
+        for k, v in x.items()
+    }
     split = Split(x, y, regression, target_scale=1.0)
     lr, wd, hidden = torch.tensor([1e-2, 3e-3]), torch.tensor([1e-3, 0.0]), torch.tensor([4, 20])
     out = train_stack(split, lr, wd, hidden, batch_size=16, epochs=2, seed=5)
@@ -569,7 +631,7 @@ def test_stacked_mlp_grid_matches_torch_reference(regression):
         val = []
         for order in orders:
             for s in range(0, n, 16):
-                idx = order[s:s + 16]
+                idx = order[s : s + 16]
                 opt.zero_grad()
                 loss_of(x["train"][idx], y["train"][idx]).backward()
                 opt.step()

@@ -2,6 +2,7 @@
 choice (SAM included) trains, one decision per epoch, the validation metrics and the training
 loss reach the policy, bf16 autocast, resume from the framework's checkpoint bit for bit (same
 process, same operations: the runs must agree exactly). Tiny models on the CPU."""
+
 import csv
 import json
 import math
@@ -31,11 +32,13 @@ def _net():
 
 def _closure_steps(opt, model, x, y, steps):
     for _ in range(steps):
+
         def closure():
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
 
 
@@ -95,8 +98,9 @@ def test_decision_logger_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"rlopt/reward", "rlopt/choice_index", "rlopt/lr", "rlopt/signals/val_acc",
-            "rlopt/signals/loss"} <= set(tags)
+    assert {"rlopt/reward", "rlopt/choice_index", "rlopt/lr", "rlopt/signals/val_acc", "rlopt/signals/loss"} <= set(
+        tags
+    )
     assert [e.step for e in acc.Scalars("rlopt/signals/val_acc")] == [3]
     assert acc.Scalars("rlopt/signals/val_acc")[0].value == pytest.approx(0.25)
 
@@ -162,16 +166,26 @@ def _loaders():
 
 
 def _pl_trainer(pl, tmp_path, epochs, callbacks, **kw):
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
-                      enable_model_summary=False, logger=pl.loggers.CSVLogger(tmp_path / "logs"),
-                      callbacks=callbacks, default_root_dir=tmp_path, num_sanity_val_steps=1, **kw)
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=pl.loggers.CSVLogger(tmp_path / "logs"),
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=1,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("choice", CHOICES)
 def test_lightning_every_choice_decides_each_epoch(tmp_path, choice):
     pl, Tiny, RLOptCallback = _lightning()
-    model = Tiny(lambda p: RLSwitchingOptimizer(p, choices=CHOICES, policy=f"constant:{choice}", lr=0.05,
-                                                total_epochs=3, seed=0))
+    model = Tiny(
+        lambda p: RLSwitchingOptimizer(p, choices=CHOICES, policy=f"constant:{choice}", lr=0.05, total_epochs=3, seed=0)
+    )
     before = [p.detach().clone() for p in model.parameters()]
     _pl_trainer(pl, tmp_path, 3, [RLOptCallback()], enable_checkpointing=False).fit(model, *_loaders())
     opt = find_controlled_optimizer(model.trainer.optimizers[0])
@@ -191,8 +205,14 @@ def test_lightning_every_choice_decides_each_epoch(tmp_path, choice):
 def test_lightning_interval_steps_and_lr_control_bf16(tmp_path):
     pl, Tiny, RLOptCallback = _lightning()
     model = Tiny(lambda p: QLearningRateOptimizer(p, base="sam", lr=0.05, interval=3, policy="dqn", seed=0))
-    trainer = _pl_trainer(pl, tmp_path, 2, [RLOptCallback(csv_path=str(tmp_path / "d.csv"))],
-                          precision="bf16-mixed", enable_checkpointing=False)
+    trainer = _pl_trainer(
+        pl,
+        tmp_path,
+        2,
+        [RLOptCallback(csv_path=str(tmp_path / "d.csv"))],
+        precision="bf16-mixed",
+        enable_checkpointing=False,
+    )
     trainer.fit(model, *_loaders())
     opt = find_controlled_optimizer(trainer.optimizers[0])
     assert model.logits_dtypes == {torch.bfloat16}  # the closure ran under Lightning's autocast
@@ -224,21 +244,24 @@ def test_lightning_missing_key_warns(tmp_path):
     pl, Tiny, RLOptCallback = _lightning()
     model = Tiny(lambda p: RLSwitchingOptimizer(p, choices=["sgd"], policy="random", lr=0.05, seed=0))
     with pytest.warns(RuntimeWarning, match="no 'accuracy' in trainer.callback_metrics"):
-        _pl_trainer(pl, tmp_path, 1, [RLOptCallback(val_acc_key="accuracy")],
-                    enable_checkpointing=False).fit(model, *_loaders())
+        _pl_trainer(pl, tmp_path, 1, [RLOptCallback(val_acc_key="accuracy")], enable_checkpointing=False).fit(
+            model, *_loaders()
+        )
     with pytest.raises(TypeError, match="val_loss_key"):
         RLOptCallback(val_loss_key=3)
     model = Tiny(lambda p: RLSwitchingOptimizer(p, choices=["sgd", "sam"], policy="random", lr=0.05, seed=0))
     with pytest.raises(ValueError, match=r"Choices \['sam'\] evaluate the gradient twice"):
-        _pl_trainer(pl, tmp_path, 1, [RLOptCallback()], accumulate_grad_batches=2,
-                    enable_checkpointing=False).fit(model, *_loaders())
+        _pl_trainer(pl, tmp_path, 1, [RLOptCallback()], accumulate_grad_batches=2, enable_checkpointing=False).fit(
+            model, *_loaders()
+        )
 
 
 def test_lightning_mid_epoch_validation_does_not_decide(tmp_path):
     pl, Tiny, RLOptCallback = _lightning()
     model = Tiny(lambda p: RLSwitchingOptimizer(p, choices=["sgd", "adam"], policy="random", lr=0.05, seed=0))
-    _pl_trainer(pl, tmp_path, 2, [RLOptCallback()], val_check_interval=0.5,
-                enable_checkpointing=False).fit(model, *_loaders())
+    _pl_trainer(pl, tmp_path, 2, [RLOptCallback()], val_check_interval=0.5, enable_checkpointing=False).fit(
+        model, *_loaders()
+    )
     opt = find_controlled_optimizer(model.trainer.optimizers[0])
     assert len(model.val_seen) == 4 and [h["epoch"] for h in opt.history] == [0, 1, 2]
     assert opt.history[-1]["signals"]["val_loss"] == pytest.approx(model.val_seen[-1])
@@ -254,8 +277,9 @@ def test_lightning_resume_is_bit_identical(tmp_path, save_on_train_epoch_end):
     def run(root, epochs, ckpt=None):
         torch.manual_seed(0)
         model = Tiny(make)
-        save = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}",
-                                            save_on_train_epoch_end=save_on_train_epoch_end)
+        save = pl.callbacks.ModelCheckpoint(
+            dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}", save_on_train_epoch_end=save_on_train_epoch_end
+        )
         trainer = _pl_trainer(pl, root, epochs, [RLOptCallback(), save])
         trainer.fit(model, *_loaders(), ckpt_path=ckpt)
         return model, find_controlled_optimizer(trainer.optimizers[0])
@@ -266,8 +290,9 @@ def test_lightning_resume_is_bit_identical(tmp_path, save_on_train_epoch_end):
     assert len(opt_full.history) == 4
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    assert [(h["choice"], h["reward"]) for h in opt_full.history] == \
-           [(h["choice"], h["reward"]) for h in opt_resumed.history]
+    assert [(h["choice"], h["reward"]) for h in opt_full.history] == [
+        (h["choice"], h["reward"]) for h in opt_resumed.history
+    ]
 
 
 # ---------------------------------------------------------------------------------- Hugging Face
@@ -307,17 +332,34 @@ def _hf(tmp_path, make_opt, epochs=2, trainer_cls=None, callbacks=None, resume=N
     pytest.importorskip("accelerate")
     from rlopt.integrations.transformers import RLOptTrainer
 
-    args = dict(output_dir=str(tmp_path), num_train_epochs=epochs, per_device_train_batch_size=16,
-                per_device_eval_batch_size=32, eval_strategy="epoch", save_strategy="no", report_to=[],
-                use_cpu=True, disable_tqdm=True, logging_strategy="epoch", seed=0, dataloader_num_workers=0)
+    args = dict(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="epoch",
+        seed=0,
+        dataloader_num_workers=0,
+    )
     args.update(kw)
     transformers.set_seed(0)
     model = _HFModel()
     opt = make_opt(model.parameters())
     cls = trainer_cls or RLOptTrainer
-    trainer = cls(model=model, args=transformers.TrainingArguments(**args), train_dataset=_Rows(64, 0),
-                  eval_dataset=_Rows(32, 1), compute_metrics=_accuracy, optimizers=(opt, None),
-                  callbacks=callbacks)
+    trainer = cls(
+        model=model,
+        args=transformers.TrainingArguments(**args),
+        train_dataset=_Rows(64, 0),
+        eval_dataset=_Rows(32, 1),
+        compute_metrics=_accuracy,
+        optimizers=(opt, None),
+        callbacks=callbacks,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a plain nn.Module: the Trainer's notes about it
         trainer.train(resume_from_checkpoint=resume)
@@ -326,8 +368,12 @@ def _hf(tmp_path, make_opt, epochs=2, trainer_cls=None, callbacks=None, resume=N
 
 @pytest.mark.parametrize("choice", CHOICES)
 def test_transformers_every_choice_decides_each_epoch(tmp_path, choice):
-    trainer, model, opt = _hf(tmp_path, lambda p: RLSwitchingOptimizer(
-        p, choices=CHOICES, policy=f"constant:{choice}", lr=0.05, total_epochs=2, seed=0))
+    trainer, model, opt = _hf(
+        tmp_path,
+        lambda p: RLSwitchingOptimizer(
+            p, choices=CHOICES, policy=f"constant:{choice}", lr=0.05, total_epochs=2, seed=0
+        ),
+    )
     assert opt.steps_taken == 8 and opt.choice == choice
     assert model.train_calls == (16 if choice == "sam" else 8)  # SAM's second gradient: the replayed step
     assert [h["epoch"] for h in opt.history] == [0, 1, 2]
@@ -342,9 +388,12 @@ def test_transformers_every_choice_decides_each_epoch(tmp_path, choice):
 
 
 def test_transformers_sam_with_accumulation_and_bf16(tmp_path):
-    trainer, model, opt = _hf(tmp_path, lambda p: QLearningRateOptimizer(p, base="sam", lr=0.05, interval=2,
-                                                                         policy="dqn", seed=0, total_epochs=2),
-                              gradient_accumulation_steps=2, bf16=True)
+    trainer, model, opt = _hf(
+        tmp_path,
+        lambda p: QLearningRateOptimizer(p, base="sam", lr=0.05, interval=2, policy="dqn", seed=0, total_epochs=2),
+        gradient_accumulation_steps=2,
+        bf16=True,
+    )
     assert model.dtypes == {torch.bfloat16}  # forward under accelerate's autocast, the replay included
     assert opt.steps_taken == 4 and [h["step"] for h in opt.history] == [0, 2, 4]
     assert model.train_calls == 16  # 4 steps x 2 micro-batches, each replayed for SAM's second gradient
@@ -378,13 +427,15 @@ def test_transformers_resume_is_bit_identical(tmp_path):
         return RLSwitchingOptimizer(p, choices=["sgd", "sam", "adam"], policy="ppo", lr=0.05, total_epochs=3, seed=0)
 
     _, full, opt_full = _hf(tmp_path / "a", make, epochs=3, save_strategy="epoch")
-    _, resumed, opt_resumed = _hf(tmp_path / "a", make, epochs=3, save_strategy="epoch",
-                                  resume=str(tmp_path / "a" / "checkpoint-4"))
+    _, resumed, opt_resumed = _hf(
+        tmp_path / "a", make, epochs=3, save_strategy="epoch", resume=str(tmp_path / "a" / "checkpoint-4")
+    )
     assert opt_resumed.steps_taken == 12 and len(opt_full.history) == 4
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    assert [(h["choice"], h["reward"]) for h in opt_full.history] == \
-           [(h["choice"], h["reward"]) for h in opt_resumed.history]
+    assert [(h["choice"], h["reward"]) for h in opt_full.history] == [
+        (h["choice"], h["reward"]) for h in opt_resumed.history
+    ]
 
 
 def test_transformers_plain_trainer_with_sam_says_what_to_use(tmp_path):
@@ -392,8 +443,12 @@ def test_transformers_plain_trainer_with_sam_says_what_to_use(tmp_path):
     from rlopt.integrations.transformers import RLOptCallback
 
     with pytest.raises(RuntimeError, match="train with rlopt.integrations.transformers.RLOptTrainer"):
-        _hf(tmp_path, lambda p: RLSwitchingOptimizer(p, choices=["sgd", "sam"], policy="random", lr=0.05, seed=0),
-            trainer_cls=transformers.Trainer, callbacks=[RLOptCallback()])
+        _hf(
+            tmp_path,
+            lambda p: RLSwitchingOptimizer(p, choices=["sgd", "sam"], policy="random", lr=0.05, seed=0),
+            trainer_cls=transformers.Trainer,
+            callbacks=[RLOptCallback()],
+        )
 
 
 def test_lightning_notebook_executes():
@@ -405,7 +460,8 @@ def test_lightning_notebook_executes():
 
     path = Path(__file__).resolve().parent.parent / "notebooks" / "lightning.ipynb"
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "resumed run bit-identical: True" in outputs and "rlopt/choice_index" in outputs

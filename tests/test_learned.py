@@ -1,4 +1,5 @@
 """LearnedOptimizer, its features, its checkpoints and its ES meta-training."""
+
 import copy
 import math
 import pickle
@@ -47,9 +48,9 @@ def test_features_match_a_direct_computation():
     feats = coordinate_features(p, grads[-1], mom, v, torch.tensor(float(t)), spec)
     for i in range(p.numel()):  # coordinate by coordinate, Adam's bias corrections by hand
         gi, pi = grads[-1].reshape(-1)[i].item(), p.reshape(-1)[i].item()
-        r = 1 / math.sqrt((v.reshape(-1)[i].item() + spec.eps ** 2) / (1 - spec.beta2 ** t))
-        expect = [gi * r] + [mom[k].reshape(-1)[i].item() / (1 - b ** t) * r for k, b in enumerate(spec.betas)]
-        expect.append(pi / math.sqrt((p ** 2).mean().item()))
+        r = 1 / math.sqrt((v.reshape(-1)[i].item() + spec.eps**2) / (1 - spec.beta2**t))
+        expect = [gi * r] + [mom[k].reshape(-1)[i].item() / (1 - b**t) * r for k, b in enumerate(spec.betas)]
+        expect.append(pi / math.sqrt((p**2).mean().item()))
         # float32 features against float64 arithmetic
         torch.testing.assert_close(feats[:, i], torch.tensor(expect, dtype=torch.float32), rtol=1e-5, atol=1e-6)
 
@@ -153,8 +154,9 @@ def test_state_dict_resume_is_bit_exact(tmp_path):
 def test_param_groups_and_lr_scheduler():
     rule = _rule()
     a, b, c = (torch.randn(20, requires_grad=True) for _ in range(3))
-    opt = LearnedOptimizer([{"params": [a]}, {"params": [b], "lr": 0.0}, {"params": [c], "lr": 0.05}],
-                           policy=rule, lr=0.02)
+    opt = LearnedOptimizer(
+        [{"params": [a]}, {"params": [b], "lr": 0.0}, {"params": [c], "lr": 0.05}], policy=rule, lr=0.02
+    )
     assert [gr["lr"] for gr in opt.param_groups] == [0.02, 0.0, 0.05]
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     g = torch.Generator().manual_seed(0)
@@ -273,11 +275,11 @@ def test_shipped_rules_load_by_name():
         x = torch.randn(10, requires_grad=True)
         opt = LearnedOptimizer([x], policy=name)
         assert opt.param_groups[0]["lr"] == rule.lr
-        (x ** 2).sum().backward()
+        (x**2).sum().backward()
         before = (x.detach() ** 2).sum()
         for _ in range(20):
             opt.zero_grad()
-            (x ** 2).sum().backward()
+            (x**2).sum().backward()
             opt.step()
         assert (x.detach() ** 2).sum() < before
 
@@ -320,8 +322,21 @@ def test_es_improves_the_meta_objective_on_a_tiny_distribution():
 def test_train_cli_resumes_to_the_same_rule(tmp_path):
     from rlopt.learned.train import main
 
-    common = ["--families", "quadratic", "--pairs", "2", "--tasks-per-iter", "1", "--steps", "4",
-              "--hidden", "2", "--eval-every", "2", "--no-progress"]
+    common = [
+        "--families",
+        "quadratic",
+        "--pairs",
+        "2",
+        "--tasks-per-iter",
+        "1",
+        "--steps",
+        "4",
+        "--hidden",
+        "2",
+        "--eval-every",
+        "2",
+        "--no-progress",
+    ]
     straight = main(common + ["--iterations", "4", "--out", str(tmp_path / "a.pt")])
     main(common + ["--iterations", "2", "--out", str(tmp_path / "b.pt")])
     resumed = main(common + ["--iterations", "4", "--out", str(tmp_path / "b.pt"), "--resume"])

@@ -1,6 +1,7 @@
 """The learners' mechanics and defaults: DQN's epsilon schedule in decisions, train frequency,
 soft target updates and divergence warning; PPO's advantage standardisation and diagnostics;
 checkpoints from before these fields existed; and a short learning check on CartPole-v1."""
+
 from __future__ import annotations
 
 import math
@@ -8,11 +9,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_tree_equal, roundtrip
 
 import rlopt
 from rlopt.policies import DQNConfig, DQNPolicy, PPOConfig, PPOPolicy
-
-from conftest import assert_tree_equal, roundtrip
 
 OBS_DIM = 5
 ACTIONS = ("a", "b", "c")
@@ -162,8 +162,11 @@ def test_checkpoint_without_new_fields_loads_and_keeps_its_old_behaviour(kind, t
     path = tmp_path / "old.pt"
     policy.save(path)
     ckpt = torch.load(path, weights_only=True)
-    new_fields = ("train_frequency", "tau", "exploration_decisions", "q_warn_factor") if kind == "dqn" else (
-        "advantage_norm_samples",)
+    new_fields = (
+        ("train_frequency", "tau", "exploration_decisions", "q_warn_factor")
+        if kind == "dqn"
+        else ("advantage_norm_samples",)
+    )
     for name in new_fields:
         ckpt["config"].pop(name)
     for name in ("n_decisions", "reward_scale", "adv_history", "adv_count"):
@@ -224,7 +227,8 @@ def test_dqn_defaults_keep_q_bounded_and_learn_cartpole_beyond_random():
     pytest.importorskip("gymnasium")
     from benchmarks.learner_check import run_learner
 
-    result = run_learner("dqn", "CartPole-v1", seed=0, steps=8000,
-                         config={"exploration_decisions": 3000, "learning_starts": 500})
+    result = run_learner(
+        "dqn", "CartPole-v1", seed=0, steps=8000, config={"exploration_decisions": 3000, "learning_starts": 500}
+    )
     assert result["max_abs_mean_q"] <= result["q_bound"] and not result["divergence_warnings"]
     assert result["score"] >= 100.0, result["score"]

@@ -1,5 +1,6 @@
 """QLearningRateOptimizer: actions and bounds, equivalence with the plain base optimizer under a
 frozen "keep" policy, resume, features, schedulers, copies, non-finite safety."""
+
 import copy
 import math
 import pickle
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlopt import SAM, QLearningRateOptimizer
+from rlopt.control.observation import Signals
 from rlopt.policies import ConstantConfig, Policy
 from rlopt.rewards import InverseDistanceReward, LogImprovementReward, RewardContext
-from rlopt.control.observation import Signals
 
 KEEP = "constant:lr:keep"
 
@@ -44,6 +45,7 @@ def closure_for(model, opt, x, y):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -94,8 +96,13 @@ def test_action_names():
 
 def test_lr_halve_reset_and_bounds():
     model = make_model()
-    opt = scripted(model.parameters(), ["lr:halve", "lr:halve", "lr:halve", "lr:reset", "lr:keep"],
-                   lr=0.1, interval=1, max_lr_halvings=2)
+    opt = scripted(
+        model.parameters(),
+        ["lr:halve", "lr:halve", "lr:halve", "lr:reset", "lr:keep"],
+        lr=0.1,
+        interval=1,
+        max_lr_halvings=2,
+    )
     data = make_data(5)
     assert opt.lr == 0.1  # no decision before the first step
     seen = []
@@ -110,23 +117,46 @@ def test_lr_halve_reset_and_bounds():
 
 def test_wd_actions_and_bounds():
     model = make_model()
-    script = ["lr:halve|wd:x1.25", "lr:keep|wd:x1.25", "lr:keep|wd:x1.25", "lr:keep|wd:halve",
-              "lr:reset|wd:reset", "lr:keep|wd:halve", "lr:keep|wd:halve"]
-    opt = scripted(model.parameters(), script, lr=0.1, weight_decay=1e-2, control=("lr", "weight_decay"),
-                   interval=1, max_wd_growths=2, max_wd_halvings=1)
+    script = [
+        "lr:halve|wd:x1.25",
+        "lr:keep|wd:x1.25",
+        "lr:keep|wd:x1.25",
+        "lr:keep|wd:halve",
+        "lr:reset|wd:reset",
+        "lr:keep|wd:halve",
+        "lr:keep|wd:halve",
+    ]
+    opt = scripted(
+        model.parameters(),
+        script,
+        lr=0.1,
+        weight_decay=1e-2,
+        control=("lr", "weight_decay"),
+        interval=1,
+        max_wd_growths=2,
+        max_wd_halvings=1,
+    )
     data = make_data(6)
     seen = [None]  # the first decision comes at the first step
     for x, y in data:
         opt.step(closure_for(model, opt, x, y))
         seen.append((opt.lr, opt.weight_decay))
-    wd_max = 1e-2 * 1.25 ** 2
-    expected = [(0.05, 1e-2 * 1.25), (0.05, wd_max), (0.05, wd_max), (0.05, wd_max / 2), (0.1, 1e-2),
-                (0.1, 5e-3), (0.1, 5e-3)]
+    wd_max = 1e-2 * 1.25**2
+    expected = [
+        (0.05, 1e-2 * 1.25),
+        (0.05, wd_max),
+        (0.05, wd_max),
+        (0.05, wd_max / 2),
+        (0.1, 1e-2),
+        (0.1, 5e-3),
+        (0.1, 5e-3),
+    ]
     assert [s[0] for s in seen[1:]] == [e[0] for e in expected[1:]]
     assert [s[1] for s in seen[1:]] == pytest.approx([e[1] for e in expected[1:]], rel=1e-15)
-    assert [h["lr"] for h in opt.history][:len(expected)] == [e[0] for e in expected]
-    assert [h["weight_decay"] for h in opt.history][:len(expected)] == pytest.approx([e[1] for e in expected],
-                                                                                      rel=1e-15)
+    assert [h["lr"] for h in opt.history][: len(expected)] == [e[0] for e in expected]
+    assert [h["weight_decay"] for h in opt.history][: len(expected)] == pytest.approx(
+        [e[1] for e in expected], rel=1e-15
+    )
     opt.step(closure_for(model, opt, *data[0]))
     assert inner_wd(opt) == opt.weight_decay and inner_lr(opt) == opt.lr
 
@@ -171,12 +201,17 @@ def _same_history(h1, h2):
     assert repr(h1) == repr(h2)  # repr: NaN == NaN
 
 
-@pytest.mark.parametrize("control,base,policy,sched", [
-    (("lr",), "sgd", "dqn", False), (("lr", "weight_decay"), "sgd", "dqn", False),
-    (("lr",), "sam", "dqn", True), (("lr", "weight_decay"), "adamw", "ppo", True)])
+@pytest.mark.parametrize(
+    "control,base,policy,sched",
+    [
+        (("lr",), "sgd", "dqn", False),
+        (("lr", "weight_decay"), "sgd", "dqn", False),
+        (("lr",), "sam", "dqn", True),
+        (("lr", "weight_decay"), "adamw", "ppo", True),
+    ],
+)
 def test_resume_bit_for_bit(tmp_path, control, base, policy, sched):
-    kw = dict(lr=0.05, weight_decay=1e-3, control=control, base=base, policy=policy, interval=2, seed=3,
-              total_steps=60)
+    kw = dict(lr=0.05, weight_decay=1e-3, control=control, base=base, policy=policy, interval=2, seed=3, total_steps=60)
     m1 = make_model()
     o1 = QLearningRateOptimizer(m1.parameters(), **kw)
     s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=7, gamma=0.7) if sched else None
@@ -246,8 +281,11 @@ BAD = [
     (dict(max_lr_halvings=2000), ValueError, "Invalid max_lr_halvings: 2000 \\(at most 1022"),
     (dict(max_lr_halvings=1023), ValueError, "Invalid max_lr_halvings"),
     (dict(max_wd_halvings=1023), ValueError, "Invalid max_wd_halvings"),
-    (dict(max_wd_growths=5000, weight_decay=0.1, control=("weight_decay",)), ValueError,
-     "Invalid max_wd_growths: 5000 \\(at most 3180"),
+    (
+        dict(max_wd_growths=5000, weight_decay=0.1, control=("weight_decay",)),
+        ValueError,
+        "Invalid max_wd_growths: 5000 \\(at most 3180",
+    ),
     (dict(max_wd_growths=3181), ValueError, "Invalid max_wd_growths"),
     (dict(train_policy="no"), TypeError, "Invalid policy training mode: 'no'"),
     (dict(train_policy=1), TypeError, "Invalid policy training mode"),
@@ -281,9 +319,16 @@ def test_largest_bounds_are_normal_floats_and_run():
     from rlopt.optim.lr_control import MAX_GROWTHS, MAX_HALVINGS
 
     model = make_model()
-    opt = QLearningRateOptimizer(model.parameters(), weight_decay=1e-3, control=("lr", "weight_decay"),
-                                 policy="random", interval=2, max_lr_halvings=MAX_HALVINGS,
-                                 max_wd_halvings=MAX_HALVINGS, max_wd_growths=MAX_GROWTHS)
+    opt = QLearningRateOptimizer(
+        model.parameters(),
+        weight_decay=1e-3,
+        control=("lr", "weight_decay"),
+        policy="random",
+        interval=2,
+        max_lr_halvings=MAX_HALVINGS,
+        max_wd_halvings=MAX_HALVINGS,
+        max_wd_growths=MAX_GROWTHS,
+    )
     for lo, hi in opt._bounds.values():
         assert lo >= sys.float_info.min and math.isfinite(hi)
     run_steps(model, opt, make_data(4))
@@ -311,11 +356,13 @@ def test_objective_position_hand_computed():
     opt = QLearningRateOptimizer([p], policy=KEEP, interval=1, objective_memory=3)
     values = [5.0, 4.0, 6.0, 3.0, 4.5, 7.0, 4.0, float("nan"), 2.0]
     for v in values:
+
         def closure(v=v):
             opt.zero_grad()
             loss = (p * 0).sum() + v
             loss.backward()
             return loss
+
         opt.step(closure)
     # lowest-3 memory before each value: [] [5] [4,5] [4,5,6] [3,4,5] [3,4,4.5] [3,4,4.5] (nan skipped) [3,4,4]
     expected = [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 1.0]  # decision 0: before any step
@@ -324,16 +371,21 @@ def test_objective_position_hand_computed():
 
 def test_alignment_features_hand_computed():
     p = nn.Parameter(torch.zeros(4))
-    opt = QLearningRateOptimizer([p], base=("sgd", {"momentum": 0.0}), lr=0.1, policy=KEEP, interval=2,
-                                 signal_every=1)
-    gs = [torch.tensor([1.0, 2.0, -1.0, 0.5]), torch.tensor([1.0, -1.0, -2.0, 0.5]),
-          torch.tensor([-1.0, -1.0, 1.0, 1.0]), torch.tensor([2.0, 1.0, 1.0, -1.0])]
+    opt = QLearningRateOptimizer([p], base=("sgd", {"momentum": 0.0}), lr=0.1, policy=KEEP, interval=2, signal_every=1)
+    gs = [
+        torch.tensor([1.0, 2.0, -1.0, 0.5]),
+        torch.tensor([1.0, -1.0, -2.0, 0.5]),
+        torch.tensor([-1.0, -1.0, 1.0, 1.0]),
+        torch.tensor([2.0, 1.0, 1.0, -1.0]),
+    ]
     for g in gs:
+
         def closure(g=g):
             opt.zero_grad()
             loss = (p * g).sum()
             loss.backward()
             return loss
+
         opt.step(closure)
 
     def cos(a, b):
@@ -347,18 +399,25 @@ def test_alignment_features_hand_computed():
     assert _feature(opt, "grad_sign_agreement", 1) == pytest.approx(sign(gs[0], gs[1]), abs=1e-6)
     assert _feature(opt, "grad_cosine", 2) == pytest.approx((cos(gs[1], gs[2]) + cos(gs[2], gs[3])) / 2, abs=1e-6)
     assert _feature(opt, "grad_sign_agreement", 2) == pytest.approx(
-        (sign(gs[1], gs[2]) + sign(gs[2], gs[3])) / 2, abs=1e-6)
+        (sign(gs[1], gs[2]) + sign(gs[2], gs[3])) / 2, abs=1e-6
+    )
 
 
 def test_level_features():
     model = make_model()
-    opt = scripted(model.parameters(), ["lr:keep|wd:keep", "lr:halve|wd:x1.25", "lr:halve|wd:halve"],
-                   lr=0.1, weight_decay=1e-2, control=("lr", "weight_decay"), interval=1)
+    opt = scripted(
+        model.parameters(),
+        ["lr:keep|wd:keep", "lr:halve|wd:x1.25", "lr:halve|wd:halve"],
+        lr=0.1,
+        weight_decay=1e-2,
+        control=("lr", "weight_decay"),
+        interval=1,
+    )
     run_steps(model, opt, make_data(2))
     lr_levels = [_feature(opt, "lr_level", k) for k in range(3)]
     # linear in log(value / initial) from [log 2^-10, 0] to [-1, 1]
     assert lr_levels == pytest.approx([1.0, 1.0, 1.0 - 2 / 10])
-    lo, hi = math.log(2 ** -8), math.log(1.25 ** 8)
+    lo, hi = math.log(2**-8), math.log(1.25**8)
     wd = [2 * (math.log(r) - lo) / (hi - lo) - 1 for r in (1.0, 1.0, 1.25)]
     assert [_feature(opt, "wd_level", k) for k in range(3)] == pytest.approx(wd)
 
@@ -366,8 +425,7 @@ def test_level_features():
 def test_lr_reports_the_rate_in_use_with_a_base_lr_scale():
     """lr is what the inner optimizer runs at, lr_scale included; the level feature is relative."""
     model = make_model()
-    opt = scripted(model.parameters(), ["lr:keep", "lr:halve"], base=("sgd", {"lr_scale": 0.5}), lr=0.1,
-                   interval=1)
+    opt = scripted(model.parameters(), ["lr:keep", "lr:halve"], base=("sgd", {"lr_scale": 0.5}), lr=0.1, interval=1)
     run_steps(model, opt, make_data(2))  # decisions: keep (construction), halve, keep
     assert inner_lr(opt) == opt.lr == 0.025
     assert [h["lr"] for h in opt.history] == [0.05, 0.025, 0.025]

@@ -1,6 +1,7 @@
 """The meta-training task distribution: the classic tasks run as they always did, the ResNet
 tasks train with the real-training recipe (crops, flips, weight decay, warm-up then cosine), and a
 missing CIFAR-10 subset falls back clearly."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from rlopt import RLSwitchingOptimizer
-from rlopt.meta.tasks import (PRESETS, TaskConfig, TaskDistribution, augment_batch, build_task, lr_factor,
-                              run_episode)
+from rlopt.meta.tasks import PRESETS, TaskDistribution, augment_batch, build_task, lr_factor, run_episode
 
 
 def _old_loop(task, opt):
@@ -24,10 +24,10 @@ def _old_loop(task, opt):
     for _ in range(cfg.epochs):
         order = torch.randperm(cfg.n_train, generator=task.generator)
         for i in range(cfg.steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             xb, yb = task.train_x[idx], task.train_y[idx]
 
-            def closure():
+            def closure(xb=xb, yb=yb):
                 opt.zero_grad()
                 loss = F.cross_entropy(task.model(xb), yb)
                 loss.backward()
@@ -36,15 +36,25 @@ def _old_loop(task, opt):
             opt.step(closure)
         with torch.no_grad():
             out = task.model(task.val_x)
-        opt.epoch_end(val_loss=float(F.cross_entropy(out, task.val_y)),
-                      val_acc=float((out.argmax(1) == task.val_y).float().mean()))
+        opt.epoch_end(
+            val_loss=float(F.cross_entropy(out, task.val_y)),
+            val_acc=float((out.argmax(1) == task.val_y).float().mean()),
+        )
 
 
 def _opt(task, policy="random", **kw):
     cfg = task.config
-    return RLSwitchingOptimizer(task.model.parameters(), choices=["sgd", "sam"], policy=policy, lr=cfg.lr,
-                                interval=cfg.interval, total_steps=cfg.total_steps, total_epochs=cfg.epochs,
-                                process_group=None, **kw)
+    return RLSwitchingOptimizer(
+        task.model.parameters(),
+        choices=["sgd", "sam"],
+        policy=policy,
+        lr=cfg.lr,
+        interval=cfg.interval,
+        total_steps=cfg.total_steps,
+        total_epochs=cfg.epochs,
+        process_group=None,
+        **kw,
+    )
 
 
 def test_classic_tasks_run_exactly_as_the_written_out_loop():
@@ -83,23 +93,33 @@ def test_augment_batch_crops_and_flips():
     assert out.shape == x.shape
     padded = F.pad(x, (2, 2, 2, 2))
     for n in range(2):  # every output is some 4x4 window of the padded image, or its mirror image
-        wins = [padded[n, :, i:i + 4, j:j + 4] for i in range(5) for j in range(5)]
+        wins = [padded[n, :, i : i + 4, j : j + 4] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1)) for w in wins)
 
 
 def _fake_cifar(path, n_train=60, n_test=30):
     rng = np.random.default_rng(0)
-    np.savez(path, train_x=rng.integers(0, 255, (n_train, 3, 32, 32), dtype=np.uint8),
-             train_y=(np.arange(n_train) % 10).astype(np.uint8),
-             test_x=rng.integers(0, 255, (n_test, 3, 32, 32), dtype=np.uint8),
-             test_y=(np.arange(n_test) % 10).astype(np.uint8))
+    np.savez(
+        path,
+        train_x=rng.integers(0, 255, (n_train, 3, 32, 32), dtype=np.uint8),
+        train_y=(np.arange(n_train) % 10).astype(np.uint8),
+        test_x=rng.integers(0, 255, (n_test, 3, 32, 32), dtype=np.uint8),
+        test_y=(np.arange(n_test) % 10).astype(np.uint8),
+    )
 
 
 def test_resnet_tasks_train_with_the_recipe_on_both_data_sets(tmp_path):
     path = tmp_path / "c.npz"
     _fake_cifar(path)
-    dist = TaskDistribution.preset("resnet", cifar10_path=str(path), resnet_n_train=(40,), n_val=20,
-                                   resnet_epochs=(2,), resnet_width=(4,), resnet_batch_size=(16,))
+    dist = TaskDistribution.preset(
+        "resnet",
+        cifar10_path=str(path),
+        resnet_n_train=(40,),
+        n_val=20,
+        resnet_epochs=(2,),
+        resnet_width=(4,),
+        resnet_batch_size=(16,),
+    )
     g, seen = torch.Generator().manual_seed(0), set()
     for i in range(12):
         cfg = dist.sample(g, i)
@@ -157,8 +177,20 @@ def test_make_subset_reads_a_cifar_tar(tmp_path):
                     info.size = len(buf.getvalue())
                     tar.addfile(info, io.BytesIO(buf.getvalue()))
     out = tmp_path / "sub.npz"
-    main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--per-class-train", "2", "--per-class-test", "1",
-          "--out", str(out)])
+    main(
+        [
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path),
+            "--per-class-train",
+            "2",
+            "--per-class-test",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     with np.load(out) as d:
         assert d["train_x"].shape == (4, 3, 32, 32) and d["test_x"].shape == (2, 3, 32, 32)
         assert sorted(d["train_y"].tolist()) == [0, 0, 1, 1] and list(d["classes"]) == ["cat", "dog"]

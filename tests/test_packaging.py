@@ -1,5 +1,6 @@
 """What an installed wheel holds: every folder of the package with Python modules is a package
 (a folder without ``__init__.py`` is left out of the wheel by ``packages = find:``)."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Policies: GAE, buffers, DQN target network and epsilon schedule, truncation bootstraps,
 determinism, RNG hygiene, checkpoints and their compatibility checks."""
+
 from __future__ import annotations
 
 import copy
@@ -7,14 +8,25 @@ import math
 
 import pytest
 import torch
+from conftest import assert_tree_equal, make_closure, make_data, make_model, roundtrip
 
 import rlopt
 from rlopt import RLSwitchingOptimizer
 from rlopt.control.observation import observation_layout
-from rlopt.policies import (ConstantConfig, ConstantPolicy, DQNConfig, DQNPolicy, PPOConfig, PPOPolicy,
-                            RandomConfig, RandomPolicy, ReplayBuffer, RolloutBuffer, compute_gae, load_policy)
-
-from conftest import assert_tree_equal, make_closure, make_data, make_model, roundtrip
+from rlopt.policies import (
+    ConstantConfig,
+    ConstantPolicy,
+    DQNConfig,
+    DQNPolicy,
+    PPOConfig,
+    PPOPolicy,
+    RandomConfig,
+    RandomPolicy,
+    ReplayBuffer,
+    RolloutBuffer,
+    compute_gae,
+    load_policy,
+)
 
 ACTIONS = ("sgd", "sam", "adam")
 LAYOUT = observation_layout(ACTIONS)
@@ -37,14 +49,26 @@ def _drive(policy, n=12, seed=0):
 
 
 SMALL = {
-    "dqn": lambda seed=0, **kw: DQNPolicy(OBS_DIM, ACTIONS, DQNConfig(**{
-        "hidden": 16, "learning_starts": 2, "batch_size": 4, "target_update": 3, "train_frequency": 1, **kw}),
-        seed=seed, obs_layout=LAYOUT),
-    "ppo": lambda seed=0, **kw: PPOPolicy(OBS_DIM, ACTIONS, PPOConfig(**{
-        "hidden": 16, "rollout_len": 3, "update_epochs": 2, **kw}), seed=seed, obs_layout=LAYOUT),
+    "dqn": lambda seed=0, **kw: DQNPolicy(
+        OBS_DIM,
+        ACTIONS,
+        DQNConfig(
+            **{"hidden": 16, "learning_starts": 2, "batch_size": 4, "target_update": 3, "train_frequency": 1, **kw}
+        ),
+        seed=seed,
+        obs_layout=LAYOUT,
+    ),
+    "ppo": lambda seed=0, **kw: PPOPolicy(
+        OBS_DIM,
+        ACTIONS,
+        PPOConfig(**{"hidden": 16, "rollout_len": 3, "update_epochs": 2, **kw}),
+        seed=seed,
+        obs_layout=LAYOUT,
+    ),
     "random": lambda seed=0, **kw: RandomPolicy(OBS_DIM, ACTIONS, RandomConfig(**kw), seed=seed, obs_layout=LAYOUT),
-    "constant": lambda seed=0, **kw: ConstantPolicy(OBS_DIM, ACTIONS, ConstantConfig(**{"action": "sam", **kw}),
-                                                    seed=seed, obs_layout=LAYOUT),
+    "constant": lambda seed=0, **kw: ConstantPolicy(
+        OBS_DIM, ACTIONS, ConstantConfig(**{"action": "sam", **kw}), seed=seed, obs_layout=LAYOUT
+    ),
 }
 
 
@@ -66,8 +90,7 @@ def test_compute_gae_lambda_one_is_discounted_return_minus_value():
     rewards = torch.tensor([1.0, -1.0, 0.5, 2.0])
     values = torch.tensor([0.3, 0.2, -0.1, 0.4])
     adv, ret = compute_gae(rewards, values, torch.zeros(4), 1.5, 0.9, 1.0)
-    expected = [sum(0.9 ** (j - t) * float(rewards[j]) for j in range(t, 4)) + 0.9 ** (4 - t) * 1.5
-                for t in range(4)]
+    expected = [sum(0.9 ** (j - t) * float(rewards[j]) for j in range(t, 4)) + 0.9 ** (4 - t) * 1.5 for t in range(4)]
     torch.testing.assert_close(ret, torch.tensor(expected))
     torch.testing.assert_close(adv, torch.tensor(expected) - values)
 
@@ -153,7 +176,7 @@ def test_epsilon_decays_faster_with_confident_q_values():
         fast.act(o)
         eps = max(0.05, eps * math.exp(math.log(0.9) - 50.0 * var))
         assert fast.epsilon == pytest.approx(eps)
-    assert fast.epsilon < plain.epsilon == pytest.approx(0.9 ** 5)
+    assert fast.epsilon < plain.epsilon == pytest.approx(0.9**5)
 
 
 def test_dqn_truncation_is_not_terminal():
@@ -248,6 +271,7 @@ def _tampered(kind, edit):
         state = _drive_and_state(SMALL[kind](seed=1))
         edit(state)
         return state
+
     return make
 
 
@@ -372,8 +396,7 @@ POLICY_ERRORS = [
     (lambda: PPOConfig(gae_lambda=1.5), ValueError, "Invalid gae_lambda"),
     (lambda: PPOConfig(rollout_len=0), ValueError, "Invalid rollout_len"),
     (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(1.0,))), ValueError, "Invalid action probabilities"),
-    (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(-1.0, 2.0))), ValueError,
-     "Invalid action probabilities"),
+    (lambda: RandomPolicy(3, ["a", "b"], RandomConfig(probs=(-1.0, 2.0))), ValueError, "Invalid action probabilities"),
     (lambda: ConstantPolicy(3, ["a", "b"], ConstantConfig(action=5)), ValueError, "Invalid action index"),
     (lambda: DQNPolicy(0, ["a"]), ValueError, "Invalid observation size"),
     (lambda: DQNPolicy(3, []), ValueError, "Invalid action names"),
@@ -381,8 +404,11 @@ POLICY_ERRORS = [
     (lambda: DQNPolicy(3, ["a"], train="no"), TypeError, "Invalid policy training mode: 'no'"),
     (lambda: PPOPolicy(3, ["a"]).train("no"), TypeError, "Invalid policy training mode: 'no'"),
     (lambda: RandomPolicy(3, ["a"]).train(1), TypeError, "Invalid policy training mode: 1"),
-    (lambda: RLSwitchingOptimizer(make_model().parameters(), choices=["sgd", "adam"], train_policy="no"), TypeError,
-     "Invalid policy training mode: 'no'"),
+    (
+        lambda: RLSwitchingOptimizer(make_model().parameters(), choices=["sgd", "adam"], train_policy="no"),
+        TypeError,
+        "Invalid policy training mode: 'no'",
+    ),
     (lambda: DQNPolicy(3, ["a"]).load_state_dict([]), TypeError, "must be a dict"),
 ]
 

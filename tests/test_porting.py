@@ -2,6 +2,7 @@
 ``(loss, outputs)``, an lr optimizer paid from validation metrics alone, a starting baseline, a
 warning for an lr carried over from another optimizer, extending a resumed run, inner lrs that
 show a scheduler's change at once."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +10,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_closure, make_data, make_model, roundtrip
 from torch.nn import functional as F
 
 from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
-
-from conftest import make_closure, make_data, make_model, roundtrip
 
 
 def _tuple_closure(model, opt, x, y):
@@ -23,6 +23,7 @@ def _tuple_closure(model, opt, x, y):
         loss = F.cross_entropy(out, y)
         loss.backward()
         return loss, out
+
     return closure
 
 
@@ -71,8 +72,9 @@ def test_a_baseline_before_training_makes_the_first_reward_pay_for_progress():
     rewards = {}
     for with_baseline in (False, True):
         model = make_model()
-        opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd",
-                                   interval="epoch", total_epochs=3)
+        opt = RLSwitchingOptimizer(
+            model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", interval="epoch", total_epochs=3
+        )
         if with_baseline:
             opt.baseline(val_loss=2.0, val_acc=0.2)
         for _epoch in range(2):
@@ -89,8 +91,9 @@ def test_a_baseline_before_training_makes_the_first_reward_pay_for_progress():
         opt.baseline(val_acc=0.1)
 
 
-@pytest.mark.parametrize("choice,lr,warns", [("sgd", 1.0, True), ("sgd", 0.1, False), ("adam", 10.0, True),
-                                             ("adam", 0.1, False)])
+@pytest.mark.parametrize(
+    "choice,lr,warns", [("sgd", 1.0, True), ("sgd", 0.1, False), ("adam", 10.0, True), ("adam", 0.1, False)]
+)
 def test_an_implausible_lr_for_the_running_choice_warns_once(choice, lr, warns):
     x, y = make_data()
     model = make_model()
@@ -107,8 +110,9 @@ def test_extending_a_resumed_run_moves_the_horizon_and_pays_the_final_reward_onc
     x, y = make_data()
 
     def build(model, epochs):
-        return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="ppo", interval="epoch",
-                                    total_epochs=epochs, seed=0)
+        return RLSwitchingOptimizer(
+            model.parameters(), choices=["sgd", "adam"], policy="ppo", interval="epoch", total_epochs=epochs, seed=0
+        )
 
     model = make_model()
     opt = build(model, 2)

@@ -1,5 +1,6 @@
 """Pretrained policies: the shipped registry, loading by name and path, mismatch errors,
 frozen-by-default, determinism, and meta-training end to end on a tiny task distribution."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,22 +10,34 @@ import os
 
 import pytest
 import torch
+from conftest import make_closure, make_data, make_model
 
 import rlopt
 from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
-from rlopt.policies import DQNPolicy, PPOPolicy, load_policy
-from rlopt.registry import pretrained_info, pretrained_path
 from rlopt.meta.tasks import TaskDistribution, build_task
 from rlopt.meta.train_policy import main, train_policy
+from rlopt.policies import DQNPolicy, PPOPolicy, load_policy
+from rlopt.registry import pretrained_info, pretrained_path
 
-from conftest import make_closure, make_data, make_model
-
-SHIPPED = {"switch-sgd-sam": ("sgd", "sam"), "switch-sgd-sam-adam": ("sgd", "sam", "adam"),
-           "lr-dqn": ("lr:keep", "lr:halve", "lr:reset")}
+SHIPPED = {
+    "switch-sgd-sam": ("sgd", "sam"),
+    "switch-sgd-sam-adam": ("sgd", "sam", "adam"),
+    "lr-dqn": ("lr:keep", "lr:halve", "lr:reset"),
+}
 
 # A distribution small enough for a test: 64 training samples, 2 epochs, teacher data only.
-TINY = TaskDistribution(data=("teacher",), mlp_width=(8,), mlp_depth=(1,), batch_size=(32,), epochs=(2,),
-                        n_train=(64,), n_val=32, interval=("epoch", 1), teacher_d_in=(4,), teacher_classes=(3,))
+TINY = TaskDistribution(
+    data=("teacher",),
+    mlp_width=(8,),
+    mlp_depth=(1,),
+    batch_size=(32,),
+    epochs=(2,),
+    n_train=(64,),
+    n_val=32,
+    interval=("epoch", 1),
+    teacher_d_in=(4,),
+    teacher_classes=(3,),
+)
 
 
 def _weights(policy):
@@ -92,7 +105,7 @@ def test_lr_optimizer_takes_a_name():
     opt = QLearningRateOptimizer(model.parameters(), base="sgd", lr=0.05, policy="lr-dqn", interval=2)
     assert isinstance(opt.policy, DQNPolicy) and not opt.policy.training
     _run(opt, model)
-    assert 0.05 * 2 ** -10 <= opt.lr <= 0.05
+    assert 0.05 * 2**-10 <= opt.lr <= 0.05
 
 
 # ------------------------------------------------------------------ mismatches
@@ -101,7 +114,9 @@ def test_action_set_mismatch_raises():
     with pytest.raises(ValueError, match="action set"):
         RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy="switch-sgd-sam")
     with pytest.raises(ValueError, match="action set"):
-        RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=rlopt.load_policy("switch-sgd-sam-adam"))
+        RLSwitchingOptimizer(
+            model.parameters(), choices=["sgd", "sam"], policy=rlopt.load_policy("switch-sgd-sam-adam")
+        )
     with pytest.raises(ValueError, match="action set"):
         QLearningRateOptimizer(model.parameters(), control=("lr", "weight_decay"), weight_decay=1e-4, policy="lr-dqn")
 
@@ -182,8 +197,18 @@ def test_fmnist_tasks_fall_back_to_teacher_without_the_file(tmp_path):
 @pytest.mark.parametrize("kind,algo", [("switching", "ppo"), ("switching", "dqn"), ("lr", "dqn")])
 def test_meta_training_end_to_end(tmp_path, kind, algo):
     out = tmp_path / "policy.pt"
-    result = train_policy(kind=kind, choices=("sgd", "sam"), algo=algo, episodes=2, seed=3, out=out,
-                          distribution=TINY, progress=False, register="tiny test policy", threads=None)
+    result = train_policy(
+        kind=kind,
+        choices=("sgd", "sam"),
+        algo=algo,
+        episodes=2,
+        seed=3,
+        out=out,
+        distribution=TINY,
+        progress=False,
+        register="tiny test policy",
+        threads=None,
+    )
     assert len(result.returns) == 2 and all(isinstance(r, float) for r in result.returns)
     policy = load_policy(out)
     assert not policy.training and policy.kind == algo
@@ -215,13 +240,31 @@ def test_meta_training_is_seeded():
 
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "cli.pt"
-    main(["--kind", "switching", "--choices", "sgd,adam", "--episodes", "1", "--data", "teacher", "--out", str(out),
-          "--no-progress", "--quiet", "--threads", "1"])
+    main(
+        [
+            "--kind",
+            "switching",
+            "--choices",
+            "sgd,adam",
+            "--episodes",
+            "1",
+            "--data",
+            "teacher",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+    )
     assert "1 episodes" in capsys.readouterr().out
     policy = load_policy(out)
     assert policy.action_names == ("sgd", "adam")
-    assert policy.metadata["command"] == (f"python -m rlopt.meta.train_policy --kind switching --choices sgd,adam "
-                                          f"--episodes 1 --data teacher --out {out} --no-progress --quiet --threads 1")
+    assert policy.metadata["command"] == (
+        f"python -m rlopt.meta.train_policy --kind switching --choices sgd,adam "
+        f"--episodes 1 --data teacher --out {out} --no-progress --quiet --threads 1"
+    )
 
 
 def test_invalid_arguments():
@@ -236,20 +279,43 @@ def test_invalid_arguments():
 
 
 def test_task_overrides_from_the_command_line(tmp_path):
-    dist = TaskDistribution().with_overrides(["epochs=20,30", "label_noise=0.2,0.4", "interval=epoch,8",
-                                              "lr_range=0.02,0.1", "cnn_share=0.7", "n-train=256"])
+    dist = TaskDistribution().with_overrides(
+        ["epochs=20,30", "label_noise=0.2,0.4", "interval=epoch,8", "lr_range=0.02,0.1", "cnn_share=0.7", "n-train=256"]
+    )
     assert (dist.epochs, dist.label_noise, dist.interval) == ((20, 30), (0.2, 0.4), ("epoch", 8))
     assert (dist.lr_range, dist.cnn_share, dist.n_train) == ((0.02, 0.1), 0.7, (256,))
     assert dist.mlp_width == TaskDistribution().mlp_width  # the rest stays
-    for bad, match in [("epochs=", "no values"), ("width=3", "FIELD one of"), ("epochs=a", "invalid literal"),
-                       ("epochs=0", "Invalid epochs"), ("cnn_share=0.1,0.2", "one value"),
-                       ("lr_range=0.2,0.1", "Invalid lr_range"), ("interval=soon", "Invalid interval"),
-                       ("label_noise=1.5", "Invalid label_noise")]:
+    for bad, match in [
+        ("epochs=", "no values"),
+        ("width=3", "FIELD one of"),
+        ("epochs=a", "invalid literal"),
+        ("epochs=0", "Invalid epochs"),
+        ("cnn_share=0.1,0.2", "one value"),
+        ("lr_range=0.2,0.1", "Invalid lr_range"),
+        ("interval=soon", "Invalid interval"),
+        ("label_noise=1.5", "Invalid label_noise"),
+    ]:
         with pytest.raises(ValueError, match=match):
             TaskDistribution().with_overrides([bad])
     out = tmp_path / "cli.pt"
-    main(["--episodes", "1", "--data", "teacher", "--task", "epochs=2", "--task", "n_train=64", "--out", str(out),
-          "--no-progress", "--quiet", "--threads", "1"])
+    main(
+        [
+            "--episodes",
+            "1",
+            "--data",
+            "teacher",
+            "--task",
+            "epochs=2",
+            "--task",
+            "n_train=64",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+    )
     meta = load_policy(out).metadata
     assert meta["task_distribution"]["epochs"] == [2] and meta["task_distribution"]["n_train"] == [64]
     assert "--task epochs=2 --task n_train=64" in meta["command"]
@@ -263,9 +329,9 @@ def test_paired_reward_pays_nothing_for_matching_the_reference(interval):
     weights, batch order) earns exactly nothing, whether decisions fall on epoch ends or not (2
     steps per epoch here); SAM throughout earns its accuracy and loss over the reference's,
     telescoped, plus the final bonus."""
-    from rlopt.rewards import BaselineReward
     from rlopt.meta.tasks import run_episode
     from rlopt.meta.train_policy import _make_optimizer, _reference_reward
+    from rlopt.rewards import BaselineReward
 
     cfg = dataclasses.replace(TINY.sample(torch.Generator().manual_seed(0), seed=5), interval=interval, epochs=3)
     assert cfg.steps_per_epoch == 2
@@ -303,12 +369,14 @@ def test_baseline_reward_checks_its_reference_and_reads_epochs_from_progress():
     assert r._epoch(Signals()) is None and r._epoch(Signals(val_epoch=1)) == 0
     assert r._epoch(Signals(val_epoch=2)) == 1 and r._epoch(Signals(val_epoch=9)) == 3
     before = Signals(val_acc=0.5, val_loss=1.0, val_epoch=1, val_fresh=True)  # 0.3 above the reference
-    now = Signals(val_acc=0.7, val_loss=1.0, val_epoch=2, val_fresh=True)     # 0.2 above; loss: ref halved
+    now = Signals(val_acc=0.7, val_loss=1.0, val_epoch=2, val_fresh=True)  # 0.2 above; loss: ref halved
     assert r(RewardContext(now=now, before=before, action="sam", final=False)) == pytest.approx(
-        10 * (0.2 - 0.3) - math.log(2.0))
+        10 * (0.2 - 0.3) - math.log(2.0)
+    )
     last = Signals(val_acc=0.95, val_loss=1.0, val_epoch=4, val_fresh=True)
     assert r(RewardContext(now=last, before=now, action="sam", final=True)) == pytest.approx(
-        10 * (0.05 - 0.2) - math.log(4.0) + 10 * 0.05)
+        10 * (0.05 - 0.2) - math.log(4.0) + 10 * 0.05
+    )
     # an interval without validation: no un-referenced training-loss term
     stale = Signals(val_acc=0.7, val_loss=1.0, val_epoch=2, loss=0.5)
     assert r(RewardContext(now=stale, before=dataclasses.replace(stale, loss=1.0), action="sgd", final=False)) == 0.0

@@ -1,5 +1,6 @@
 """The README's self-contained examples (those that start with an import and print what they
 did) run as pasted."""
+
 from __future__ import annotations
 
 import re

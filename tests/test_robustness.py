@@ -1,6 +1,7 @@
 """What a careful user expects of the controlled optimizers, through the public API only:
 atomic checkpoints, recoverable errors, bounded memory, copies across processes, clear errors
 for bad input and corrupt files, decisions under no_grad, a warning for a forgotten epoch_end."""
+
 from __future__ import annotations
 
 import copy
@@ -12,18 +13,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import assert_tree_equal, make_closure, make_data, make_model, roundtrip
 from torch.nn import functional as F
 
 import rlopt
 from rlopt import SAM, QLearningRateOptimizer, RLSwitchingOptimizer
 
-from conftest import assert_tree_equal, make_closure, make_data, make_model, roundtrip
-
 
 def _trained(policy="dqn", steps=7, model=None, **kw):
     model = model or make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy, interval=2,
-                               seed=1, total_steps=40, **kw)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam", "adam"], policy=policy, interval=2, seed=1, total_steps=40, **kw
+    )
     x, y = make_data()
     for _ in range(steps):
         opt.step(make_closure(model, opt, x, y))
@@ -80,8 +81,9 @@ def test_a_checkpoint_of_another_model_with_as_many_parameters_is_refused():
     _, opt = _trained()
     other = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(3, 8))  # shapes differ
     assert sum(p.numel() for p in other.parameters()) != 0
-    wrong = RLSwitchingOptimizer(other.parameters(), choices=["sgd", "sam", "adam"], policy="dqn", interval=2,
-                                 seed=1, total_steps=40)
+    wrong = RLSwitchingOptimizer(
+        other.parameters(), choices=["sgd", "sam", "adam"], policy="dqn", interval=2, seed=1, total_steps=40
+    )
     with pytest.raises(ValueError, match="shape"):
         wrong.load_state_dict(roundtrip(opt.state_dict()))
 
@@ -93,14 +95,16 @@ def _nan_closure(model, opt, x, y, bad):
         loss = F.cross_entropy(model(x), y) * (float("nan") if bad[0] else 1.0)
         loss.backward()
         return loss
+
     return closure
 
 
 def test_the_nonfinite_error_leaves_nothing_changed_and_the_optimizer_recovers():
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", interval=50,
-                               max_nonfinite_steps=3)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", interval=50, max_nonfinite_steps=3
+    )
     bad = [False]
     closure = _nan_closure(model, opt, x, y, bad)
     opt.step(closure)
@@ -125,8 +129,9 @@ def test_a_reward_that_is_not_a_finite_number_changes_nothing(value):
     x, y = make_data()
     model = make_model()
     paid = [0.0]
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="dqn", interval=2,
-                               reward=lambda ctx: paid[0])
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "adam"], policy="dqn", interval=2, reward=lambda ctx: paid[0]
+    )
     for _ in range(5):
         opt.step(make_closure(model, opt, x, y))
     before = roundtrip(opt.state_dict())
@@ -146,8 +151,9 @@ def test_a_reward_that_is_not_a_finite_number_changes_nothing(value):
 def test_history_is_bounded_and_the_checkpoint_stays_flat():
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="random", interval=1,
-                               history_size=50)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "adam"], policy="random", interval=1, history_size=50
+    )
     sizes = []
     for k in range(400):
         opt.step(make_closure(model, opt, x, y))
@@ -158,8 +164,9 @@ def test_history_is_bounded_and_the_checkpoint_stays_flat():
     assert len(opt.history) == 50 and opt.history[-1]["step"] == 400
     slope = (sizes[-1] - sizes[1]) / 200  # bytes per decision once the history is full
     assert abs(slope) < 2, sizes
-    unbounded = RLSwitchingOptimizer(make_model().parameters(), choices=["sgd"], policy="random", interval=1,
-                                     history_size=None)
+    unbounded = RLSwitchingOptimizer(
+        make_model().parameters(), choices=["sgd"], policy="random", interval=1, history_size=None
+    )
     assert unbounded.controller.history_size is None
 
 
@@ -171,6 +178,7 @@ def _child(model, opt, queue):
         queue.put((opt.steps_taken, len(opt.history), float(next(model.parameters()).sum())))
     except BaseException:  # the parent reports it
         import traceback
+
         queue.put(traceback.format_exc())
 
 
@@ -206,21 +214,25 @@ def test_corrupt_policy_files_give_a_clear_error(tmp_path, content):
     rlopt.policies.DQNPolicy(5, ("a", "b")).save(good)
     path = tmp_path / "bad.pt"
     data = good.read_bytes()
-    path.write_bytes({"empty": b"", "random": np.random.default_rng(0).bytes(4096),
-                      "truncated": data[:len(data) // 10]}[content])
+    path.write_bytes(
+        {"empty": b"", "random": np.random.default_rng(0).bytes(4096), "truncated": data[: len(data) // 10]}[content]
+    )
     with pytest.raises(ValueError, match="bad.pt") as info:
         rlopt.load_policy(str(path))
     assert "weights_only" not in str(info.value)
 
 
 # --------------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("group,err,msg", [
-    (dict(momentum=2.0), ValueError, "Invalid momentum value: 2.0"),
-    (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay value: -1.0"),
-    (dict(lr=float("nan")), ValueError, "Invalid learning rate: nan"),
-    (dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1"),
-    (dict(nesterov="yes"), TypeError, "nesterov must be a bool"),
-])
+@pytest.mark.parametrize(
+    "group,err,msg",
+    [
+        (dict(momentum=2.0), ValueError, "Invalid momentum value: 2.0"),
+        (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay value: -1.0"),
+        (dict(lr=float("nan")), ValueError, "Invalid learning rate: nan"),
+        (dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1"),
+        (dict(nesterov="yes"), TypeError, "nesterov must be a bool"),
+    ],
+)
 @pytest.mark.parametrize("build", ["switching", "lr", "sam"])
 def test_param_group_hyper_parameters_are_checked(build, group, err, msg):
     def make(params):
@@ -241,8 +253,15 @@ def test_param_group_hyper_parameters_are_checked(build, group, err, msg):
 
 def test_numpy_scalars_are_accepted_where_torch_accepts_them():
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], lr=np.float32(0.1), seed=np.int64(3),
-                               total_steps=np.int64(100), interval=np.int64(5), momentum=np.float64(0.5))
+    opt = RLSwitchingOptimizer(
+        model.parameters(),
+        choices=["sgd", "sam"],
+        lr=np.float32(0.1),
+        seed=np.int64(3),
+        total_steps=np.int64(100),
+        interval=np.int64(5),
+        momentum=np.float64(0.5),
+    )
     x, y = make_data()
     opt.step(make_closure(model, opt, x, y))
     QLearningRateOptimizer(make_model().parameters(), lr=np.float64(0.05), seed=np.int32(1), total_epochs=np.int64(3))
@@ -278,8 +297,10 @@ def test_onecycle_works_on_the_lr_optimizer_over_adam(base):
 def test_epoch_end_works_with_gradients_off(context, policy):
     x, y = make_data()
     model = make_model()
-    cfg = {"dqn": rlopt.policies.DQNConfig(learning_starts=2, batch_size=2),
-           "ppo": rlopt.policies.PPOConfig(rollout_len=2, minibatch_size=2)}[policy]
+    cfg = {
+        "dqn": rlopt.policies.DQNConfig(learning_starts=2, batch_size=2),
+        "ppo": rlopt.policies.PPOConfig(rollout_len=2, minibatch_size=2),
+    }[policy]
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy=cfg, interval="epoch")
     for epoch in range(8):
         for _ in range(3):

@@ -1,21 +1,30 @@
 """Rule-based policies: each does what it says (SAM-late switches on at the step the budget can pay
 to the end, every k, random at a share, AE-SAM on a scripted sequence), resolves by name, saves and
 loads, and refuses what it cannot read."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import make_closure, make_data, make_model
 from torch.nn import functional as F
 
 from rlopt import RLSwitchingOptimizer
 from rlopt.control.budget import BUDGET_FEATURES
 from rlopt.control.observation import observation_layout
-from rlopt.policies import (AdaptiveSamConfig, AdaptiveSamPolicy, SamEveryConfig, SamEveryPolicy, SamLateConfig,
-                            SamLatePolicy, ScheduledRandomConfig, ScheduledRandomPolicy, load_policy)
-
-from conftest import make_closure, make_data, make_model
+from rlopt.policies import (
+    AdaptiveSamConfig,
+    AdaptiveSamPolicy,
+    SamEveryConfig,
+    SamEveryPolicy,
+    SamLateConfig,
+    SamLatePolicy,
+    ScheduledRandomConfig,
+    ScheduledRandomPolicy,
+    load_policy,
+)
 
 ACTIONS = ("sgd", "sam")
 LAYOUT = observation_layout(ACTIONS, BUDGET_FEATURES)
@@ -37,8 +46,15 @@ def make(cls, config=None, seed=0, layout=LAYOUT):
 def train(policy, steps, interval, share=0.3, **kw):
     model = make_model()
     x, y = make_data()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=list(ACTIONS), policy=policy, interval=interval,
-                               total_steps=steps, compute_budget=share, **kw)
+    opt = RLSwitchingOptimizer(
+        model.parameters(),
+        choices=list(ACTIONS),
+        policy=policy,
+        interval=interval,
+        total_steps=steps,
+        compute_budget=share,
+        **kw,
+    )
 
     def closure():
         opt.zero_grad()
@@ -91,8 +107,10 @@ def test_random_at_a_share_within_a_binomial_tolerance_and_deterministic():
     assert [again.act(obs()) for _ in range(n)] == picks
 
 
-@pytest.mark.parametrize("schedule,shape", [("constant", lambda t: 1.0), ("linear", lambda t: 2 * t),
-                                            ("cosine", lambda t: 1 - math.cos(math.pi * t))])
+@pytest.mark.parametrize(
+    "schedule,shape",
+    [("constant", lambda t: 1.0), ("linear", lambda t: 2 * t), ("cosine", lambda t: 1 - math.cos(math.pi * t))],
+)
 def test_schedules(schedule, shape):
     policy = make(ScheduledRandomPolicy, ScheduledRandomConfig(share=0.4, schedule=schedule))
     for t in (0.0, 0.25, 0.5, 1.0):
@@ -125,8 +143,9 @@ def test_ae_sam_on_a_scripted_sequence():
     torch.testing.assert_close(policy.mean, 2.148 + 0.1 * (2.0 - 2.148), rtol=1e-5, atol=0)  # float32 features
     restored = make(AdaptiveSamPolicy, AdaptiveSamConfig(threshold=1.0, decay=0.9))
     restored.load_state_dict(policy.state_dict())
-    assert [restored.act(obs(grad_norm_level=_level(x))) for x in (9.0, 1.0)] == \
-           [policy.act(obs(grad_norm_level=_level(x))) for x in (9.0, 1.0)]
+    assert [restored.act(obs(grad_norm_level=_level(x))) for x in (9.0, 1.0)] == [
+        policy.act(obs(grad_norm_level=_level(x))) for x in (9.0, 1.0)
+    ]
 
 
 def test_ae_sam_threshold_schedule():
@@ -137,8 +156,9 @@ def test_ae_sam_threshold_schedule():
 
 def test_ae_sam_runs_in_an_optimizer_without_a_budget():
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=list(ACTIONS), policy="ae-sam:-1", interval=1,
-                               signal_every=1)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=list(ACTIONS), policy="ae-sam:-1", interval=1, signal_every=1
+    )
     closure = make_closure(model, opt, *make_data())
     for _ in range(12):
         opt.step(closure)
@@ -146,36 +166,44 @@ def test_ae_sam_runs_in_an_optimizer_without_a_budget():
 
 
 # ----------------------------------------------------------------------------- names and errors
-@pytest.mark.parametrize("name,cls,config", [
-    ("sam-late", SamLatePolicy, SamLateConfig()),
-    ("sam-late:0.7", SamLatePolicy, SamLateConfig(start=0.7)),
-    ("sam-every:4", SamEveryPolicy, SamEveryConfig(k=4)),
-    ("ss-sam", ScheduledRandomPolicy, ScheduledRandomConfig()),
-    ("ss-sam:0.2", ScheduledRandomPolicy, ScheduledRandomConfig(share=0.2)),
-    ("ae-sam", AdaptiveSamPolicy, AdaptiveSamConfig()),
-    ("ae-sam:0.5", AdaptiveSamPolicy, AdaptiveSamConfig(threshold=0.5)),
-])
+@pytest.mark.parametrize(
+    "name,cls,config",
+    [
+        ("sam-late", SamLatePolicy, SamLateConfig()),
+        ("sam-late:0.7", SamLatePolicy, SamLateConfig(start=0.7)),
+        ("sam-every:4", SamEveryPolicy, SamEveryConfig(k=4)),
+        ("ss-sam", ScheduledRandomPolicy, ScheduledRandomConfig()),
+        ("ss-sam:0.2", ScheduledRandomPolicy, ScheduledRandomConfig(share=0.2)),
+        ("ae-sam", AdaptiveSamPolicy, AdaptiveSamConfig()),
+        ("ae-sam:0.5", AdaptiveSamPolicy, AdaptiveSamConfig(threshold=0.5)),
+    ],
+)
 def test_names_resolve(name, cls, config):
-    opt = RLSwitchingOptimizer(make_model().parameters(), choices=list(ACTIONS), policy=name, total_steps=10,
-                               compute_budget=0.3)
+    opt = RLSwitchingOptimizer(
+        make_model().parameters(), choices=list(ACTIONS), policy=name, total_steps=10, compute_budget=0.3
+    )
     assert type(opt.policy) is cls and opt.policy.config == config and not opt.policy.training
-    by_config = RLSwitchingOptimizer(make_model().parameters(), choices=list(ACTIONS), policy=config,
-                                     total_steps=10, compute_budget=0.3)
+    by_config = RLSwitchingOptimizer(
+        make_model().parameters(), choices=list(ACTIONS), policy=config, total_steps=10, compute_budget=0.3
+    )
     assert type(by_config.policy) is cls
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(policy="sam-late"), "compute_budget"),
-    (dict(policy="ss-sam"), "compute_budget"),
-    (dict(policy="sam-every"), "needs k"),
-    (dict(policy="sam-every:x"), "must be an int"),
-    (dict(policy="sam-every:0"), "Invalid sam-every k"),
-    (dict(policy="ss-sam:2"), "Invalid ss-sam share"),
-    (dict(policy="sam-late:1.5"), "Invalid sam-late start"),
-    (dict(policy="sam-late:0.5", choices=["sgd", "adam"]), "'sam' is not among"),
-    (dict(policy=ScheduledRandomConfig(share=0.5, schedule="step")), "Unknown ss-sam schedule"),
-    (dict(policy=AdaptiveSamConfig(decay=1.0)), "Invalid ae-sam decay"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(policy="sam-late"), "compute_budget"),
+        (dict(policy="ss-sam"), "compute_budget"),
+        (dict(policy="sam-every"), "needs k"),
+        (dict(policy="sam-every:x"), "must be an int"),
+        (dict(policy="sam-every:0"), "Invalid sam-every k"),
+        (dict(policy="ss-sam:2"), "Invalid ss-sam share"),
+        (dict(policy="sam-late:1.5"), "Invalid sam-late start"),
+        (dict(policy="sam-late:0.5", choices=["sgd", "adam"]), "'sam' is not among"),
+        (dict(policy=ScheduledRandomConfig(share=0.5, schedule="step")), "Unknown ss-sam schedule"),
+        (dict(policy=AdaptiveSamConfig(decay=1.0)), "Invalid ae-sam decay"),
+    ],
+)
 def test_bad_rules(kwargs, msg):
     kwargs = {"choices": list(ACTIONS), **kwargs}
     with pytest.raises(ValueError, match=msg):

@@ -1,4 +1,5 @@
 """rlopt.SAM against a hand-written reference (davda54/sam style), and its edge cases."""
+
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import assert_state_equal, make_closure, make_data, make_model, roundtrip, two_groups
 from torch import nn
 
 from rlopt import SAM
-
-from conftest import assert_state_equal, make_closure, make_data, make_model, roundtrip, two_groups
 
 
 class ReferenceSAM(torch.optim.Optimizer):
@@ -45,10 +45,17 @@ class ReferenceSAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
     def _grad_norm(self):
-        return torch.norm(torch.stack([
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]), p=2)
+        return torch.norm(
+            torch.stack(
+                [
+                    ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+                    for group in self.param_groups
+                    for p in group["params"]
+                    if p.grad is not None
+                ]
+            ),
+            p=2,
+        )
 
     def step(self, closure):
         loss = closure()
@@ -147,8 +154,9 @@ def test_restore_is_bit_exact_and_survives_failing_second_pass():
 def test_first_step_after_an_interrupted_one_equals_a_fresh_one(adaptive):
     """A first_step not followed by restore() is undone before the next one measures anything."""
     x, y = make_data()
-    (m1, s1), (m2, s2) = (_build(SAM, torch.optim.SGD, dict(lr=0.1, adaptive=adaptive, rho=0.5), False)
-                          for _ in range(2))
+    (m1, s1), (m2, s2) = (
+        _build(SAM, torch.optim.SGD, dict(lr=0.1, adaptive=adaptive, rho=0.5), False) for _ in range(2)
+    )
     for model, sam in ((m1, s1), (m2, s2)):
         make_closure(model, sam, x, y)()
     s1.first_step()  # interrupted: no restore, gradients kept
@@ -264,6 +272,7 @@ def test_first_step_with_found_inf_flag(adaptive):
     """found_inf=0: the same perturbation as without the flag, bit for bit (channels_last conv
     weights and a second dtype included); found_inf=1 or a non-finite gradient: finite weights,
     and with the flag set, w itself."""
+
     def build():
         with torch.random.fork_rng(devices=[]):  # the tests leave the global RNG alone
             torch.manual_seed(0)
@@ -323,9 +332,11 @@ def test_hooks_run_once_per_step_and_around_the_state_dict():
     calls = []
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(type(o).__name__)),
-               sam.register_state_dict_post_hook(lambda o, sd: calls.append("sd-post")),
-               sam.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre"))]
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(type(o).__name__)),
+        sam.register_state_dict_post_hook(lambda o, sd: calls.append("sd-post")),
+        sam.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre")),
+    ]
     try:
         x, y = make_data()
         sam.step(make_closure(model, sam, x, y))

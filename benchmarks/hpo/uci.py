@@ -15,6 +15,7 @@ output layer's initial scale uses the active width as fan-in). All configuration
 see the same minibatch order. The result (validation loss after every epoch, test metric after the
 last) is the oracle table the searches are replayed against.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,13 +24,12 @@ import math
 import os
 import urllib.request
 from dataclasses import dataclass
-from typing import Dict, Tuple
 
 import numpy as np
 import torch
 
 RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
-BATCHES = [2 ** k for k in range(3, 13)]
+BATCHES = [2**k for k in range(3, 13)]
 HIDDEN = list(range(2, 21, 2))
 #: the grid's parameter order (index tuples in the tables follow it)
 GRID = {"lr": RATES, "weight_decay": RATES, "batch_size": BATCHES, "hidden": HIDDEN}
@@ -42,7 +42,7 @@ SOURCES = {
 }
 
 
-def load_uci(task: str, data_dir: str, download: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+def load_uci(task: str, data_dir: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32) and target (float32 for wine, int64 class for letter) of a UCI task.
 
     Reads ``<data_dir>/<file>`` (comma- or semicolon-separated, with or without a header, the
@@ -50,8 +50,9 @@ def load_uci(task: str, data_dir: str, download: bool = False) -> Tuple[np.ndarr
     path = os.path.join(data_dir, FILES[task])
     if not os.path.isfile(path):
         if not download:
-            raise FileNotFoundError(f"{path} not found: pass --data-dir pointing at a folder with {FILES[task]}, "
-                                    "or --download")
+            raise FileNotFoundError(
+                f"{path} not found: pass --data-dir pointing at a folder with {FILES[task]}, or --download"
+            )
         os.makedirs(data_dir, exist_ok=True)
         urllib.request.urlretrieve(SOURCES[task], path)
     with open(path, newline="") as f:
@@ -82,8 +83,8 @@ def _is_number(s: str) -> bool:
 
 @dataclass
 class Split:
-    x: Dict[str, torch.Tensor]
-    y: Dict[str, torch.Tensor]
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
     regression: bool
     target_scale: float  # standard deviation of the training target (regression)
 
@@ -93,7 +94,7 @@ def make_split(x: np.ndarray, y: np.ndarray, regression: bool, split_seed: int =
     n = len(x)
     perm = np.random.default_rng(split_seed).permutation(n)
     n_tr, n_va = int(round(0.7 * n)), int(round(0.1 * n))
-    parts = {"train": perm[:n_tr], "val": perm[n_tr:n_tr + n_va], "test": perm[n_tr + n_va:]}
+    parts = {"train": perm[:n_tr], "val": perm[n_tr : n_tr + n_va], "test": perm[n_tr + n_va :]}
     mu, sd = x[parts["train"]].mean(0), x[parts["train"]].std(0) + 1e-8
     xs = {k: torch.from_numpy((x[i] - mu) / sd).float() for k, i in parts.items()}
     scale = 1.0
@@ -128,8 +129,17 @@ def init_stack(c: int, d: int, o: int, hidden: torch.Tensor, width: int, g: torc
     ]
 
 
-def train_stack(split: Split, lr: torch.Tensor, wd: torch.Tensor, hidden: torch.Tensor, batch_size: int,
-                epochs: int, seed: int, width: int = 20, chunk: int = 250) -> Dict[str, torch.Tensor]:
+def train_stack(
+    split: Split,
+    lr: torch.Tensor,
+    wd: torch.Tensor,
+    hidden: torch.Tensor,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    width: int = 20,
+    chunk: int = 250,
+) -> dict[str, torch.Tensor]:
     """Train C one-hidden-layer MLPs at once (one per entry of ``lr``, ``wd``, ``hidden``).
 
     Returns ``val`` (C, epochs) validation losses after each epoch and ``test`` (C,) the final test
@@ -163,7 +173,7 @@ def train_stack(split: Split, lr: torch.Tensor, wd: torch.Tensor, hidden: torch.
     for epoch in range(epochs):
         order = torch.randperm(n, generator=g)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = _loss(forward(params, xtr[idx]), ytr[idx], split.regression).sum()
             grads = torch.autograd.grad(loss, params)
             step += 1
@@ -172,13 +182,13 @@ def train_stack(split: Split, lr: torch.Tensor, wd: torch.Tensor, hidden: torch.
                     gr = gr + w * p
                     mm.mul_(beta1).add_(gr, alpha=1 - beta1)
                     vv.mul_(beta2).addcmul_(gr, gr, value=1 - beta2)
-                    denom = (vv / (1 - beta2 ** step)).sqrt_().add_(eps)
-                    p.sub_(a * (mm / (1 - beta1 ** step)) / denom)
+                    denom = (vv / (1 - beta2**step)).sqrt_().add_(eps)
+                    p.sub_(a * (mm / (1 - beta1**step)) / denom)
         val[:, epoch] = _evaluate(forward, params, split, "val", c, chunk)
     test = _evaluate(forward, params, split, "test", c, chunk)
     if split.regression:  # MSE back in the target's units
-        val = val * split.target_scale ** 2
-        test = test * split.target_scale ** 2
+        val = val * split.target_scale**2
+        test = test * split.target_scale**2
     return {"val": val, "test": test}
 
 
@@ -191,7 +201,7 @@ def _evaluate(forward, params, split, part, c, chunk):
     return out
 
 
-def grid_table(split: Split, epochs: int, seed: int, progress=None) -> Dict[str, np.ndarray]:
+def grid_table(split: Split, epochs: int, seed: int, progress=None) -> dict[str, np.ndarray]:
     """Train the whole 10^4 grid; arrays indexed ``[lr, weight_decay, batch_size, hidden]``."""
     shape = tuple(len(v) for v in GRID.values())
     val = np.full(shape + (epochs,), np.nan, dtype=np.float32)
@@ -214,8 +224,9 @@ def table_path(cache_dir: str, task: str, seed: int, epochs: int) -> str:
     return os.path.join(cache_dir, f"uci_{task}_seed{seed}_e{epochs}.npz")
 
 
-def load_or_build_table(task: str, seed: int, epochs: int, data_dir: str, cache_dir: str, download: bool = False,
-                        split_seed: int = 0) -> Dict[str, np.ndarray]:
+def load_or_build_table(
+    task: str, seed: int, epochs: int, data_dir: str, cache_dir: str, download: bool = False, split_seed: int = 0
+) -> dict[str, np.ndarray]:
     """The oracle table of one (task, training seed), trained once and cached as ``.npz``."""
     path = table_path(cache_dir, task, seed, epochs)
     if os.path.isfile(path):

@@ -10,6 +10,7 @@ its parts, on a batch of 4. Run from the root of the checkout to count:
 
     PYTHONPATH=. python benchmarks/scripts/count_step_ops.py [--fold-every 8 | --training-step]
 """
+
 import argparse
 
 import torch
@@ -34,8 +35,12 @@ def training_step() -> None:
         F.cross_entropy(model(xin).float(), y).backward()
         opt.step()
 
-    parts = {"whole step": step, "augmentation": lambda: augment_crop_flip(x, 4, True, gen),
-             "normalisation": lambda: normalize(x, mean, std), "forward": lambda: model(normalize(x, mean, std))}
+    parts = {
+        "whole step": step,
+        "augmentation": lambda: augment_crop_flip(x, 4, True, gen),
+        "normalisation": lambda: normalize(x, mean, std),
+        "forward": lambda: model(normalize(x, mean, std)),
+    }
     step()  # the optimizer's state and the crop grids exist before counting
     for name, fn in parts.items():
         with CountOps() as count:
@@ -44,10 +49,17 @@ def training_step() -> None:
         print(f"{name}: {n['all']:.0f} operations, {n['not_views']:.0f} not views")
 
 
-ap = argparse.ArgumentParser(prog="count_step_ops.py", description=__doc__.splitlines()[0],
-                             formatter_class=HelpFormatter)
-ap.add_argument("--fold-every", type=int, default=0, help="tracker fold interval; 0 keeps the checkout's own (default: 0)")
-ap.add_argument("--training-step", action="store_true", help="count one step of the benchmarks' training loop instead of opt.step() alone")
+ap = argparse.ArgumentParser(
+    prog="count_step_ops.py", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+)
+ap.add_argument(
+    "--fold-every", type=int, default=0, help="tracker fold interval; 0 keeps the checkout's own (default: 0)"
+)
+ap.add_argument(
+    "--training-step",
+    action="store_true",
+    help="count one step of the benchmarks' training loop instead of opt.step() alone",
+)
 args = ap.parse_args()
 if args.training_step:
     training_step()

@@ -2,11 +2,12 @@
 
 The gradients are fixed, so nothing but the optimizer step is timed: in each round, 200 steps of each
 optimizer in turn, one thread, timed as the CPU time of that thread (what the step costs the host,
-and steadier than wall time on a machine shared with other jobs); the figures are medians over the rounds, the ratios per round then
-median. To compare two commits, run it with each checkout first on ``PYTHONPATH``:
+and steadier than wall time on a machine shared with other jobs); the figures are medians over the
+rounds, the ratios per round then median. To compare two commits, run it with each checkout first on ``PYTHONPATH``:
 
     PYTHONPATH=/path/to/checkout python benchmarks/scripts/step_host_cost.py
 """
+
 import argparse
 import statistics
 import time
@@ -24,10 +25,8 @@ def build(kind):
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     if kind == "plain":
-        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                               fused=True)
-    return RLSwitchingOptimizer(model.parameters(), choices=["sgd"], policy="constant:sgd", lr=1e-3,
-                                interval=kind)
+        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+    return RLSwitchingOptimizer(model.parameters(), choices=["sgd"], policy="constant:sgd", lr=1e-3, interval=kind)
 
 
 def time_us(opt, steps: int) -> float:
@@ -39,8 +38,11 @@ def time_us(opt, steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="step_host_cost.py", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="step_host_cost.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds of --steps steps per optimizer")
     ap.add_argument("--steps", type=int, default=200, help="steps per optimizer and round")
     args = ap.parse_args()
@@ -57,8 +59,10 @@ def main() -> None:
     for kind in kinds:
         name = "plain fused SGD" if kind == "plain" else f"wrapper, interval={kind}"
         ratio = statistics.median(a / b for a, b in zip(times[kind], times["plain"]))
-        print(f"{name}: median {statistics.median(times[kind]):.1f} us per step "
-              f"(median ratio to plain over rounds {ratio:.2f}x)")
+        print(
+            f"{name}: median {statistics.median(times[kind]):.1f} us per step "
+            f"(median ratio to plain over rounds {ratio:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

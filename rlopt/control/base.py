@@ -23,16 +23,19 @@ first :meth:`step` (or :meth:`epoch_end`); an exception from :meth:`step`, :meth
 :meth:`load_state_dict` leaves the parameters, every inner optimizer, the policy, the tracker and
 the history as they were (a policy that raises while it learns is the one exception).
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
+from ..rewards import RewardContext
 from . import checkpoint, distributed, guarded
 from .choices import ChoiceSpec
 from .controller import Controller
@@ -42,7 +45,6 @@ from .resolve import make_policy
 from .signals import SignalTracker
 from .torch_compat import hooks_silenced
 from .validation import check_bool, check_count, check_group_hparams, check_lr, check_seed
-from ..rewards import RewardContext
 
 if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
@@ -60,12 +62,28 @@ class ControlledOptimizer(Optimizer):
 
     kind = ""
 
-    def __init__(self, params: ParamsT, defaults: Dict[str, Any], specs: Sequence[ChoiceSpec], *,
-                 action_names: Sequence[str], costs: Sequence[float], policy: Any, interval: Union[str, int], seed: Any,
-                 total_steps: Any, total_epochs: Any, reward: Optional[Callable[[RewardContext], float]],
-                 max_nonfinite_steps: Any, signal_every: Any, train_policy: Optional[bool],
-                 extra_features: Sequence[str] = (), share_momentum: bool = True,
-                 process_group: Any = distributed.AUTO, history_size: Optional[int] = 1000):
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        specs: Sequence[ChoiceSpec],
+        *,
+        action_names: Sequence[str],
+        costs: Sequence[float],
+        policy: Any,
+        interval: Union[str, int],
+        seed: Any,
+        total_steps: Any,
+        total_epochs: Any,
+        reward: Optional[Callable[[RewardContext], float]],
+        max_nonfinite_steps: Any,
+        signal_every: Any,
+        train_policy: Optional[bool],
+        extra_features: Sequence[str] = (),
+        share_momentum: bool = True,
+        process_group: Any = distributed.AUTO,
+        history_size: Optional[int] = 1000,
+    ):
         check_lr(defaults.get("lr"))
         if interval != "epoch":
             if isinstance(interval, (str, bool)) or not isinstance(interval, numbers.Integral):
@@ -86,7 +104,7 @@ class ControlledOptimizer(Optimizer):
         if signal_every is None:
             # a sample per interval, at most one per 100 steps: each costs a copy of the gradient
             signal_every = max(1, min(100, interval)) if isinstance(interval, int) else 100
-        self._explicit: List[Dict[str, Any]] = []  # keys each user group set itself
+        self._explicit: list[dict[str, Any]] = []  # keys each user group set itself
         self._lr_checked: set = set()  # choices whose learning rate was checked when they first ran
         self._epoch_end_check_at = 0  # the step count at which to look for a forgotten epoch_end() next
         super().__init__(params, defaults)
@@ -95,13 +113,28 @@ class ControlledOptimizer(Optimizer):
         self.tracker = SignalTracker(signal_every)
         action_names = tuple(action_names)
         observer = ObservationBuilder(action_names, tuple(extra_features))
-        policy = make_policy(policy, action_names, observer.layout, seed, train_policy,
-                             layouts=lambda version: observation_layout(action_names, tuple(extra_features), version))
+        policy = make_policy(
+            policy,
+            action_names,
+            observer.layout,
+            seed,
+            train_policy,
+            layouts=lambda version: observation_layout(action_names, tuple(extra_features), version),
+        )
         observer.version = policy.obs_layout["version"]  # a policy trained on an earlier layout gets it
         self.controller = Controller(
-            action_names, policy, reward if reward is not None else self._default_reward(), observer,
-            costs, interval=interval, total_steps=total_steps, total_epochs=total_epochs,
-            max_nonfinite_steps=max_nonfinite_steps, history_size=history_size, process_group=process_group)
+            action_names,
+            policy,
+            reward if reward is not None else self._default_reward(),
+            observer,
+            costs,
+            interval=interval,
+            total_steps=total_steps,
+            total_epochs=total_epochs,
+            max_nonfinite_steps=max_nonfinite_steps,
+            history_size=history_size,
+            process_group=process_group,
+        )
 
     # ------------------------------------------------------------ override points
     def _default_reward(self) -> Callable[[RewardContext], float]:
@@ -114,17 +147,17 @@ class ControlledOptimizer(Optimizer):
         """Index of the inner optimizer that runs now."""
         return 0
 
-    def _factors(self) -> Tuple[float, Optional[float]]:
+    def _factors(self) -> tuple[float, Optional[float]]:
         """Multipliers of the inner learning rate and weight decay (None: the group's own)."""
         return 1.0, None
 
     def _extra_features(self, signals: Signals) -> Sequence[float]:
         return ()
 
-    def _history_extra(self) -> Dict[str, Any]:
+    def _history_extra(self) -> dict[str, Any]:
         return {}
 
-    def _extra_state(self) -> Dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         return {}
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
@@ -139,7 +172,7 @@ class ControlledOptimizer(Optimizer):
         return self.controller.policy
 
     @property
-    def history(self) -> List[Dict[str, Any]]:
+    def history(self) -> list[dict[str, Any]]:
         """The last ``history_size`` decisions, oldest first."""
         return self.controller.history
 
@@ -150,11 +183,11 @@ class ControlledOptimizer(Optimizer):
         return None if action is None else self.controller.action_names[action]
 
     @property
-    def action_names(self) -> Tuple[str, ...]:
+    def action_names(self) -> tuple[str, ...]:
         return self.controller.action_names
 
     @property
-    def observation_layout(self) -> Dict[str, Any]:
+    def observation_layout(self) -> dict[str, Any]:
         return self.controller.observer.layout
 
     @property
@@ -170,7 +203,7 @@ class ControlledOptimizer(Optimizer):
         return self.controller.total_epochs
 
     @property
-    def inner_optimizers(self) -> Dict[str, Optimizer]:
+    def inner_optimizers(self) -> dict[str, Optimizer]:
         """The inner torch optimizers by choice name (read-only use: inspect their state). Their
         groups show the values the next step would use (a scheduler's last change included)."""
         factors = self._factors()
@@ -183,7 +216,7 @@ class ControlledOptimizer(Optimizer):
         return self.controller.counts["step"]
 
     # ------------------------------------------------------------ param groups
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         check_group_hparams(param_group)
@@ -214,7 +247,8 @@ class ControlledOptimizer(Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure because choices {names} evaluate the gradient "
                 "twice; call step(closure) where the closure clears the gradients, computes the loss, calls "
-                "backward() and returns the loss")
+                "backward() and returns the loss"
+            )
         if ctl.action is not None:
             return self._step(closure)
         undo = ctl.snapshot(), copy.deepcopy(ctl.policy.state_dict())
@@ -245,9 +279,17 @@ class ControlledOptimizer(Optimizer):
         tracker = self.tracker
         with torch.no_grad():
             in_group = self._in_group()
-            flag, grads = guarded.prepare(inner, i, self._params, tracker, closure, _loss_of(out), loss_skips=not in_group,
-                                   grad_scale=self.__dict__.get("grad_scale"),
-                                   scaler_inf=self.__dict__.get("found_inf"))
+            flag, grads = guarded.prepare(
+                inner,
+                i,
+                self._params,
+                tracker,
+                closure,
+                _loss_of(out),
+                loss_skips=not in_group,
+                grad_scale=self.__dict__.get("grad_scale"),
+                scaler_inf=self.__dict__.get("found_inf"),
+            )
             if ctl.max_nonfinite_steps is not None and not in_group:  # ranks: checked at decisions
                 run = tracker.poll_skip_run(current=flag)
                 if run is not None and run >= ctl.max_nonfinite_steps:
@@ -289,10 +331,13 @@ class ControlledOptimizer(Optimizer):
         if (sgd_like and momentum >= 0.5 and lr >= 1.0) or (spec.family in ("adam", "adamw") and lr >= 0.1):
             usual = "0.01-0.5 with momentum" if sgd_like else "1e-4-1e-2"
             self.controller.warn_once(
-                "lr", f"Choice '{spec.name}' runs at lr={lr:g}" + (f" with momentum {momentum:g}" if sgd_like else "")
+                "lr",
+                f"Choice '{spec.name}' runs at lr={lr:g}"
+                + (f" with momentum {momentum:g}" if sgd_like else "")
                 + f": {spec.family} usually trains at {usual}. An lr carried over from another optimizer (as "
                 "Adadelta's 1.0) is rarely right here; Adam and AdamW run at lr * 0.01 unless their choice sets "
-                "lr or lr_scale")
+                "lr or lr_scale",
+            )
 
     def _check_epoch_end_calls(self) -> None:
         """Warn once when ``interval="epoch"`` and no :meth:`epoch_end` came for far longer than
@@ -305,9 +350,12 @@ class ControlledOptimizer(Optimizer):
         limit = 10 * c["steps_per_epoch"] if c["epoch"] > 0 and c["steps_per_epoch"] > 0 else 10_000
         self._epoch_end_check_at = c["epoch_start_step"] + limit if since < limit else 0
         if since >= limit:
-            ctl.warn_once("epoch_end", f"{type(self).__name__} decides at each epoch_end() (interval='epoch'), "
-                                       f"but none came in the last {since} steps: call opt.epoch_end(val_loss=..., "
-                                       "val_acc=...) after each epoch, or give interval=N to decide every N steps")
+            ctl.warn_once(
+                "epoch_end",
+                f"{type(self).__name__} decides at each epoch_end() (interval='epoch'), "
+                f"but none came in the last {since} steps: call opt.epoch_end(val_loss=..., "
+                "val_acc=...) after each epoch, or give interval=N to decide every N steps",
+            )
 
     def _in_group(self) -> bool:
         return self.controller.group is not None and torch.distributed.is_initialized()
@@ -316,8 +364,15 @@ class ControlledOptimizer(Optimizer):
         ctl = self.controller
         device = self._params[0].device if self._params else torch.device("cpu")
         lr = self.param_groups[0]["lr"] if self.param_groups else math.nan
-        ctl.decide(self.tracker, final=final, extra_features=self._extra_features, apply_action=self._apply_action,
-                   history_extra=self._history_extra, device=device, lr=float(lr))
+        ctl.decide(
+            self.tracker,
+            final=final,
+            extra_features=self._extra_features,
+            apply_action=self._apply_action,
+            history_extra=self._history_extra,
+            device=device,
+            lr=float(lr),
+        )
 
     def baseline(self, val_loss: Optional[float] = None, val_acc: Optional[float] = None) -> None:
         """Give the validation metrics measured before training (before the first step), so that
@@ -350,7 +405,7 @@ class ControlledOptimizer(Optimizer):
         return self.choice
 
     # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit for bit: the wrapper's groups, every inner optimizer's
         state, the policy (networks, optimizer, buffers, counters, RNG), the signal tracker, the
         controller and the history. Loadable with ``torch.load(weights_only=True)``. State-dict
@@ -362,11 +417,17 @@ class ControlledOptimizer(Optimizer):
         specs = self.inner.specs
         policy = self.controller.policy
         sd["rlopt"] = {
-            "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "kind": self.kind,
-            "actions": list(self.action_names), "choices": [s.name for s in specs],
-            "families": [s.family for s in specs], "share_momentum": self.inner.share_momentum,
-            "inner": self.inner.state_dict(), "policy": {**policy.describe(), "state": policy.state_dict()},
-            "tracker": self.tracker.state_dict(), "controller": self.controller.state_dict(),
+            "format": checkpoint.FORMAT,
+            "version": checkpoint.VERSION,
+            "kind": self.kind,
+            "actions": list(self.action_names),
+            "choices": [s.name for s in specs],
+            "families": [s.family for s in specs],
+            "share_momentum": self.inner.share_momentum,
+            "inner": self.inner.state_dict(),
+            "policy": {**policy.describe(), "state": policy.state_dict()},
+            "tracker": self.tracker.state_dict(),
+            "controller": self.controller.state_dict(),
             "extra": self._extra_state(),
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -375,7 +436,7 @@ class ControlledOptimizer(Optimizer):
                 sd = result
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`. Everything is checked first; on any problem a ``ValueError``
         names the bad entry and this optimizer is left exactly as it was. Load hooks run around all
         of it."""
@@ -392,20 +453,22 @@ class ControlledOptimizer(Optimizer):
             post_hook(self)
 
     # ------------------------------------------------------------ copies
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         """The whole object, each component by its own pickling rules; torch's hooks (callables
         that may not pickle) are left out, as torch's optimizers leave them out."""
         return {k: v for k, v in self.__dict__.items() if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(actions={list(self.action_names)}, choice={self.choice!r}, "
-                f"interval={self.interval!r}, policy={self.policy!r})")
+        return (
+            f"{type(self).__name__}(actions={list(self.action_names)}, choice={self.choice!r}, "
+            f"interval={self.interval!r}, policy={self.policy!r})"
+        )
 
 
-def _metrics(val_loss: Any, val_acc: Any) -> Dict[str, float]:
+def _metrics(val_loss: Any, val_acc: Any) -> dict[str, float]:
     """Validation metrics as host floats, checked (``val_acc`` a fraction)."""
     val = {}
     for name, value in (("val_loss", val_loss), ("val_acc", val_acc)):

@@ -26,11 +26,13 @@ policy says). An epoch shorter than the first makes the run shorter than counted
 run's length: a resumed run with a larger ``total_steps`` or ``total_epochs`` (an extended run)
 may spend the share of its new length.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 __all__ = ["ComputeBudget", "BUDGET_FEATURES", "check_budget"]
 
@@ -39,13 +41,12 @@ __all__ = ["ComputeBudget", "BUDGET_FEATURES", "check_budget"]
 #: ``steps_left``: the share of the run's steps still to come;
 #: ``budget_affordable``: the share of the remaining steps that the budget left can pay for at the
 #: costliest choice (1: the costliest choice can run to the end).
-BUDGET_FEATURES: Tuple[str, ...] = ("budget_left", "steps_left", "budget_affordable")
+BUDGET_FEATURES: tuple[str, ...] = ("budget_left", "steps_left", "budget_affordable")
 
 _REL_TOL = 1e-12  # float rounding of share * run_steps (0.3 * 100 = 30.000000000000004)
 
 
-def check_budget(share: Any, costs: Sequence[float], total_steps: Optional[int],
-                 total_epochs: Optional[int]) -> float:
+def check_budget(share: Any, costs: Sequence[float], total_steps: Optional[int], total_epochs: Optional[int]) -> float:
     """``share`` as a float, or a clear error: a number in ``[0, max extra cost]`` and a run
     whose length is known."""
     if isinstance(share, bool) or not isinstance(share, numbers.Real):
@@ -54,8 +55,10 @@ def check_budget(share: Any, costs: Sequence[float], total_steps: Optional[int],
     cheapest = min(costs)
     top = max(costs) - cheapest
     if not 0.0 <= share <= top:  # NaN fails too
-        raise ValueError(f"Invalid compute_budget: {share} (the extra gradient evaluations per step of the run, "
-                         f"in [0, {top:g}]: {top:g} lets the costliest choice run on every step)")
+        raise ValueError(
+            f"Invalid compute_budget: {share} (the extra gradient evaluations per step of the run, "
+            f"in [0, {top:g}]: {top:g} lets the costliest choice run on every step)"
+        )
     if total_steps is None and total_epochs is None:
         raise ValueError("compute_budget needs the run's length: give total_steps (exact) or total_epochs")
     return share
@@ -70,8 +73,9 @@ class ComputeBudget:
         total_steps, total_epochs: the run's length (one at least).
     """
 
-    def __init__(self, share: float, costs: Sequence[float], *, total_steps: Optional[int],
-                 total_epochs: Optional[int]):
+    def __init__(
+        self, share: float, costs: Sequence[float], *, total_steps: Optional[int], total_epochs: Optional[int]
+    ):
         self.share = check_budget(share, costs, total_steps, total_epochs)
         cheapest = min(costs)
         self.extra = tuple(float(c) - cheapest for c in costs)
@@ -81,7 +85,7 @@ class ComputeBudget:
         self.epoch_steps: Optional[float] = None  # without total_steps: the first epoch's length, once known
         self.spent = 0.0  # extra evaluations of the steps counted
         self.overridden = 0  # steps counted on which the policy's choice was replaced by the cheapest
-        self._pending: Optional[Tuple[int, float, bool]] = None  # (step, extra, overridden) of the step under way
+        self._pending: Optional[tuple[int, float, bool]] = None  # (step, extra, overridden) of the step under way
 
     # ------------------------------------------------------------- counting
     def length(self, counts: Mapping[str, int]) -> Optional[int]:
@@ -97,7 +101,7 @@ class ComputeBudget:
         n = self.length(counts)
         return None if n is None else self.share * n
 
-    def used(self, step: int) -> Tuple[float, int]:
+    def used(self, step: int) -> tuple[float, int]:
         """Extra evaluations spent and steps overridden, over the ``step`` steps counted so far."""
         spent, over = self.spent, self.overridden
         if self._pending is not None and step > self._pending[0]:
@@ -121,7 +125,7 @@ class ComputeBudget:
         return action
 
     # ------------------------------------------------------------- what the policy sees
-    def features(self, counts: Mapping[str, int]) -> Tuple[float, float, float]:
+    def features(self, counts: Mapping[str, int]) -> tuple[float, float, float]:
         """:data:`BUDGET_FEATURES` after ``counts["step"]`` steps."""
         n = self.length(counts)
         if n is None:  # nothing can be spent before the run's length is known
@@ -134,7 +138,7 @@ class ComputeBudget:
         affordable = min(1.0, left / (self.max_extra * steps_left)) if steps_left and self.max_extra > 0 else 0.0
         return min(1.0, budget_left), steps_left / n if n else 0.0, affordable
 
-    def history(self, counts: Mapping[str, int]) -> Dict[str, Any]:
+    def history(self, counts: Mapping[str, int]) -> dict[str, Any]:
         """What a history entry records: the budget used as a share of the run's steps (comparable
         to ``share``), in extra gradient evaluations, and the steps overridden."""
         n = self.length(counts)
@@ -142,7 +146,7 @@ class ComputeBudget:
         return {"budget_used": spent / n if n else math.nan, "budget_spent": spent, "budget_overridden": over}
 
     # ------------------------------------------------------------- checkpoints
-    def state_dict(self, counts: Mapping[str, int]) -> Dict[str, Any]:
+    def state_dict(self, counts: Mapping[str, int]) -> dict[str, Any]:
         spent, over = self.used(counts["step"])
         return {"compute_budget": self.share, "epoch_steps": self.epoch_steps, "spent": spent, "overridden": over}
 
@@ -150,11 +154,15 @@ class ComputeBudget:
         keys = ("compute_budget", "epoch_steps", "spent", "overridden")
         missing = [k for k in keys if k not in state]
         if missing:
-            raise ValueError(f"rlopt.extra lacks {missing}: the checkpoint was saved without a compute_budget, "
-                             f"this optimizer has compute_budget={self.share}")
+            raise ValueError(
+                f"rlopt.extra lacks {missing}: the checkpoint was saved without a compute_budget, "
+                f"this optimizer has compute_budget={self.share}"
+            )
         if state["compute_budget"] != self.share:
-            raise ValueError(f"rlopt.extra.compute_budget: the checkpoint's budget is {state['compute_budget']!r}, "
-                             f"this optimizer's {self.share}")
+            raise ValueError(
+                f"rlopt.extra.compute_budget: the checkpoint's budget is {state['compute_budget']!r}, "
+                f"this optimizer's {self.share}"
+            )
         n = state["epoch_steps"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 < n < math.inf):
             raise ValueError(f"Invalid rlopt.extra.epoch_steps: {n!r}")

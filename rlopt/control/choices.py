@@ -17,12 +17,14 @@ that hold for every choice, documented once here:
 * **Cost.** Gradient evaluations per step (``sam`` 2, others 1); a user may pass measured
   relative costs with ``cost=``. Costs are counted, never timed, so runs replay bit for bit.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -37,7 +39,7 @@ class Family:
     """A kind of inner optimizer."""
 
     optimizer: type
-    defaults: Dict[str, Any]  # its hyper-parameters other than lr, with rlopt's defaults
+    defaults: dict[str, Any]  # its hyper-parameters other than lr, with rlopt's defaults
     lr_scale: float = 1.0  # default inner lr / base lr
     cost: float = 1.0  # gradient evaluations per step
     follows_momentum: bool = False  # takes the wrapper group's momentum unless pinned
@@ -48,10 +50,11 @@ class Family:
 _SGD_DEFAULTS = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
 _ADAM_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
 
-FAMILIES: Dict[str, Family] = {
+FAMILIES: dict[str, Family] = {
     "sgd": Family(torch.optim.SGD, _SGD_DEFAULTS, follows_momentum=True),
-    "sam": Family(SAM, dict(rho=0.05, adaptive=False, **_SGD_DEFAULTS), cost=2.0,
-                  follows_momentum=True, needs_closure=True),
+    "sam": Family(
+        SAM, dict(rho=0.05, adaptive=False, **_SGD_DEFAULTS), cost=2.0, follows_momentum=True, needs_closure=True
+    ),
     "adam": Family(torch.optim.Adam, _ADAM_DEFAULTS, lr_scale=0.01),
     "adamw": Family(torch.optim.AdamW, dict(_ADAM_DEFAULTS, weight_decay=1e-2), lr_scale=0.01),
 }
@@ -60,8 +63,15 @@ FAMILIES: Dict[str, Family] = {
 _NOT_HPARAMS = ("lr", "foreach", "fused", "capturable", "differentiable")
 
 
-def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, Any]] = None, *,
-                    lr_scale: float = 1.0, cost: float = 1.0, follows_momentum: bool = False) -> Family:
+def register_family(
+    name: str,
+    optimizer: type,
+    defaults: Optional[Mapping[str, Any]] = None,
+    *,
+    lr_scale: float = 1.0,
+    cost: float = 1.0,
+    follows_momentum: bool = False,
+) -> Family:
     """Make any ``torch.optim.Optimizer`` subclass a choice family, by ``name``.
 
     ``choices=["sgd", name]`` then runs it, with the rules of this module: it steps at the
@@ -100,8 +110,14 @@ def register_family(name: str, optimizer: type, defaults: Optional[Mapping[str, 
     cost = _check_float("cost", cost, name, positive=True)
     if follows_momentum and "momentum" not in defaults:
         raise ValueError(f"follows_momentum needs a 'momentum' hyper-parameter; {name} has {sorted(defaults)}")
-    family = Family(optimizer, defaults, lr_scale=lr_scale, cost=cost, follows_momentum=bool(follows_momentum),
-                    fused_found_inf=False)
+    family = Family(
+        optimizer,
+        defaults,
+        lr_scale=lr_scale,
+        cost=cost,
+        follows_momentum=bool(follows_momentum),
+        fused_found_inf=False,
+    )
     FAMILIES[name] = family
     return family
 
@@ -119,8 +135,8 @@ class ChoiceSpec:
 
     name: str
     family: str
-    hparams: Dict[str, Any] = field(default_factory=dict)  # set by the user for this choice
-    options: Dict[str, Any] = field(default_factory=dict)  # constructor options (fused, foreach)
+    hparams: dict[str, Any] = field(default_factory=dict)  # set by the user for this choice
+    options: dict[str, Any] = field(default_factory=dict)  # constructor options (fused, foreach)
     lr_scale: float = 1.0
     cost: float = 1.0
 
@@ -136,8 +152,9 @@ class ChoiceSpec:
     def pins_momentum(self) -> bool:
         return "momentum" in self.hparams
 
-    def inner_group(self, group: Mapping[str, Any], explicit: Mapping[str, Any],
-                    wrapper_defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    def inner_group(
+        self, group: Mapping[str, Any], explicit: Mapping[str, Any], wrapper_defaults: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """The inner optimizer's param group built from a wrapper group (see module doc)."""
         kind = self.kind
         hp = dict(kind.defaults)
@@ -167,7 +184,7 @@ def _check_float(name: str, value: Any, choice: str, positive: bool = False) -> 
     return value
 
 
-def _accepted_options(optimizer: type) -> Tuple[str, ...]:
+def _accepted_options(optimizer: type) -> tuple[str, ...]:
     """The constructor options of ``optimizer`` among :data:`_OPTION_KEYS`."""
     try:
         names = inspect.signature(optimizer.__init__).parameters  # type: ignore[misc]  # the class's own __init__
@@ -178,8 +195,9 @@ def _accepted_options(optimizer: type) -> Tuple[str, ...]:
     return tuple(k for k in _OPTION_KEYS if k in names)
 
 
-def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float,
-         shared: Optional[Mapping[str, Any]] = None) -> ChoiceSpec:
+def _one(
+    name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float, shared: Optional[Mapping[str, Any]] = None
+) -> ChoiceSpec:
     if not isinstance(name, str) or not name:
         raise TypeError(f"A choice name must be a non-empty string, got {name!r}")
     if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -188,8 +206,7 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float,
     family = kwargs.pop("family", name)
     if family not in FAMILIES:
         raise ValueError(
-            f"Unknown choice '{family}'; expected one of {sorted(FAMILIES)} "
-            "(or give a custom name with a 'family' key)"
+            f"Unknown choice '{family}'; expected one of {sorted(FAMILIES)} (or give a custom name with a 'family' key)"
         )
     kind = FAMILIES[family]
     unknown = sorted(set(kwargs) - set(kind.defaults) - set(_META_KEYS) - set(_OPTION_KEYS))
@@ -234,18 +251,23 @@ def _one(name: Any, kwargs: Optional[Mapping[str, Any]], base_lr: float,
     # Let torch validate the hyper-parameters with its own messages (betas, nesterov, eps, ...).
     probe = torch.nn.Parameter(torch.zeros(1))
     try:
-        kind.optimizer([probe], lr=1.0, **{**kind.defaults, **kwargs},
-                       **{k: v for k, v in options.items() if k in ("foreach", "capturable")})
+        kind.optimizer(
+            [probe],
+            lr=1.0,
+            **{**kind.defaults, **kwargs},
+            **{k: v for k, v in options.items() if k in ("foreach", "capturable")},
+        )
     except (ValueError, TypeError) as err:
         raise type(err)(f"Invalid options for choice '{name}': {err}") from None
     return ChoiceSpec(name=name, family=family, hparams=kwargs, options=options, lr_scale=lr_scale, cost=cost)
 
 
-ChoicesArg = Union[Sequence[Union[str, Tuple[str, Mapping[str, Any]]]], Mapping[str, Any]]
+ChoicesArg = Union[Sequence[Union[str, tuple[str, Mapping[str, Any]]]], Mapping[str, Any]]
 
 
-def resolve_choices(choices: ChoicesArg, base_lr: float,
-                    options: Optional[Mapping[str, Any]] = None) -> Tuple[ChoiceSpec, ...]:
+def resolve_choices(
+    choices: ChoicesArg, base_lr: float, options: Optional[Mapping[str, Any]] = None
+) -> tuple[ChoiceSpec, ...]:
     """Turn the user's ``choices`` argument into specs; raise torch-style errors on bad input.
 
     Accepts ``["sgd", "adam"]``, ``[("sgd", {"nesterov": True}), "adam"]`` or

@@ -15,29 +15,40 @@ Everything that can fail does so before step 3 commits, so a decision that raise
 controller, the observer and the history as they were. Decisions run with gradients on and
 outside inference mode, whatever the caller's context, since a learning policy needs them.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
+from ..policies import Policy
+from ..rewards import RewardContext
 from . import distributed
 from .observation import ObservationBuilder, Signals
 from .signals import SignalTracker
 from .torch_compat import user_stacklevel
-from ..rewards import RewardContext
-from ..policies import Policy
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["Controller", "NonFiniteError"]
 
-_COUNTERS = ("step", "epoch", "interval_steps", "decisions", "epoch_start_step", "steps_per_epoch",
-             "last_decision_step", "skipped_total", "val_epoch")
+_COUNTERS = (
+    "step",
+    "epoch",
+    "interval_steps",
+    "decisions",
+    "epoch_start_step",
+    "steps_per_epoch",
+    "last_decision_step",
+    "skipped_total",
+    "val_epoch",
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -61,10 +72,21 @@ class Controller:
         process_group: ranks that decide together (see :mod:`rlopt.control.distributed`).
     """
 
-    def __init__(self, action_names: Sequence[str], policy: Policy, reward_fn: Callable[[RewardContext], float],
-                 observer: ObservationBuilder, costs: Sequence[float], *, interval: Union[str, int],
-                 total_steps: Optional[int], total_epochs: Optional[int], max_nonfinite_steps: Optional[int],
-                 history_size: Optional[int], process_group: Any):
+    def __init__(
+        self,
+        action_names: Sequence[str],
+        policy: Policy,
+        reward_fn: Callable[[RewardContext], float],
+        observer: ObservationBuilder,
+        costs: Sequence[float],
+        *,
+        interval: Union[str, int],
+        total_steps: Optional[int],
+        total_epochs: Optional[int],
+        max_nonfinite_steps: Optional[int],
+        history_size: Optional[int],
+        process_group: Any,
+    ):
         self.action_names = tuple(action_names)
         self.policy, self.reward_fn, self.observer = policy, reward_fn, observer
         self.costs = tuple(float(c) for c in costs)
@@ -72,18 +94,18 @@ class Controller:
         self.total_steps, self.total_epochs = total_steps, total_epochs
         self.max_nonfinite_steps = max_nonfinite_steps
         self.history_size = history_size
-        self.history: List[Dict[str, Any]] = []
-        self.counts: Dict[str, int] = {k: 0 for k in _COUNTERS}
+        self.history: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {k: 0 for k in _COUNTERS}
         self.counts["last_decision_step"] = -1
         self.action: Optional[int] = None
         self.interval_cost = 0.0
-        self.val: Dict[str, float] = {}
-        self.val_fresh: List[str] = []  # metrics given since the last decision
+        self.val: dict[str, float] = {}
+        self.val_fresh: list[str] = []  # metrics given since the last decision
         self.prev_signals: Optional[Signals] = None
         self.process_group = process_group
         self.group: Optional[ProcessGroup] = None  # resolved at the last decision (None: this rank decides alone)
         self.synced_group: Optional[ProcessGroup] = None  # the group this rank's policy was last made equal over
-        self.warned: Dict[str, bool] = {}
+        self.warned: dict[str, bool] = {}
 
     # ------------------------------------------------------------- progress
     def progress(self) -> float:
@@ -113,8 +135,7 @@ class Controller:
         c = self.counts
         if self.total_steps is not None:
             return c["step"] == self.total_steps
-        return (self.total_epochs is not None and c["epoch"] == self.total_epochs - 1
-                and self.progress() >= 1.0)
+        return self.total_epochs is not None and c["epoch"] == self.total_epochs - 1 and self.progress() >= 1.0
 
     def count_step(self, cost: float) -> Optional[bool]:
         """Count a step taken; return None when no decision is due after it, else whether that
@@ -155,9 +176,17 @@ class Controller:
         return None
 
     # ------------------------------------------------------------- decisions
-    def decide(self, tracker: SignalTracker, *, final: bool, extra_features: Callable[[Signals], Sequence[float]],
-               apply_action: Callable[[int], None], history_extra: Callable[[], Dict[str, Any]],
-               device: torch.device, lr: float = math.nan) -> int:
+    def decide(
+        self,
+        tracker: SignalTracker,
+        *,
+        final: bool,
+        extra_features: Callable[[Signals], Sequence[float]],
+        apply_action: Callable[[int], None],
+        history_extra: Callable[[], dict[str, Any]],
+        device: torch.device,
+        lr: float = math.nan,
+    ) -> int:
         """One decision (see module doc); returns the action now in effect. ``lr``: the learning
         rate now (the first param group's), observed against its peak."""
         if torch.is_inference_mode_enabled():  # (entered only where needed: leaving it costs)
@@ -166,9 +195,16 @@ class Controller:
         with torch.enable_grad():
             return self._decide(tracker, final, extra_features, apply_action, history_extra, device, lr)
 
-    def _decide(self, tracker: SignalTracker, final: bool, extra_features: Callable[[Signals], Sequence[float]],
-                apply_action: Callable[[int], None], history_extra: Callable[[], Dict[str, Any]],
-                device: torch.device, lr: float) -> int:
+    def _decide(
+        self,
+        tracker: SignalTracker,
+        final: bool,
+        extra_features: Callable[[Signals], Sequence[float]],
+        apply_action: Callable[[int], None],
+        history_extra: Callable[[], dict[str, Any]],
+        device: torch.device,
+        lr: float,
+    ) -> int:
         c = self.counts
         summary: Mapping[str, Any] = tracker.read()
         val = dict(self.val)
@@ -178,11 +214,23 @@ class Controller:
             device = distributed.collective_device(group, device)
             given = {k: val.get(k, math.nan) if k in self.val_fresh else math.nan for k in ("val_loss", "val_acc")}
             means, top = distributed.reduce_signals(
-                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement", "sharpness")} | given,
-                {"skipped": summary["skipped"], "longest_skip_run": summary["longest_skip_run"],
-                 "val_fresh": val_fresh, "val_epoch": val_epoch}, group, device)
-            summary = {**summary, **means, "skipped": int(top["skipped"]),
-                       "longest_skip_run": int(top["longest_skip_run"])}
+                {k: summary[k] for k in ("loss", "grad_norm", "grad_cosine", "grad_sign_agreement", "sharpness")}
+                | given,
+                {
+                    "skipped": summary["skipped"],
+                    "longest_skip_run": summary["longest_skip_run"],
+                    "val_fresh": val_fresh,
+                    "val_epoch": val_epoch,
+                },
+                group,
+                device,
+            )
+            summary = {
+                **summary,
+                **means,
+                "skipped": int(top["skipped"]),
+                "longest_skip_run": int(top["longest_skip_run"]),
+            }
             # the metrics given since the last decision, over the ranks that gave them; else the last ones
             val.update({k: means[k] for k in given if not math.isnan(means[k])})
             val_fresh, val_epoch = bool(top["val_fresh"]), int(top["val_epoch"])
@@ -194,28 +242,39 @@ class Controller:
         cheapest = min(self.costs)
         steps = c["interval_steps"]
         signals = Signals(
-            loss=summary["loss"], grad_norm=summary["grad_norm"], grad_cosine=summary["grad_cosine"],
+            loss=summary["loss"],
+            grad_norm=summary["grad_norm"],
+            grad_cosine=summary["grad_cosine"],
             grad_sign_agreement=summary["grad_sign_agreement"],
-            val_loss=val.get("val_loss", math.nan), val_acc=val.get("val_acc", math.nan),
-            steps=steps, skipped=summary["skipped"],
+            val_loss=val.get("val_loss", math.nan),
+            val_acc=val.get("val_acc", math.nan),
+            steps=steps,
+            skipped=summary["skipped"],
             cost=self.interval_cost / steps / cheapest if steps else math.nan,
-            progress=self.progress(), budget_share=self.budget_share(steps),
-            val_fresh=val_fresh, val_epoch=val_epoch, sharpness=summary["sharpness"], lr=lr,
+            progress=self.progress(),
+            budget_share=self.budget_share(steps),
+            val_fresh=val_fresh,
+            val_epoch=val_epoch,
+            sharpness=summary["sharpness"],
+            lr=lr,
         )
         obs = self.observer.peek(signals, self.action, max(self.costs) / cheapest, extra_features(signals))
         reward, info = None, {}
         if c["decisions"] > 0:
             assert self.action is not None  # set by the first decision
-            ctx = RewardContext(now=signals, before=self.prev_signals,
-                                action=self.action_names[self.action], final=final)
+            ctx = RewardContext(
+                now=signals, before=self.prev_signals, action=self.action_names[self.action], final=final
+            )
             reward = self.reward_fn(ctx)
             try:
                 reward = float(reward)
             except (TypeError, ValueError):
                 raise TypeError(f"The reward function returned {reward!r}, not a number") from None
             if not math.isfinite(reward):
-                raise ValueError(f"The reward function returned {reward}; nothing was changed (the policy was "
-                                 "not paid and the step was not applied)")
+                raise ValueError(
+                    f"The reward function returned {reward}; nothing was changed (the policy was "
+                    "not paid and the step was not applied)"
+                )
             info = self.policy.observe(reward, obs, terminal=False, truncated=final)
         if group is not None and self.synced_group is not group:
             distributed.broadcast_policy(self.policy, group, device)  # the ranks may have had other seeds
@@ -232,12 +291,21 @@ class Controller:
         self.val = val
         self.val_fresh = []
         c["val_epoch"] = val_epoch
-        self.record({
-            "decision": c["decisions"], "step": c["step"], "epoch": c["epoch"],
-            "choice": self.action_names[action], "action": action,
-            "observation": obs.tolist(), "reward": reward, "final": final,
-            "signals": signals.as_dict(), "policy": dict(info or {}), **history_extra(),
-        })
+        self.record(
+            {
+                "decision": c["decisions"],
+                "step": c["step"],
+                "epoch": c["epoch"],
+                "choice": self.action_names[action],
+                "action": action,
+                "observation": obs.tolist(),
+                "reward": reward,
+                "final": final,
+                "signals": signals.as_dict(),
+                "policy": dict(info or {}),
+                **history_extra(),
+            }
+        )
         self.action = action
         c["decisions"] += 1
         c["interval_steps"], self.interval_cost = 0, 0.0
@@ -246,11 +314,11 @@ class Controller:
         self.prev_signals = signals
         return action
 
-    def record(self, entry: Dict[str, Any]) -> None:
+    def record(self, entry: dict[str, Any]) -> None:
         """Append to :attr:`history`, keeping the last ``history_size`` entries."""
         self.history.append(entry)
         if self.history_size is not None and len(self.history) > self.history_size:
-            del self.history[:len(self.history) - self.history_size]
+            del self.history[: len(self.history) - self.history_size]
 
     # ------------------------------------------------------------- messages
     def nonfinite_error(self, run: int) -> NonFiniteError:
@@ -262,11 +330,13 @@ class Controller:
         )
 
     def no_loss_message(self, steps: int) -> str:
-        return (f"None of the last {steps} steps gave the optimizer its training loss (step() was called without "
-                "a closure, or the closure returned no loss): the policy's loss features are missing and rewards "
-                "built on the training loss see no change. Pass the loss: opt.step(lambda: loss) after "
-                "loss.backward(), or a closure that computes it and returns it (or a tuple whose first element "
-                "is the loss)")
+        return (
+            f"None of the last {steps} steps gave the optimizer its training loss (step() was called without "
+            "a closure, or the closure returned no loss): the policy's loss features are missing and rewards "
+            "built on the training loss see no change. Pass the loss: opt.step(lambda: loss) after "
+            "loss.backward(), or a closure that computes it and returns it (or a tuple whose first element "
+            "is the loss)"
+        )
 
     def warn_once(self, key: str, message: str, category: type = UserWarning) -> None:
         if self.warned.get(key):
@@ -275,13 +345,18 @@ class Controller:
         warnings.warn(message, category, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------- checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "counts": dict(self.counts), "action": self.action, "interval_cost": self.interval_cost,
-            "val": dict(self.val), "val_fresh": list(self.val_fresh),
+            "counts": dict(self.counts),
+            "action": self.action,
+            "interval_cost": self.interval_cost,
+            "val": dict(self.val),
+            "val_fresh": list(self.val_fresh),
             "prev_signals": None if self.prev_signals is None else self.prev_signals.as_dict(),
-            "history": [dict(h) for h in self.history], "observer": self.observer.state_dict(),
-            "total_steps": self.total_steps, "total_epochs": self.total_epochs,
+            "history": [dict(h) for h in self.history],
+            "observer": self.observer.state_dict(),
+            "total_steps": self.total_steps,
+            "total_epochs": self.total_epochs,
         }
 
     def check_state(self, state: Any) -> None:
@@ -296,13 +371,19 @@ class Controller:
         if not isinstance(counts, Mapping) or set(counts) != set(_COUNTERS):
             raise ValueError(f"rlopt.controller.counts must hold {sorted(_COUNTERS)}")
         for key, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < (-1 if key == "last_decision_step" else 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (-1 if key == "last_decision_step" else 0)
+            ):
                 raise ValueError(f"Invalid rlopt.controller.counts[{key!r}]: {value!r}")
         action = state["action"]
-        if action is not None and (isinstance(action, bool) or not isinstance(action, int)
-                                   or not 0 <= action < len(self.action_names)):
-            raise ValueError(f"Invalid rlopt.controller.action: {action!r} (this optimizer has "
-                             f"{len(self.action_names)} actions)")
+        if action is not None and (
+            isinstance(action, bool) or not isinstance(action, int) or not 0 <= action < len(self.action_names)
+        ):
+            raise ValueError(
+                f"Invalid rlopt.controller.action: {action!r} (this optimizer has {len(self.action_names)} actions)"
+            )
         if (action is None) != (counts["decisions"] == 0):
             raise ValueError("rlopt.controller.action and counts['decisions'] disagree")
         if not isinstance(state["interval_cost"], (int, float)) or not math.isfinite(state["interval_cost"]):
@@ -327,24 +408,35 @@ class Controller:
         self.prev_signals = None if state["prev_signals"] is None else Signals.from_dict(state["prev_signals"])
         history = [dict(h) for h in state["history"]]
         if self.history_size is not None:
-            history = history[-self.history_size:] if self.history_size else []
+            history = history[-self.history_size :] if self.history_size else []
         self.history = history
         self.observer.load_state_dict(state["observer"])
         saved_budget = (state.get("total_steps"), state.get("total_epochs"))
         if saved_budget != (self.total_steps, self.total_epochs) and history and history[-1].get("final"):
-            self.warn_once("budget", f"The checkpoint's run already ended (budget total_steps={saved_budget[0]}, "
-                                     f"total_epochs={saved_budget[1]}) and its final reward was paid; this optimizer's "
-                                     f"budget (total_steps={self.total_steps}, total_epochs={self.total_epochs}) "
-                                     "extends it, so a final reward is paid again at the new end. Save the checkpoint "
-                                     "before the last epoch_end() of a run you mean to extend")
+            self.warn_once(
+                "budget",
+                f"The checkpoint's run already ended (budget total_steps={saved_budget[0]}, "
+                f"total_epochs={saved_budget[1]}) and its final reward was paid; this optimizer's "
+                f"budget (total_steps={self.total_steps}, total_epochs={self.total_epochs}) "
+                "extends it, so a final reward is paid again at the new end. Save the checkpoint "
+                "before the last epoch_end() of a run you mean to extend",
+            )
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """Everything a failed decision or load could change, to :meth:`restore` (cheap: the
         history list is copied, not its entries)."""
-        return {"counts": dict(self.counts), "action": self.action, "interval_cost": self.interval_cost,
-                "val": dict(self.val), "val_fresh": list(self.val_fresh), "prev_signals": self.prev_signals,
-                "history": list(self.history), "observer": self.observer.state_dict(),
-                "group": self.group, "synced_group": self.synced_group}
+        return {
+            "counts": dict(self.counts),
+            "action": self.action,
+            "interval_cost": self.interval_cost,
+            "val": dict(self.val),
+            "val_fresh": list(self.val_fresh),
+            "prev_signals": self.prev_signals,
+            "history": list(self.history),
+            "observer": self.observer.state_dict(),
+            "group": self.group,
+            "synced_group": self.synced_group,
+        }
 
     def restore(self, snap: Mapping[str, Any]) -> None:
         self.counts, self.action, self.interval_cost = dict(snap["counts"]), snap["action"], snap["interval_cost"]
@@ -353,22 +445,26 @@ class Controller:
         self.observer.load_state_dict(snap["observer"])
         self.group, self.synced_group = snap["group"], snap["synced_group"]
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         group = state["process_group"]
         if not (group is None or isinstance(group, str)):  # a ProcessGroup does not pickle, and "auto"
-            if not distributed.outside(group):             # could widen a subgroup to every rank
-                warnings.warn("A pickled rlopt optimizer does not keep its ProcessGroup: the copy decides alone "
-                              "(process_group=None) until given one", RuntimeWarning, stacklevel=user_stacklevel())
+            if not distributed.outside(group):  # could widen a subgroup to every rank
+                warnings.warn(
+                    "A pickled rlopt optimizer does not keep its ProcessGroup: the copy decides alone "
+                    "(process_group=None) until given one",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
             state["process_group"] = None
         state["group"] = state["synced_group"] = None  # resolved again at the next decision
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.group = distributed.resolve_group(self.process_group)  # in step with the ranks at once
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "Controller":
+    def __deepcopy__(self, memo: dict[int, Any]) -> Controller:
         """A deep copy decides with the same ranks: the ProcessGroup is shared, not copied."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new

@@ -23,12 +23,13 @@ Whether a step is skipped must not differ between ranks either. With a group the
 check looks at the gradients only, which DDP has made equal on every rank, not at each rank's
 own loss; and a long run of skipped steps raises at the next decision, on every rank at once.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -37,8 +38,15 @@ if TYPE_CHECKING:
 
     from ..policies.base import Policy
 
-__all__ = ["outside", "check_group_arg", "resolve_group", "collective_device", "reduce_signals", "broadcast_policy",
-           "agree"]
+__all__ = [
+    "outside",
+    "check_group_arg",
+    "resolve_group",
+    "collective_device",
+    "reduce_signals",
+    "broadcast_policy",
+    "agree",
+]
 
 AUTO = "auto"
 
@@ -105,8 +113,9 @@ def _source(group: Optional[ProcessGroup]) -> int:
     return dist.get_global_rank(group, 0)
 
 
-def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group: Optional[ProcessGroup],
-                   device: torch.device) -> Tuple[Dict[str, float], Dict[str, float]]:
+def reduce_signals(
+    means: dict[str, float], maxima: dict[str, float], group: Optional[ProcessGroup], device: torch.device
+) -> tuple[dict[str, float], dict[str, float]]:
     """Average ``means`` over the ranks that have a value (NaN: none; infinities count) and take
     the maximum of ``maxima``: one all-reduce each, on ``device``."""
     dist = _dist()
@@ -126,9 +135,8 @@ def reduce_signals(means: Dict[str, float], maxima: Dict[str, float], group: Opt
 def broadcast_policy(policy: Policy, group: Optional[ProcessGroup], device: torch.device) -> None:
     """Give every rank the first rank's policy state (networks, optimizer, buffers, RNG)."""
     dist = _dist()
-    holder: List[Any] = [policy.state_dict() if dist.get_rank(group) == 0 else None]
-    dist.broadcast_object_list(holder, src=_source(group), group=group,
-                               device=device if device.type != "cpu" else None)
+    holder: list[Any] = [policy.state_dict() if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(holder, src=_source(group), group=group, device=device if device.type != "cpu" else None)
     if dist.get_rank(group) != 0:
         policy.load_state_dict(holder[0])
 
@@ -144,6 +152,9 @@ def agree(action: int, policy: Policy, group: Optional[ProcessGroup], device: to
     if high != -low:
         warnings.warn(
             "The ranks' policies chose different actions at this decision; every rank now takes the "
-            "first rank's action and policy state", RuntimeWarning, stacklevel=3)
+            "first rank's action and policy state",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         broadcast_policy(policy, group, device)
     return int(chosen)

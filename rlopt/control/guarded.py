@@ -2,18 +2,20 @@
 
 :func:`prepare` accounts the step's loss, checks its gradients (and, for SAM, runs the ascent and
 the second pass, whose loss gives the sharpness signal with the first group's rho) and returns a
-0/1 flag on the device; :func:`apply` then runs the inner optimizer. Fused torch kernels read the flag as ``found_inf`` (the mechanism GradScaler uses) and
-skip the update on the device; where a choice runs unfused the flag is read on the host.
+0/1 flag on the device; :func:`apply` then runs the inner optimizer. Fused torch kernels read the
+flag as ``found_inf`` (the mechanism GradScaler uses) and skip the update on the device; where a
+choice runs unfused the flag is read on the host.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import torch
 
+from . import torch_compat as _tc
 from .inner import InnerSet
 from .signals import SignalTracker
-from . import torch_compat as _tc
 from .torch_compat import raw_step
 
 if TYPE_CHECKING:
@@ -22,10 +24,18 @@ if TYPE_CHECKING:
 __all__ = ["prepare", "apply"]
 
 
-def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: SignalTracker,
-            closure: Optional[Callable[[], Any]], loss: Any, *, loss_skips: bool,
-            grad_scale: Optional[torch.Tensor] = None, scaler_inf: Optional[torch.Tensor] = None
-            ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+def prepare(
+    inner: InnerSet,
+    i: int,
+    params: list[torch.Tensor],
+    tracker: SignalTracker,
+    closure: Optional[Callable[[], Any]],
+    loss: Any,
+    *,
+    loss_skips: bool,
+    grad_scale: Optional[torch.Tensor] = None,
+    scaler_inf: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """Check choice ``i``'s step before its update; returns the skip flag and the gradients the
     update will use, in ``params`` order (None where a second pass made new ones). ``grad_scale`` and
     ``scaler_inf``: a GradScaler's scale (the gradients are unscaled in place, in the check's
@@ -57,7 +67,7 @@ def prepare(inner: InnerSet, i: int, params: List[torch.Tensor], tracker: Signal
     return flag, grads
 
 
-def apply(inner: InnerSet, i: int, flag: torch.Tensor, grads: Optional[List[torch.Tensor]] = None) -> None:
+def apply(inner: InnerSet, i: int, flag: torch.Tensor, grads: Optional[list[torch.Tensor]] = None) -> None:
     """Run choice ``i``'s update, skipped where ``flag`` is 1. ``grads``: what :func:`prepare`
     returned (saves gathering them again)."""
     opt = inner.optimizers[i]

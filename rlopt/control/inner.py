@@ -7,10 +7,12 @@ with a host check), carries the wrapper groups' values to the inner group that s
 and owns their checkpoint: :meth:`InnerSet.check_state` refuses a state that does not fit
 before :meth:`InnerSet.load_state_dict` changes anything.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -58,26 +60,32 @@ class InnerSet:
         share_momentum: the SGD-family choices share one momentum buffer per parameter.
     """
 
-    def __init__(self, specs: Sequence[ChoiceSpec], groups: List[Dict[str, Any]],
-                 explicit: List[Dict[str, Any]], defaults: Mapping[str, Any], share_momentum: bool):
-        self.specs: Tuple[ChoiceSpec, ...] = tuple(specs)
+    def __init__(
+        self,
+        specs: Sequence[ChoiceSpec],
+        groups: list[dict[str, Any]],
+        explicit: list[dict[str, Any]],
+        defaults: Mapping[str, Any],
+        share_momentum: bool,
+    ):
+        self.specs: tuple[ChoiceSpec, ...] = tuple(specs)
         self.groups, self.explicit, self.defaults = groups, explicit, defaults
         self.share_momentum = share_momentum
-        self.optimizers: List[Optimizer] = []
-        self.fused: List[bool] = []
+        self.optimizers: list[Optimizer] = []
+        self.fused: list[bool] = []
         for spec in self.specs:
             inner, fused = self._build(spec)
             self.optimizers.append(inner)
             self.fused.append(fused)
         self.link_momentum()
         self.needs_closure = any(s.needs_closure for s in self.specs)
-        self._follow: Dict[Tuple[int, int], Tuple[str, ...]] = {}
+        self._follow: dict[tuple[int, int], tuple[str, ...]] = {}
 
     # ---------------------------------------------------------------- building
-    def _inner_groups(self, spec: ChoiceSpec) -> List[Dict[str, Any]]:
+    def _inner_groups(self, spec: ChoiceSpec) -> list[dict[str, Any]]:
         return [spec.inner_group(g, e, self.defaults) for g, e in zip(self.groups, self.explicit)]
 
-    def _build(self, spec: ChoiceSpec) -> Tuple[Optimizer, bool]:
+    def _build(self, spec: ChoiceSpec) -> tuple[Optimizer, bool]:
         cls = spec.kind.optimizer
         extra = {"base_optimizer": torch.optim.SGD} if spec.needs_closure else {}
         options = dict(spec.options)
@@ -85,12 +93,20 @@ class InnerSet:
         params = [p for g in self.groups for p in g["params"]]
         refusal = fused_refusal(params)
         if wants and not spec.kind.fused_found_inf:
-            raise ValueError(f"Choice '{spec.name}': rlopt does not run family '{spec.family}' fused (its fused "
-                             "step is not known to skip on found_inf)")
+            raise ValueError(
+                f"Choice '{spec.name}': rlopt does not run family '{spec.family}' fused (its fused "
+                "step is not known to skip on found_inf)"
+            )
         if wants and refusal:
             raise RuntimeError(f"Choice '{spec.name}': `fused=True` cannot step {refusal}")
-        fused = (wants is not False and spec.kind.fused_found_inf and not options.get("foreach")
-                 and options.get("foreach") is not False and not options.get("differentiable") and refusal is None)
+        fused = (
+            wants is not False
+            and spec.kind.fused_found_inf
+            and not options.get("foreach")
+            and options.get("foreach") is not False
+            and not options.get("differentiable")
+            and refusal is None
+        )
         if fused:
             try:
                 inner = cls(self._inner_groups(spec), **{**options, "fused": True}, **extra)
@@ -103,8 +119,10 @@ class InnerSet:
             why = refusal or "its options" if spec.kind.fused_found_inf else "its family has no known fused step"
             warnings.warn(
                 f"Choice '{spec.name}' runs without fused kernels here ({why}): non-finite steps are "
-                "detected with a host synchronisation at every step", RuntimeWarning,
-                stacklevel=user_stacklevel())
+                "detected with a host synchronisation at every step",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
         self._prepare_state(inner)
         return inner, fused
 
@@ -122,18 +140,22 @@ class InnerSet:
                 for g in getattr(inner, "base_optimizer", inner).param_groups:
                     g["fused"] = False
                 self.fused[i] = False
-                warnings.warn(f"Choice '{spec.name}' runs without fused kernels from now on ({refusal}): "
-                              "non-finite steps are detected with a host synchronisation at every step",
-                              RuntimeWarning, stacklevel=user_stacklevel())
+                warnings.warn(
+                    f"Choice '{spec.name}' runs without fused kernels from now on ({refusal}): "
+                    "non-finite steps are detected with a host synchronisation at every step",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
             else:
                 inner.add_param_group(inner_group)
             self._prepare_state(inner)
         self._follow.clear()
 
-    def momentum_family(self) -> List[int]:
+    def momentum_family(self) -> list[int]:
         """Indices of the choices whose update is an SGD step (``sgd``, and ``sam`` over SGD)."""
-        return [i for i, o in enumerate(self.optimizers)
-                if isinstance(getattr(o, "base_optimizer", o), torch.optim.SGD)]
+        return [
+            i for i, o in enumerate(self.optimizers) if isinstance(getattr(o, "base_optimizer", o), torch.optim.SGD)
+        ]
 
     def link_momentum(self) -> None:
         """With ``share_momentum``, the SGD-family choices use one state dict: a switch between
@@ -181,7 +203,7 @@ class InnerSet:
             if wd_factor is not None:
                 inner_group["weight_decay"] = group["weight_decay"] * wd_factor
 
-    def _followed(self, spec: ChoiceSpec, group: Mapping[str, Any], index: int) -> Tuple[str, ...]:
+    def _followed(self, spec: ChoiceSpec, group: Mapping[str, Any], index: int) -> tuple[str, ...]:
         explicit = self.explicit[index] if index < len(self.explicit) else {}
         hp = spec.kind.defaults
         wanted = {k for k in explicit if k in hp and k != "lr"}
@@ -200,7 +222,7 @@ class InnerSet:
         self._follow.clear()
 
     # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> List[Dict[str, Any]]:
+    def state_dict(self) -> list[dict[str, Any]]:
         return [o.state_dict() for o in self.optimizers]
 
     def check_state(self, saved: Any) -> None:
@@ -208,18 +230,25 @@ class InnerSet:
         entry per choice, the same groups and parameter counts, per-parameter tensors shaped as
         their parameters. Changes nothing."""
         if not isinstance(saved, (list, tuple)) or len(saved) != len(self.optimizers):
-            raise ValueError(f"rlopt.inner must hold one state per choice ({len(self.optimizers)}), got "
-                             f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}")
+            raise ValueError(
+                f"rlopt.inner must hold one state per choice ({len(self.optimizers)}), got "
+                f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}"
+            )
         for spec, inner, sd in zip(self.specs, self.optimizers, saved):
             where = f"rlopt.inner[{spec.name!r}]"
-            if not isinstance(sd, Mapping) or not isinstance(sd.get("state"), Mapping) \
-                    or not isinstance(sd.get("param_groups"), (list, tuple)):
+            if (
+                not isinstance(sd, Mapping)
+                or not isinstance(sd.get("state"), Mapping)
+                or not isinstance(sd.get("param_groups"), (list, tuple))
+            ):
                 raise ValueError(f"{where} must be an optimizer state dict with 'state' and 'param_groups'")
             groups = inner.param_groups
             if len(sd["param_groups"]) != len(groups) or any(
-                    not isinstance(a, Mapping) or not isinstance(a.get("params"), (list, tuple))
-                    or len(a["params"]) != len(b["params"])
-                    for a, b in zip(sd["param_groups"], groups)):
+                not isinstance(a, Mapping)
+                or not isinstance(a.get("params"), (list, tuple))
+                or len(a["params"]) != len(b["params"])
+                for a, b in zip(sd["param_groups"], groups)
+            ):
                 raise ValueError(f"{where}'s parameter groups do not match this optimizer's")
             ids = [i for g in sd["param_groups"] for i in g["params"]]
             if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
@@ -227,7 +256,8 @@ class InnerSet:
             for g in sd["param_groups"]:
                 for key, value in g.items():
                     if key in ("momentum", "dampening", "lr", "weight_decay", "eps", "rho") and not (
-                            isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)):
+                        isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+                    ):
                         raise ValueError(f"{where}.param_groups[{key!r}] is {value!r}, not a number")
             params = dict(zip(ids, (p for g in groups for p in g["params"])))
             fresh = type(inner).__name__ in ("Adam", "AdamW")
@@ -237,16 +267,21 @@ class InnerSet:
                 if fresh and entry and "step" not in entry:
                     raise ValueError(f"{where}.state[{index}] lacks 'step'")
                 for name, value in entry.items():
-                    if not (isinstance(value, torch.Tensor) or value is None
-                            or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+                    if not (
+                        isinstance(value, torch.Tensor)
+                        or value is None
+                        or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                    ):
                         raise ValueError(f"{where}.state[{index}][{name!r}] is {value!r}, not a tensor or number")
                     if name == "step" and value is None:
                         raise ValueError(f"{where}.state[{index}]['step'] is None")
                     if name == "momentum_buffer" and not (value is None or isinstance(value, torch.Tensor)):
                         raise ValueError(f"{where}.state[{index}]['momentum_buffer'] must be a tensor or None")
                     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                        raise ValueError(f"{where}.state[{index}][{name!r}] has shape {tuple(value.shape)}, the "
-                                         f"parameter {tuple(params[index].shape)}")
+                        raise ValueError(
+                            f"{where}.state[{index}][{name!r}] has shape {tuple(value.shape)}, the "
+                            f"parameter {tuple(params[index].shape)}"
+                        )
 
     def load_state_dict(self, saved: Sequence[Mapping[str, Any]], share_momentum_saved: bool) -> None:
         """Load a state :meth:`check_state` accepted."""
@@ -262,15 +297,17 @@ class InnerSet:
                             st[k] = v.clone()
 
     @staticmethod
-    def _with_own_kernels(sd: Mapping[str, Any], inner: Optimizer) -> Dict[str, Any]:
+    def _with_own_kernels(sd: Mapping[str, Any], inner: Optimizer) -> dict[str, Any]:
         """``sd`` with ``inner``'s own kernel flags in every group: a checkpoint saved where a
         choice ran unfused must not switch the kernel this optimizer chose (torch places loaded
         state by these flags, so they are set before the load)."""
-        groups = [{**saved, **{k: own[k] for k in _KERNEL_KEYS if k in own}}
-                  for saved, own in zip(sd["param_groups"], inner.param_groups)]
+        groups = [
+            {**saved, **{k: own[k] for k in _KERNEL_KEYS if k in own}}
+            for saved, own in zip(sd["param_groups"], inner.param_groups)
+        ]
         return {**sd, "param_groups": groups}
 
-    def snapshot(self) -> List[Tuple[Any, Dict[str, Any]]]:
+    def snapshot(self) -> list[tuple[Any, dict[str, Any]]]:
         """What :meth:`restore` needs to undo a load: torch's ``load_state_dict`` replaces each
         optimizer's ``state`` and ``param_groups`` with new objects, so keeping the old ones is
         enough."""
@@ -282,6 +319,6 @@ class InnerSet:
         return out
 
     @staticmethod
-    def restore(snapshot: List[Tuple[Any, Dict[str, Any]]]) -> None:
+    def restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
         for opt, saved in snapshot:
             opt.__dict__.update(saved)

@@ -11,16 +11,26 @@ the learning rate against its peak so far, the gradient norm's z-score against t
 decisions', and the gap between validation and training loss. An optimizer driven by a policy
 of version 1 builds version-1 observations, so the policies trained on them keep working.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["LAYOUT_VERSION", "LAYOUTS", "BASE_FEATURES", "SAM_FEATURES", "FEATURE_NAMES", "Signals",
-           "ObservationBuilder", "observation_layout"]
+__all__ = [
+    "LAYOUT_VERSION",
+    "LAYOUTS",
+    "BASE_FEATURES",
+    "SAM_FEATURES",
+    "FEATURE_NAMES",
+    "Signals",
+    "ObservationBuilder",
+    "observation_layout",
+]
 
 LAYOUT_VERSION = 2
 
@@ -49,13 +59,13 @@ class Signals:
     def skipped_frac(self) -> float:
         return self.skipped / self.steps if self.steps else 0.0
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """The fields by name (every value a plain number, so a shallow copy is a full one;
         ``dataclasses.asdict`` would deep-copy them at ten times the cost, at every decision)."""
         return {name: getattr(self, name) for name in _SIGNAL_FIELDS}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "Signals":
+    def from_dict(cls, values: Mapping[str, Any]) -> Signals:
         """Inverse of :meth:`as_dict`; ``ValueError`` for unknown or missing fields."""
         names = {f.name for f in fields(cls)}
         if not isinstance(values, Mapping) or set(values) != names:
@@ -97,7 +107,7 @@ Formula = Callable[[_View], float]
 t = math.tanh
 
 #: The base features: name and formula, in layout order.
-BASE_FEATURES: Tuple[Tuple[str, Formula], ...] = (
+BASE_FEATURES: tuple[tuple[str, Formula], ...] = (
     # training loss against the first interval's, and against the previous one's
     ("loss_level", lambda v: t(_log_ratio(v.s.loss, v.first.get("loss", math.nan)))),
     ("loss_change", lambda v: t(5 * _log_ratio(v.s.loss, v.prev.get("loss", math.nan)))),
@@ -109,15 +119,25 @@ BASE_FEATURES: Tuple[Tuple[str, Formula], ...] = (
     ("val_loss_level", lambda v: t(_log_ratio(v.s.val_loss, v.first.get("val_loss", math.nan)))),
     ("val_loss_change", lambda v: t(5 * _log_ratio(v.s.val_loss, v.prev.get("val_loss", math.nan)))),
     ("val_acc", lambda v: 2 * _acc(v) - 1 if _finite(_acc(v)) else 0.0),
-    ("val_acc_change", lambda v: t(20 * (_acc(v) - v.prev["val_acc"]))
-     if _finite(_acc(v)) and _finite(v.prev.get("val_acc", math.nan)) else 0.0),
+    (
+        "val_acc_change",
+        lambda v: (
+            t(20 * (_acc(v) - v.prev["val_acc"]))
+            if _finite(_acc(v)) and _finite(v.prev.get("val_acc", math.nan))
+            else 0.0
+        ),
+    ),
     ("has_val", lambda v: 1.0 if _finite(v.s.val_acc) or _finite(v.s.val_loss) else 0.0),
     # progress through the budget in [-1, 1]; 0 and has_budget 0 when the budget is unknown
     ("progress", lambda v: 2 * v.s.progress - 1 if _finite(v.s.progress) else 0.0),
     ("has_budget", lambda v: 1.0 if _finite(v.s.progress) else 0.0),
     # gradient evaluations per step over the cheapest choice's, scaled to [0, 1]
-    ("cost", lambda v: min(1.0, max(0.0, (v.s.cost - 1) / (v.max_cost - 1)))
-     if v.max_cost > 1 and _finite(v.s.cost) else 0.0),
+    (
+        "cost",
+        lambda v: (
+            min(1.0, max(0.0, (v.s.cost - 1) / (v.max_cost - 1))) if v.max_cost > 1 and _finite(v.s.cost) else 0.0
+        ),
+    ),
     ("skipped", lambda v: v.s.skipped_frac),
 )
 
@@ -133,25 +153,32 @@ def _grad_norm_z(v: _View) -> float:
 
 
 #: The features version 2 adds, in layout order.
-SAM_FEATURES: Tuple[Tuple[str, Formula], ...] = (
+SAM_FEATURES: tuple[tuple[str, Formula], ...] = (
     # curvature along the gradient, from SAM's own second evaluation, against the first measured
     ("sharpness_level", lambda v: t(_log_ratio(v.s.sharpness, v.first.get("sharpness", math.nan)))),
     # the learning rate against its peak so far in [-1, 1]: late in a decaying schedule -> -1
-    ("lr_to_peak", lambda v: 2 * min(1.0, v.s.lr / v.running["lr_peak"]) - 1
-     if _finite(v.s.lr) and v.s.lr >= 0 and v.running.get("lr_peak", 0.0) > 0 else 0.0),
+    (
+        "lr_to_peak",
+        lambda v: (
+            2 * min(1.0, v.s.lr / v.running["lr_peak"]) - 1
+            if _finite(v.s.lr) and v.s.lr >= 0 and v.running.get("lr_peak", 0.0) > 0
+            else 0.0
+        ),
+    ),
     ("grad_norm_z", _grad_norm_z),
     # generalisation gap: validation loss against this interval's training loss
     ("val_gap", lambda v: t(_log_ratio(v.s.val_loss, v.s.loss))),
 )
-LAYOUTS: Dict[int, Tuple[Tuple[str, Formula], ...]] = {1: BASE_FEATURES, 2: BASE_FEATURES + SAM_FEATURES}
-FEATURE_NAMES: Tuple[str, ...] = tuple(name for name, _ in LAYOUTS[LAYOUT_VERSION])
+LAYOUTS: dict[int, tuple[tuple[str, Formula], ...]] = {1: BASE_FEATURES, 2: BASE_FEATURES + SAM_FEATURES}
+FEATURE_NAMES: tuple[str, ...] = tuple(name for name, _ in LAYOUTS[LAYOUT_VERSION])
 _REFERENCES = ("loss", "grad_norm", "val_loss", "sharpness")  # first measured values kept
 _REMEMBERED = ("loss", "grad_norm", "val_loss", "val_acc", "sharpness")  # previous measured values kept
 _RUNNING = ("lr_peak", "gn_n", "gn_mean", "gn_m2")
 
 
-def observation_layout(action_names: Sequence[str], extra: Sequence[str] = (),
-                       version: int = LAYOUT_VERSION) -> Dict[str, Any]:
+def observation_layout(
+    action_names: Sequence[str], extra: Sequence[str] = (), version: int = LAYOUT_VERSION
+) -> dict[str, Any]:
     """The feature names of an optimizer: the features of layout ``version``, the optimizer's own
     ``extra`` ones, then the previous action one-hot."""
     if version not in LAYOUTS:
@@ -171,17 +198,18 @@ class ObservationBuilder:
 
     action_names: Sequence[str]
     extra: Sequence[str] = ()
-    first: Dict[str, float] = field(default_factory=dict)
-    prev: Dict[str, float] = field(default_factory=dict)
+    first: dict[str, float] = field(default_factory=dict)
+    prev: dict[str, float] = field(default_factory=dict)
     version: int = LAYOUT_VERSION
-    running: Dict[str, float] = field(default_factory=dict)  # lr peak; count, mean, M2 of log grad norms
+    running: dict[str, float] = field(default_factory=dict)  # lr peak; count, mean, M2 of log grad norms
 
     @property
-    def layout(self) -> Dict[str, Any]:
+    def layout(self) -> dict[str, Any]:
         return observation_layout(self.action_names, self.extra, self.version)
 
-    def peek(self, s: Signals, prev_action: Optional[int], max_cost: float,
-             extra_values: Sequence[float] = ()) -> torch.Tensor:
+    def peek(
+        self, s: Signals, prev_action: Optional[int], max_cost: float, extra_values: Sequence[float] = ()
+    ) -> torch.Tensor:
         first = dict(self.first)
         for key in _REFERENCES:
             value = getattr(s, key)
@@ -216,20 +244,24 @@ class ObservationBuilder:
             r["gn_n"], r["gn_mean"] = n, r.get("gn_mean", 0.0) + delta / n
             r["gn_m2"] = r.get("gn_m2", 0.0) + delta * (x - r["gn_mean"])
 
-    def build(self, s: Signals, prev_action: Optional[int], max_cost: float,
-              extra_values: Sequence[float] = ()) -> torch.Tensor:
+    def build(
+        self, s: Signals, prev_action: Optional[int], max_cost: float, extra_values: Sequence[float] = ()
+    ) -> torch.Tensor:
         """:meth:`peek`, then :meth:`commit`."""
         obs = self.peek(s, prev_action, max_cost, extra_values)
         self.commit(s)
         return obs
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"first": dict(self.first), "prev": dict(self.prev), "running": dict(self.running)}
 
     @staticmethod
     def check_state(state: Any) -> None:
-        if not (isinstance(state, Mapping) and isinstance(state.get("first"), Mapping)
-                and isinstance(state.get("prev"), Mapping)):
+        if not (
+            isinstance(state, Mapping)
+            and isinstance(state.get("first"), Mapping)
+            and isinstance(state.get("prev"), Mapping)
+        ):
             raise ValueError("The observer state must be a dict with 'first' and 'prev' dicts")
         for part in ("first", "prev"):
             for key, value in state[part].items():
@@ -237,8 +269,12 @@ class ObservationBuilder:
                     raise ValueError(f"Invalid observer state entry {part}[{key!r}] = {value!r}")
         running = state.get("running", {})  # (absent from checkpoints of layout version 1)
         if not isinstance(running, Mapping) or any(
-                key not in _RUNNING or not isinstance(value, (int, float)) or isinstance(value, bool)
-                or not math.isfinite(value) for key, value in running.items()):
+            key not in _RUNNING
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            for key, value in running.items()
+        ):
             raise ValueError(f"Invalid observer state 'running': {running!r}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

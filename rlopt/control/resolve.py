@@ -1,24 +1,44 @@
 """The ``policy=`` argument of an optimizer, resolved to a :class:`~rlopt.policies.Policy` that fits
 its action set and observation layout."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, cast
 
 from ..policies import ConstantConfig, DQNConfig, Policy, PPOConfig, RandomConfig, load_policy, policy_class
-from ..policies.rules import (RULE_NAMES, AdaptiveSamConfig, SamEveryConfig, SamLateConfig, ScheduledRandomConfig,
-                              rule_from_name)
+from ..policies.rules import (
+    RULE_NAMES,
+    AdaptiveSamConfig,
+    SamEveryConfig,
+    SamLateConfig,
+    ScheduledRandomConfig,
+    rule_from_name,
+)
 
 __all__ = ["make_policy", "check_policy"]
 
-_CONFIGS = {DQNConfig: "dqn", PPOConfig: "ppo", RandomConfig: "random", ConstantConfig: "constant",
-            SamLateConfig: "sam-late", SamEveryConfig: "sam-every", ScheduledRandomConfig: "ss-sam",
-            AdaptiveSamConfig: "ae-sam"}
+_CONFIGS = {
+    DQNConfig: "dqn",
+    PPOConfig: "ppo",
+    RandomConfig: "random",
+    ConstantConfig: "constant",
+    SamLateConfig: "sam-late",
+    SamEveryConfig: "sam-every",
+    ScheduledRandomConfig: "ss-sam",
+    AdaptiveSamConfig: "ae-sam",
+}
 
 
-def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, Any], seed: int,
-                train: Optional[bool] = None,
-                layouts: Optional[Callable[[int], Dict[str, Any]]] = None) -> Policy:
+def make_policy(
+    spec: Any,
+    action_names: Sequence[str],
+    obs_layout: dict[str, Any],
+    seed: int,
+    train: Optional[bool] = None,
+    layouts: Optional[Callable[[int], dict[str, Any]]] = None,
+) -> Policy:
     """A name (``"ppo"``, ``"dqn"``, ``"random"``, ``"constant:<action>"``, a rule such as
     ``"sam-late"`` or ``"sam-every:4"`` (:mod:`rlopt.policies.rules`), a registered policy's name), a
     config, a :class:`Policy` or a checkpoint path; checked against the action set and
@@ -48,13 +68,13 @@ def make_policy(spec: Any, action_names: Sequence[str], obs_layout: Dict[str, An
     return policy
 
 
-def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layout: Dict[str, Any],
-               seed: int) -> Policy:
+def _from_name(name: str, action_names: tuple[str, ...], obs_dim: int, obs_layout: dict[str, Any], seed: int) -> Policy:
     if name in ("dqn", "ppo", "random"):
         return policy_class(name)(obs_dim, action_names, seed=seed, obs_layout=obs_layout)
     if name.startswith("constant:"):
-        return policy_class("constant")(obs_dim, action_names, ConstantConfig(name.split(":", 1)[1]),
-                                        seed=seed, obs_layout=obs_layout)
+        return policy_class("constant")(
+            obs_dim, action_names, ConstantConfig(name.split(":", 1)[1]), seed=seed, obs_layout=obs_layout
+        )
     rule = rule_from_name(name, obs_dim, action_names, obs_layout, seed)
     if rule is not None:
         return rule
@@ -69,23 +89,31 @@ def _from_name(name: str, action_names: Tuple[str, ...], obs_dim: int, obs_layou
             "or a config"
         )
     if pretrained_info(name).get("optimizer") == "learned":
-        raise ValueError(f"'{name}' is a learned update rule, not a decision policy: use "
-                         f"rlopt.LearnedOptimizer(params, policy='{name}')")
+        raise ValueError(
+            f"'{name}' is a learned update rule, not a decision policy: use "
+            f"rlopt.LearnedOptimizer(params, policy='{name}')"
+        )
     return cast(Policy, load_pretrained(name))  # a decision policy: a learned rule was refused above
 
 
-def check_policy(policy: Policy, action_names: Tuple[str, ...], obs_layout: Dict[str, Any]) -> None:
+def check_policy(policy: Policy, action_names: tuple[str, ...], obs_layout: dict[str, Any]) -> None:
     """Raise ``ValueError`` unless ``policy`` was made for these actions and this layout."""
     if tuple(policy.action_names) != tuple(action_names):
-        raise ValueError(f"The policy's action set {list(policy.action_names)} does not match this optimizer's "
-                         f"{list(action_names)}")
+        raise ValueError(
+            f"The policy's action set {list(policy.action_names)} does not match this optimizer's {list(action_names)}"
+        )
     if policy.obs_dim != len(obs_layout["names"]):
-        raise ValueError(f"The policy expects {policy.obs_dim} observation features, this optimizer makes "
-                         f"{len(obs_layout['names'])} (observation layout version {obs_layout['version']})")
+        raise ValueError(
+            f"The policy expects {policy.obs_dim} observation features, this optimizer makes "
+            f"{len(obs_layout['names'])} (observation layout version {obs_layout['version']})"
+        )
     if policy.obs_layout is None:
         policy.obs_layout = dict(obs_layout)
-    elif (policy.obs_layout.get("version") != obs_layout["version"]
-          or list(policy.obs_layout.get("names", [])) != list(obs_layout["names"])):
-        raise ValueError(f"The policy was trained on observation layout version {policy.obs_layout.get('version')} "
-                         f"{policy.obs_layout.get('names')}, this optimizer makes version {obs_layout['version']} "
-                         f"{obs_layout['names']}")
+    elif policy.obs_layout.get("version") != obs_layout["version"] or list(policy.obs_layout.get("names", [])) != list(
+        obs_layout["names"]
+    ):
+        raise ValueError(
+            f"The policy was trained on observation layout version {policy.obs_layout.get('version')} "
+            f"{policy.obs_layout.get('names')}, this optimizer makes version {obs_layout['version']} "
+            f"{obs_layout['names']}"
+        )

@@ -11,17 +11,20 @@ is 1 on a linear loss and grows with the curvature along the gradient: on a quad
 ``L = w'Aw / 2`` it is exactly ``1 + rho g'Ag / (2 |g|^3)``. Both functions here return a 0-dim
 tensor on the loss's device and never read it on the host, so they add no host sync.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 
 __all__ = ["sharpness_estimate", "measure_sharpness"]
 
 
-def sharpness_estimate(loss: torch.Tensor, perturbed_loss: torch.Tensor, rho: float,
-                       grad_norm: torch.Tensor) -> torch.Tensor:
+def sharpness_estimate(
+    loss: torch.Tensor, perturbed_loss: torch.Tensor, rho: float, grad_norm: torch.Tensor
+) -> torch.Tensor:
     """``(L(w + e) - L(w)) / (rho |g|)`` for SAM's step ``e = rho g / |g|``, on the device (NaN
     where ``rho |g|`` is 0)."""
     if not rho > 0:
@@ -34,8 +37,9 @@ def sharpness_estimate(loss: torch.Tensor, perturbed_loss: torch.Tensor, rho: fl
     return torch.where(denom > 0, diff / denom, torch.full_like(diff, float("nan")))
 
 
-def measure_sharpness(params: Iterable[torch.nn.Parameter], closure: Callable[[], Any],
-                      rho: float = 0.05) -> torch.Tensor:
+def measure_sharpness(
+    params: Iterable[torch.nn.Parameter], closure: Callable[[], Any], rho: float = 0.05
+) -> torch.Tensor:
     """Probe the sharpness at the current weights with two closure calls (the cost of a SAM step
     without its update): the loss and gradient at ``w``, the loss at ``w + rho g / |g|``. The
     weights are restored by copy (bit-exact) and the gradients are those of ``w``, as after one

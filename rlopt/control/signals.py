@@ -6,11 +6,13 @@ synchronisation, the training loss and how many steps were skipped for non-finit
 two successive gradients (cosine and mean sign agreement). :meth:`SignalTracker.read` reads
 everything back in one transfer; optimizers call it only at decisions.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, TypedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, TypedDict
 
 import torch
 
@@ -25,8 +27,10 @@ def _refuse_sparse(tensors: Sequence[torch.Tensor]) -> None:
     """Sparse gradients get a clear error before the step changes anything (checked only off the
     common path: the fused check kernel refuses them first)."""
     if any(t.layout != torch.strided for t in tensors):
-        raise RuntimeError("rlopt does not support sparse gradients (from nn.Embedding(sparse=True) or "
-                           "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
+        raise RuntimeError(
+            "rlopt does not support sparse gradients (from nn.Embedding(sparse=True) or "
+            "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False"
+        )
 
 
 class Summary(TypedDict):
@@ -78,18 +82,19 @@ class SignalTracker:
     DEFAULT_FOLD_EVERY = 128
     PROBE_ROWS = 16
     # attributes set outside __init__, or whose type the first assignment does not tell
-    _unfused: Set[Tuple[str, Optional[torch.dtype]]]
+    _unfused: set[tuple[str, Optional[torch.dtype]]]
     _win_loss: Sequence[torch.Tensor]
     _win_flag: Sequence[torch.Tensor]
-    _poll: Optional[List[Any]]
+    _poll: Optional[list[Any]]
     _host_current: Optional[bool]
-    _undo_probe: Optional[Tuple[int, Optional[torch.Tensor], Optional[tuple], int, Optional[torch.Tensor]]]
+    _undo_probe: Optional[tuple[int, Optional[torch.Tensor], Optional[tuple], int, Optional[torch.Tensor]]]
 
     def __init__(self, signal_every: int = 10, fold_every: Optional[int] = None):
         if isinstance(signal_every, bool) or not isinstance(signal_every, int) or signal_every < 1:
             raise ValueError(f"Invalid signal_every: {signal_every}")
-        if fold_every is not None and (isinstance(fold_every, bool) or not isinstance(fold_every, int)
-                                       or fold_every < 1):
+        if fold_every is not None and (
+            isinstance(fold_every, bool) or not isinstance(fold_every, int) or fold_every < 1
+        ):
             raise ValueError(f"Invalid fold_every: {fold_every}")
         self.signal_every = signal_every
         self._fold_arg = fold_every
@@ -107,7 +112,7 @@ class SignalTracker:
         self._snap_step = -2
         self._poll = None  # [pinned host tensor, event, copy in flight, folds copied] for lagged reads on CUDA
         self._folds = 0
-        self._host_run: Optional[List[int]] = None  # CPU: [current run, longest, window steps seen]
+        self._host_run: Optional[list[int]] = None  # CPU: [current run, longest, window steps seen]
         self._unfused = set()  # (device type, dtype) without GradScaler's kernel
         self.sharp: Optional[torch.Tensor] = None  # [sum, count] of SAM steps' sharpness estimates
         self._sharp_win: Optional[torch.Tensor] = None  # (2, W) float32: L(w + e), rho |g| (NaN: none)
@@ -142,9 +147,15 @@ class SignalTracker:
         self._row_views = [r.unbind() for r in rows] if rows is not None else []
 
     # -------------------------------------------------------------- steps
-    def begin(self, grads: List[torch.Tensor], loss: Any, device: torch.device,
-              loss_skips: bool = True, inv_scale: Optional[torch.Tensor] = None,
-              found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def begin(
+        self,
+        grads: list[torch.Tensor],
+        loss: Any,
+        device: torch.device,
+        loss_skips: bool = True,
+        inv_scale: Optional[torch.Tensor] = None,
+        found_inf: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Account a step's loss and check its gradients. Returns the step's flag: a float32
         scalar on ``device``, 1 when a gradient (or, with ``loss_skips``, the loss) is not finite
         (the step is to be skipped), else 0; usable as a fused optimizer's ``found_inf``. A
@@ -158,12 +169,13 @@ class SignalTracker:
             self._allocate(device)
         j = self._pending
         flag = self._win_flag[j]
-        checked_loss: List[torch.Tensor] = []  # the loss slot, checked with the gradients
+        checked_loss: list[torch.Tensor] = []  # the loss slot, checked with the gradients
         if isinstance(loss, torch.Tensor) and (loss.dim() == 0 or loss.numel() > 0) and not loss.is_complex():
             slot = self._win_loss[j]
             # a scalar as it is; an unreduced loss (one value per sample) by its mean
-            slot.copy_(loss if loss.dim() == 0 else loss.reshape(()) if loss.numel() == 1
-                       else loss.detach().float().mean())
+            slot.copy_(
+                loss if loss.dim() == 0 else loss.reshape(()) if loss.numel() == 1 else loss.detach().float().mean()
+            )
             if loss_skips:
                 checked_loss = [slot]
         elif not isinstance(loss, numbers.Real) or isinstance(loss, bool):
@@ -188,8 +200,9 @@ class SignalTracker:
             torch.maximum(flag, found_inf.to(flag.device, flag.dtype).reshape(()), out=flag)
         return flag
 
-    def check(self, tensors: Sequence[torch.Tensor], flag: torch.Tensor,
-              inv_scale: Optional[torch.Tensor] = None) -> None:
+    def check(
+        self, tensors: Sequence[torch.Tensor], flag: torch.Tensor, inv_scale: Optional[torch.Tensor] = None
+    ) -> None:
         """Set ``flag`` to 1 if any of ``tensors`` holds a non-finite value (one fused kernel per
         device and dtype; the tensors are left as they are, or multiplied by ``inv_scale`` in
         place when given). The flag stays 0 or 1: fused optimizers skip a step only for
@@ -211,7 +224,7 @@ class SignalTracker:
                 self._unfused.add((dev.type, None))
         else:
             _refuse_sparse(tensors)
-        by: Dict[Any, List[torch.Tensor]] = {}
+        by: dict[Any, list[torch.Tensor]] = {}
         for t in tensors:
             by.setdefault((t.device, t.dtype), []).append(t)
         for group in by.values():
@@ -222,7 +235,7 @@ class SignalTracker:
                 try:  # multiplies by one (exact) or inv_scale, and sets target to 1 on inf or NaN
                     non_finite_check_(group, target, one.to(dev), unscale=unscale)
                 except (NotImplementedError, RuntimeError):  # no kernel for this device or dtype (torch 2.4
-                    self._unfused.add(key)                   # raises RuntimeError for complex): norms instead
+                    self._unfused.add(key)  # raises RuntimeError for complex): norms instead
             if key in self._unfused:
                 non_finite_check_(group, target, one.to(dev), fused=False, unscale=unscale)
             if target is not flag:
@@ -248,8 +261,13 @@ class SignalTracker:
         if self._nrows == len(self._row_views):
             self._fold_rows()
         # what cancel() needs to take this sample back (the step may still raise before its update)
-        self._undo_probe = (self._nrows, self._snap, self._snap_ids, self._snap_step,
-                            self._snap_stats.clone() if sample else None)
+        self._undo_probe = (
+            self._nrows,
+            self._snap,
+            self._snap_ids,
+            self._snap_step,
+            self._snap_stats.clone() if sample else None,
+        )
         row = self._row_views[self._nrows]
         self._nrows += 1
         flat = self._flat(params, ids)
@@ -260,13 +278,13 @@ class SignalTracker:
             signs = torch.sign(flat) if sample else flat.sign_()  # (flat is scratch unless it is kept)
             torch.mean(signs.mul_(torch.sign(prev)), 0, out=row[self._C_SIGN])
             row[self._C_FLAG].copy_(flag)
-            self._rows[self._nrows - 1, self._C_PNORM:].copy_(self._snap_stats)
+            self._rows[self._nrows - 1, self._C_PNORM :].copy_(self._snap_stats)
             self._snap = None
         if sample:
             stats = self._snap_stats
             torch.linalg.vector_norm(flat, out=stats[0])
             stats[1].copy_(flag)
-            self._rows[self._nrows - 1, self._S_NORM:self._S_FLAG + 1].copy_(stats)
+            self._rows[self._nrows - 1, self._S_NORM : self._S_FLAG + 1].copy_(stats)
             self._snap, self._snap_ids, self._snap_step = flat, ids, self.steps
 
     def add_sharpness(self, perturbed_loss: Any, first_order: torch.Tensor) -> None:
@@ -285,12 +303,19 @@ class SignalTracker:
             if perturbed_loss is None:
                 return
         if self._sharp_win is None:
-            self._sharp_win = torch.full((2, self._win.shape[1]), math.nan, dtype=torch.float32, device=self._win.device)
+            self._sharp_win = torch.full(
+                (2, self._win.shape[1]), math.nan, dtype=torch.float32, device=self._win.device
+            )
             self.sharp = torch.zeros(2, dtype=self.acc.dtype, device=self.acc.device)
         device = self._sharp_win.device
-        self._sharp_win[:, self._pending].copy_(torch.stack([
-            perturbed_loss.detach().reshape(()).to(device, torch.float32),
-            first_order.detach().reshape(()).to(device, torch.float32)]))
+        self._sharp_win[:, self._pending].copy_(
+            torch.stack(
+                [
+                    perturbed_loss.detach().reshape(()).to(device, torch.float32),
+                    first_order.detach().reshape(()).to(device, torch.float32),
+                ]
+            )
+        )
 
     def cancel(self) -> None:
         """Forget the step begun with :meth:`begin` (it raised before its update). A gradient
@@ -299,7 +324,7 @@ class SignalTracker:
         undo, self._undo_probe = self.__dict__.get("_undo_probe"), None
         if undo is not None:
             nrows, self._snap, self._snap_ids, self._snap_step, stats = undo
-            self._rows[nrows:self._nrows].fill_(math.nan)
+            self._rows[nrows : self._nrows].fill_(math.nan)
             self._nrows = nrows
             if stats is not None:
                 self._snap_stats.copy_(stats)
@@ -335,13 +360,15 @@ class SignalTracker:
             counted = (flag == 0) & loss.isfinite()  # NaN: no loss given
             sums = torch.stack([torch.where(counted, loss, 0.0), counted, flag]).to(dtype)  # one batch of sums
             bad = sums[2]
-            self.acc[:self._SKIPPED + 1] += sums.sum(1)
+            self.acc[: self._SKIPPED + 1] += sums.sum(1)
             # run at each step: bad steps since the last good one, plus the carried run if none yet
             count = bad.cumsum(0)
             last_good = torch.where(bad == 0, count, 0.0).cummax(0).values
             runs = count - last_good + self.run[0] * (count == self._steps_idx[:n]).to(dtype)
             self.run.copy_(torch.stack([runs[-1], torch.maximum(self.run[1], runs.max())]))
-            if self._sharp_win is not None and self.sharp is not None:  # sharpness of the SAM steps not skipped (NaN elsewhere)
+            if (
+                self._sharp_win is not None and self.sharp is not None
+            ):  # sharpness of the SAM steps not skipped (NaN elsewhere)
                 est = (self._sharp_win[0, :n] - loss) / self._sharp_win[1, :n]
                 ok = (flag == 0) & est.isfinite()
                 self.sharp += torch.stack([torch.where(ok, est, 0.0).to(dtype).sum(), ok.to(dtype).sum()])
@@ -362,9 +389,15 @@ class SignalTracker:
             ok = (gf == 0) & gn.isfinite()  # a finite sample of a step that was not skipped
             valid = (cf == 0) & (pf == 0) & (cn > 0) & (pn > 0) & cn.isfinite() & pn.isfinite()
             cos = torch.where(valid, dot / (cn * pn).clamp_min(1e-30), 0.0)
-            self.acc[self._GNORM:] += torch.stack([
-                torch.where(ok, gn, 0.0).sum(), ok.to(dtype).sum(), cos.sum(),
-                torch.where(valid, sign, 0.0).sum(), valid.to(dtype).sum()])
+            self.acc[self._GNORM :] += torch.stack(
+                [
+                    torch.where(ok, gn, 0.0).sum(),
+                    ok.to(dtype).sum(),
+                    cos.sum(),
+                    torch.where(valid, sign, 0.0).sum(),
+                    valid.to(dtype).sum(),
+                ]
+            )
             self._rows[:k].fill_(math.nan)
         self._nrows = 0
 
@@ -397,7 +430,7 @@ class SignalTracker:
             self.acc.zero_()
             self.run[1] = self.run[0]
             if self._nrows:  # (read() added them on the host)
-                self._rows[:self._nrows].fill_(math.nan)
+                self._rows[: self._nrows].fill_(math.nan)
                 self._nrows = 0
             if self.sharp is not None:
                 self.sharp.zero_()
@@ -417,8 +450,15 @@ class SignalTracker:
         (a few, sampled since the last fold of rows) come back in the same transfer and are
         added on the host, as :meth:`_fold_rows` would add them on the device."""
         if self.acc is None:
-            return {"loss": math.nan, "grad_norm": math.nan, "grad_cosine": math.nan,
-                    "grad_sign_agreement": math.nan, "skipped": 0, "longest_skip_run": 0, "sharpness": math.nan}
+            return {
+                "loss": math.nan,
+                "grad_norm": math.nan,
+                "grad_cosine": math.nan,
+                "grad_sign_agreement": math.nan,
+                "skipped": 0,
+                "longest_skip_run": 0,
+                "sharpness": math.nan,
+            }
         self._fold()
         k = self._nrows
         parts = [self.acc, self.run] + ([self.sharp] if self.sharp is not None else [])
@@ -428,7 +468,7 @@ class SignalTracker:
         fixed = 12 if self.sharp is not None else 10
         v, rows = v[:fixed], v[fixed:]
         for r in range(k):  # _fold_rows' arithmetic, in float64 on the host
-            gn, gf, cn, dot, sign, cf, pn, pf = rows[8 * r:8 * r + 8]
+            gn, gf, cn, dot, sign, cf, pn, pf = rows[8 * r : 8 * r + 8]
             if gf == 0 and math.isfinite(gn):  # a finite sample of a step that was not skipped
                 v[self._GNORM] += gn
                 v[self._GNORM_N] += 1
@@ -498,35 +538,54 @@ class SignalTracker:
         return value
 
     # -------------------------------------------------------------- state
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         pending = self._snap is not None and self._snap_step == self.steps - 1
         allocated = self.acc is not None
         return {
-            "version": self.STATE_VERSION, "signal_every": self.signal_every, "fold_every": self._fold_arg,
-            "steps": self.steps, "window": self._win[:, :self._pending].clone() if allocated else None,
+            "version": self.STATE_VERSION,
+            "signal_every": self.signal_every,
+            "fold_every": self._fold_arg,
+            "steps": self.steps,
+            "window": self._win[:, : self._pending].clone() if allocated else None,
             "acc": self.acc.clone() if allocated else None,
             "run": self.run.clone() if allocated else None,
-            "probe_rows": self._rows[:self._nrows].clone() if allocated else None,
+            "probe_rows": self._rows[: self._nrows].clone() if allocated else None,
             "snapshot": self._snap.clone() if pending else None,
             "snapshot_stats": self._snap_stats.clone() if pending else None,
             "snapshot_ids": list(self._snap_ids) if pending else None,
             # only once a SAM step was taken (absent before, and in older checkpoints)
-            **({"sharpness": {"sums": self.sharp.clone(), "window": self._sharp_win[:, :self._pending].clone()}}
-               if self.sharp is not None else {}),
+            **(
+                {"sharpness": {"sums": self.sharp.clone(), "window": self._sharp_win[:, : self._pending].clone()}}
+                if self.sharp is not None
+                else {}
+            ),
         }
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state``. Changes nothing."""
         if not isinstance(state, Mapping):
             raise ValueError(f"The signal tracker state must be a dict, got {type(state).__name__}")
-        keys = ("version", "signal_every", "fold_every", "steps", "window", "acc", "run", "probe_rows",
-                "snapshot", "snapshot_stats", "snapshot_ids")
+        keys = (
+            "version",
+            "signal_every",
+            "fold_every",
+            "steps",
+            "window",
+            "acc",
+            "run",
+            "probe_rows",
+            "snapshot",
+            "snapshot_stats",
+            "snapshot_ids",
+        )
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"The signal tracker state lacks {missing}")
         if state["version"] != self.STATE_VERSION:
-            raise ValueError(f"The signal tracker state is of version {state['version']!r}; this rlopt reads "
-                             f"version {self.STATE_VERSION}")
+            raise ValueError(
+                f"The signal tracker state is of version {state['version']!r}; this rlopt reads "
+                f"version {self.STATE_VERSION}"
+            )
         for key in ("signal_every", "steps"):
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (key == "signal_every"):
@@ -548,17 +607,28 @@ class SignalTracker:
         sharp = state.get("sharpness")
         if sharp is not None:
             sums, win = (sharp.get("sums"), sharp.get("window")) if isinstance(sharp, Mapping) else (None, None)
-            if not (isinstance(sums, torch.Tensor) and tuple(sums.shape) == (2,) and isinstance(win, torch.Tensor)
-                    and tuple(win.shape) == (2, window.shape[1])):
-                raise ValueError("The signal tracker's 'sharpness' must hold 'sums' of shape (2,) and a 'window' "
-                                 "of shape (2, n) as long as 'window'")
+            if not (
+                isinstance(sums, torch.Tensor)
+                and tuple(sums.shape) == (2,)
+                and isinstance(win, torch.Tensor)
+                and tuple(win.shape) == (2, window.shape[1])
+            ):
+                raise ValueError(
+                    "The signal tracker's 'sharpness' must hold 'sums' of shape (2,) and a 'window' "
+                    "of shape (2, n) as long as 'window'"
+                )
         if state["snapshot"] is not None:
             snap, stats, ids = state["snapshot"], state["snapshot_stats"], state["snapshot_ids"]
-            if not (isinstance(snap, torch.Tensor) and snap.dim() == 1 and isinstance(stats, torch.Tensor)
-                    and tuple(stats.shape) == (2,) and isinstance(ids, (list, tuple))):
+            if not (
+                isinstance(snap, torch.Tensor)
+                and snap.dim() == 1
+                and isinstance(stats, torch.Tensor)
+                and tuple(stats.shape) == (2,)
+                and isinstance(ids, (list, tuple))
+            ):
                 raise ValueError("The signal tracker's gradient snapshot is malformed")
 
-    def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.check_state(state)
         self.steps = int(state["steps"])
         self.signal_every = int(state["signal_every"])
@@ -577,16 +647,16 @@ class SignalTracker:
         self.run.copy_(state["run"])
         window, rows = state["window"], state["probe_rows"]
         self._make_window(device, width=window.shape[1])
-        self._win[:, :window.shape[1]] = window.to(device)
+        self._win[:, : window.shape[1]] = window.to(device)
         self._pending = window.shape[1]
         self._make_rows(device, count=rows.shape[0])
-        self._rows[:rows.shape[0]] = rows.to(device)
+        self._rows[: rows.shape[0]] = rows.to(device)
         self._nrows = rows.shape[0]
         sharp = state.get("sharpness")
         if sharp is not None:
             self.sharp = sharp["sums"].to(device, self.acc.dtype).clone()
             self._sharp_win = torch.full((2, self._win.shape[1]), math.nan, dtype=torch.float32, device=device)
-            self._sharp_win[:, :window.shape[1]] = sharp["window"].to(device)
+            self._sharp_win[:, : window.shape[1]] = sharp["window"].to(device)
         if self._pending >= self.fold_every:
             self._fold()
         if state["snapshot"] is not None:
@@ -595,7 +665,7 @@ class SignalTracker:
             self._snap_ids = tuple(state["snapshot_ids"])
             self._snap_step = self.steps - 1
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """What :meth:`restore` needs to undo the steps and reads that follow (a few small
         tensor copies; taken only at decisions)."""
         snap = {k: v for k, v in self.__dict__.items() if k not in self._VIEWS}
@@ -606,13 +676,13 @@ class SignalTracker:
         snap["_unfused"] = set(self._unfused)
         return snap
 
-    def restore(self, snap: Dict[str, Any]) -> None:
+    def restore(self, snap: dict[str, Any]) -> None:
         self.__dict__.update(snap)
         self._make_views()
 
     _VIEWS = ("_win_loss", "_win_flag", "_row_views")
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_poll"] = None  # CUDA events do not pickle; the next poll starts a new copy
         state.pop("_flat_bufs", None)  # scratch, made again at the next sample
@@ -620,7 +690,7 @@ class SignalTracker:
             state.pop(name, None)
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("sharp", None)  # (pickled before the sharpness signal existed)
         state.setdefault("_sharp_win", None)
         self.__dict__.update(state)

@@ -20,25 +20,40 @@ never wrong), and ``tests/test_torch_compat.py`` runs both paths:
   model's fused SGD step on the host). It runs only where the result is the same by
   construction; otherwise, or without that kernel: ``SGD.step`` itself.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Literal, Optional
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["fused_devices", "raw_step", "fused_sgd_step", "hooks_silenced", "non_finite_check_", "copy_into", "flatten", "user_stacklevel"]
+__all__ = [
+    "fused_devices",
+    "raw_step",
+    "fused_sgd_step",
+    "hooks_silenced",
+    "non_finite_check_",
+    "copy_into",
+    "flatten",
+    "user_stacklevel",
+]
 
-_HOOK_DICTS = ("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-               "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+_HOOK_DICTS = (
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
-def fused_devices() -> Tuple[str, ...]:
+def fused_devices() -> tuple[str, ...]:
     """Device types with fused optimizer kernels in this torch."""
     try:
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
@@ -52,8 +67,12 @@ def raw_step(opt: Optimizer) -> None:
     full call where ``step`` is not wrapped, is patched on the instance or has hooks of its own."""
     step = type(opt).step
     raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    if raw is None or "step" in opt.__dict__ or getattr(opt, "_optimizer_step_pre_hooks", None) or \
-            getattr(opt, "_optimizer_step_post_hooks", None):
+    if (
+        raw is None
+        or "step" in opt.__dict__
+        or getattr(opt, "_optimizer_step_pre_hooks", None)
+        or getattr(opt, "_optimizer_step_post_hooks", None)
+    ):
         opt.step()
     else:
         raw(opt)
@@ -77,7 +96,7 @@ def _is_torch_sgd_step(step: Any) -> bool:
     return False
 
 
-def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor, grads: Optional[List[torch.Tensor]] = None) -> bool:
+def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor, grads: Optional[list[torch.Tensor]] = None) -> bool:
     """Run ``opt``'s step with ``found_inf`` as ``SGD(fused=True).step`` does, with the same
     kernel and the same arguments, so the result is bit-identical; returns False, having done
     nothing, where that is not certain: not a plain fused ``torch.optim.SGD``, a step patched (on
@@ -93,16 +112,29 @@ def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor, grads: Optional[List
     made again whenever ``opt.state`` is another dict or holds another number of entries, or the
     groups or their parameters change; the buffers themselves are read from the entries at
     every call."""
-    if _FUSED_SGD is None or type(opt) is not torch.optim.SGD or not _is_torch_sgd_step(type(opt).step) \
-            or (_CHECKS_AT_FIRST_STEP and opt.__dict__.get("_need_device_dtype_check_for_fused", True)) \
-            or "step" in opt.__dict__ \
-            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _compiling():
+    if (
+        _FUSED_SGD is None
+        or type(opt) is not torch.optim.SGD
+        or not _is_torch_sgd_step(type(opt).step)
+        or (_CHECKS_AT_FIRST_STEP and opt.__dict__.get("_need_device_dtype_check_for_fused", True))
+        or "step" in opt.__dict__
+        or opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or _compiling()
+    ):
         return False
     state, groups = opt.state, opt.param_groups
     plan = opt.__dict__.get("_rlopt_sgd_plan")
-    if plan is None or plan[0] is not state or plan[1] != len(state) or len(plan[2]) != len(groups) \
-            or any(params is not g["params"] or n != len(params) or (n and params[0].dtype is not dtype)
-                   for (params, n, dtype, _), g in zip(plan[2], groups)):
+    if (
+        plan is None
+        or plan[0] is not state
+        or plan[1] != len(state)
+        or len(plan[2]) != len(groups)
+        or any(
+            params is not g["params"] or n != len(params) or (n and params[0].dtype is not dtype)
+            for (params, n, dtype, _), g in zip(plan[2], groups)
+        )
+    ):
         plan = _sgd_plan(opt, found_inf)
         if plan is None:
             return False
@@ -126,9 +158,20 @@ def fused_sgd_step(opt: Optimizer, found_inf: torch.Tensor, grads: Optional[List
             bufs = []
         calls.append((params, grads, bufs, group))
     for params, grads, bufs, group in calls:
-        _FUSED_SGD(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                   lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                   maximize=group["maximize"], is_first_step=False, grad_scale=None, found_inf=found_inf)
+        _FUSED_SGD(
+            params,
+            grads,
+            bufs,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            is_first_step=False,
+            grad_scale=None,
+            found_inf=found_inf,
+        )
     return True
 
 
@@ -158,9 +201,9 @@ class hooks_silenced:
 
     def __init__(self, opt: Optimizer):
         self.opt = opt
-        self.saved: Dict[str, object] = {}
+        self.saved: dict[str, object] = {}
 
-    def __enter__(self) -> "hooks_silenced":
+    def __enter__(self) -> hooks_silenced:
         for name in _HOOK_DICTS:
             hooks = self.opt.__dict__.get(name)
             if hooks is not None:
@@ -177,8 +220,9 @@ class hooks_silenced:
 _AMP_CHECK = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
 
 
-def non_finite_check_(tensors: List[torch.Tensor], flag: torch.Tensor, scale: torch.Tensor,
-                      fused: bool = True, unscale: bool = False) -> None:
+def non_finite_check_(
+    tensors: list[torch.Tensor], flag: torch.Tensor, scale: torch.Tensor, fused: bool = True, unscale: bool = False
+) -> None:
     """Set ``flag`` (a float32 0-dim tensor on the tensors' device) to 1 when any tensor holds a
     non-finite value; with ``unscale``, also multiply the tensors by ``scale`` in place (``scale``
     is then GradScaler's inverse scale; otherwise a tensor holding 1).
@@ -200,7 +244,7 @@ def non_finite_check_(tensors: List[torch.Tensor], flag: torch.Tensor, scale: to
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 
-def copy_into(dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
+def copy_into(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     """``dst.copy_(src)`` for each pair (any dtypes and devices), in one foreach call where this
     torch has one."""
     if _FOREACH_COPY is not None:

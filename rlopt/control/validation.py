@@ -4,6 +4,7 @@ Numbers are accepted as torch accepts them: Python and NumPy scalars, and (where
 one, as for the learning rate) a one-element tensor. Booleans are never numbers here, and a
 string that ``float()`` would parse is not one either.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,18 @@ from typing import Any, Literal, Optional, overload
 
 import torch
 
-__all__ = ["is_real", "check_lr", "check_momentum", "check_weight_decay", "check_betas", "check_nonneg",
-           "check_count", "check_seed", "check_bool", "check_group_hparams"]
+__all__ = [
+    "is_real",
+    "check_lr",
+    "check_momentum",
+    "check_weight_decay",
+    "check_betas",
+    "check_nonneg",
+    "check_count",
+    "check_seed",
+    "check_bool",
+    "check_group_hparams",
+]
 
 
 def is_real(value: Any) -> bool:
@@ -98,7 +109,7 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     seed = int(seed)
-    if not -2 ** 63 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"Invalid seed: {seed} (torch seeds are 64-bit)")
     return seed
 

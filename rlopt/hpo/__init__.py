@@ -7,6 +7,7 @@
 The agents need only numpy and torch; the sampler is imported lazily so that the agents work
 without Optuna installed.
 """
+
 from .base import Observation
 from .qlearning import QLearningAgent
 from .reinforce import ReinforceAgent

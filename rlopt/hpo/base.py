@@ -6,9 +6,11 @@ made by ``init_state(sizes, seed)``, advanced by ``observe(state, obs)`` once pe
 observations is a pure function of those observations and the seed: a caller (the Optuna sampler)
 can rebuild it from a study's storage at any time, and a rerun replays it identically.
 """
+
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,7 +28,7 @@ class Observation(NamedTuple):
     """
 
     number: int
-    index: Tuple[int, ...]  # type: ignore[assignment]  # a field named as tuple.index, by design
+    index: tuple[int, ...]  # type: ignore[assignment]  # a field named as tuple.index, by design
     reward: float
 
 
@@ -48,7 +50,7 @@ def check_reward_transform(kind: str) -> None:
         raise ValueError(f"Invalid reward transform: {kind!r} (expected one of {REWARD_TRANSFORMS})")
 
 
-def check_sizes(sizes: Sequence[int]) -> List[int]:
+def check_sizes(sizes: Sequence[int]) -> list[int]:
     sizes = [int(s) for s in sizes]
     if len(sizes) == 0 or any(s < 1 for s in sizes):
         raise ValueError(f"Invalid grid sizes: {sizes} (expected at least one dimension, each of size >= 1)")

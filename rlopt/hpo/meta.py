@@ -14,11 +14,13 @@ Pretrained policies ship with the package (``list_pretrained()``); ``pretrained_
 returns a :class:`ReinforceAgent` that starts from one. A pretrained policy only fits a search space
 with the same grid (the same parameter names, in sorted order, with the same number of values).
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +32,17 @@ __all__ = ["meta_train", "pretrained_agent", "list_pretrained"]
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 
 
-def meta_train(tables: Sequence[np.ndarray], *, policy: str = "mlp", hidden: int = 64, iterations: int = 300,
-               batch: int = 64, lr: float = 0.01, entropy: float = 0.0, seed: int = 0) -> Dict[str, torch.Tensor]:
+def meta_train(
+    tables: Sequence[np.ndarray],
+    *,
+    policy: str = "mlp",
+    hidden: int = 64,
+    iterations: int = 300,
+    batch: int = 64,
+    lr: float = 0.01,
+    entropy: float = 0.0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Train a policy across ``tables`` (each an array over the same grid, lower is better); returns
     its ``state_dict``."""
     if len(tables) == 0:
@@ -76,7 +87,7 @@ def policy_is_factored(net: SearchPolicy) -> bool:
     return isinstance(net, POLICIES["mlp"])
 
 
-def list_pretrained() -> Dict[str, str]:
+def list_pretrained() -> dict[str, str]:
     """Names of the pretrained search policies shipped with rlopt, with a description each."""
     return {k: v["description"] for k, v in _index().items()}
 

@@ -21,11 +21,13 @@ Several walkers (``n_walkers``) search side by side, trial ``n`` belonging to wa
 uniformly random configuration. Observations that are not a single move from the walker's
 configuration (another sampler's trial, an enqueued one) update no Q-value but do move the walker.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 
@@ -40,10 +42,10 @@ VARIANCE_EFFECTS = {"speeds": 1.0, "slows": -1.0}
 class QLearningState:
     """Everything a :class:`QLearningAgent` has learnt (made by ``init_state``)."""
 
-    sizes: List[int]
-    q: Dict[Tuple[int, ...], np.ndarray] = field(default_factory=dict)
-    walkers: List[Optional[Tuple[int, ...]]] = field(default_factory=list)
-    rewards: List[float] = field(default_factory=list)
+    sizes: list[int]
+    q: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
+    walkers: list[Optional[tuple[int, ...]]] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
     t: int = 0
 
 
@@ -71,16 +73,28 @@ class QLearningAgent:
         2
     """
 
-    def __init__(self, *, alpha: float = 0.1, gamma: float = 0.9, eps_max: float = 1.0, eps_min: float = 0.05,
-                 k0: float = 0.05, lam: float = 1.0, variance_effect: str = "speeds", n_walkers: int = 1,
-                 step: int = 1, reward: str = "raw"):
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.1,
+        gamma: float = 0.9,
+        eps_max: float = 1.0,
+        eps_min: float = 0.05,
+        k0: float = 0.05,
+        lam: float = 1.0,
+        variance_effect: str = "speeds",
+        n_walkers: int = 1,
+        step: int = 1,
+        reward: str = "raw",
+    ):
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"Invalid alpha: {alpha}")
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"Invalid gamma: {gamma}")
         if not (0.0 <= eps_min <= eps_max <= 1.0):
-            raise ValueError(f"Invalid epsilon range: eps_min={eps_min}, eps_max={eps_max} "
-                             "(expected 0 <= eps_min <= eps_max <= 1)")
+            raise ValueError(
+                f"Invalid epsilon range: eps_min={eps_min}, eps_max={eps_max} (expected 0 <= eps_min <= eps_max <= 1)"
+            )
         if not 0.0 <= k0 < math.inf:
             raise ValueError(f"Invalid k0: {k0}")
         if not 0.0 <= lam < math.inf:
@@ -98,20 +112,22 @@ class QLearningAgent:
         self.n_walkers, self.step, self.reward = n_walkers, step, reward
 
     def __repr__(self) -> str:
-        return (f"QLearningAgent(alpha={self.alpha}, gamma={self.gamma}, eps_max={self.eps_max}, "
-                f"eps_min={self.eps_min}, k0={self.k0}, lam={self.lam}, variance_effect='{self.variance_effect}', "
-                f"n_walkers={self.n_walkers}, step={self.step}, reward='{self.reward}')")
+        return (
+            f"QLearningAgent(alpha={self.alpha}, gamma={self.gamma}, eps_max={self.eps_max}, "
+            f"eps_min={self.eps_min}, k0={self.k0}, lam={self.lam}, variance_effect='{self.variance_effect}', "
+            f"n_walkers={self.n_walkers}, step={self.step}, reward='{self.reward}')"
+        )
 
     # ---- state -------------------------------------------------------------------------------
     def init_state(self, sizes: Sequence[int], seed: Optional[int] = None) -> QLearningState:
         return QLearningState(sizes=check_sizes(sizes), walkers=[None] * self.n_walkers)
 
-    def _q(self, state: QLearningState, s: Tuple[int, ...]) -> np.ndarray:
+    def _q(self, state: QLearningState, s: tuple[int, ...]) -> np.ndarray:
         if s not in state.q:
             state.q[s] = np.zeros(2 * len(state.sizes))
         return state.q[s]
 
-    def valid_actions(self, state: QLearningState, s: Tuple[int, ...]) -> np.ndarray:
+    def valid_actions(self, state: QLearningState, s: tuple[int, ...]) -> np.ndarray:
         """Indices ``2 * dim + (0 down | 1 up)`` of the moves that stay on the grid."""
         acts = []
         for d, (i, n) in enumerate(zip(s, state.sizes)):
@@ -121,13 +137,13 @@ class QLearningAgent:
                 acts.append(2 * d + 1)
         return np.asarray(acts, dtype=np.int64)
 
-    def move(self, s: Tuple[int, ...], a: int) -> Tuple[int, ...]:
+    def move(self, s: tuple[int, ...], a: int) -> tuple[int, ...]:
         d, up = divmod(int(a), 2)
         out = list(s)
         out[d] += self.step if up else -self.step
         return tuple(out)
 
-    def action_between(self, s: Tuple[int, ...], s_next: Tuple[int, ...]) -> Optional[int]:
+    def action_between(self, s: tuple[int, ...], s_next: tuple[int, ...]) -> Optional[int]:
         """The move taking ``s`` to ``s_next``, or None when it is not a single move."""
         diff = [(d, b - a) for d, (a, b) in enumerate(zip(s, s_next)) if a != b]
         if len(diff) != 1 or abs(diff[0][1]) != self.step:
@@ -135,7 +151,7 @@ class QLearningAgent:
         d, delta = diff[0]
         return 2 * d + (1 if delta > 0 else 0)
 
-    def epsilon(self, state: QLearningState, s: Tuple[int, ...]) -> float:
+    def epsilon(self, state: QLearningState, s: tuple[int, ...]) -> float:
         acts = self.valid_actions(state, s)
         var = float(np.var(self._q(state, s)[acts])) if len(acts) else 0.0
         k = max(0.0, self.k0 + VARIANCE_EFFECTS[self.variance_effect] * self.lam * var)
@@ -157,7 +173,7 @@ class QLearningAgent:
         state.walkers[w] = s_next
         state.t += 1
 
-    def propose(self, state: QLearningState, number: int, rng: np.random.Generator) -> Tuple[int, ...]:
+    def propose(self, state: QLearningState, number: int, rng: np.random.Generator) -> tuple[int, ...]:
         s = state.walkers[number % self.n_walkers]
         if s is None:
             return tuple(int(rng.integers(n)) for n in state.sizes)

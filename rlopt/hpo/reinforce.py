@@ -20,11 +20,13 @@ gradient, a reward baseline, and a policy initialised from the seed (``torch`` g
 Trials the policy did not propose (enqueued ones, another sampler's) are used as if it had: the
 gradient is then off-policy for them.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -49,11 +51,11 @@ class FactoredPolicy(nn.Module):
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         """``actions`` (B, D) long -> per-choice log-probabilities (B, D)."""
         h = self.body(torch.ones(actions.shape[0], 1))
-        cols = [torch.log_softmax(head(h), -1).gather(1, actions[:, j:j + 1]) for j, head in enumerate(self.heads)]
+        cols = [torch.log_softmax(head(h), -1).gather(1, actions[:, j : j + 1]) for j, head in enumerate(self.heads)]
         return torch.cat(cols, 1)
 
     @torch.no_grad()
-    def sample(self, rng: np.random.Generator) -> Tuple[int, ...]:
+    def sample(self, rng: np.random.Generator) -> tuple[int, ...]:
         h = self.body(torch.ones(1, 1))
         return tuple(_draw(torch.softmax(head(h), -1)[0], rng) for head in self.heads)
 
@@ -83,12 +85,12 @@ class AutoregressivePolicy(nn.Module):
         prev, cols = None, []
         for j, head in enumerate(self.heads):
             h = self.cell(self._inputs(prev, b), h)
-            cols.append(torch.log_softmax(head(h), -1).gather(1, actions[:, j:j + 1]))
+            cols.append(torch.log_softmax(head(h), -1).gather(1, actions[:, j : j + 1]))
             prev = actions[:, j]
         return torch.cat(cols, 1)
 
     @torch.no_grad()
-    def sample(self, rng: np.random.Generator) -> Tuple[int, ...]:
+    def sample(self, rng: np.random.Generator) -> tuple[int, ...]:
         h = torch.zeros(1, self.hidden)
         prev, out = None, []
         for head in self.heads:
@@ -112,7 +114,7 @@ def _draw(p: torch.Tensor, rng: np.random.Generator) -> int:
 
 
 SearchPolicy = Union[FactoredPolicy, AutoregressivePolicy]
-POLICIES: Dict[str, Type[SearchPolicy]] = {"mlp": FactoredPolicy, "rnn": AutoregressivePolicy}
+POLICIES: dict[str, type[SearchPolicy]] = {"mlp": FactoredPolicy, "rnn": AutoregressivePolicy}
 
 
 @dataclass
@@ -122,8 +124,8 @@ class ReinforceState:
     policy: SearchPolicy
     optimizer: torch.optim.Optimizer
     baseline: Optional[float] = None
-    pending: List[Tuple[Tuple[int, ...], float]] = field(default_factory=list)
-    rewards: List[float] = field(default_factory=list)
+    pending: list[tuple[tuple[int, ...], float]] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
     updates: int = 0
     last_loss: float = float("nan")
 
@@ -152,9 +154,20 @@ class ReinforceAgent:
         1
     """
 
-    def __init__(self, *, policy: str = "mlp", hidden: int = 64, lr: float = 1e-3, batch_size: int = 16,
-                 gamma: float = 1.0, baseline: str = "ema", beta: float = 0.9, reward: str = "raw",
-                 entropy: float = 0.0, init: Optional[dict] = None):
+    def __init__(
+        self,
+        *,
+        policy: str = "mlp",
+        hidden: int = 64,
+        lr: float = 1e-3,
+        batch_size: int = 16,
+        gamma: float = 1.0,
+        baseline: str = "ema",
+        beta: float = 0.9,
+        reward: str = "raw",
+        entropy: float = 0.0,
+        init: Optional[dict] = None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"Invalid policy: {policy!r} (expected one of {sorted(POLICIES)})")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
@@ -177,21 +190,25 @@ class ReinforceAgent:
         self.entropy, self.init = float(entropy), init
 
     def __repr__(self) -> str:
-        return (f"ReinforceAgent(policy='{self.policy}', hidden={self.hidden}, lr={self.lr}, "
-                f"batch_size={self.batch_size}, gamma={self.gamma}, baseline='{self.baseline}', beta={self.beta}, "
-                f"reward='{self.reward}', entropy={self.entropy}, init={'given' if self.init else None})")
+        return (
+            f"ReinforceAgent(policy='{self.policy}', hidden={self.hidden}, lr={self.lr}, "
+            f"batch_size={self.batch_size}, gamma={self.gamma}, baseline='{self.baseline}', beta={self.beta}, "
+            f"reward='{self.reward}', entropy={self.entropy}, init={'given' if self.init else None})"
+        )
 
     def init_state(self, sizes: Sequence[int], seed: Optional[int] = None) -> ReinforceState:
         sizes = check_sizes(sizes)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0 if seed is None else int(seed) % (2 ** 63))
+            torch.manual_seed(0 if seed is None else int(seed) % (2**63))
             policy = POLICIES[self.policy](sizes, self.hidden)
         if self.init is not None:
             try:
                 policy.load_state_dict(self.init)
             except RuntimeError as e:
-                raise ValueError(f"The initial policy does not fit this search space (grid sizes {sizes}, "
-                                 f"policy '{self.policy}', hidden {self.hidden}): {e}") from None
+                raise ValueError(
+                    f"The initial policy does not fit this search space (grid sizes {sizes}, "
+                    f"policy '{self.policy}', hidden {self.hidden}): {e}"
+                ) from None
         return ReinforceState(policy=policy, optimizer=torch.optim.Adam(policy.parameters(), lr=self.lr))
 
     def loss(self, state: ReinforceState, actions: torch.Tensor, rewards: torch.Tensor, b: float) -> torch.Tensor:
@@ -230,5 +247,5 @@ class ReinforceAgent:
         state.updates += 1
         state.last_loss = float(loss.detach())
 
-    def propose(self, state: ReinforceState, number: int, rng: np.random.Generator) -> Tuple[int, ...]:
+    def propose(self, state: ReinforceState, number: int, rng: np.random.Generator) -> tuple[int, ...]:
         return state.policy.sample(rng)

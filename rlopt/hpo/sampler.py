@@ -21,11 +21,13 @@ extends the cached one.
 Single-objective studies only. The objective's direction is respected (rewards are the value for
 ``maximize``, minus the value for ``minimize``).
 """
+
 from __future__ import annotations
 
 import threading
 import zlib
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -73,8 +75,15 @@ class RLSampler(BaseSampler):
         20
     """
 
-    def __init__(self, agent: Any, seed: Optional[int] = None, *, n_bins: int = 10,
-                 search_space: Optional[Dict[str, Any]] = None, independent_sampler: Optional[BaseSampler] = None):
+    def __init__(
+        self,
+        agent: Any,
+        seed: Optional[int] = None,
+        *,
+        n_bins: int = 10,
+        search_space: Optional[dict[str, Any]] = None,
+        independent_sampler: Optional[BaseSampler] = None,
+    ):
         for method in ("init_state", "observe", "propose"):
             if not callable(getattr(agent, method, None)):
                 raise ValueError(f"Invalid agent: {type(agent).__name__} has no '{method}' method")
@@ -86,7 +95,7 @@ class RLSampler(BaseSampler):
             GridSpace(search_space, n_bins)  # validates now rather than at the first trial
         self.agent = agent
         # (the stub types entropy as int, sequence or None; it is an int when SeedSequence draws it)
-        self.seed = int(np.random.SeedSequence().entropy % (2 ** 32)) if seed is None else int(seed)  # type: ignore[operator]
+        self.seed = int(np.random.SeedSequence().entropy % (2**32)) if seed is None else int(seed)  # type: ignore[operator]
         self.n_bins = n_bins
         self._fixed_space = dict(search_space) if search_space is not None else None
         self._independent = independent_sampler
@@ -94,12 +103,12 @@ class RLSampler(BaseSampler):
         self._cache: Optional[tuple] = None  # (space key, observation keys, agent state)
         self._lock = threading.Lock()
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_lock"], state["_cache"] = None, None  # the cache is rebuilt from storage on demand
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -110,7 +119,7 @@ class RLSampler(BaseSampler):
         if self._independent is not None:
             self._independent.reseed_rng()
 
-    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> Dict[str, Any]:
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         if study._is_multi_objective():
             raise ValueError("RLSampler supports single-objective studies only")
         if self._fixed_space is not None:
@@ -118,7 +127,7 @@ class RLSampler(BaseSampler):
         space = self._intersection.calculate(study)
         return {n: d for n, d in space.items() if not d.single()}
 
-    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: Dict[str, Any]) -> Dict[str, Any]:
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         if not search_space:
             return {}
         grid = GridSpace(search_space, self.n_bins)
@@ -139,13 +148,14 @@ class RLSampler(BaseSampler):
         if self._independent is not None:
             self._independent.before_trial(study, trial)
 
-    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState,
-                    values: Optional[Sequence[float]]) -> None:
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Optional[Sequence[float]]
+    ) -> None:
         if self._independent is not None:
             self._independent.after_trial(study, trial, state, values)
 
     # ---- the agent's state, rebuilt from storage ---------------------------------------------
-    def observations(self, study: Study, grid: GridSpace, search_space: Dict[str, Any]) -> List[Observation]:
+    def observations(self, study: Study, grid: GridSpace, search_space: dict[str, Any]) -> list[Observation]:
         """The study's finished trials on this space as agent observations, in trial-number order."""
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
         out = []
@@ -164,15 +174,15 @@ class RLSampler(BaseSampler):
             out.append(Observation(t.number, grid.encode(t.params), sign * float(value)))
         return out
 
-    def agent_state(self, study: Study, grid: GridSpace, search_space: Dict[str, Any]) -> Any:
+    def agent_state(self, study: Study, grid: GridSpace, search_space: dict[str, Any]) -> Any:
         """The agent's state after the study's finished trials (replayed, or extended from the cache)."""
         obs = self.observations(study, grid, search_space)
         space_key = tuple((n, repr(search_space[n])) for n in grid.names)
         keys = [tuple(o) for o in obs]
         if self._cache is not None:
             c_space, c_keys, c_state = self._cache
-            if c_space == space_key and keys[:len(c_keys)] == c_keys:
-                for o in obs[len(c_keys):]:
+            if c_space == space_key and keys[: len(c_keys)] == c_keys:
+                for o in obs[len(c_keys) :]:
                     self.agent.observe(c_state, o)
                 self._cache = (space_key, keys, c_state)
                 return c_state

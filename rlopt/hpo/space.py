@@ -15,10 +15,12 @@ dimension) and never the values themselves.
 A value not on the grid (a trial from another sampler, or an enqueued one) is mapped to the nearest
 grid value (nearest in log-space for log distributions); a categorical value must be one of the choices.
 """
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,15 +43,17 @@ class Dimension:
         if self.categorical:
             if len(distribution.choices) == 0:
                 raise ValueError(f"Invalid search space: parameter '{name}' has no choices")
-            self.values: List[Any] = list(distribution.choices)
+            self.values: list[Any] = list(distribution.choices)
         elif isinstance(distribution, IntDistribution):
             self.values = _int_values(distribution, n_bins)
         elif isinstance(distribution, FloatDistribution):
             self.values = _float_values(distribution, n_bins)
         else:
-            raise ValueError(f"Invalid search space: parameter '{name}' has an unsupported distribution "
-                             f"{type(distribution).__name__}; expected FloatDistribution, IntDistribution "
-                             "or CategoricalDistribution")
+            raise ValueError(
+                f"Invalid search space: parameter '{name}' has an unsupported distribution "
+                f"{type(distribution).__name__}; expected FloatDistribution, IntDistribution "
+                "or CategoricalDistribution"
+            )
         if not self.categorical:
             grid = np.asarray(self.values, dtype=float)
             self._coords = np.log(grid) if self.log else grid
@@ -68,7 +72,7 @@ class Dimension:
         return int(np.argmin(np.abs(self._coords - x)))
 
 
-def _float_values(d: FloatDistribution, n_bins: int) -> List[float]:
+def _float_values(d: FloatDistribution, n_bins: int) -> list[float]:
     if d.step is not None:
         n_steps = int(round((d.high - d.low) / d.step)) + 1
         if n_steps <= n_bins:
@@ -82,7 +86,7 @@ def _float_values(d: FloatDistribution, n_bins: int) -> List[float]:
     return [float(v) for v in np.linspace(d.low, d.high, n_bins)]
 
 
-def _int_values(d: IntDistribution, n_bins: int) -> List[int]:
+def _int_values(d: IntDistribution, n_bins: int) -> list[int]:
     step = d.step
     n_steps = (d.high - d.low) // step + 1
     if n_steps <= n_bins:
@@ -110,25 +114,25 @@ class GridSpace:
         {'act': 'tanh', 'lr': 0.1}
     """
 
-    def __init__(self, search_space: Dict[str, Any], n_bins: int = 10):
+    def __init__(self, search_space: dict[str, Any], n_bins: int = 10):
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
             raise ValueError(f"Invalid n_bins: {n_bins!r} (expected an integer >= 2)")
         if not isinstance(search_space, dict) or len(search_space) == 0:
             raise ValueError("Invalid search space: expected a non-empty dict of Optuna distributions")
-        self.names: List[str] = sorted(search_space)
-        self.dims: List[Dimension] = [Dimension(n, search_space[n], n_bins) for n in self.names]
-        self.sizes: Tuple[int, ...] = tuple(len(d) for d in self.dims)
+        self.names: list[str] = sorted(search_space)
+        self.dims: list[Dimension] = [Dimension(n, search_space[n], n_bins) for n in self.names]
+        self.sizes: tuple[int, ...] = tuple(len(d) for d in self.dims)
 
     @property
     def n_configs(self) -> int:
         return int(np.prod(self.sizes, dtype=np.int64))
 
-    def decode(self, index: Sequence[int]) -> Dict[str, Any]:
+    def decode(self, index: Sequence[int]) -> dict[str, Any]:
         """Index tuple -> ``{name: value}``."""
         if len(index) != len(self.dims):
             raise ValueError(f"Expected {len(self.dims)} indices, got {len(index)}")
         return {d.name: d.values[int(i)] for d, i in zip(self.dims, index)}
 
-    def encode(self, params: Dict[str, Any]) -> Tuple[int, ...]:
+    def encode(self, params: dict[str, Any]) -> tuple[int, ...]:
         """``{name: value}`` -> index tuple (nearest grid value per dimension)."""
         return tuple(d.index(params[d.name]) for d in self.dims)

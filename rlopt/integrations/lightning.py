@@ -45,11 +45,12 @@ signals go to the trainer's loggers through ``pl_module.log_dict`` (keys ``rlopt
 ``tensorboard_dir``/``jsonl_path``/``csv_path`` also to those files
 (:class:`~rlopt.integrations.logging.DecisionLogger`).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -66,7 +67,7 @@ from .logging import DecisionLogger, find_controlled_optimizer, scalars
 __all__ = ["RLOptCallback"]
 
 
-def _metric(metrics: Dict[str, Any], key: Optional[str]) -> Optional[float]:
+def _metric(metrics: dict[str, Any], key: Optional[str]) -> Optional[float]:
     if key is None or key not in metrics:
         return None
     value = metrics[key]
@@ -91,9 +92,16 @@ class RLOptCallback(pl.Callback):
     is then taken without it.
     """
 
-    def __init__(self, val_loss_key: Optional[str] = "val_loss", val_acc_key: Optional[str] = "val_acc",
-                 log: bool = True, tensorboard_dir: Optional[str] = None, jsonl_path: Optional[str] = None,
-                 csv_path: Optional[str] = None, optimizer_index: Optional[int] = None):
+    def __init__(
+        self,
+        val_loss_key: Optional[str] = "val_loss",
+        val_acc_key: Optional[str] = "val_acc",
+        log: bool = True,
+        tensorboard_dir: Optional[str] = None,
+        jsonl_path: Optional[str] = None,
+        csv_path: Optional[str] = None,
+        optimizer_index: Optional[int] = None,
+    ):
         super().__init__()
         for name, value in (("val_loss_key", val_loss_key), ("val_acc_key", val_acc_key)):
             if value is not None and not isinstance(value, str):
@@ -103,17 +111,20 @@ class RLOptCallback(pl.Callback):
         if optimizer_index is not None and (isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int)):
             raise TypeError(f"optimizer_index must be an int or None, got {optimizer_index!r}")
         self.val_loss_key, self.val_acc_key, self.log = val_loss_key, val_acc_key, log
-        self._files: Dict[str, Any] = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path,
-                                       "csv_path": csv_path}
+        self._files: dict[str, Any] = {
+            "tensorboard_dir": tensorboard_dir,
+            "jsonl_path": jsonl_path,
+            "csv_path": csv_path,
+        }
         self.optimizer_index = optimizer_index
         self.decision_logger: Optional[DecisionLogger] = None
         self._decided_epoch = -1  # the epoch whose epoch_end was called (trainer.current_epoch)
         self._pending: list = []  # records taken where Lightning does not allow self.log
-        self._baseline: Optional[Dict[str, Optional[float]]] = None
+        self._baseline: Optional[dict[str, Optional[float]]] = None
         self._warned: set = set()
 
     # ----------------------------------------------------------------- helpers
-    def optimizer(self, trainer: "pl.Trainer") -> Any:
+    def optimizer(self, trainer: pl.Trainer) -> Any:
         """The rlopt optimizer among ``trainer.optimizers`` (unwrapped)."""
         opts = list(trainer.optimizers)
         if self.optimizer_index is not None:
@@ -125,25 +136,31 @@ class RLOptCallback(pl.Callback):
             except TypeError:
                 pass
         if len(found) != 1:
-            raise RuntimeError(f"RLOptCallback found {len(found)} rlopt optimizers among the module's "
-                               f"{len(opts)}; give optimizer_index=")
+            raise RuntimeError(
+                f"RLOptCallback found {len(found)} rlopt optimizers among the module's "
+                f"{len(opts)}; give optimizer_index="
+            )
         return found[0]
 
-    def _metrics(self, trainer: "pl.Trainer") -> Dict[str, Optional[float]]:
+    def _metrics(self, trainer: pl.Trainer) -> dict[str, Optional[float]]:
         metrics = trainer.callback_metrics
         out = {}
         for name, key in (("val_loss", self.val_loss_key), ("val_acc", self.val_acc_key)):
             out[name] = _metric(metrics, key)
             if key is not None and out[name] is None and key not in self._warned:
                 self._warned.add(key)
-                warnings.warn(f"RLOptCallback: no '{key}' in trainer.callback_metrics (it has {sorted(metrics)}); "
-                              f"the decision is taken without {name} (set {name}_key= to the key your module "
-                              "logs, or None)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"RLOptCallback: no '{key}' in trainer.callback_metrics (it has {sorted(metrics)}); "
+                    f"the decision is taken without {name} (set {name}_key= to the key your module "
+                    "logs, or None)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if out["val_loss"] is not None and math.isnan(out["val_loss"]):
             out["val_loss"] = None
         return out
 
-    def _epoch_end(self, trainer: "pl.Trainer", metrics: Dict[str, Optional[float]]) -> None:
+    def _epoch_end(self, trainer: pl.Trainer, metrics: dict[str, Optional[float]]) -> None:
         opt = self.optimizer(trainer)
         # the policy may learn here: run outside Lightning's no_grad/inference_mode of validation
         with torch.inference_mode(False), torch.enable_grad():
@@ -152,28 +169,33 @@ class RLOptCallback(pl.Callback):
         if self.decision_logger is not None:
             self._pending.extend(self.decision_logger.log_new())
 
-    def _emit(self, pl_module: "pl.LightningModule", records: list, on_step: bool) -> None:
+    def _emit(self, pl_module: pl.LightningModule, records: list, on_step: bool) -> None:
         if not self.log or not records:
             return
         values = scalars(records[-1])  # one value per key and hook; the files get every record
         if values:
-            pl_module.log_dict({f"rlopt/{k}": v for k, v in values.items()}, on_step=on_step, on_epoch=not on_step,
-                               batch_size=1, sync_dist=False)
+            pl_module.log_dict(
+                {f"rlopt/{k}": v for k, v in values.items()},
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=1,
+                sync_dist=False,
+            )
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The epoch last decided: a checkpoint saved at the end of validation, before
         ``on_train_epoch_end``, resumes into that hook, which must not decide again."""
         return {"decided_epoch": self._decided_epoch}
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._decided_epoch = int(state_dict.get("decided_epoch", -1))
 
     # ------------------------------------------------------------------- hooks
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit; a checkpoint's state, if any, is loaded after this
             self._decided_epoch = -1
 
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fn = getattr(trainer.state.fn, "value", trainer.state.fn)
         if fn == "validate":  # a validation before fit: kept for opt.baseline()
             self._baseline = self._metrics(trainer)
@@ -183,14 +205,19 @@ class RLOptCallback(pl.Callback):
         if self._decided_epoch != trainer.current_epoch:
             self._epoch_end(trainer, self._metrics(trainer))
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         opt = self.optimizer(trainer)
-        if trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization and any(
-                hasattr(o, "base_optimizer") for o in opt.inner_optimizers.values()):
+        if (
+            trainer.accumulate_grad_batches > 1
+            and pl_module.automatic_optimization
+            and any(hasattr(o, "base_optimizer") for o in opt.inner_optimizers.values())
+        ):
             sam = [n for n, o in opt.inner_optimizers.items() if hasattr(o, "base_optimizer")]
-            raise ValueError(f"Choices {sam} evaluate the gradient twice, but with accumulate_grad_batches="
-                             f"{trainer.accumulate_grad_batches} the closure Lightning gives the step covers only the "
-                             "last micro-batch: use accumulate_grad_batches=1 (or larger batches) with them")
+            raise ValueError(
+                f"Choices {sam} evaluate the gradient twice, but with accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} the closure Lightning gives the step covers only the "
+                "last micro-batch: use accumulate_grad_batches=1 (or larger batches) with them"
+            )
         self.decision_logger = DecisionLogger(opt, **self._files)
         self._pending = []
         if opt.steps_taken > 0:  # resumed: what is in the history was logged by the run that saved it
@@ -199,18 +226,19 @@ class RLOptCallback(pl.Callback):
             opt.baseline(**self._baseline)
         self._baseline = None
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.decision_logger is not None:
             self._emit(pl_module, self.decision_logger.log_new(), on_step=True)
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._decided_epoch != trainer.current_epoch:  # no validation at this epoch's end: no fresh metrics
             self._epoch_end(trainer, {})
         pending, self._pending = self._pending, []
         self._emit(pl_module, pending, on_step=False)
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.decision_logger is not None:
             self.decision_logger.log_new()
             self.decision_logger.close()

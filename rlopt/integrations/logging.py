@@ -24,6 +24,7 @@ decision's optimizer step; non-finite and missing values are left out there, and
 CSV file whose columns grow is rewritten with the wider header. TensorBoard needs the ``tensorboard`` package
 (``pip install tensorboard``); the files need nothing.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,7 +32,8 @@ import json
 import math
 import numbers
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 __all__ = ["DecisionLogger", "decision_record", "find_controlled_optimizer", "scalars"]
 
@@ -52,8 +54,10 @@ def find_controlled_optimizer(optimizer: Any) -> Any:
         if inner is None or inner is optimizer:
             break
         optimizer = inner
-    raise TypeError(f"Expected an rlopt optimizer (RLSwitchingOptimizer, QLearningRateOptimizer), possibly wrapped "
-                    f"by a framework; got {type(seen).__name__}")
+    raise TypeError(
+        f"Expected an rlopt optimizer (RLSwitchingOptimizer, QLearningRateOptimizer), possibly wrapped "
+        f"by a framework; got {type(seen).__name__}"
+    )
 
 
 def _number(value: Any) -> Optional[float]:
@@ -64,12 +68,18 @@ def _number(value: Any) -> Optional[float]:
     return None
 
 
-def decision_record(entry: Mapping[str, Any], opt: Any = None) -> Dict[str, Any]:
+def decision_record(entry: Mapping[str, Any], opt: Any = None) -> dict[str, Any]:
     """One ``opt.history`` entry as a flat dict (see the module doc). ``opt`` supplies
     ``choice_index`` and, when the entry lacks them, ``lr``/``weight_decay`` from ``param_groups[0]``."""
-    rec: Dict[str, Any] = {"decision": entry.get("decision"), "step": entry.get("step"), "epoch": entry.get("epoch"),
-                           "choice": entry.get("choice"), "choice_index": entry.get("action"),
-                           "reward": _number(entry.get("reward")), "final": bool(entry.get("final", False))}
+    rec: dict[str, Any] = {
+        "decision": entry.get("decision"),
+        "step": entry.get("step"),
+        "epoch": entry.get("epoch"),
+        "choice": entry.get("choice"),
+        "choice_index": entry.get("action"),
+        "reward": _number(entry.get("reward")),
+        "final": bool(entry.get("final", False)),
+    }
     for key in ("lr", "weight_decay"):
         value = entry.get(key)
         if value is None and opt is not None and opt.param_groups:
@@ -84,7 +94,7 @@ def decision_record(entry: Mapping[str, Any], opt: Any = None) -> Dict[str, Any]
     return rec
 
 
-def scalars(record: Mapping[str, Any]) -> Dict[str, float]:
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a :func:`decision_record` (``decision``/``step``/``epoch``
     left out: they index the record), for metric loggers."""
     out = {}
@@ -118,10 +128,15 @@ class DecisionLogger:
     integrations use that to hand them to a framework's logger).
     """
 
-    def __init__(self, opt: Any, tensorboard_dir: Optional[str] = None, jsonl_path: Optional[str] = None,
-                 csv_path: Optional[str] = None, prefix: str = "rlopt"):
-        for name, value in (("tensorboard_dir", tensorboard_dir), ("jsonl_path", jsonl_path),
-                            ("csv_path", csv_path)):
+    def __init__(
+        self,
+        opt: Any,
+        tensorboard_dir: Optional[str] = None,
+        jsonl_path: Optional[str] = None,
+        csv_path: Optional[str] = None,
+        prefix: str = "rlopt",
+    ):
+        for name, value in (("tensorboard_dir", tensorboard_dir), ("jsonl_path", jsonl_path), ("csv_path", csv_path)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path or None, got {value!r}")
         if not isinstance(prefix, str):
@@ -140,7 +155,7 @@ class DecisionLogger:
             except ImportError as err:  # torch's writer needs the tensorboard package
                 raise ImportError("tensorboard_dir needs the tensorboard package: pip install tensorboard") from err
             self._writer = SummaryWriter(log_dir=os.fspath(tensorboard_dir))
-        self._csv_header: Optional[List[str]] = None
+        self._csv_header: Optional[list[str]] = None
         self.last_logged = -1  # the last decision index written
 
     def skip_existing(self) -> None:
@@ -150,7 +165,7 @@ class DecisionLogger:
         if history:
             self.last_logged = max(self.last_logged, int(history[-1]["decision"]))
 
-    def log_new(self) -> List[Dict[str, Any]]:
+    def log_new(self) -> list[dict[str, Any]]:
         """Write the decisions taken since the last call; returns their records, oldest first."""
         new = [decision_record(e, self.opt) for e in self.opt.history if e["decision"] > self.last_logged]
         if not new:
@@ -192,8 +207,12 @@ class DecisionLogger:
         with open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=header)
             for rec in records:
-                w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
-                            for k, v in rec.items()})
+                w.writerow(
+                    {
+                        k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                        for k, v in rec.items()
+                    }
+                )
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer (the files are closed after each write)."""

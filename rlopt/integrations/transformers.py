@@ -37,17 +37,20 @@ decay and signals (``rlopt/...``) to the Trainer's logs, which go wherever ``rep
 ``tensorboard_dir``/``jsonl_path``/``csv_path`` of the callback write every decision to files
 (:class:`~rlopt.integrations.logging.DecisionLogger`).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as err:
-    raise ImportError("rlopt.integrations.transformers needs transformers and accelerate: "
-                      "pip install 'rlopt[transformers]'") from err
+    raise ImportError(
+        "rlopt.integrations.transformers needs transformers and accelerate: pip install 'rlopt[transformers]'"
+    ) from err
 
 from .logging import DecisionLogger, decision_record, find_controlled_optimizer, scalars
 
@@ -72,33 +75,44 @@ class RLOptCallback(TrainerCallback):
     A missing key is reported once by a warning listing the keys there are.
     """
 
-    def __init__(self, val_loss_key: Optional[str] = "eval_loss", val_acc_key: Optional[str] = "eval_accuracy",
-                 tensorboard_dir: Optional[str] = None, jsonl_path: Optional[str] = None,
-                 csv_path: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        val_loss_key: Optional[str] = "eval_loss",
+        val_acc_key: Optional[str] = "eval_accuracy",
+        tensorboard_dir: Optional[str] = None,
+        jsonl_path: Optional[str] = None,
+        csv_path: Optional[str] = None,
+    ) -> None:
         for name, value in (("val_loss_key", val_loss_key), ("val_acc_key", val_acc_key)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a str or None, got {value!r}")
         self.val_loss_key, self.val_acc_key = val_loss_key, val_acc_key
-        self._files: Dict[str, Any] = {"tensorboard_dir": tensorboard_dir, "jsonl_path": jsonl_path,
-                                       "csv_path": csv_path}
+        self._files: dict[str, Any] = {
+            "tensorboard_dir": tensorboard_dir,
+            "jsonl_path": jsonl_path,
+            "csv_path": csv_path,
+        }
         self.decision_logger: Optional[DecisionLogger] = None
         self.opt: Any = None
         self.trainer_log_cursor = -1  # the last decision RLOptTrainer put in the Trainer's logs
         self._epoch_pending = False
-        self._metrics: Dict[str, Optional[float]] = {}  # of the last evaluation since the last decision
-        self._baseline: Optional[Dict[str, Optional[float]]] = None
+        self._metrics: dict[str, Optional[float]] = {}  # of the last evaluation since the last decision
+        self._baseline: Optional[dict[str, Optional[float]]] = None
         self._warned: set = set()
         self.gives_closure = False  # set by RLOptTrainer
 
-    def _convert(self, metrics: Mapping[str, Any]) -> Dict[str, Optional[float]]:
-        out: Dict[str, Optional[float]] = {}
+    def _convert(self, metrics: Mapping[str, Any]) -> dict[str, Optional[float]]:
+        out: dict[str, Optional[float]] = {}
         for name, key in (("val_loss", self.val_loss_key), ("val_acc", self.val_acc_key)):
             value = None if key is None else metrics.get(key)
             if key is not None and value is None and key not in self._warned:
                 self._warned.add(key)
-                warnings.warn(f"RLOptCallback: no '{key}' in the eval metrics (they have {sorted(metrics)}); the "
-                              f"decision is taken without {name} (set {name}_key= to the right key, or None)",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"RLOptCallback: no '{key}' in the eval metrics (they have {sorted(metrics)}); the "
+                    f"decision is taken without {name} (set {name}_key= to the right key, or None)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             out[name] = None if value is None else float(value)
         if out["val_loss"] is not None and math.isnan(out["val_loss"]):
             out["val_loss"] = None
@@ -110,8 +124,14 @@ class RLOptCallback(TrainerCallback):
         if self.decision_logger is not None:
             self.decision_logger.log_new()
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         self.opt = find_controlled_optimizer(optimizer)
         self.decision_logger = DecisionLogger(self.opt, **self._files)
         if not self.gives_closure:
@@ -128,16 +148,24 @@ class RLOptCallback(TrainerCallback):
         if self.decision_logger is not None:  # decisions every N steps
             self.decision_logger.log_new()
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.opt is None:
             return
         self._epoch_pending = True
         if not control.should_evaluate:  # no evaluation follows: the metrics of this epoch's last one, if any
             self._decide(self._metrics)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: Optional[Dict[str, float]] = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: Optional[dict[str, float]] = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         converted = self._convert(metrics or {})
         opt = self.opt
         if opt is None:
@@ -157,8 +185,9 @@ class RLOptCallback(TrainerCallback):
         else:
             self._metrics = converted
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.opt is not None and self._epoch_pending:
             self._decide(self._metrics)
         if self.decision_logger is not None:
@@ -178,8 +207,10 @@ def _hint_closure(wrapper: Any) -> None:
             return original(closure, **kwargs)
         except RuntimeError as err:
             if closure is None and "needs a closure" in str(err):
-                raise RuntimeError(f"{err}. The Hugging Face Trainer gives none: train with "
-                                   "rlopt.integrations.transformers.RLOptTrainer, which does") from err
+                raise RuntimeError(
+                    f"{err}. The Hugging Face Trainer gives none: train with "
+                    "rlopt.integrations.transformers.RLOptTrainer, which does"
+                ) from err
             raise
 
     wrapper.step = step
@@ -207,7 +238,7 @@ class RLOptTrainer(Trainer):
         self._rlopt_window: list = []  # the micro-batches since the last optimizer step
         self._rlopt_loss = None
 
-    def training_step(self, model: torch.nn.Module, inputs: Dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
         self._install_closure_step()
         self._rlopt_window.append((model, inputs, args, kwargs))
@@ -247,7 +278,7 @@ class RLOptTrainer(Trainer):
 
         return closure
 
-    def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         cb = self.rlopt_callback
         opt = cb.opt
         if opt is not None and opt.history and opt.history[-1]["decision"] > cb.trainer_log_cursor:

@@ -8,6 +8,7 @@
   strategies (``python -m rlopt.learned.train``); :mod:`rlopt.learned.td3`: the off-policy
   actor-critic alternative it is compared with.
 """
+
 from .optimizer import DEFAULT_POLICY, LearnedOptimizer
 from .rule import LearnedRule, RuleSpec, load_rule
 

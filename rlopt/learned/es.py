@@ -17,11 +17,13 @@ member 0, which gives the current meta-objective for free. Everything is seeded 
 ``torch.Generator`` whose state is part of :meth:`ESTrainer.state_dict`, so a resumed run draws
 the same tasks and perturbations as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import torch
 from torch.func import grad_and_value, vmap
@@ -54,8 +56,9 @@ def rollout(thetas: torch.Tensor, spec: RuleSpec, task: Task, steps: int, lr: fl
     moms = [torch.zeros(n_members, K, *p.shape[1:]) for p in params]
     vs = [torch.zeros_like(p) for p in params]
 
-    def member(theta: torch.Tensor, ps: List[torch.Tensor], ms: List[torch.Tensor], ws: List[torch.Tensor],
-               step: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    def member(
+        theta: torch.Tensor, ps: list[torch.Tensor], ms: list[torch.Tensor], ws: list[torch.Tensor], step: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         grads, loss = grad_and_value(task.loss)(ps)
         new = [reference_step(theta, spec, p, g, m, w, step, lr) for p, g, m, w in zip(ps, grads, ms, ws)]
         return loss, [x[0] for x in new], [x[1] for x in new], [x[2] for x in new]
@@ -105,17 +108,22 @@ class ESConfig:
 class ESTrainer:
     """Antithetic ES on a rule's weights over a task distribution (see the module docstring)."""
 
-    def __init__(self, config: ESConfig, tasks: TaskDistribution, spec: Optional[RuleSpec] = None,
-                 theta: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        config: ESConfig,
+        tasks: TaskDistribution,
+        spec: Optional[RuleSpec] = None,
+        theta: Optional[torch.Tensor] = None,
+    ):
         self.config, self.tasks = config, tasks
         self.spec = spec or RuleSpec(hidden=config.hidden)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.theta = (theta.clone() if theta is not None else self.spec.init_theta(self.generator)).float()
         self.meta_opt = torch.optim.Adam([self.theta], lr=config.meta_lr)
         self.iteration = 0
-        self.history: List[Dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
 
-    def step(self) -> Dict[str, float]:
+    def step(self) -> dict[str, float]:
         """One ES iteration; returns ``{"iteration", "objective"}`` (the centre's mean objective)."""
         cfg = self.config
         eps = torch.randn(cfg.pairs, self.theta.numel(), generator=self.generator)
@@ -127,7 +135,7 @@ class ESTrainer:
             f = meta_objective(rollout(thetas, self.spec, task, cfg.steps, cfg.lr))
             centre += float(f[0]) / cfg.tasks_per_iter
             shaped += _centered_ranks(f[1:])
-        diff = shaped[:cfg.pairs] - shaped[cfg.pairs:]
+        diff = shaped[: cfg.pairs] - shaped[cfg.pairs :]
         grad = (diff[:, None] * eps).sum(0) / (2 * cfg.sigma * cfg.pairs * cfg.tasks_per_iter)
         self.meta_opt.zero_grad()
         self.theta.grad = grad
@@ -141,18 +149,29 @@ class ESTrainer:
     def evaluate(self, tasks: Sequence[Task], theta: Optional[torch.Tensor] = None) -> float:
         """Mean meta-objective of ``theta`` (default: the current one) over fixed ``tasks``."""
         theta = self.theta if theta is None else theta
-        return float(sum(float(meta_objective(rollout(theta[None], self.spec, t, self.config.steps,
-                                                           self.config.lr))[0]) for t in tasks) / len(tasks))
+        return float(
+            sum(
+                float(meta_objective(rollout(theta[None], self.spec, t, self.config.steps, self.config.lr))[0])
+                for t in tasks
+            )
+            / len(tasks)
+        )
 
-    def rule(self, meta: Optional[Dict[str, Any]] = None) -> LearnedRule:
+    def rule(self, meta: Optional[dict[str, Any]] = None) -> LearnedRule:
         return LearnedRule(self.spec, self.theta.detach(), lr=self.config.lr, meta=dict(meta or {}))
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"config": asdict(self.config), "spec": self.spec.to_dict(), "theta": self.theta.detach().clone(),
-                "meta_opt": self.meta_opt.state_dict(), "iteration": self.iteration,
-                "generator": self.generator.get_state(), "history": list(self.history)}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "spec": self.spec.to_dict(),
+            "theta": self.theta.detach().clone(),
+            "meta_opt": self.meta_opt.state_dict(),
+            "iteration": self.iteration,
+            "generator": self.generator.get_state(),
+            "history": list(self.history),
+        }
 
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd["spec"] != self.spec.to_dict():
             raise ValueError("This ES checkpoint was made for a different rule spec")
         with torch.no_grad():

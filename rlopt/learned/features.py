@@ -17,9 +17,10 @@ changes, no host sync), which is what meta-training vmaps over a population; the
 :class:`~rlopt.learned.LearnedOptimizer` computes the same numbers in place and in chunks,
 and the tests check the two against each other.
 """
+
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Union
 
 import torch
 
@@ -34,14 +35,15 @@ def time_features(step: torch.Tensor, spec: RuleSpec) -> torch.Tensor:
     return torch.tanh(step.to(torch.float32) / taus)
 
 
-def coordinate_features(p: torch.Tensor, g: torch.Tensor, mom: torch.Tensor, v: torch.Tensor,
-                        step: torch.Tensor, spec: RuleSpec) -> torch.Tensor:
+def coordinate_features(
+    p: torch.Tensor, g: torch.Tensor, mom: torch.Tensor, v: torch.Tensor, step: torch.Tensor, spec: RuleSpec
+) -> torch.Tensor:
     """Features ``(F, n)`` of the ``n = p.numel()`` coordinates, from the *updated* moments
     ``mom`` (shape ``(K, *p.shape)``) and ``v``."""
     t = step.to(torch.float32)
     betas = torch.tensor(spec.betas, dtype=torch.float32, device=p.device)
-    corr = 1.0 / (1.0 - betas ** t)                                    # (K,)
-    r = torch.rsqrt((v.reshape(-1).float() + spec.eps ** 2) / (1.0 - spec.beta2 ** t))
+    corr = 1.0 / (1.0 - betas**t)  # (K,)
+    r = torch.rsqrt((v.reshape(-1).float() + spec.eps**2) / (1.0 - spec.beta2**t))
     pf = p.reshape(-1).float()
     prms = torch.rsqrt(pf.square().mean() + 1e-16)
     gf = g.reshape(-1).float()
@@ -49,8 +51,9 @@ def coordinate_features(p: torch.Tensor, g: torch.Tensor, mom: torch.Tensor, v: 
     return torch.cat([(gf * r)[None], m * r, (pf * prms)[None]], dim=0)
 
 
-def direction(weights: Dict[str, torch.Tensor], feats: torch.Tensor, scalars: torch.Tensor,
-              spec: RuleSpec) -> torch.Tensor:
+def direction(
+    weights: dict[str, torch.Tensor], feats: torch.Tensor, scalars: torch.Tensor, spec: RuleSpec
+) -> torch.Tensor:
     """The bounded per-coordinate step ``o_0 * exp(kappa * o_1)`` with ``o = clip(..., -1, 1)``, shape ``(n,)``."""
     bias = weights["u"] @ scalars + weights["b1"]
     h = torch.relu(weights["w1"] @ feats + bias[:, None])
@@ -59,9 +62,16 @@ def direction(weights: Dict[str, torch.Tensor], feats: torch.Tensor, scalars: to
     return o[0] * torch.exp(spec.kappa * o[1])
 
 
-def reference_step(theta: torch.Tensor, spec: RuleSpec, p: torch.Tensor, g: torch.Tensor, mom: torch.Tensor,
-                   v: torch.Tensor, step: torch.Tensor,
-                   lr: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_step(
+    theta: torch.Tensor,
+    spec: RuleSpec,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    mom: torch.Tensor,
+    v: torch.Tensor,
+    step: torch.Tensor,
+    lr: Union[float, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of the rule on one tensor, purely: returns ``(p, mom, v, step)`` after it.
 
     ``step`` is the number of steps taken before this one (a 0-dim tensor). Non-finite

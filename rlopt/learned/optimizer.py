@@ -1,9 +1,10 @@
 """LearnedOptimizer: a torch optimizer whose per-coordinate update is a meta-trained MLP."""
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -74,8 +75,9 @@ class LearnedOptimizer(Optimizer):
     rule: LearnedRule
     chunk_size: int
 
-    def __init__(self, params: ParamsT, policy: Any = DEFAULT_POLICY, lr: Optional[float] = None,
-                 chunk_size: int = 1 << 16) -> None:
+    def __init__(
+        self, params: ParamsT, policy: Any = DEFAULT_POLICY, lr: Optional[float] = None, chunk_size: int = 1 << 16
+    ) -> None:
         rule = load_rule(policy)
         if lr is None:
             lr = rule.lr
@@ -90,40 +92,47 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(f"Invalid learning rate: {glr}")
         self.rule = rule
         self.chunk_size = chunk_size
-        self._consts: Dict[Any, Dict[str, torch.Tensor]] = {}
-        self._buffers: Dict[Any, Any] = {}
+        self._consts: dict[Any, dict[str, torch.Tensor]] = {}
+        self._buffers: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ pickling / checkpoints
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["rule"] = self.rule
         state["chunk_size"] = self.chunk_size
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("chunk_size", 1 << 16)
         self._consts = {}
         self._buffers = {}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["learned_rule"] = self.rule.fingerprint()
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         fp = state_dict.get("learned_rule")
         if fp is not None:
             mine = self.rule.fingerprint()
             theta = fp.get("theta") if isinstance(fp, dict) else None
-            if (not isinstance(fp, dict) or fp.get("spec") != mine["spec"] or not isinstance(theta, torch.Tensor)
-                    or theta.shape != mine["theta"].shape or not torch.equal(theta.cpu(), mine["theta"])):
-                raise ValueError("This state_dict was saved by a LearnedOptimizer with a different rule "
-                                 "(policy); load it into one built with the same policy")
+            if (
+                not isinstance(fp, dict)
+                or fp.get("spec") != mine["spec"]
+                or not isinstance(theta, torch.Tensor)
+                or theta.shape != mine["theta"].shape
+                or not torch.equal(theta.cpu(), mine["theta"])
+            ):
+                raise ValueError(
+                    "This state_dict was saved by a LearnedOptimizer with a different rule "
+                    "(policy); load it into one built with the same policy"
+                )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "learned_rule"})
 
     # ------------------------------------------------------------------ the step
-    def _constants(self, device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         key = (device, dtype)
         c = self._consts.get(key)
         if c is None:
@@ -137,19 +146,22 @@ class LearnedOptimizer(Optimizer):
             c = self._consts[key] = w
         return c
 
-    def _scratch(self, device: torch.device, dtype: torch.dtype, rows: int,
-                 width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _scratch(
+        self, device: torch.device, dtype: torch.dtype, rows: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Work buffers reused from step to step (not state): ``rows x width`` and ``2 x width``,
         one pair per device and dtype, grown to the widest chunk seen (at most ``chunk_size``)."""
         key = (device, dtype, rows)
         buf = self.__dict__.setdefault("_buffers", {}).get(key)
         if buf is None or buf[1].numel() < 2 * width:
-            buf = self._buffers[key] = (torch.empty(rows * width, device=device, dtype=dtype),
-                                        torch.empty(2 * width, device=device, dtype=dtype))
+            buf = self._buffers[key] = (
+                torch.empty(rows * width, device=device, dtype=dtype),
+                torch.empty(2 * width, device=device, dtype=dtype),
+            )
         return buf
 
     @staticmethod
-    def _found_inf(grads: List[torch.Tensor]) -> torch.Tensor:
+    def _found_inf(grads: list[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(grads)
         device = norms[0].device
         total = torch.stack([n.to(device, torch.float32) for n in norms]).sum()
@@ -189,8 +201,9 @@ class LearnedOptimizer(Optimizer):
                 self._update(p, p.grad, state, group["lr"], found.to(p.device))
         return loss
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: Dict[str, torch.Tensor], lr: float,
-                found: torch.Tensor) -> None:
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float, found: torch.Tensor
+    ) -> None:
         """The step of one tensor. Same numbers as :func:`rlopt.learned.features.reference_step`,
         rearranged for speed: the per-step scalars (bias corrections, ``1/rms(p)``, ``kappa``) are
         folded into the first layer's and the output layer's weights, so the per-coordinate work is
@@ -202,7 +215,7 @@ class LearnedOptimizer(Optimizer):
         step = state["step"]
         step.add_(keep)
         t = step.clamp(min=1.0)  # a skipped first step leaves t = 0: the corrections must stay finite
-        bc2 = 1.0 - spec.beta2 ** t                                   # r = rsqrt((v + eps^2) / bc2)
+        bc2 = 1.0 - spec.beta2**t  # r = rsqrt((v + eps^2) / bc2)
         contiguous = p.is_contiguous()
         pf = p.view(-1) if contiguous else p.detach().reshape(-1).clone()
         prms = torch.rsqrt(torch.linalg.vector_norm(pf).square() / max(pf.numel(), 1) + 1e-16)
@@ -212,12 +225,12 @@ class LearnedOptimizer(Optimizer):
         scale = torch.cat([bc2.sqrt().reshape(1), bc2.sqrt() / (1.0 - c["betas"] ** t), prms.reshape(1)])
         scale = scale.to(p.dtype)
         bias = torch.addmv(c["b1"], c["u"], torch.tanh(t / c["taus"]).to(p.dtype))
-        w1 = torch.cat([bias[:, None], c["w1"] * scale], dim=1)                  # (H, 1 + F)
+        w1 = torch.cat([bias[:, None], c["w1"] * scale], dim=1)  # (H, 1 + F)
         w2 = torch.cat([c["b2"], c["skip"] * scale, c["w2"]], dim=1) * c["out_scale"]  # (2, 1 + F + H)
-        w_mom = c["one_minus_betas"] * keep.to(p.dtype)               # (K, 1): 0 on a skipped step
-        decay_v = (1.0 - (1.0 - spec.beta2) * keep).to(p.dtype)       # 1 on a skipped step
-        log_keep = torch.log(keep).to(p.dtype)                        # -inf on a skipped step: exp -> 0
-        eps2 = spec.eps ** 2
+        w_mom = c["one_minus_betas"] * keep.to(p.dtype)  # (K, 1): 0 on a skipped step
+        decay_v = (1.0 - (1.0 - spec.beta2) * keep).to(p.dtype)  # 1 on a skipped step
+        log_keep = torch.log(keep).to(p.dtype)  # -inf on a skipped step: exp -> 0
+        eps2 = spec.eps**2
 
         gf = grad.reshape(-1)
         mom = state["momenta"].view(K, -1)
@@ -229,20 +242,20 @@ class LearnedOptimizer(Optimizer):
         for a in range(0, n_total, self.chunk_size):
             b = min(a + self.chunk_size, n_total)
             n = b - a
-            g_c = torch.where(found, 0.0, gf[a:b])                     # finite; 0 on a skipped step
+            g_c = torch.where(found, 0.0, gf[a:b])  # finite; 0 on a skipped step
             m_c, v_c, p_c = mom[:, a:b], vf[a:b], pf[a:b]
             m_c.lerp_(g_c.expand(K, -1), w_mom)
             v_c.mul_(decay_v).addcmul_(g_c, g_c, value=1.0 - spec.beta2)
-            z = zbuf[:(F + H + 1) * n].view(F + H + 1, n)              # rows [1; x; h]
+            z = zbuf[: (F + H + 1) * n].view(F + H + 1, n)  # rows [1; x; h]
             z[0].fill_(1.0)  # (a narrower view, the last chunk, moves the rows about in the buffer)
-            x = z[1:F + 1]
-            r = torch.add(v_c, eps2, out=x[K + 1]).rsqrt_()            # x's last row is scratch here
+            x = z[1 : F + 1]
+            r = torch.add(v_c, eps2, out=x[K + 1]).rsqrt_()  # x's last row is scratch here
             torch.mul(g_c, r, out=x[0])
-            torch.mul(m_c, r, out=x[1:K + 1])
+            torch.mul(m_c, r, out=x[1 : K + 1])
             x[K + 1].copy_(p_c)
-            torch.mm(w1, z[:F + 1], out=z[F + 1:]).relu_()
-            o = torch.mm(w2, z, out=obuf[:2 * n].view(2, n))           # b2 + S f + W2 h in one product
-            o[0].clamp_(-1.0, 1.0)                                      # direction in [-1, 1]
+            torch.mm(w1, z[: F + 1], out=z[F + 1 :]).relu_()
+            o = torch.mm(w2, z, out=obuf[: 2 * n].view(2, n))  # b2 + S f + W2 h in one product
+            o[0].clamp_(-1.0, 1.0)  # direction in [-1, 1]
             o[1].clamp_(-spec.kappa, spec.kappa).add_(log_keep).exp_()  # magnitude in [e^-k, e^k]
             p_c.addcmul_(o[0], o[1], value=-lr)
         if not contiguous:

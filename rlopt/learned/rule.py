@@ -18,12 +18,13 @@ Checkpoint (``torch.save`` of a dict of plain types and tensors, loadable with
     {"format": "rlopt.learned_rule", "version": 1, "spec": {...RuleSpec fields...},
      "theta": Tensor[n], "lr": float, "meta": {...how it was trained...}}
 """
+
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -38,12 +39,12 @@ class RuleSpec:
     """Shape and fixed constants of a rule (everything but the learned weights)."""
 
     hidden: int = 8
-    betas: Tuple[float, ...] = (0.5, 0.9, 0.99)
+    betas: tuple[float, ...] = (0.5, 0.9, 0.99)
     """Decay rates of the momenta (one feature each)."""
     beta2: float = 0.999
     """Decay rate of the second-moment normaliser."""
     eps: float = 1e-8
-    time_scales: Tuple[float, ...] = (3.0, 10.0, 30.0)
+    time_scales: tuple[float, ...] = (3.0, 10.0, 30.0)
     """Time features ``tanh(t / tau)``: they saturate, so nothing needs the run's total length."""
     kappa: float = 2.0
     """Log-range of the magnitude output: ``|step| <= lr * exp(kappa)``."""
@@ -74,7 +75,7 @@ class RuleSpec:
         """Per-tensor inputs (time features), added into the first layer's bias."""
         return len(self.time_scales)
 
-    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+    def shapes(self) -> dict[str, tuple[int, ...]]:
         F, S, H = self.n_features, self.n_scalars, self.hidden
         return {"w1": (H, F), "u": (H, S), "b1": (H,), "w2": (2, H), "b2": (2,), "skip": (2, F)}
 
@@ -82,12 +83,12 @@ class RuleSpec:
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes().values())
 
-    def unpack(self, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def unpack(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``theta[..., n]`` as the named weights (works on a batch of thetas too)."""
         out, i = {}, 0
         for name, shape in self.shapes().items():
             n = math.prod(shape)
-            out[name] = theta[..., i:i + n].reshape(*theta.shape[:-1], *shape)
+            out[name] = theta[..., i : i + n].reshape(*theta.shape[:-1], *shape)
             i += n
         return out
 
@@ -103,7 +104,7 @@ class RuleSpec:
         w["skip"][0, 1 + k] = 1.0
         return theta
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"], d["time_scales"] = list(self.betas), list(self.time_scales)
         return d
@@ -116,7 +117,7 @@ class LearnedRule:
     spec: RuleSpec
     theta: torch.Tensor
     lr: float = 0.01
-    meta: Dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
     source: str = "<untrained>"
 
     def __post_init__(self) -> None:
@@ -129,33 +130,44 @@ class LearnedRule:
         self.theta = self.theta.detach().to(torch.float32).clone()
 
     @classmethod
-    def untrained(cls, spec: Optional[RuleSpec] = None, seed: int = 0, lr: float = 0.01) -> "LearnedRule":
+    def untrained(cls, spec: Optional[RuleSpec] = None, seed: int = 0, lr: float = 0.01) -> LearnedRule:
         spec = spec or RuleSpec()
         return cls(spec, spec.init_theta(torch.Generator().manual_seed(seed)), lr=lr)
 
-    def checkpoint(self) -> Dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(),
-                "theta": self.theta.clone(), "lr": float(self.lr), "meta": dict(self.meta)}
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": self.spec.to_dict(),
+            "theta": self.theta.clone(),
+            "lr": float(self.lr),
+            "meta": dict(self.meta),
+        }
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(self.checkpoint(), path)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any, source: str = "<dict>") -> "LearnedRule":
+    def from_checkpoint(cls, ckpt: Any, source: str = "<dict>") -> LearnedRule:
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a learned-rule checkpoint (expected format '{FORMAT}'); "
-                             "RL controller policies (lr-dqn, switch-*) are loaded with rlopt.load_policy")
+            raise ValueError(
+                f"{source} is not a learned-rule checkpoint (expected format '{FORMAT}'); "
+                "RL controller policies (lr-dqn, switch-*) are loaded with rlopt.load_policy"
+            )
         if ckpt.get("version") != VERSION:
-            raise ValueError(f"{source}: unsupported learned-rule version {ckpt.get('version')} (this rlopt reads {VERSION})")
+            raise ValueError(
+                f"{source}: unsupported learned-rule version {ckpt.get('version')} (this rlopt reads {VERSION})"
+            )
         try:
             spec = RuleSpec(**ckpt["spec"])
-            return cls(spec, ckpt["theta"], lr=float(ckpt.get("lr", 0.01)), meta=dict(ckpt.get("meta", {})),
-                       source=source)
+            return cls(
+                spec, ckpt["theta"], lr=float(ckpt.get("lr", 0.01)), meta=dict(ckpt.get("meta", {})), source=source
+            )
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: malformed learned-rule checkpoint ({e})") from None
 
-    def fingerprint(self) -> Dict[str, Any]:
+    def fingerprint(self) -> dict[str, Any]:
         """What a state_dict records to refuse a resume under a different rule."""
         return {"spec": self.spec.to_dict(), "theta": self.theta.clone()}
 
@@ -175,8 +187,9 @@ def load_rule(policy: Any) -> LearnedRule:
         index = _index()
         if path not in index:
             learned = sorted(n for n, e in index.items() if e.get("optimizer") == "learned")
-            raise ValueError(f"No learned-rule checkpoint at '{path}' and no shipped rule of that name; "
-                             f"shipped rules: {learned}")
+            raise ValueError(
+                f"No learned-rule checkpoint at '{path}' and no shipped rule of that name; shipped rules: {learned}"
+            )
         path = pretrained_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -24,22 +24,32 @@ augmentation (:class:`Rescaled`) multiplies each parameter tensor by a random fa
 evaluates the loss at ``w / c``: the same problem in other units, so a rule cannot rely on one
 parameter scale.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["Task", "Rescaled", "FAMILIES", "TRAIN_FAMILIES", "HELDOUT_FAMILIES", "sample_task",
-           "TaskDistribution", "load_fmnist"]
+__all__ = [
+    "Task",
+    "Rescaled",
+    "FAMILIES",
+    "TRAIN_FAMILIES",
+    "HELDOUT_FAMILIES",
+    "sample_task",
+    "TaskDistribution",
+    "load_fmnist",
+]
 
 TRAIN_FAMILIES = ("quadratic", "rosenbrock", "logistic", "mlp")
 HELDOUT_FAMILIES = ("mlp_deep", "cnn")
 FAMILIES = TRAIN_FAMILIES + HELDOUT_FAMILIES
-Data = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (images, labels) as load_fmnist returns them; None: a teacher
+Data = Optional[tuple[torch.Tensor, torch.Tensor]]  # (images, labels) as load_fmnist returns them; None: a teacher
 
 
 @dataclass
@@ -48,10 +58,10 @@ class Task:
 
     name: str
     family: str
-    init_params: List[torch.Tensor]
+    init_params: list[torch.Tensor]
     loss_fn: Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
-    def init(self) -> List[torch.Tensor]:
+    def init(self) -> list[torch.Tensor]:
         return [p.clone() for p in self.init_params]
 
     def loss(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,7 +85,7 @@ def Rescaled(task: Task, generator: torch.Generator, max_factor: float = 10.0) -
     return Task(task.name + "+rescaled", task.family, [p * c for p, c in zip(task.init_params, scales)], loss)
 
 
-def load_fmnist(path: str, pool: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_fmnist(path: str, pool: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """The training images of an ``.npz`` Fashion-MNIST file (``train_x``, ``train_y``) as
     ``(images [N, 1, 28/pool, 28/pool] standardised, labels [N])``; stays on the CPU."""
     import numpy as np
@@ -137,8 +147,7 @@ def _logistic(g: torch.Generator) -> Task:
     return Task(f"logistic-d{d}", "logistic", [w0, b0], loss)
 
 
-def _classification_data(g: torch.Generator, data: Data, n: int,
-                         image: bool) -> Tuple[torch.Tensor, torch.Tensor, str]:
+def _classification_data(g: torch.Generator, data: Data, n: int, image: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``n`` samples: from ``data`` (images, labels) where given, else a random teacher."""
     if data is not None:
         images, labels = data
@@ -154,7 +163,7 @@ def _classification_data(g: torch.Generator, data: Data, n: int,
     return x, y, "teacher"
 
 
-def _linear_init(g: torch.Generator, fan_in: int, fan_out: int) -> List[torch.Tensor]:
+def _linear_init(g: torch.Generator, fan_in: int, fan_out: int) -> list[torch.Tensor]:
     w = torch.randn(fan_in, fan_out, generator=g) * math.sqrt(2.0 / fan_in)
     return [w, torch.zeros(fan_out)]
 
@@ -181,9 +190,13 @@ def _mlp(g: torch.Generator, data: Data = None, deep: bool = False) -> Task:
 def _cnn(g: torch.Generator, data: Data = None) -> Task:
     x, y, src = _classification_data(g, data, 256, image=True)
     c1, c2 = 8, 16
-    params = [torch.randn(c1, 1, 3, 3, generator=g) * math.sqrt(2.0 / 9), torch.zeros(c1),
-              torch.randn(c2, c1, 3, 3, generator=g) * math.sqrt(2.0 / (9 * c1)), torch.zeros(c2),
-              *_linear_init(g, c2, 10)]
+    params = [
+        torch.randn(c1, 1, 3, 3, generator=g) * math.sqrt(2.0 / 9),
+        torch.zeros(c1),
+        torch.randn(c2, c1, 3, 3, generator=g) * math.sqrt(2.0 / (9 * c1)),
+        torch.zeros(c2),
+        *_linear_init(g, c2, 10),
+    ]
 
     def loss(ps: Sequence[torch.Tensor]) -> torch.Tensor:
         h = torch.relu(F.conv2d(x, ps[0], ps[1], stride=2, padding=1))
@@ -193,7 +206,7 @@ def _cnn(g: torch.Generator, data: Data = None) -> Task:
     return Task(f"cnn-{src}", "cnn", params, loss)
 
 
-_BUILDERS: Dict[str, Callable[[torch.Generator, Data], Task]] = {
+_BUILDERS: dict[str, Callable[[torch.Generator, Data], Task]] = {
     "quadratic": lambda g, data: _quadratic(g),
     "rosenbrock": lambda g, data: _rosenbrock(g),
     "logistic": lambda g, data: _logistic(g),
@@ -219,8 +232,9 @@ class TaskDistribution:
     """Uniform over ``families``; each draw is a fresh *even* seed (odd seeds are the evaluation's
     held-out tasks), rescaled with probability ``p_rescale``."""
 
-    def __init__(self, families: Sequence[str] = TRAIN_FAMILIES, data: Data = None, p_rescale: float = 0.5,
-                 rescale: float = 10.0) -> None:
+    def __init__(
+        self, families: Sequence[str] = TRAIN_FAMILIES, data: Data = None, p_rescale: float = 0.5, rescale: float = 10.0
+    ) -> None:
         bad = [f for f in families if f not in _BUILDERS]
         if bad or not families:
             raise ValueError(f"Unknown task families {bad}; available: {list(FAMILIES)}")
@@ -232,6 +246,6 @@ class TaskDistribution:
 
     def sample(self, generator: torch.Generator) -> Task:
         family = self.families[int(torch.randint(len(self.families), (1,), generator=generator))]
-        seed = 2 * int(torch.randint(2 ** 30, (1,), generator=generator))  # even: odd seeds stay held out
+        seed = 2 * int(torch.randint(2**30, (1,), generator=generator))  # even: odd seeds stay held out
         rescale = self.rescale if float(torch.rand(1, generator=generator)) < self.p_rescale else 1.0
         return sample_task(family, seed, self.data, rescale)

@@ -17,6 +17,7 @@ same meta-objective, for the comparison in ``benchmarks/results/learned_es_vs_td
 
     python -m rlopt.learned.td3 --data rlopt/meta/data/fmnist_subset.npz --time-budget 600
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,8 @@ import copy
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, cast
+from collections.abc import Sequence
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -48,39 +50,75 @@ def _actor_outputs(theta: torch.Tensor, spec: RuleSpec, obs: torch.Tensor) -> to
 
 
 class TD3Trainer:
-    def __init__(self, tasks: TaskDistribution, spec: Optional[RuleSpec] = None, steps: int = 50, lr: float = 0.02,
-                 seed: int = 0, buffer_size: int = 200_000, batch_size: int = 256, per_step: int = 32,
-                 gamma: float = 0.9, tau: float = 0.01, actor_lr: float = 1e-3, critic_lr: float = 1e-3,
-                 explore: float = 0.2, policy_noise: float = 0.2, noise_clip: float = 0.5, policy_delay: int = 2):
+    def __init__(
+        self,
+        tasks: TaskDistribution,
+        spec: Optional[RuleSpec] = None,
+        steps: int = 50,
+        lr: float = 0.02,
+        seed: int = 0,
+        buffer_size: int = 200_000,
+        batch_size: int = 256,
+        per_step: int = 32,
+        gamma: float = 0.9,
+        tau: float = 0.01,
+        actor_lr: float = 1e-3,
+        critic_lr: float = 1e-3,
+        explore: float = 0.2,
+        policy_noise: float = 0.2,
+        noise_clip: float = 0.5,
+        policy_delay: int = 2,
+    ):
         self.tasks, self.spec, self.steps, self.lr = tasks, spec or RuleSpec(), steps, lr
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.theta = nn.Parameter(self.spec.init_theta(self.generator))
         self.theta_target = self.theta.detach().clone()
         dim = self.spec.n_features + self.spec.n_scalars + 2
-        self.critics = nn.ModuleList([nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                                                    nn.Linear(64, 1)) for _ in range(2)])
+        self.critics = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+                for _ in range(2)
+            ]
+        )
         self.critics_target = copy.deepcopy(self.critics)
         self.actor_opt = torch.optim.Adam([self.theta], lr=actor_lr)
         self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=critic_lr)
         obs_dim = dim - 2
-        self.buf = {"obs": torch.zeros(buffer_size, obs_dim), "act": torch.zeros(buffer_size, 2),
-                    "rew": torch.zeros(buffer_size), "next": torch.zeros(buffer_size, obs_dim),
-                    "done": torch.zeros(buffer_size)}
+        self.buf = {
+            "obs": torch.zeros(buffer_size, obs_dim),
+            "act": torch.zeros(buffer_size, 2),
+            "rew": torch.zeros(buffer_size),
+            "next": torch.zeros(buffer_size, obs_dim),
+            "done": torch.zeros(buffer_size),
+        }
         self.size, self.ptr, self.updates = 0, 0, 0
         self.batch_size, self.per_step, self.gamma, self.tau = batch_size, per_step, gamma, tau
-        self.explore, self.policy_noise, self.noise_clip, self.policy_delay = explore, policy_noise, noise_clip, policy_delay
+        self.explore, self.policy_noise, self.noise_clip, self.policy_delay = (
+            explore,
+            policy_noise,
+            noise_clip,
+            policy_delay,
+        )
 
     # ------------------------------------------------------------------ acting
-    def _observe(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], moms: Sequence[torch.Tensor],
-                 vs: Sequence[torch.Tensor], step: torch.Tensor) -> torch.Tensor:
+    def _observe(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        moms: Sequence[torch.Tensor],
+        vs: Sequence[torch.Tensor],
+        step: torch.Tensor,
+    ) -> torch.Tensor:
         s = time_features(step, self.spec)
-        feats = torch.cat([coordinate_features(p, g, m, v, step, self.spec) for p, g, m, v in
-                           zip(params, grads, moms, vs)], dim=1).t()
+        feats = torch.cat(
+            [coordinate_features(p, g, m, v, step, self.spec) for p, g, m, v in zip(params, grads, moms, vs)], dim=1
+        ).t()
         return torch.cat([feats, s.expand(feats.shape[0], -1)], dim=1)
 
-    def _store(self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, nxt: torch.Tensor,
-               done: torch.Tensor) -> None:
+    def _store(
+        self, obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, nxt: torch.Tensor, done: torch.Tensor
+    ) -> None:
         n = obs.shape[0]
         idx = (torch.arange(n) + self.ptr) % self.buf["obs"].shape[0]
         for k, v in (("obs", obs), ("act", act), ("rew", rew), ("next", nxt), ("done", done)):
@@ -104,8 +142,10 @@ class TD3Trainer:
             finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
             step = torch.tensor(float(t + 1))
             if finite:
-                moms = [m + (1 - torch.tensor(spec.betas).reshape(-1, *([1] * g.dim()))) * (g - m)
-                        for m, g in zip(moms, grads)]
+                moms = [
+                    m + (1 - torch.tensor(spec.betas).reshape(-1, *([1] * g.dim()))) * (g - m)
+                    for m, g in zip(moms, grads)
+                ]
                 vs = [v + (1 - spec.beta2) * (g * g - v) for v, g in zip(vs, grads)]
                 obs = self._observe(params, grads, moms, vs, step)
             if prev is not None:
@@ -126,7 +166,7 @@ class TD3Trainer:
                 offsets.append(offsets[-1] + p.numel())
             params = [p - self.lr * d[a:b].reshape(p.shape) for p, a, b in zip(params, offsets[:-1], offsets[1:])]
             n = obs.shape[0]
-            pick = torch.randperm(n, generator=self.generator)[:self.per_step]
+            pick = torch.randperm(n, generator=self.generator)[: self.per_step]
             prev = (obs[pick], act[pick], loss, pick)
         losses += [float("nan")] * (self.steps + 1 - len(losses))
         return float(meta_objective(torch.tensor([losses]))[0])
@@ -138,8 +178,9 @@ class TD3Trainer:
         idx = torch.randint(self.size, (self.batch_size,), generator=self.generator)
         obs, act, rew, nxt, done = (self.buf[k][idx] for k in ("obs", "act", "rew", "next", "done"))
         with torch.no_grad():
-            noise = (torch.randn(act.shape, generator=self.generator) * self.policy_noise).clamp(-self.noise_clip,
-                                                                                               self.noise_clip)
+            noise = (torch.randn(act.shape, generator=self.generator) * self.policy_noise).clamp(
+                -self.noise_clip, self.noise_clip
+            )
             nact = (_actor_outputs(self.theta_target, self.spec, nxt).clamp(-1, 1) + noise).clamp(-1, 1)
             qn = torch.min(*[c(torch.cat([nxt, nact], 1)).squeeze(1) for c in self.critics_target])
             target = rew + self.gamma * (1 - done) * qn
@@ -153,7 +194,9 @@ class TD3Trainer:
             out = _actor_outputs(self.theta, self.spec, obs)
             a = out.clamp(-1, 1)
             # the clip has no gradient outside [-1, 1]: a small penalty keeps outputs inside
-            actor_loss = -self.critics[0](torch.cat([obs, a], 1)).mean() + 1e-2 * torch.relu(out.abs() - 1).square().mean()
+            actor_loss = (
+                -self.critics[0](torch.cat([obs, a], 1)).mean() + 1e-2 * torch.relu(out.abs() - 1).square().mean()
+            )
             self.actor_opt.zero_grad()
             actor_loss.backward()
             self.actor_opt.step()
@@ -165,18 +208,23 @@ class TD3Trainer:
 
     def evaluate(self, tasks: Sequence[Task]) -> float:
         theta = self.theta.detach()
-        return float(sum(float(meta_objective(rollout(theta[None], self.spec, t, self.steps, self.lr))[0])
-                         for t in tasks) / len(tasks))
+        return float(
+            sum(float(meta_objective(rollout(theta[None], self.spec, t, self.steps, self.lr))[0]) for t in tasks)
+            / len(tasks)
+        )
 
-    def rule(self, meta: Optional[Dict[str, Any]] = None) -> LearnedRule:
+    def rule(self, meta: Optional[dict[str, Any]] = None) -> LearnedRule:
         return LearnedRule(self.spec, self.theta.detach(), lr=self.lr, meta=dict(meta or {}))
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def main(argv: Optional[list[str]] = None) -> dict:
     from .train import validation_tasks
 
-    ap = argparse.ArgumentParser(prog="python -m rlopt.learned.td3", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m rlopt.learned.td3",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--data", default=None, help="Fashion-MNIST .npz for the MLP tasks (else random teachers)")
     ap.add_argument("--time-budget", type=float, default=600.0, help="seconds of training (wall clock)")
     ap.add_argument("--steps", type=int, default=50, help="episode length T (the horizon)")
@@ -189,11 +237,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_fmnist(args.data) if args.data else None
-    trainer = TD3Trainer(TaskDistribution(TRAIN_FAMILIES, data), RuleSpec(hidden=args.hidden), steps=args.steps,
-                         lr=args.lr, seed=args.seed)
+    trainer = TD3Trainer(
+        TaskDistribution(TRAIN_FAMILIES, data),
+        RuleSpec(hidden=args.hidden),
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+    )
     val = validation_tasks(TRAIN_FAMILIES, data)
     start = time.perf_counter()
-    best: Dict[str, Any] = {"objective": trainer.evaluate(val), "episode": 0, "theta": trainer.theta.detach().clone()}
+    best: dict[str, Any] = {"objective": trainer.evaluate(val), "episode": 0, "theta": trainer.theta.detach().clone()}
     history = [{"episode": 0, "elapsed_s": 0.0, "validation": best["objective"]}]
     episodes = 0
     while time.perf_counter() - start < args.time_budget:
@@ -201,17 +254,37 @@ def main(argv: Optional[List[str]] = None) -> dict:
         episodes += 1
         if episodes % args.eval_every == 0:
             score = trainer.evaluate(val)
-            history.append({"episode": episodes, "updates": trainer.updates,
-                            "elapsed_s": round(time.perf_counter() - start, 1), "validation": score})
+            history.append(
+                {
+                    "episode": episodes,
+                    "updates": trainer.updates,
+                    "elapsed_s": round(time.perf_counter() - start, 1),
+                    "validation": score,
+                }
+            )
             print(json.dumps(history[-1]), flush=True)
             if score < best["objective"]:
                 best = {"objective": score, "episode": episodes, "theta": trainer.theta.detach().clone()}
-    rule = LearnedRule(trainer.spec, best["theta"], lr=args.lr,
-                       meta={"algo": "td3", "episodes": episodes, "best_episode": best["episode"],
-                             "validation_objective": best["objective"]})
+    rule = LearnedRule(
+        trainer.spec,
+        best["theta"],
+        lr=args.lr,
+        meta={
+            "algo": "td3",
+            "episodes": episodes,
+            "best_episode": best["episode"],
+            "validation_objective": best["objective"],
+        },
+    )
     rule.save(args.out)
-    result = {"episodes": episodes, "updates": trainer.updates, "best_validation": best["objective"],
-              "best_episode": best["episode"], "history": history, "time_budget_s": args.time_budget}
+    result = {
+        "episodes": episodes,
+        "updates": trainer.updates,
+        "best_validation": best["objective"],
+        "best_episode": best["episode"],
+        "history": history,
+        "time_budget_s": args.time_budget,
+    }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print(f"best validation objective {best['objective']:.4f} at episode {best['episode']} ({episodes} episodes)")

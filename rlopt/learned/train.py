@@ -12,6 +12,7 @@ Example (the shipped ``learned-es`` rule)::
     python -m rlopt.learned.train --data rlopt/meta/data/fmnist_subset.npz --iterations 300 \\
         --out rlopt/registry/learned-es.pt --register learned-es
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -65,11 +67,17 @@ def _register(name: str, rule_path: str, info: dict) -> None:
         f.write("\n")
 
 
-def main(argv: Optional[List[str]] = None) -> LearnedRule:
-    ap = argparse.ArgumentParser(prog="python -m rlopt.learned.train", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--data", default=None, help="Fashion-MNIST .npz (train_x, train_y) for the MLP tasks; "
-                                                 "without it they use random-teacher data")
+def main(argv: Optional[list[str]] = None) -> LearnedRule:
+    ap = argparse.ArgumentParser(
+        prog="python -m rlopt.learned.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="Fashion-MNIST .npz (train_x, train_y) for the MLP tasks; without it they use random-teacher data",
+    )
     ap.add_argument("--families", default=",".join(TRAIN_FAMILIES), help="comma-separated task families")
     ap.add_argument("--iterations", type=int, default=300, help="ES iterations")
     ap.add_argument("--pairs", type=int, default=ESConfig.pairs, help="antithetic pairs per iteration")
@@ -85,11 +93,19 @@ def main(argv: Optional[List[str]] = None) -> LearnedRule:
     ap.add_argument("--eval-every", type=int, default=25, help="validate (and checkpoint) every N iterations")
     ap.add_argument("--out", default="benchmarks/runs/learned/rule.pt", help="where the best rule is written")
     ap.add_argument("--resume", action="store_true", help="continue from --out's .state.pt if it exists")
-    ap.add_argument("--register", default=None, metavar="NAME",
-                    help="also add the rule to rlopt's registry as NAME (index.json entry with the command)")
-    ap.add_argument("--description", default="Coordinate-wise MLP update rule (LearnedOptimizer), meta-trained "
-                                              "by antithetic ES on quadratics, Rosenbrock, logistic regression "
-                                              "and small MLPs", help="registry description")
+    ap.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="also add the rule to rlopt's registry as NAME (index.json entry with the command)",
+    )
+    ap.add_argument(
+        "--description",
+        default="Coordinate-wise MLP update rule (LearnedOptimizer), meta-trained "
+        "by antithetic ES on quadratics, Rosenbrock, logistic regression "
+        "and small MLPs",
+        help="registry description",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -97,29 +113,49 @@ def main(argv: Optional[List[str]] = None) -> LearnedRule:
 
     data = load_fmnist(args.data) if args.data else None
     families = [f for f in args.families.split(",") if f]
-    config = ESConfig(pairs=args.pairs, tasks_per_iter=args.tasks_per_iter, steps=args.steps, sigma=args.sigma,
-                      meta_lr=args.meta_lr, lr=args.lr, hidden=args.hidden, seed=args.seed)
+    config = ESConfig(
+        pairs=args.pairs,
+        tasks_per_iter=args.tasks_per_iter,
+        steps=args.steps,
+        sigma=args.sigma,
+        meta_lr=args.meta_lr,
+        lr=args.lr,
+        hidden=args.hidden,
+        seed=args.seed,
+    )
     trainer = ESTrainer(config, TaskDistribution(families, data, p_rescale=args.p_rescale, rescale=args.rescale))
     val = validation_tasks(families, data)
     state_path = os.path.splitext(args.out)[0] + ".state.pt"
-    best: Dict[str, Any] = {"objective": trainer.evaluate(val), "iteration": 0, "theta": trainer.theta.clone()}
+    best: dict[str, Any] = {"objective": trainer.evaluate(val), "iteration": 0, "theta": trainer.theta.clone()}
     elapsed = 0.0
     if args.resume and os.path.isfile(state_path):
         sd = torch.load(state_path, weights_only=True)
         trainer.load_state_dict(sd["trainer"])
-        best = {"objective": float(sd["best_objective"]), "iteration": int(sd["best_iteration"]),
-                "theta": sd["best_theta"]}
+        best = {
+            "objective": float(sd["best_objective"]),
+            "iteration": int(sd["best_iteration"]),
+            "theta": sd["best_theta"],
+        }
         elapsed = float(sd["elapsed_s"])
     bar = _progress(args.iterations, trainer.iteration, not args.no_progress)
     start = time.perf_counter() - elapsed
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    meta = {"algo": "es", "config": asdict(config), "families": families, "data": "fmnist" if data is not None
-            else "teacher", "p_rescale": args.p_rescale, "rescale": args.rescale}
+    meta = {
+        "algo": "es",
+        "config": asdict(config),
+        "families": families,
+        "data": "fmnist" if data is not None else "teacher",
+        "p_rescale": args.p_rescale,
+        "rescale": args.rescale,
+    }
 
     def save_rule() -> LearnedRule:
-        rule = LearnedRule(trainer.spec, best["theta"], lr=config.lr,
-                           meta={**meta, "best_iteration": best["iteration"],
-                                 "validation_objective": best["objective"]})
+        rule = LearnedRule(
+            trainer.spec,
+            best["theta"],
+            lr=config.lr,
+            meta={**meta, "best_iteration": best["iteration"], "validation_objective": best["objective"]},
+        )
         rule.save(args.out)
         return rule
 
@@ -134,15 +170,24 @@ def main(argv: Optional[List[str]] = None) -> LearnedRule:
             if score < best["objective"]:
                 best = {"objective": score, "iteration": trainer.iteration, "theta": trainer.theta.clone()}
             save_rule()
-            torch.save({"trainer": trainer.state_dict(), "best_objective": best["objective"],
-                        "best_iteration": best["iteration"], "best_theta": best["theta"],
-                        "elapsed_s": time.perf_counter() - start}, state_path)
+            torch.save(
+                {
+                    "trainer": trainer.state_dict(),
+                    "best_objective": best["objective"],
+                    "best_iteration": best["iteration"],
+                    "best_theta": best["theta"],
+                    "elapsed_s": time.perf_counter() - start,
+                },
+                state_path,
+            )
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - start
     rule = save_rule()
-    print(f"best validation objective {best['objective']:.4f} at iteration {best['iteration']} "
-          f"({trainer.iteration} iterations, {train_time:.0f} s); rule written to {args.out}")
+    print(
+        f"best validation objective {best['objective']:.4f} at iteration {best['iteration']} "
+        f"({trainer.iteration} iterations, {train_time:.0f} s); rule written to {args.out}"
+    )
     if args.register:
         argv_used = sys.argv[1:] if argv is None else list(argv)
         info = {

@@ -37,15 +37,17 @@ MLP and CNN tasks the first shipped policies were trained on, sampled exactly as
 ``"resnet"`` (ResNets on CIFAR-10 and Fashion-MNIST with the real-training recipe, label noise
 0-40% and small training sets, where SAM's gain is large).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -54,8 +56,17 @@ from torch.nn import functional as F
 if TYPE_CHECKING:
     from ..control.base import ControlledOptimizer
 
-__all__ = ["TaskConfig", "TaskDistribution", "Task", "build_task", "run_episode", "fmnist_subset_path",
-           "cifar10_subset_path", "lr_factor", "PRESETS"]
+__all__ = [
+    "TaskConfig",
+    "TaskDistribution",
+    "Task",
+    "build_task",
+    "run_episode",
+    "fmnist_subset_path",
+    "cifar10_subset_path",
+    "lr_factor",
+    "PRESETS",
+]
 
 _FMNIST_MEAN, _FMNIST_STD = 0.286, 0.353
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -141,6 +152,7 @@ class TaskConfig:
     val_split: str = "train"
     """Where the validation images come from: ``"train"`` (held out of the training pool, as the
     first tasks did) or ``"test"`` (the subset's test split)."""
+
     @property
     def steps_per_epoch(self) -> int:
         return max(1, self.n_train // self.batch_size)
@@ -159,10 +171,15 @@ class TaskConfig:
     def short(self) -> str:
         extra = ""
         if self.model == "resnet" or self.weight_decay or self.schedule != "constant" or self.augment:
-            extra = (f" n{self.n_train} wd{self.weight_decay:g} {self.schedule}"
-                     + (" aug" if self.augment else "") + (f" {self.image_size}px" if self.image_size else ""))
-        return (f"{self.data}/{self.model}{self.depth}x{self.width} bs{self.batch_size} lr{self.lr:.3g} "
-                f"noise{self.label_noise:.2f} {self.epochs}ep interval={self.interval}{extra}")
+            extra = (
+                f" n{self.n_train} wd{self.weight_decay:g} {self.schedule}"
+                + (" aug" if self.augment else "")
+                + (f" {self.image_size}px" if self.image_size else "")
+            )
+        return (
+            f"{self.data}/{self.model}{self.depth}x{self.width} bs{self.batch_size} lr{self.lr:.3g} "
+            f"noise{self.label_noise:.2f} {self.epochs}ep interval={self.interval}{extra}"
+        )
 
 
 def _choice(options: Sequence[Any], g: torch.Generator) -> Any:
@@ -191,7 +208,7 @@ def _parse_field(text: str, like: Any) -> Any:
             return parts[0].lower() in ("1", "true")
         return type(like)(parts[0])
     kinds = {type(v) for v in like}
-    values: List[Union[int, float, str]] = []
+    values: list[Union[int, float, str]] = []
     for t in parts:
         if int in kinds and t.lstrip("-").isdigit():
             values.append(int(t))
@@ -210,55 +227,68 @@ def _parse_field(text: str, like: Any) -> Any:
 class TaskDistribution:
     """What :meth:`sample` draws from (each field: the options, drawn uniformly)."""
 
-    data: Tuple[str, ...] = ("teacher", "fmnist")
+    data: tuple[str, ...] = ("teacher", "fmnist")
     """Data sources (``teacher``, ``fmnist``, ``cifar10``); ``cifar10`` falls back to ``fmnist`` and
     ``fmnist`` to ``teacher`` where their subsets are missing."""
-    mlp_width: Tuple[int, ...] = (16, 32, 64)
-    mlp_depth: Tuple[int, ...] = (1, 2, 3)
-    cnn_width: Tuple[int, ...] = (4, 8)
-    cnn_depth: Tuple[int, ...] = (1, 2)
+    mlp_width: tuple[int, ...] = (16, 32, 64)
+    mlp_depth: tuple[int, ...] = (1, 2, 3)
+    cnn_width: tuple[int, ...] = (4, 8)
+    cnn_depth: tuple[int, ...] = (1, 2)
     cnn_share: float = 0.5
     """Probability that an image task uses a CNN rather than an MLP."""
-    batch_size: Tuple[int, ...] = (32, 64, 128)
-    lr_range: Tuple[float, float] = (0.01, 0.2)
+    batch_size: tuple[int, ...] = (32, 64, 128)
+    lr_range: tuple[float, float] = (0.01, 0.2)
     """Log-uniform range of the base learning rate."""
-    label_noise: Tuple[float, ...] = (0.0, 0.0, 0.1, 0.3)
-    epochs: Tuple[int, ...] = (3, 4, 5, 6)
-    n_train: Tuple[int, ...] = (256, 512, 1024)
+    label_noise: tuple[float, ...] = (0.0, 0.0, 0.1, 0.3)
+    epochs: tuple[int, ...] = (3, 4, 5, 6)
+    n_train: tuple[int, ...] = (256, 512, 1024)
     n_val: int = 256
-    interval: Tuple[Union[str, int], ...] = ("epoch", 4, 8)
-    teacher_d_in: Tuple[int, ...] = (8, 16, 32)
-    teacher_classes: Tuple[int, ...] = (3, 5, 10)
+    interval: tuple[Union[str, int], ...] = ("epoch", 4, 8)
+    teacher_d_in: tuple[int, ...] = (8, 16, 32)
+    teacher_classes: tuple[int, ...] = (3, 5, 10)
     fmnist_path: Optional[str] = field(default=None)
     """The subset file (None: :func:`fmnist_subset_path`)."""
     resnet_share: float = 0.0
     """Probability that an image task is a batch-norm ResNet trained with the real-training
     recipe (the fields below); the rest are CNNs (``cnn_share``) or MLPs."""
-    resnet_width: Tuple[int, ...] = (8, 16)
+    resnet_width: tuple[int, ...] = (8, 16)
     """Channels of the first stage (32 works too, at about 4x the cost of 16)."""
-    resnet_depth: Tuple[int, ...] = (1,)
+    resnet_depth: tuple[int, ...] = (1,)
     """Basic blocks per stage (three stages; 2 costs about 1.7x)."""
-    resnet_batch_size: Tuple[int, ...] = (64,)
-    resnet_lr_range: Tuple[float, float] = (0.05, 0.2)
-    resnet_epochs: Tuple[int, ...] = (12, 16)
-    resnet_n_train: Tuple[int, ...] = (500, 1000, 2000)
+    resnet_batch_size: tuple[int, ...] = (64,)
+    resnet_lr_range: tuple[float, float] = (0.05, 0.2)
+    resnet_epochs: tuple[int, ...] = (12, 16)
+    resnet_n_train: tuple[int, ...] = (500, 1000, 2000)
     """Training images (small sets: SAM's gain is larger there)."""
-    weight_decay: Tuple[float, ...] = (5e-4,)
+    weight_decay: tuple[float, ...] = (5e-4,)
     """ResNet tasks' weight decay."""
     warmup: float = 0.1
     """ResNet tasks: share of the steps in the warm-up (then cosine to zero)."""
     augment: bool = True
     """ResNet tasks: random crops with padding (and flips on CIFAR-10)."""
-    image_size: Tuple[int, ...] = (16,)
+    image_size: tuple[int, ...] = (16,)
     """CIFAR-10 image side (16 or 32)."""
     cifar10_path: Optional[str] = field(default=None)
     """The CIFAR-10 subset file (None: :func:`cifar10_subset_path`)."""
 
     def __post_init__(self) -> None:
         smallest = {"mlp_depth": 0, "teacher_classes": 2}  # 0 hidden layers: a linear model
-        for name in ("mlp_width", "mlp_depth", "cnn_width", "cnn_depth", "batch_size", "epochs", "n_train",
-                     "teacher_d_in", "teacher_classes", "resnet_width", "resnet_depth", "resnet_batch_size",
-                     "resnet_epochs", "resnet_n_train"):
+        for name in (
+            "mlp_width",
+            "mlp_depth",
+            "cnn_width",
+            "cnn_depth",
+            "batch_size",
+            "epochs",
+            "n_train",
+            "teacher_d_in",
+            "teacher_classes",
+            "resnet_width",
+            "resnet_depth",
+            "resnet_batch_size",
+            "resnet_epochs",
+            "resnet_n_train",
+        ):
             values = getattr(self, name)
             if not values or any(not _is_int(v) or v < smallest.get(name, 1) for v in values):
                 raise ValueError(f"Invalid {name}: {values}")
@@ -296,7 +326,7 @@ class TaskDistribution:
         return cifar10_subset_path()
 
     @classmethod
-    def preset(cls, name: str, **changes: Any) -> "TaskDistribution":
+    def preset(cls, name: str, **changes: Any) -> TaskDistribution:
         """The distribution named ``name`` in :data:`PRESETS`, with ``changes`` applied."""
         if name not in PRESETS:
             raise ValueError(f"Unknown task preset '{name}'; expected one of {sorted(PRESETS)}")
@@ -309,8 +339,11 @@ class TaskDistribution:
             data = "fmnist"
         if data == "fmnist" and self.resolved_fmnist_path() is None:
             data = "teacher"
-        if data != "teacher" and self.resnet_share > 0 and (
-                self.resnet_share >= 1 or float(torch.rand((), generator=g)) < self.resnet_share):
+        if (
+            data != "teacher"
+            and self.resnet_share > 0
+            and (self.resnet_share >= 1 or float(torch.rand((), generator=g)) < self.resnet_share)
+        ):
             return self._sample_resnet(data, g, seed)
         if data == "cifar10":  # not a ResNet: the CIFAR-10 tasks are ResNet tasks only
             data = "fmnist" if self.resolved_fmnist_path() is not None else "teacher"
@@ -318,12 +351,18 @@ class TaskDistribution:
         lo, hi = self.lr_range
         lr = math.exp(math.log(lo) + float(torch.rand((), generator=g)) * (math.log(hi) - math.log(lo)))
         return TaskConfig(
-            data=data, model="cnn" if cnn else "mlp",
+            data=data,
+            model="cnn" if cnn else "mlp",
             width=_choice(self.cnn_width if cnn else self.mlp_width, g),
             depth=_choice(self.cnn_depth if cnn else self.mlp_depth, g),
-            batch_size=_choice(self.batch_size, g), lr=float(f"{lr:.4g}"),
-            label_noise=_choice(self.label_noise, g), epochs=_choice(self.epochs, g),
-            n_train=_choice(self.n_train, g), n_val=self.n_val, interval=_choice(self.interval, g), seed=seed,
+            batch_size=_choice(self.batch_size, g),
+            lr=float(f"{lr:.4g}"),
+            label_noise=_choice(self.label_noise, g),
+            epochs=_choice(self.epochs, g),
+            n_train=_choice(self.n_train, g),
+            n_val=self.n_val,
+            interval=_choice(self.interval, g),
+            seed=seed,
             d_in=_choice(self.teacher_d_in, g) if data == "teacher" else 196,
             n_classes=_choice(self.teacher_classes, g) if data == "teacher" else 10,
         )
@@ -332,16 +371,29 @@ class TaskDistribution:
         lo, hi = self.resnet_lr_range
         lr = math.exp(math.log(lo) + float(torch.rand((), generator=g)) * (math.log(hi) - math.log(lo)))
         return TaskConfig(
-            data=data, model="resnet", width=_pick(self.resnet_width, g), depth=_pick(self.resnet_depth, g),
-            batch_size=_pick(self.resnet_batch_size, g), lr=float(f"{lr:.4g}"),
-            label_noise=_pick(self.label_noise, g), epochs=_pick(self.resnet_epochs, g),
-            n_train=_pick(self.resnet_n_train, g), n_val=min(self.n_val, 1000), interval=_pick(self.interval, g),
-            seed=seed, d_in=3 * 16 * 16 if data == "cifar10" else 196, n_classes=10,
-            weight_decay=_pick(self.weight_decay, g), schedule="warmup-cosine", warmup=self.warmup,
-            augment=self.augment, image_size=_pick(self.image_size, g) if data == "cifar10" else 0,
-            val_split="test")
+            data=data,
+            model="resnet",
+            width=_pick(self.resnet_width, g),
+            depth=_pick(self.resnet_depth, g),
+            batch_size=_pick(self.resnet_batch_size, g),
+            lr=float(f"{lr:.4g}"),
+            label_noise=_pick(self.label_noise, g),
+            epochs=_pick(self.resnet_epochs, g),
+            n_train=_pick(self.resnet_n_train, g),
+            n_val=min(self.n_val, 1000),
+            interval=_pick(self.interval, g),
+            seed=seed,
+            d_in=3 * 16 * 16 if data == "cifar10" else 196,
+            n_classes=10,
+            weight_decay=_pick(self.weight_decay, g),
+            schedule="warmup-cosine",
+            warmup=self.warmup,
+            augment=self.augment,
+            image_size=_pick(self.image_size, g) if data == "cifar10" else 0,
+            val_split="test",
+        )
 
-    def with_overrides(self, items: Sequence[str]) -> "TaskDistribution":
+    def with_overrides(self, items: Sequence[str]) -> TaskDistribution:
         """A copy with fields set from ``"field=v1,v2,..."`` strings (the command line's ``--task``).
 
         Option fields take a comma-separated list, typed like their defaults (``interval`` takes
@@ -350,13 +402,14 @@ class TaskDistribution:
         """
         known = {f.name for f in dataclasses.fields(self)} - {"fmnist_path", "cifar10_path"}
         defaults = type(self)()
-        changes: Dict[str, Any] = {}
+        changes: dict[str, Any] = {}
         for item in items:
             name, sep, text = item.partition("=")
             name = name.strip().replace("-", "_")
             if not sep or name not in known:
-                raise ValueError(f"Invalid task override {item!r}: expected FIELD=VALUES with FIELD one of "
-                                 f"{sorted(known)}")
+                raise ValueError(
+                    f"Invalid task override {item!r}: expected FIELD=VALUES with FIELD one of {sorted(known)}"
+                )
             try:
                 changes[name] = _parse_field(text, getattr(defaults, name))
             except ValueError as e:
@@ -367,7 +420,7 @@ class TaskDistribution:
         g = torch.Generator().manual_seed(seed)
         return sum(self.sample(g, 0).decisions for _ in range(n)) / n
 
-    def describe(self) -> Dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """A plain-data description (saved in checkpoints' metadata)."""
         d = dataclasses.asdict(self)
         path = self.resolved_fmnist_path()
@@ -376,16 +429,23 @@ class TaskDistribution:
         cifar = self.resolved_cifar10_path()
         d["cifar10_path"] = None if cifar is None else cifar.name
         d["cifar10_available"] = cifar is not None
-        d["note"] = ("teacher: random 2-layer tanh teacher, x ~ N(0, I); fmnist: embedded 5000-image "
-                     "Fashion-MNIST subset pooled to 14x14; label noise on training labels only; "
-                     "lr log-uniform in lr_range")
+        d["note"] = (
+            "teacher: random 2-layer tanh teacher, x ~ N(0, I); fmnist: embedded 5000-image "
+            "Fashion-MNIST subset pooled to 14x14; label noise on training labels only; "
+            "lr log-uniform in lr_range"
+        )
         if self.resnet_share > 0:
-            d["note"] += ("; resnet tasks: batch-norm ResNets (3 stages), crops with padding (+ flips on "
-                          "cifar10), weight decay, linear warm-up then cosine to zero, lr log-uniform in "
-                          "resnet_lr_range, validation on the test split; cifar10: local 4000/1000-image "
-                          "subset pooled to image_size"
-                          + ("" if cifar is not None or "cifar10" not in self.data
-                             else " (not found: cifar10 tasks fell back to fmnist)"))
+            d["note"] += (
+                "; resnet tasks: batch-norm ResNets (3 stages), crops with padding (+ flips on "
+                "cifar10), weight decay, linear warm-up then cosine to zero, lr log-uniform in "
+                "resnet_lr_range, validation on the test split; cifar10: local 4000/1000-image "
+                "subset pooled to image_size"
+                + (
+                    ""
+                    if cifar is not None or "cifar10" not in self.data
+                    else " (not found: cifar10 tasks fell back to fmnist)"
+                )
+            )
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -403,11 +463,11 @@ class Task:
     """The current epoch's permutation of the training set (set by :func:`train_steps`)."""
 
 
-_FMNIST_CACHE: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-_IMAGE_CACHE: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
+_FMNIST_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_IMAGE_CACHE: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
 
-def _load_fmnist(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+def _load_fmnist(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     key = os.fspath(path)
     if key not in _FMNIST_CACHE:
         import numpy as np
@@ -420,7 +480,7 @@ def _load_fmnist(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
     return _FMNIST_CACHE[key]
 
 
-def _load_splits(data: str, path: Path, image_size: int) -> Dict[str, torch.Tensor]:
+def _load_splits(data: str, path: Path, image_size: int) -> dict[str, torch.Tensor]:
     """Both splits of a subset file, normalised float ``(N, C, H, W)``: Fashion-MNIST pooled to
     14x14, CIFAR-10 to ``image_size`` (16 or 32)."""
     key = (os.fspath(path), image_size)
@@ -468,23 +528,23 @@ def _resnet(c_in: int, width: int, blocks: int, n_classes: int) -> nn.Module:
     layers = [nn.Conv2d(c_in, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     c = width
     for stage in range(3):
-        c_out = width * 2 ** stage
+        c_out = width * 2**stage
         for b in range(blocks):
             layers.append(_Block(c, c_out, 2 if stage > 0 and b == 0 else 1))
             c = c_out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_classes))
 
 
-def _make_model(cfg: TaskConfig, in_shape: Tuple[int, ...]) -> nn.Module:
+def _make_model(cfg: TaskConfig, in_shape: tuple[int, ...]) -> nn.Module:
     if cfg.model == "resnet":
         return _resnet(in_shape[0], cfg.width, cfg.depth, cfg.n_classes)
     if cfg.model == "cnn":
         layers, c_in = [], in_shape[0]
         for i in range(cfg.depth):
-            c_out = cfg.width * 2 ** i
+            c_out = cfg.width * 2**i
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c_out
-        side = in_shape[1] // 2 ** cfg.depth
+        side = in_shape[1] // 2**cfg.depth
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * side * side, cfg.n_classes))
     d_in, layers = int(torch.Size(in_shape).numel()), [nn.Flatten()]
     for _ in range(cfg.depth):
@@ -497,9 +557,11 @@ def _subset_file(cfg: TaskConfig, fmnist_path: Optional[Path], cifar10_path: Opt
     if cfg.data == "cifar10":
         path = cifar10_path or cifar10_subset_path()
         if path is None:
-            raise FileNotFoundError("The CIFAR-10 subset is not available: build it with `python -m "
-                                    "benchmarks.make_subset --dataset cifar10 --data-dir ...` or set "
-                                    "$RLOPT_CIFAR10_SUBSET")
+            raise FileNotFoundError(
+                "The CIFAR-10 subset is not available: build it with `python -m "
+                "benchmarks.make_subset --dataset cifar10 --data-dir ...` or set "
+                "$RLOPT_CIFAR10_SUBSET"
+            )
         return Path(path)
     path = fmnist_path or fmnist_subset_path()
     if path is None:
@@ -518,10 +580,12 @@ def build_task(cfg: TaskConfig, fmnist_path: Optional[Path] = None, cifar10_path
             raise ValueError("val_split='test' needs an image data source")
         d = _load_splits(cfg.data, _subset_file(cfg, fmnist_path, cifar10_path), cfg.image_size)
         if cfg.n_train > len(d["train_y"]) or cfg.n_val > len(d["test_y"]):
-            raise ValueError(f"The {cfg.data} subset has {len(d['train_y'])} training and {len(d['test_y'])} test "
-                             f"images; the task asks for {cfg.n_train} and {cfg.n_val}")
-        tr = torch.randperm(len(d["train_y"]), generator=g)[:cfg.n_train]
-        va = torch.randperm(len(d["test_y"]), generator=g)[:cfg.n_val]
+            raise ValueError(
+                f"The {cfg.data} subset has {len(d['train_y'])} training and {len(d['test_y'])} test "
+                f"images; the task asks for {cfg.n_train} and {cfg.n_val}"
+            )
+        tr = torch.randperm(len(d["train_y"]), generator=g)[: cfg.n_train]
+        va = torch.randperm(len(d["test_y"]), generator=g)[: cfg.n_val]
         x = torch.cat([d["train_x"][tr], d["test_x"][va]])
         y = torch.cat([d["train_y"][tr], d["test_y"][va]])
     elif cfg.val_split != "train":
@@ -539,14 +603,14 @@ def build_task(cfg: TaskConfig, fmnist_path: Optional[Path] = None, cifar10_path
         d = _load_splits(cfg.data, _subset_file(cfg, fmnist_path, cifar10_path), cfg.image_size)
         idx = torch.randperm(len(d["train_y"]), generator=g)[:n]
         x, y = d["train_x"][idx], d["train_y"][idx]
-    train_x, train_y = x[:cfg.n_train], y[:cfg.n_train].clone()
+    train_x, train_y = x[: cfg.n_train], y[: cfg.n_train].clone()
     if cfg.label_noise > 0:
         flip = torch.rand(cfg.n_train, generator=g) < cfg.label_noise
         train_y[flip] = torch.randint(cfg.n_classes, (int(flip.sum()),), generator=g)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = _make_model(cfg, tuple(x.shape[1:]))
-    return Task(cfg, model, train_x, train_y, x[cfg.n_train:], y[cfg.n_train:], g)
+    return Task(cfg, model, train_x, train_y, x[cfg.n_train :], y[cfg.n_train :], g)
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
@@ -566,18 +630,22 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int, flip: bool) -> 
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     try:
-        out = torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+        out = torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)])
     finally:
         model.train(was_training)
     return float(F.cross_entropy(out, y)), float((out.argmax(dim=1) == y).float().mean())
 
 
-def train_steps(task: Task, optimizer: "ControlledOptimizer", steps: range,
-                on_epoch_end: Optional[Callable[[int, float, float], None]] = None) -> None:
+def train_steps(
+    task: Task,
+    optimizer: ControlledOptimizer,
+    steps: range,
+    on_epoch_end: Optional[Callable[[int, float, float], None]] = None,
+) -> None:
     """Run the task's training steps ``steps`` (0-based indices into its whole run) with
     ``optimizer``: its batches in order (one permutation per epoch, drawn from ``task.generator``
     at the epoch's first step), its augmentation and its learning-rate schedule (the base lr of
@@ -592,7 +660,7 @@ def train_steps(task: Task, optimizer: "ControlledOptimizer", steps: range,
         epoch, i = divmod(step, spe)
         if i == 0 or task.order is None:
             task.order = torch.randperm(cfg.n_train, generator=task.generator)
-        idx = task.order[i * bs:(i + 1) * bs]
+        idx = task.order[i * bs : (i + 1) * bs]
         xb, yb = task.train_x[idx], task.train_y[idx]
         if cfg.augment:
             xb = augment_batch(xb, task.generator, pad=2 if xb.shape[-1] <= 16 else 4, flip=cfg.data == "cifar10")
@@ -613,7 +681,7 @@ def train_steps(task: Task, optimizer: "ControlledOptimizer", steps: range,
             on_epoch_end(epoch, val_loss, val_acc)
 
 
-def run_episode(task: Task, optimizer: "ControlledOptimizer") -> Dict[str, Any]:
+def run_episode(task: Task, optimizer: ControlledOptimizer) -> dict[str, Any]:
     """Train ``task.model`` with ``optimizer`` (an rlopt optimizer built on its parameters) for
     the task's budget (:func:`train_steps`: its batches, augmentation and learning-rate
     schedule), calling ``epoch_end`` with validation metrics after every epoch.
@@ -644,15 +712,20 @@ def run_episode(task: Task, optimizer: "ControlledOptimizer") -> Dict[str, Any]:
     for h in optimizer.history:
         counts[h["action"]] += 1
     return {
-        "return": float(sum(rewards)), "decisions": len(optimizer.history), "val_loss": val_loss,
-        "val_acc": val_acc, "diverged": diverged, "val_curve": curve,
+        "return": float(sum(rewards)),
+        "decisions": len(optimizer.history),
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "diverged": diverged,
+        "val_curve": curve,
         "action_share": {a: c / max(1, len(optimizer.history)) for a, c in zip(names, counts)},
     }
 
 
 #: Named task distributions (:meth:`TaskDistribution.preset`): field values over the defaults.
-PRESETS: Dict[str, Dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "classic": {},
-    "resnet": dict(data=("cifar10", "fmnist"), resnet_share=1.0, label_noise=(0.0, 0.2, 0.4),
-                   interval=("epoch",), n_val=1000),
+    "resnet": dict(
+        data=("cifar10", "fmnist"), resnet_share=1.0, label_noise=(0.0, 0.2, 0.4), interval=("epoch",), n_val=1000
+    ),
 }

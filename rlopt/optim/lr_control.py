@@ -1,12 +1,14 @@
 """QLearningRateOptimizer: a Q-learning agent adjusts the learning rate (and weight decay) of one
 inner optimizer during training (Hansen, 2016; Xu et al., 2017)."""
+
 from __future__ import annotations
 
 import bisect
 import itertools
 import math
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ..control.base import ControlledOptimizer
 from ..control.choices import FAMILIES, ChoiceSpec, resolve_choices
@@ -28,8 +30,17 @@ _CONTROLS = {"lr": ("lr", LR_ACTIONS), "weight_decay": ("wd", WD_ACTIONS)}
 
 #: The DQN behind ``policy="dqn"``: a run makes tens of decisions, not thousands, so exploration
 #: ends within about 40 decisions and the horizon is short.
-DEFAULT_DQN_CONFIG = DQNConfig(gamma=0.9, epsilon_decay=0.93, learning_starts=8, target_update=10, lr=1e-3,
-                               batch_size=32, buffer_size=5000, train_frequency=1, double_dqn=False)
+DEFAULT_DQN_CONFIG = DQNConfig(
+    gamma=0.9,
+    epsilon_decay=0.93,
+    learning_starts=8,
+    target_update=10,
+    lr=1e-3,
+    batch_size=32,
+    buffer_size=5000,
+    train_frequency=1,
+    double_dqn=False,
+)
 
 #: Default reward (chosen on benchmarks/lr_control.py; see benchmarks/results/lr_control/lr_control.md).
 DEFAULT_REWARD = "log_improvement"
@@ -142,65 +153,110 @@ class QLearningRateOptimizer(ControlledOptimizer):
 
     kind = "lr_control"
 
-    def __init__(self, params: ParamsT, base: Union[str, Tuple[str, Mapping[str, Any]]] = "sgd", lr: float = 0.1,
-                 weight_decay: Optional[float] = None, control: Sequence[str] = ("lr",),
-                 policy: Any = "dqn", interval: Union[str, int] = 10, momentum: float = 0.9,
-                 seed: int = 0, *, total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
-                 reward: Optional[Callable[[RewardContext], float]] = None, objective_memory: int = 5,
-                 max_lr_halvings: int = 10, max_wd_halvings: int = 8, max_wd_growths: int = 8,
-                 train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None, process_group: Any = "auto",
-                 history_size: Optional[int] = 1000):
+    def __init__(
+        self,
+        params: ParamsT,
+        base: Union[str, tuple[str, Mapping[str, Any]]] = "sgd",
+        lr: float = 0.1,
+        weight_decay: Optional[float] = None,
+        control: Sequence[str] = ("lr",),
+        policy: Any = "dqn",
+        interval: Union[str, int] = 10,
+        momentum: float = 0.9,
+        seed: int = 0,
+        *,
+        total_steps: Optional[int] = None,
+        total_epochs: Optional[int] = None,
+        reward: Optional[Callable[[RewardContext], float]] = None,
+        objective_memory: int = 5,
+        max_lr_halvings: int = 10,
+        max_wd_halvings: int = 8,
+        max_wd_growths: int = 8,
+        train_policy: Optional[bool] = None,
+        max_nonfinite_steps: Optional[int] = 20,
+        signal_every: Optional[int] = None,
+        process_group: Any = "auto",
+        history_size: Optional[int] = 1000,
+    ):
         check_lr(lr, positive=True)  # positive: the agent scales it
         check_momentum(momentum)
         if weight_decay is not None:
             check_weight_decay(weight_decay)
         control = self._check_control(control)
-        for name, value, most, bound in (("objective_memory", objective_memory, None, ""),
-                                         ("max_lr_halvings", max_lr_halvings, MAX_HALVINGS, "2**-n"),
-                                         ("max_wd_halvings", max_wd_halvings, MAX_HALVINGS, "2**-n"),
-                                         ("max_wd_growths", max_wd_growths, MAX_GROWTHS, "1.25**n")):
+        for name, value, most, bound in (
+            ("objective_memory", objective_memory, None, ""),
+            ("max_lr_halvings", max_lr_halvings, MAX_HALVINGS, "2**-n"),
+            ("max_wd_halvings", max_wd_halvings, MAX_HALVINGS, "2**-n"),
+            ("max_wd_growths", max_wd_growths, MAX_GROWTHS, "1.25**n"),
+        ):
             value = check_count(value, name)
             if most is not None and value > most:
-                raise ValueError(f"Invalid {name}: {value} (at most {most}: the bound {bound} must be a normal "
-                                 "positive float64)")
+                raise ValueError(
+                    f"Invalid {name}: {value} (at most {most}: the bound {bound} must be a normal positive float64)"
+                )
         spec = self._resolve_base(base, lr)
         if weight_decay is not None and "weight_decay" in spec.hparams:
             raise ValueError("Give weight_decay either as the argument or in the base's options, not both")
-        wd0 = float(spec.hparams.get("weight_decay", spec.kind.defaults["weight_decay"])
-                    if weight_decay is None else weight_decay)
+        wd0 = float(
+            spec.hparams.get("weight_decay", spec.kind.defaults["weight_decay"])
+            if weight_decay is None
+            else weight_decay
+        )
         if "weight_decay" in control and not wd0 > 0:
-            raise ValueError(f"Invalid weight_decay value: {wd0} (controlling weight decay needs a positive "
-                             "initial value)")
-        defaults: Dict[str, Any] = dict(lr=lr, weight_decay=wd0)
+            raise ValueError(
+                f"Invalid weight_decay value: {wd0} (controlling weight decay needs a positive initial value)"
+            )
+        defaults: dict[str, Any] = dict(lr=lr, weight_decay=wd0)
         if spec.kind.follows_momentum:
             defaults["momentum"] = momentum
         elif "betas" in spec.kind.defaults:  # as torch's Adam: OneCycleLR cycles beta1 here
             defaults["betas"] = tuple(spec.hparams.get("betas", spec.kind.defaults["betas"]))
-            spec = ChoiceSpec(spec.name, spec.family, {k: v for k, v in spec.hparams.items() if k != "betas"},
-                              spec.options, spec.lr_scale, spec.cost)
+            spec = ChoiceSpec(
+                spec.name,
+                spec.family,
+                {k: v for k, v in spec.hparams.items() if k != "betas"},
+                spec.options,
+                spec.lr_scale,
+                spec.cost,
+            )
         # The agent's state exists before the base class makes the first decision.
         self._control = control
         self._lr_wd = {"lr": 1.0, "weight_decay": 1.0}
-        self._bounds = {"lr": (2.0 ** -max_lr_halvings, 1.0),
-                        "weight_decay": (2.0 ** -max_wd_halvings, 1.25 ** max_wd_growths)}
-        self._initial: Dict[str, float] = {}  # group 0's values at construction (set at the first decision)
+        self._bounds = {
+            "lr": (2.0**-max_lr_halvings, 1.0),
+            "weight_decay": (2.0**-max_wd_halvings, 1.25**max_wd_growths),
+        }
+        self._initial: dict[str, float] = {}  # group 0's values at construction (set at the first decision)
         self._memory = objective_memory
-        self._lowest: List[float] = []
+        self._lowest: list[float] = []
         parts = [[f"{_CONTROLS[c][0]}:{a}" for a in _CONTROLS[c][1]] for c in control]
         action_names = ["|".join(combo) for combo in itertools.product(*parts)]
         extra = ["objective_position", "lr_level"] + (["wd_level"] if "weight_decay" in control else [])
         if isinstance(policy, str) and policy == "dqn":
             policy = DQNConfig(**vars(DEFAULT_DQN_CONFIG))
-        super().__init__(params, defaults, [spec], action_names=action_names, costs=[spec.cost] * len(action_names),
-                         policy=policy, interval=interval, seed=seed, total_steps=total_steps,
-                         total_epochs=total_epochs, reward=reward, max_nonfinite_steps=max_nonfinite_steps,
-                         signal_every=signal_every, process_group=process_group, train_policy=train_policy,
-                         extra_features=extra, history_size=history_size)
+        super().__init__(
+            params,
+            defaults,
+            [spec],
+            action_names=action_names,
+            costs=[spec.cost] * len(action_names),
+            policy=policy,
+            interval=interval,
+            seed=seed,
+            total_steps=total_steps,
+            total_epochs=total_epochs,
+            reward=reward,
+            max_nonfinite_steps=max_nonfinite_steps,
+            signal_every=signal_every,
+            process_group=process_group,
+            train_policy=train_policy,
+            extra_features=extra,
+            history_size=history_size,
+        )
 
     # ------------------------------------------------------------------ arguments
     @staticmethod
-    def _check_control(control: Any) -> Tuple[str, ...]:
+    def _check_control(control: Any) -> tuple[str, ...]:
         if isinstance(control, str):
             control = (control,)
         try:
@@ -244,7 +300,7 @@ class QLearningRateOptimizer(ControlledOptimizer):
             reward.wd = 0.0
         return reward
 
-    def _factors(self) -> Tuple[float, Optional[float]]:
+    def _factors(self) -> tuple[float, Optional[float]]:
         return self._lr_wd["lr"], self._lr_wd["weight_decay"]
 
     def _apply_action(self, action: int) -> None:
@@ -258,8 +314,10 @@ class QLearningRateOptimizer(ControlledOptimizer):
 
     def _extra_features(self, signals: Signals) -> Sequence[float]:
         if not self._initial:
-            self._initial = {"lr": self.param_groups[0]["lr"] * self.inner.specs[0].lr_scale,
-                             "weight_decay": self.param_groups[0]["weight_decay"]}
+            self._initial = {
+                "lr": self.param_groups[0]["lr"] * self.inner.specs[0].lr_scale,
+                "weight_decay": self.param_groups[0]["weight_decay"],
+            }
         feats = [self._objective_position(signals.loss), self._level("lr", self.lr)]
         if "weight_decay" in self._control:
             feats.append(self._level("weight_decay", self.weight_decay))
@@ -278,7 +336,7 @@ class QLearningRateOptimizer(ControlledOptimizer):
         else:
             pos = 0.0
         bisect.insort(lowest, f)
-        del lowest[self._memory:]
+        del lowest[self._memory :]
         return pos
 
     def _level(self, name: str, value: float) -> float:
@@ -289,23 +347,37 @@ class QLearningRateOptimizer(ControlledOptimizer):
         x = 2.0 * (math.log(ratio) - math.log(lo)) / (math.log(hi) - math.log(lo)) - 1.0
         return min(1.0, max(-1.0, x))
 
-    def _history_extra(self) -> Dict[str, Any]:
-        return {"lr": self.lr, "weight_decay": self.weight_decay,
-                "lr_factor": self._lr_wd["lr"], "wd_factor": self._lr_wd["weight_decay"]}
+    def _history_extra(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "lr_factor": self._lr_wd["lr"],
+            "wd_factor": self._lr_wd["weight_decay"],
+        }
 
-    def _extra_state(self) -> Dict[str, Any]:
-        return {"lr_control": {"control": list(self._control), "factors": dict(self._lr_wd),
-                               "lowest": list(self._lowest), "initial": dict(self._initial)}}
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "lr_control": {
+                "control": list(self._control),
+                "factors": dict(self._lr_wd),
+                "lowest": list(self._lowest),
+                "initial": dict(self._initial),
+            }
+        }
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         saved = state.get("lr_control")
         if not isinstance(saved, Mapping) or list(saved.get("control", [])) != list(self._control):
             got = saved.get("control") if isinstance(saved, Mapping) else None
-            raise ValueError(f"rlopt.extra.lr_control: the checkpoint controls {got}, this optimizer controls "
-                             f"{list(self._control)}")
+            raise ValueError(
+                f"rlopt.extra.lr_control: the checkpoint controls {got}, this optimizer controls {list(self._control)}"
+            )
         factors = saved.get("factors")
-        if not isinstance(factors, Mapping) or set(factors) != {"lr", "weight_decay"} or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in factors.values()):
+        if (
+            not isinstance(factors, Mapping)
+            or set(factors) != {"lr", "weight_decay"}
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in factors.values())
+        ):
             raise ValueError(f"Invalid rlopt.extra.lr_control.factors: {factors!r}")
         if not isinstance(saved.get("lowest"), (list, tuple)) or not isinstance(saved.get("initial"), Mapping):
             raise ValueError("rlopt.extra.lr_control needs 'lowest' (a list) and 'initial' (a dict)")
@@ -329,12 +401,12 @@ class QLearningRateOptimizer(ControlledOptimizer):
         return self.param_groups[0]["weight_decay"] * self._lr_wd["weight_decay"]
 
     @property
-    def factors(self) -> Dict[str, float]:
+    def factors(self) -> dict[str, float]:
         """The agent's multipliers (``{"lr": u_lr, "weight_decay": u_wd}``)."""
         return dict(self._lr_wd)
 
     @property
-    def control(self) -> Tuple[str, ...]:
+    def control(self) -> tuple[str, ...]:
         return self._control
 
     @property

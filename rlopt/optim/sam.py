@@ -1,9 +1,11 @@
 """Sharpness-Aware Minimization (SAM) around any torch optimizer."""
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch.optim import Optimizer
@@ -14,7 +16,7 @@ from ..control.validation import check_group_hparams
 if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
 
-_TensorList = Union[List[torch.Tensor], Tuple[torch.Tensor, ...]]  # what torch's foreach kernels take
+_TensorList = Union[list[torch.Tensor], tuple[torch.Tensor, ...]]  # what torch's foreach kernels take
 
 __all__ = ["SAM"]
 
@@ -66,10 +68,16 @@ class SAM(Optimizer):
     """
 
     base_optimizer: Optimizer
-    _moved: Optional[List[Tuple[List[torch.Tensor], List[torch.Tensor]]]]
+    _moved: Optional[list[tuple[list[torch.Tensor], list[torch.Tensor]]]]
 
-    def __init__(self, params: ParamsT, base_optimizer: type = torch.optim.SGD, rho: float = 0.05,
-                 adaptive: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if isinstance(rho, bool) or not isinstance(rho, (numbers.Real, torch.Tensor)):
             raise TypeError(f"Invalid rho: {rho} (expected a float)")
         if isinstance(rho, torch.Tensor) and rho.numel() != 1:
@@ -80,9 +88,7 @@ class SAM(Optimizer):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         check_group_hparams(kwargs)  # torch's own check (lr < 0) lets NaN through
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"
-            )
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
         defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
         super().__init__(params, defaults)
         # The base optimizer works on the very same group dicts: an LR scheduler on SAM reaches it.
@@ -91,20 +97,22 @@ class SAM(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
 
     # ------------------------------------------------------------------ phases
-    def _params_with_grad(self) -> List[torch.Tensor]:
+    def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     @torch.no_grad()
     def grad_norm(self) -> Optional[torch.Tensor]:
         """Global L2 norm of the gradients (of ``|w| * g`` in adaptive groups), on device."""
-        norms: List[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("SAM does not support sparse gradients (from nn.Embedding(sparse=True) or "
-                                   "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False")
+                raise RuntimeError(
+                    "SAM does not support sparse gradients (from nn.Embedding(sparse=True) or "
+                    "nn.EmbeddingBag(sparse=True)); build those layers with sparse=False"
+                )
             grads: _TensorList = [p.grad for p in params]
             if group["adaptive"]:
                 grads = torch._foreach_mul(torch._foreach_abs(params), grads)
@@ -117,8 +125,12 @@ class SAM(Optimizer):
         return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_norm: Optional[torch.Tensor] = None,
-                   found_inf: Optional[torch.Tensor] = None) -> None:
+    def first_step(
+        self,
+        zero_grad: bool = False,
+        grad_norm: Optional[torch.Tensor] = None,
+        found_inf: Optional[torch.Tensor] = None,
+    ) -> None:
         """Move to ``w + e``; keep a copy of ``w``. ``grad_norm`` may be passed if already known.
 
         ``found_inf``: a 0-dim flag on the device, 1 when this step will be skipped (a non-finite
@@ -169,9 +181,15 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _perturb_finite(self, gi: int, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                        scale: torch.Tensor, found_inf: torch.Tensor,
-                        adaptive: bool) -> None:
+    def _perturb_finite(
+        self,
+        gi: int,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        adaptive: bool,
+    ) -> None:
         """``w += e`` with ``e`` computed in flat buffers (one per device and dtype) so that one
         kernel can zero its non-finite entries; ``e = 0`` where ``found_inf`` is 1. For finite
         gradients the result is bit-identical to the plain path."""
@@ -188,8 +206,9 @@ class SAM(Optimizer):
             flat.nan_to_num_(0.0, 0.0, 0.0)
             torch._foreach_add_(sub, views)
 
-    def _flat_views(self, gi: int,
-                    params: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, List[torch.Tensor], List[int]]]:
+    def _flat_views(
+        self, gi: int, params: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, list[torch.Tensor], list[int]]]:
         """Per device and dtype: a flat buffer and one view of it per parameter, with the
         parameter's own strides where it is dense (so foreach kernels keep their fast path);
         kept between steps and rebuilt when the parameters with a gradient change."""
@@ -198,7 +217,7 @@ class SAM(Optimizer):
         hit = cache.get(gi)
         if hit is not None and hit[0] == key:
             return hit[1]
-        parts: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        parts: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             parts.setdefault((p.device, p.dtype), []).append(i)
         out = []
@@ -208,8 +227,11 @@ class SAM(Optimizer):
             for i in idx:
                 p = params[i]
                 chunk = flat.narrow(0, offset, p.numel())
-                dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) or (
-                    p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d))
+                dense = (
+                    p.is_contiguous()
+                    or p.is_contiguous(memory_format=torch.channels_last)
+                    or (p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d))
+                )
                 views.append(chunk.as_strided(p.shape, p.stride()) if dense else chunk.view(p.shape))
                 offset += p.numel()
             out.append((flat, views, idx))
@@ -250,7 +272,7 @@ class SAM(Optimizer):
         return loss
 
     # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its groups carry ``rho`` and ``adaptive``); SAM's own
         state-dict hooks run around it."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -263,7 +285,7 @@ class SAM(Optimizer):
                 sd = result
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -283,12 +305,12 @@ class SAM(Optimizer):
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["base_optimizer"] = self.base_optimizer
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "base_optimizer" in state:
             self.param_groups = self.base_optimizer.param_groups

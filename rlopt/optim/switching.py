@@ -1,7 +1,9 @@
 """RLSwitchingOptimizer: a policy chooses which inner optimizer (SGD, SAM, Adam, ...) runs."""
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -72,8 +74,9 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         max_nonfinite_steps: raise after this many consecutive steps with a non-finite loss or
             gradient (each is skipped and penalised); None never raises. On a GPU the count is
             read without waiting for the device, so the error may come up to about 130 steps late
-            (the count is folded every 128 steps; the steps meanwhile are skipped all the same); on the CPU it comes at the step that completes the run;
-            on other devices (MPS) at the next decision.
+            (the count is folded every 128 steps; the steps meanwhile are skipped all the same);
+            on the CPU it comes at the step that completes the run; on other devices (MPS) at the
+            next decision.
         signal_every: sample the gradient norm and alignment every this many steps (None: 100, or
             ``interval`` when deciding every ``interval`` < 100 steps, so that every interval holds a
             sample). A sample and the step after it cost a copy of the gradient and about ten small
@@ -134,16 +137,33 @@ class RLSwitchingOptimizer(ControlledOptimizer):
 
     kind = "switching"
 
-    def __init__(self, params: ParamsT, choices: ChoicesArg = ("sgd", "sam", "adam"), policy: Any = "ppo",
-                 interval: Union[str, int] = "epoch", lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: Optional[float] = None, seed: int = 0, *,
-                 total_steps: Optional[int] = None, total_epochs: Optional[int] = None,
-                 reward: Optional[Callable[[RewardContext], float]] = None,
-                 train_policy: Optional[bool] = None, max_nonfinite_steps: Optional[int] = 20,
-                 signal_every: Optional[int] = None, share_momentum: bool = True, process_group: Any = "auto",
-                 history_size: Optional[int] = 1000, maximize: bool = False, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
-                 compute_budget: Optional[float] = None):
+    def __init__(
+        self,
+        params: ParamsT,
+        choices: ChoicesArg = ("sgd", "sam", "adam"),
+        policy: Any = "ppo",
+        interval: Union[str, int] = "epoch",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: Optional[float] = None,
+        seed: int = 0,
+        *,
+        total_steps: Optional[int] = None,
+        total_epochs: Optional[int] = None,
+        reward: Optional[Callable[[RewardContext], float]] = None,
+        train_policy: Optional[bool] = None,
+        max_nonfinite_steps: Optional[int] = 20,
+        signal_every: Optional[int] = None,
+        share_momentum: bool = True,
+        process_group: Any = "auto",
+        history_size: Optional[int] = 1000,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        compute_budget: Optional[float] = None,
+    ):
         check_lr(lr)
         check_momentum(momentum)
         if weight_decay is not None:
@@ -155,17 +175,33 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         costs = [s.cost for s in specs]
         budget = None
         if compute_budget is not None:
-            run = check_count(total_steps, "total_steps", allow_none=True), \
-                check_count(total_epochs, "total_epochs", allow_none=True)
+            run = (
+                check_count(total_steps, "total_steps", allow_none=True),
+                check_count(total_epochs, "total_epochs", allow_none=True),
+            )
             check_budget(compute_budget, costs, *run)
             budget = ComputeBudget(compute_budget, costs, total_steps=run[0], total_epochs=run[1])
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, specs, action_names=[s.name for s in specs], costs=costs,
-                         policy=policy, interval=interval, seed=seed, total_steps=total_steps,
-                         total_epochs=total_epochs, reward=reward, max_nonfinite_steps=max_nonfinite_steps,
-                         signal_every=signal_every, train_policy=train_policy, share_momentum=share_momentum,
-                         process_group=process_group, history_size=history_size,
-                         extra_features=BUDGET_FEATURES if budget is not None else ())
+        super().__init__(
+            params,
+            defaults,
+            specs,
+            action_names=[s.name for s in specs],
+            costs=costs,
+            policy=policy,
+            interval=interval,
+            seed=seed,
+            total_steps=total_steps,
+            total_epochs=total_epochs,
+            reward=reward,
+            max_nonfinite_steps=max_nonfinite_steps,
+            signal_every=signal_every,
+            train_policy=train_policy,
+            share_momentum=share_momentum,
+            process_group=process_group,
+            history_size=history_size,
+            extra_features=BUDGET_FEATURES if budget is not None else (),
+        )
         self.budget: Optional[ComputeBudget] = budget
 
     def _default_reward(self) -> Callable[[RewardContext], float]:
@@ -180,18 +216,20 @@ class RLSwitchingOptimizer(ControlledOptimizer):
     def _extra_features(self, signals: Signals) -> Sequence[float]:
         return () if self.budget is None else self.budget.features(self.controller.counts)
 
-    def _history_extra(self) -> Dict[str, Any]:
+    def _history_extra(self) -> dict[str, Any]:
         return {} if self.budget is None else self.budget.history(self.controller.counts)
 
-    def _extra_state(self) -> Dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         return {} if self.budget is None else self.budget.state_dict(self.controller.counts)
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         if self.budget is not None:
             self.budget.check_state(state)
         elif state:
-            raise ValueError(f"rlopt.extra: the checkpoint was saved with compute_budget="
-                             f"{state.get('compute_budget')!r}, this optimizer has none")
+            raise ValueError(
+                f"rlopt.extra: the checkpoint was saved with compute_budget="
+                f"{state.get('compute_budget')!r}, this optimizer has none"
+            )
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         if self.budget is not None and state:
@@ -201,7 +239,7 @@ class RLSwitchingOptimizer(ControlledOptimizer):
         pass  # the next step() runs inner optimizer `action`; nothing else changes
 
     @property
-    def choices(self) -> Tuple[ChoiceSpec, ...]:
+    def choices(self) -> tuple[ChoiceSpec, ...]:
         """The resolved choices (name, family, hyper-parameters, lr scale, cost)."""
         return self.inner.specs
 
@@ -215,8 +253,10 @@ def _torch_options(maximize: Any, foreach: Any, fused: Any, capturable: Any, dif
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool or None, got {value!r}")
     if differentiable:
-        raise RuntimeError("rlopt's optimizers do not support differentiable=True (their steps run under "
-                           "torch.no_grad and skip non-finite steps on the device)")
+        raise RuntimeError(
+            "rlopt's optimizers do not support differentiable=True (their steps run under "
+            "torch.no_grad and skip non-finite steps on the device)"
+        )
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     options = {}

@@ -12,30 +12,32 @@ The protocol, once per decision::
 Policies run on the CPU (they are tiny and decide rarely) with their own ``torch.Generator``, so
 they never touch the user's global random state.
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
 import numbers
 import os
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional, TypeVar
 
 import torch
 
 __all__ = ["Policy", "POLICY_FORMAT", "register_policy", "policy_class", "load_policy"]
 
 POLICY_FORMAT = "rlopt.policy/1"
-_REGISTRY: Dict[str, Type[Policy]] = {}
+_REGISTRY: dict[str, type[Policy]] = {}
 _P = TypeVar("_P", bound="Policy")
 
 
-def register_policy(cls: Type[_P]) -> Type[_P]:
+def register_policy(cls: type[_P]) -> type[_P]:
     """Class decorator: make a policy kind loadable from checkpoints by its ``kind`` name."""
     _REGISTRY[cls.kind] = cls
     return cls
 
 
-def policy_class(kind: str) -> Type[Policy]:
+def policy_class(kind: str) -> type[Policy]:
     try:
         return _REGISTRY[kind]
     except KeyError:
@@ -58,8 +60,16 @@ class Policy(abc.ABC):
     kind: str = ""
     Config: type = type(None)
 
-    def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, *,
-                 seed: int = 0, obs_layout: Optional[Dict[str, Any]] = None, train: bool = True):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_names: Sequence[str],
+        config: Any = None,
+        *,
+        seed: int = 0,
+        obs_layout: Optional[dict[str, Any]] = None,
+        train: bool = True,
+    ):
         if not isinstance(obs_dim, int) or obs_dim <= 0:
             raise ValueError(f"Invalid observation size: {obs_dim}")
         action_names = tuple(action_names)
@@ -72,13 +82,13 @@ class Policy(abc.ABC):
         elif not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {config!r}")
         self.obs_dim = obs_dim
-        self.action_names: Tuple[str, ...] = action_names
+        self.action_names: tuple[str, ...] = action_names
         self.config = config
         self.seed = int(seed)
         self.obs_layout = dict(obs_layout) if obs_layout else None
         self.training = _check_mode(train)
-        self.metadata: Dict[str, Any] = {}
-        self.last_info: Dict[str, float] = {}
+        self.metadata: dict[str, Any] = {}
+        self.last_info: dict[str, float] = {}
         self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
@@ -90,20 +100,21 @@ class Policy(abc.ABC):
     def act(self, obs: torch.Tensor) -> int:
         """Choose an action for ``obs`` (1-D float tensor); remember it when learning."""
 
-    def observe(self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False,
-                truncated: bool = False) -> Dict[str, float]:
+    def observe(
+        self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False, truncated: bool = False
+    ) -> dict[str, float]:
         """Reward of the last action, the observation it led to, and whether the episode ended
         (``terminal``) or was cut off by the budget (``truncated``, bootstrapped). May update the
         policy; returns diagnostics (also kept in ``last_info``)."""
         return {}
 
-    def train(self, mode: bool = True) -> "Policy":
+    def train(self, mode: bool = True) -> Policy:
         """Learn online (``True``) or freeze (``False``). ``mode`` must be a bool: a string such
         as ``"no"`` is refused rather than read as true."""
         self.training = _check_mode(mode)
         return self
 
-    def eval(self) -> "Policy":
+    def eval(self) -> Policy:
         return self.train(False)
 
     def _check_obs(self, obs: torch.Tensor) -> torch.Tensor:
@@ -113,7 +124,7 @@ class Policy(abc.ABC):
         return obs
 
     # -------------------------------------------------------------- state
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything that evolves: networks, optimizers, buffers, counters and the RNG."""
         return {"training": self.training, "rng": self.generator.get_state()}
 
@@ -148,7 +159,7 @@ class Policy(abc.ABC):
         self.training = state["training"]
         self.generator.set_state(state["rng"])
 
-    def describe(self) -> Dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """What is needed to rebuild this policy (no learned state)."""
         return {
             "format": POLICY_FORMAT,
@@ -161,7 +172,7 @@ class Policy(abc.ABC):
             "seed": self.seed,
         }
 
-    def save(self, path: "str | os.PathLike", **metadata: Any) -> None:
+    def save(self, path: str | os.PathLike, **metadata: Any) -> None:
         """Write a checkpoint that :func:`load_policy` reads (``weights_only=True`` safe)."""
         from .. import __version__
 
@@ -171,9 +182,14 @@ class Policy(abc.ABC):
         torch.save(ckpt, path)
 
     @classmethod
-    def from_checkpoint(cls: Type[_P], ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> _P:
-        policy = cls(int(ckpt["obs_dim"]), ckpt["action_names"], ckpt.get("config") or None,
-                     seed=int(ckpt.get("seed", 0)), obs_layout=ckpt.get("obs_layout"))
+    def from_checkpoint(cls: type[_P], ckpt: dict[str, Any], *, train: Optional[bool] = None) -> _P:
+        policy = cls(
+            int(ckpt["obs_dim"]),
+            ckpt["action_names"],
+            ckpt.get("config") or None,
+            seed=int(ckpt.get("seed", 0)),
+            obs_layout=ckpt.get("obs_layout"),
+        )
         policy.load_state_dict(ckpt["state"])
         policy.metadata = dict(ckpt.get("metadata") or {})
         if train is not None:
@@ -182,12 +198,12 @@ class Policy(abc.ABC):
 
     # Generators pickle only on recent torch versions: carry their state instead.
     # (as bytes: a temporary tensor cannot cross to a spawned process through shared memory)
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["generator"] = bytes(self.generator.get_state().numpy().tobytes())
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         rng = state.pop("generator")
         self.__dict__.update(state)
         self.generator = torch.Generator()
@@ -196,14 +212,17 @@ class Policy(abc.ABC):
         self.generator.set_state(rng)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(actions={list(self.action_names)}, obs_dim={self.obs_dim}, "
-                f"training={self.training})")
+        return (
+            f"{type(self).__name__}(actions={list(self.action_names)}, obs_dim={self.obs_dim}, "
+            f"training={self.training})"
+        )
 
 
 def _check_mode(mode: Any) -> bool:
     if not isinstance(mode, bool):
-        raise TypeError(f"Invalid policy training mode: {mode!r} (train, or an optimizer's train_policy, "
-                        "must be a bool)")
+        raise TypeError(
+            f"Invalid policy training mode: {mode!r} (train, or an optimizer's train_policy, must be a bool)"
+        )
     return mode
 
 
@@ -244,12 +263,16 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, what: s
     per-parameter state tensors shaped as their parameters (torch checks only the former)."""
     _require_keys(saved, ("state", "param_groups"), f"The {what} state")
     groups, saved_groups = optimizer.param_groups, saved["param_groups"]
-    if (not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups)
-            or any(not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
-                   for g, s in zip(groups, saved_groups))):
+    if (
+        not isinstance(saved_groups, (list, tuple))
+        or len(saved_groups) != len(groups)
+        or any(
+            not isinstance(s, Mapping) or len(s.get("params", ())) != len(g["params"])
+            for g, s in zip(groups, saved_groups)
+        )
+    ):
         raise ValueError(f"The {what} state's parameter groups do not fit this policy's")
-    params = dict(zip((i for s in saved_groups for i in s["params"]),
-                      (p for g in groups for p in g["params"])))
+    params = dict(zip((i for s in saved_groups for i in s["params"]), (p for g in groups for p in g["params"])))
     if not isinstance(saved["state"], Mapping):
         raise ValueError(f"The {what} state's per-parameter state must be a dict")
     for index, entry in saved["state"].items():
@@ -257,8 +280,10 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, what: s
             raise ValueError(f"The {what} state has state for an unknown parameter {index!r}")
         for name, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                raise ValueError(f"The {what} state's {name} of parameter {index} has shape "
-                                 f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
+                raise ValueError(
+                    f"The {what} state's {name} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}"
+                )
 
 
 def _check_pending_obs(obs: Any, obs_dim: int) -> None:
@@ -266,7 +291,7 @@ def _check_pending_obs(obs: Any, obs_dim: int) -> None:
         raise ValueError(f"The policy state's pending observation does not have {obs_dim} features")
 
 
-def load_policy(path: "str | os.PathLike", *, train: bool = False) -> Policy:
+def load_policy(path: str | os.PathLike, *, train: bool = False) -> Policy:
     """Load a policy saved with :meth:`Policy.save`. Loaded policies are frozen unless
     ``train=True`` (fine-tune online)."""
     name = os.fspath(path)
@@ -277,8 +302,10 @@ def load_policy(path: "str | os.PathLike", *, train: bool = False) -> Policy:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # unpickling errors, truncated archives, foreign files: never torch's advice
-        raise ValueError(f"{name!r} is not a readable rlopt policy checkpoint (the file is corrupt, truncated "
-                         f"or of another kind: {type(err).__name__})") from None
+        raise ValueError(
+            f"{name!r} is not a readable rlopt policy checkpoint (the file is corrupt, truncated "
+            f"or of another kind: {type(err).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != POLICY_FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an rlopt policy checkpoint ({POLICY_FORMAT})")
     return policy_class(ckpt["kind"]).from_checkpoint(ckpt, train=train)

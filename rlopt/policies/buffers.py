@@ -1,8 +1,10 @@
 """Experience storage: a ring replay buffer (DQN) and a rollout buffer with GAE (PPO)."""
+
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Mapping, NamedTuple, Tuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,16 +55,21 @@ class ReplayBuffer:
             idx = torch.randperm(self.size, generator=generator)
         else:
             idx = torch.randint(self.size, (batch_size,), generator=generator)
-        return Transition(self.obs[idx], self.action[idx], self.reward[idx],
-                          self.next_obs[idx], self.terminal[idx])
+        return Transition(self.obs[idx], self.action[idx], self.reward[idx], self.next_obs[idx], self.terminal[idx])
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         n = self.size  # only the filled part: small checkpoints early in training
-        return {"obs": self.obs[:n].clone(), "next_obs": self.next_obs[:n].clone(),
-                "action": self.action[:n].clone(), "reward": self.reward[:n].clone(),
-                "terminal": self.terminal[:n].clone(), "pos": self.pos, "size": n}
+        return {
+            "obs": self.obs[:n].clone(),
+            "next_obs": self.next_obs[:n].clone(),
+            "action": self.action[:n].clone(),
+            "reward": self.reward[:n].clone(),
+            "terminal": self.terminal[:n].clone(),
+            "pos": self.pos,
+            "size": n,
+        }
 
-    def check_state(self, state: Dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
         """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state``; changes nothing.
 
         The state must fit the capacity and observation size, and its ring position must be one
@@ -71,18 +78,24 @@ class ReplayBuffer:
         if not isinstance(state, Mapping) or any(k not in state for k in keys):
             raise ValueError(f"Replay buffer state must be a dict with keys {list(keys)}")
         n, pos = state["size"], state["pos"]
-        if (not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, pos))
-                or not 0 <= n <= self.capacity
-                or not (pos == n if n < self.capacity else 0 <= pos < self.capacity)):
-            raise ValueError(f"Replay buffer state (size {n!r}, position {pos!r}) does not fit this buffer's "
-                             f"capacity {self.capacity}")
+        if (
+            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (n, pos))
+            or not 0 <= n <= self.capacity
+            or not (pos == n if n < self.capacity else 0 <= pos < self.capacity)
+        ):
+            raise ValueError(
+                f"Replay buffer state (size {n!r}, position {pos!r}) does not fit this buffer's "
+                f"capacity {self.capacity}"
+            )
         for key in keys[:5]:
             own = getattr(self, key)
             if not isinstance(state[key], torch.Tensor) or state[key].shape != (n, *own.shape[1:]):
-                raise ValueError(f"Replay buffer state's {key} does not fit this buffer's observation size "
-                                 f"{self.obs.shape[1]} and size {n}")
+                raise ValueError(
+                    f"Replay buffer state's {key} does not fit this buffer's observation size "
+                    f"{self.obs.shape[1]} and size {n}"
+                )
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         n = int(state["size"])
         for key in ("obs", "next_obs", "action", "reward", "terminal"):
@@ -91,8 +104,9 @@ class ReplayBuffer:
         self.pos, self.size = int(state["pos"]), n
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: float, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: float, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al., 2016).
 
     ``dones[t]`` is 1 when the episode ended after step ``t`` (no bootstrap across it; a budget
@@ -141,24 +155,27 @@ class RolloutBuffer:
     def reset(self) -> None:
         self.pos = 0
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k).clone() for k in ("obs", "action", "logprob", "value", "reward", "done")} | {
-            "pos": self.pos}
+            "pos": self.pos
+        }
 
-    def check_state(self, state: Dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
         """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state``; changes nothing."""
         keys = ("obs", "action", "logprob", "value", "reward", "done")
         if not isinstance(state, Mapping) or any(k not in state for k in (*keys, "pos")):
             raise ValueError(f"Rollout buffer state must be a dict with keys {[*keys, 'pos']}")
         for key in keys:
             if not isinstance(state[key], torch.Tensor) or state[key].shape != getattr(self, key).shape:
-                raise ValueError("Rollout buffer state does not fit this buffer's length or observation size "
-                                 f"({key}: this buffer's {tuple(getattr(self, key).shape)})")
+                raise ValueError(
+                    "Rollout buffer state does not fit this buffer's length or observation size "
+                    f"({key}: this buffer's {tuple(getattr(self, key).shape)})"
+                )
         pos = state["pos"]
         if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or not 0 <= int(pos) <= self.size:
             raise ValueError(f"Invalid rollout buffer position {pos!r} for length {self.size}")
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         for key in ("obs", "action", "logprob", "value", "reward", "done"):
             getattr(self, key).copy_(state[key])

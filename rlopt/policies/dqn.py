@@ -18,19 +18,28 @@ older per-decision geometric decay. Decisions are counted by :meth:`DQNPolicy.ob
 
 The values of the defaults were measured: see ``benchmarks/results/learner_check/``.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import (Policy, _check_count, _check_module_state, _check_optimizer_state, _check_pending_obs,
-                   _require_keys, register_policy)
+from .base import (
+    Policy,
+    _check_count,
+    _check_module_state,
+    _check_optimizer_state,
+    _check_pending_obs,
+    _require_keys,
+    register_policy,
+)
 from .buffers import ReplayBuffer
 
 __all__ = ["DQNConfig", "DQNPolicy"]
@@ -116,8 +125,7 @@ class DQNConfig:
             raise ValueError(f"Invalid tau: {self.tau}")
         if not 0.0 <= self.epsilon_end <= self.epsilon_start <= 1.0:
             raise ValueError(f"Invalid epsilon range: {self.epsilon_start} -> {self.epsilon_end}")
-        for name in ("hidden", "buffer_size", "batch_size", "target_update", "gradient_steps",
-                     "train_frequency"):
+        for name in ("hidden", "buffer_size", "batch_size", "target_update", "gradient_steps", "train_frequency"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)}")
         for name in ("learning_starts", "exploration_decisions"):
@@ -132,8 +140,9 @@ _LEGACY_FIELDS = {"train_frequency": 1, "tau": 1.0}
 
 
 def mlp(n_in: int, hidden: int, n_out: int, activation: type = nn.ReLU) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, hidden), activation(), nn.Linear(hidden, hidden), activation(),
-                         nn.Linear(hidden, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), activation(), nn.Linear(hidden, hidden), activation(), nn.Linear(hidden, n_out)
+    )
 
 
 @register_policy
@@ -164,10 +173,10 @@ class DQNPolicy(Policy):
         self.n_decisions = 0  # transitions observed while learning: the clock of the schedules
         self.reward_scale = 0.0  # max |r| observed
         self._q_warned = False
-        self._pending: Optional[Tuple[torch.Tensor, int]] = None  # (obs, action) awaiting its reward
+        self._pending: Optional[tuple[torch.Tensor, int]] = None  # (obs, action) awaiting its reward
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> "DQNPolicy":
+    def from_checkpoint(cls, ckpt: dict[str, Any], *, train: Optional[bool] = None) -> DQNPolicy:
         """Fields added after a checkpoint was written take the value that reproduces how it was
         trained (one gradient step per decision, hard target copies)."""
         config = ckpt.get("config")
@@ -206,8 +215,9 @@ class DQNPolicy(Policy):
         self._pending = (obs, action)
         return action
 
-    def observe(self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False,
-                truncated: bool = False) -> Dict[str, float]:
+    def observe(
+        self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False, truncated: bool = False
+    ) -> dict[str, float]:
         if not self.training or self._pending is None:
             self._pending = None
             return {}
@@ -220,7 +230,7 @@ class DQNPolicy(Policy):
         self.n_decisions += 1
         self.reward_scale = max(self.reward_scale, abs(reward))
         c = self.config
-        info: Dict[str, float] = {"epsilon": self.epsilon, "decisions": float(self.n_decisions)}
+        info: dict[str, float] = {"epsilon": self.epsilon, "decisions": float(self.n_decisions)}
         if len(self.buffer) >= c.learning_starts and self.n_decisions % c.train_frequency == 0:
             for _ in range(c.gradient_steps):
                 info.update(self._update())
@@ -240,11 +250,15 @@ class DQNPolicy(Policy):
         bound = self.q_bound()
         if not math.isfinite(q_abs_max) or q_abs_max > factor * bound > 0.0:
             self._q_warned = True
-            warnings.warn(f"DQN Q-values are diverging: |Q| reached {q_abs_max:.4g}, beyond {factor:g} x "
-                          f"max|r| / (1 - gamma) = {factor * bound:.4g}; lower lr, raise target_update or "
-                          "lower tau (warned once per policy)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"DQN Q-values are diverging: |Q| reached {q_abs_max:.4g}, beyond {factor:g} x "
+                f"max|r| / (1 - gamma) = {factor * bound:.4g}; lower lr, raise target_update or "
+                "lower tau (warned once per policy)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
-    def _update(self) -> Dict[str, float]:
+    def _update(self) -> dict[str, float]:
         c = self.config
         batch = self.buffer.sample(c.batch_size, self.generator)
         with torch.no_grad():
@@ -269,16 +283,24 @@ class DQNPolicy(Policy):
                 with torch.no_grad():
                     for t, p in zip(self.target_net.parameters(), self.q_net.parameters()):
                         t.lerp_(p, c.tau)
-        return {"td_loss": float(loss.detach()), "q_mean": float(q.mean().detach()),
-                "q_abs_max": float(q.detach().abs().max()), "q_bound": self.q_bound(),
-                "n_updates": float(self.n_updates)}
+        return {
+            "td_loss": float(loss.detach()),
+            "q_mean": float(q.mean().detach()),
+            "q_abs_max": float(q.detach().abs().max()),
+            "q_bound": self.q_bound(),
+            "n_updates": float(self.n_updates),
+        }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            q_net=self.q_net.state_dict(), target_net=self.target_net.state_dict(),
-            optimizer=self.optimizer.state_dict(), buffer=self.buffer.state_dict(),
-            epsilon=self.epsilon, n_updates=self.n_updates, n_decisions=self.n_decisions,
+            q_net=self.q_net.state_dict(),
+            target_net=self.target_net.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            buffer=self.buffer.state_dict(),
+            epsilon=self.epsilon,
+            n_updates=self.n_updates,
+            n_decisions=self.n_decisions,
             reward_scale=self.reward_scale,
             pending_obs=None if self._pending is None else self._pending[0].clone(),
             pending_action=None if self._pending is None else self._pending[1],
@@ -315,7 +337,7 @@ class DQNPolicy(Policy):
         self.n_updates = int(state["n_updates"])
         # Older checkpoints: every stored transition was a decision; the reward scale is what the buffer holds.
         self.n_decisions = int(state.get("n_decisions", len(self.buffer)))
-        held = self.buffer.reward[:len(self.buffer)]
+        held = self.buffer.reward[: len(self.buffer)]
         self.reward_scale = float(state.get("reward_scale", float(held.abs().max()) if len(held) else 0.0))
         po = state.get("pending_obs")
         self._pending = None if po is None else (po.clone(), int(state["pending_action"]))

@@ -1,9 +1,11 @@
 """Policies that do not learn: a constant choice and random switching. Baselines and controls
 (the wrapper with a constant policy must equal the plain inner optimizer step for step)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -41,7 +43,7 @@ class ConstantPolicy(Policy):
 
 @dataclass
 class RandomConfig:
-    probs: Optional[Tuple[float, ...]] = None
+    probs: Optional[tuple[float, ...]] = None
     """Probability of each action (None: uniform). E.g. the learned policy's SAM share."""
 
 
@@ -53,8 +55,11 @@ class RandomPolicy(Policy):
     def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         probs = self.config.probs
-        probs = torch.full((self.n_actions,), 1.0 / self.n_actions) if probs is None else torch.tensor(
-            [float(p) for p in probs])
+        probs = (
+            torch.full((self.n_actions,), 1.0 / self.n_actions)
+            if probs is None
+            else torch.tensor([float(p) for p in probs])
+        )
         if probs.shape != (self.n_actions,) or not bool(torch.all(probs >= 0)) or not float(probs.sum()) > 0:
             raise ValueError(f"Invalid action probabilities {self.config.probs} for {self.n_actions} actions")
         self.probs = probs / probs.sum()

@@ -14,19 +14,28 @@ rollout (``{}`` on the others): ``pg_loss``, ``v_loss``, ``entropy``, ``approx_k
 ``(rho - 1) - log rho`` estimator), ``clipfrac``, ``explained_variance`` (of the returns by the
 values the rollout was collected with), ``n_updates``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from .base import (Policy, _check_count, _check_module_state, _check_optimizer_state, _check_pending_obs,
-                   _require_keys, register_policy)
+from .base import (
+    Policy,
+    _check_count,
+    _check_module_state,
+    _check_optimizer_state,
+    _check_pending_obs,
+    _require_keys,
+    register_policy,
+)
 from .buffers import RolloutBuffer, compute_gae
 
 __all__ = ["PPOConfig", "PPOPolicy"]
@@ -111,8 +120,13 @@ def _layer(n_in: int, n_out: int, std: float) -> nn.Linear:
 
 
 def _tanh_mlp(n_in: int, hidden: int, n_out: int, out_std: float) -> nn.Sequential:
-    return nn.Sequential(_layer(n_in, hidden, math.sqrt(2)), nn.Tanh(), _layer(hidden, hidden, math.sqrt(2)),
-                         nn.Tanh(), _layer(hidden, n_out, out_std))
+    return nn.Sequential(
+        _layer(n_in, hidden, math.sqrt(2)),
+        nn.Tanh(),
+        _layer(hidden, hidden, math.sqrt(2)),
+        nn.Tanh(),
+        _layer(hidden, n_out, out_std),
+    )
 
 
 @register_policy
@@ -129,19 +143,22 @@ class PPOPolicy(Policy):
             torch.manual_seed(self.seed)
             self.actor = _tanh_mlp(obs_dim, c.hidden, self.n_actions, 0.01)
             self.critic = _tanh_mlp(obs_dim, c.hidden, 1, 1.0)
-        self.optimizer = torch.optim.Adam([
-            {"params": self.actor.parameters(), "lr": c.actor_lr},
-            {"params": self.critic.parameters(), "lr": c.critic_lr},
-        ], eps=1e-5)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": self.actor.parameters(), "lr": c.actor_lr},
+                {"params": self.critic.parameters(), "lr": c.critic_lr},
+            ],
+            eps=1e-5,
+        )
         self.rollout = RolloutBuffer(c.rollout_len, obs_dim)
         self.n_updates = 0
         # The last advantages (a ring), for their standardisation: see PPOConfig.normalize_advantages.
         self.adv_history = torch.zeros(max(c.rollout_len, c.advantage_norm_samples))
         self.adv_count = 0  # advantages computed so far
-        self._pending: Optional[Tuple[torch.Tensor, int, float, float]] = None  # (obs, action, logprob, value)
+        self._pending: Optional[tuple[torch.Tensor, int, float, float]] = None  # (obs, action, logprob, value)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Dict[str, Any], *, train: Optional[bool] = None) -> "PPOPolicy":
+    def from_checkpoint(cls, ckpt: dict[str, Any], *, train: Optional[bool] = None) -> PPOPolicy:
         """Fields added after a checkpoint was written take the value that reproduces how it was
         trained (advantages standardised over each rollout alone)."""
         config = ckpt.get("config")
@@ -169,8 +186,9 @@ class PPOPolicy(Policy):
             self._pending = (obs, action, float(torch.log(probs[action])), float(self.critic(obs)))
         return action
 
-    def observe(self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False,
-                truncated: bool = False) -> Dict[str, float]:
+    def observe(
+        self, reward: float, next_obs: torch.Tensor, *, terminal: bool = False, truncated: bool = False
+    ) -> dict[str, float]:
         if not self.training or self._pending is None:
             self._pending = None
             return {}
@@ -181,7 +199,7 @@ class PPOPolicy(Policy):
             reward += self.config.gamma * self.value(next_obs)
         done = terminal or truncated
         self.rollout.add(obs, action, logprob, value, reward, done)
-        info: Dict[str, float] = {}
+        info: dict[str, float] = {}
         if self.rollout.full():
             last_value = 0.0 if done else self.value(next_obs)
             info = self._update(last_value)
@@ -196,12 +214,12 @@ class PPOPolicy(Policy):
         idx = torch.arange(pos, pos + n) % ring.numel()
         ring[idx] = advantages
         self.adv_count += n
-        window = ring[:min(self.adv_count, ring.numel())]
+        window = ring[: min(self.adv_count, ring.numel())]
         if window.numel() < 2:
             return advantages
         return (advantages - window.mean()) / (window.std() + 1e-8)
 
-    def _update(self, last_value: float) -> Dict[str, float]:
+    def _update(self, last_value: float) -> dict[str, float]:
         c, buf = self.config, self.rollout
         advantages, returns = compute_gae(buf.reward, buf.value, buf.done, last_value, c.gamma, c.gae_lambda)
         var_returns = float(returns.var())
@@ -211,11 +229,11 @@ class PPOPolicy(Policy):
         n = buf.size
         mb = min(c.minibatch_size or n, n)
         params = [*self.actor.parameters(), *self.critic.parameters()]
-        stats: Dict[str, List[float]] = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
+        stats: dict[str, list[float]] = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
         for _ in range(c.update_epochs):
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, mb):
-                idx = order[start:start + mb]
+                idx = order[start : start + mb]
                 dist = Categorical(logits=self.actor(buf.obs[idx]))
                 logprob = dist.log_prob(buf.action[idx])
                 log_ratio = logprob - buf.logprob[idx]
@@ -241,13 +259,17 @@ class PPOPolicy(Policy):
         info["n_updates"] = float(self.n_updates)
         return info
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         p = self._pending
         state.update(
-            actor=self.actor.state_dict(), critic=self.critic.state_dict(),
-            optimizer=self.optimizer.state_dict(), rollout=self.rollout.state_dict(),
-            n_updates=self.n_updates, adv_history=self.adv_history.clone(), adv_count=self.adv_count,
+            actor=self.actor.state_dict(),
+            critic=self.critic.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            rollout=self.rollout.state_dict(),
+            n_updates=self.n_updates,
+            adv_history=self.adv_history.clone(),
+            adv_count=self.adv_count,
             pending_obs=None if p is None else p[0].clone(),
             pending=None if p is None else [p[1], p[2], p[3]],
         )
@@ -264,16 +286,22 @@ class PPOPolicy(Policy):
         if "adv_history" in state:  # absent from older checkpoints
             ring = state["adv_history"]
             if not isinstance(ring, torch.Tensor) or ring.shape != self.adv_history.shape:
-                raise ValueError("The PPO state's advantage history does not fit this policy's rollout_len and "
-                                 "advantage_norm_samples")
+                raise ValueError(
+                    "The PPO state's advantage history does not fit this policy's rollout_len and "
+                    "advantage_norm_samples"
+                )
             _check_count(state.get("adv_count"), "adv_count")
         _check_pending_obs(state.get("pending_obs"), self.obs_dim)
         if state.get("pending_obs") is not None:
             pending = state.get("pending")
-            if (not isinstance(pending, (list, tuple)) or len(pending) != 3
-                    or isinstance(pending[0], bool) or not isinstance(pending[0], int)
-                    or not 0 <= pending[0] < self.n_actions
-                    or not all(isinstance(v, (int, float)) for v in pending[1:])):
+            if (
+                not isinstance(pending, (list, tuple))
+                or len(pending) != 3
+                or isinstance(pending[0], bool)
+                or not isinstance(pending[0], int)
+                or not 0 <= pending[0] < self.n_actions
+                or not all(isinstance(v, (int, float)) for v in pending[1:])
+            ):
                 raise ValueError(f"Invalid pending decision in the PPO state: {pending!r}")
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
@@ -289,6 +317,9 @@ class PPOPolicy(Policy):
             self.adv_history.zero_()
             self.adv_count = 0
         po = state.get("pending_obs")
-        self._pending = None if po is None else (po.clone(), int(state["pending"][0]),
-                                                  float(state["pending"][1]), float(state["pending"][2]))
+        self._pending = (
+            None
+            if po is None
+            else (po.clone(), int(state["pending"][0]), float(state["pending"][1]), float(state["pending"][2]))
+        )
         super()._load_state(state)

@@ -20,18 +20,30 @@ draws from its own ``torch.Generator``, so a rule is deterministic given its see
 Each rule chooses between two actions: ``sam`` (the costly one, ``"sam"`` by default) and
 ``base`` (by default the first other action).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from .base import Policy, _check_count, _require_keys, register_policy
 
-__all__ = ["SamLateConfig", "SamLatePolicy", "SamEveryConfig", "SamEveryPolicy", "ScheduledRandomConfig",
-           "ScheduledRandomPolicy", "AdaptiveSamConfig", "AdaptiveSamPolicy", "RULE_NAMES", "rule_from_name"]
+__all__ = [
+    "SamLateConfig",
+    "SamLatePolicy",
+    "SamEveryConfig",
+    "SamEveryPolicy",
+    "ScheduledRandomConfig",
+    "ScheduledRandomPolicy",
+    "AdaptiveSamConfig",
+    "AdaptiveSamPolicy",
+    "RULE_NAMES",
+    "rule_from_name",
+]
 
 Action = Union[int, str]
 
@@ -56,18 +68,22 @@ class _Rule(Policy):
         if self.obs_layout is not None:  # else checked at the first decision
             for name, why in self._needs():
                 if not self._has(name):
-                    raise ValueError(f"{self.kind} reads the observation feature '{name}' ({why}), which this "
-                                     f"optimizer does not make")
+                    raise ValueError(
+                        f"{self.kind} reads the observation feature '{name}' ({why}), which this "
+                        f"optimizer does not make"
+                    )
 
-    def _needs(self) -> Sequence[Tuple[str, str]]:
+    def _needs(self) -> Sequence[tuple[str, str]]:
         """The features this rule reads and why (checked when the layout is known)."""
         return ()
 
     def _index(self, action: Action, what: str) -> int:
         if isinstance(action, str):
             if action not in self.action_names:
-                raise ValueError(f"{self.kind}: {what} action '{action}' is not among the actions "
-                                 f"{list(self.action_names)} (give {type(self.config).__name__}({what}=...))")
+                raise ValueError(
+                    f"{self.kind}: {what} action '{action}' is not among the actions "
+                    f"{list(self.action_names)} (give {type(self.config).__name__}({what}=...))"
+                )
             return self.action_names.index(action)
         if isinstance(action, bool) or not isinstance(action, int) or not 0 <= action < self.n_actions:
             raise ValueError(f"{self.kind}: invalid {what} action index {action!r}")
@@ -76,14 +92,16 @@ class _Rule(Policy):
     def _feature(self, obs: torch.Tensor, name: str, why: str) -> float:
         names = (self.obs_layout or {}).get("names") or ()
         if name not in names:
-            raise ValueError(f"{self.kind} reads the observation feature '{name}' ({why}), which this optimizer "
-                             f"does not make: its features are {list(names)}")
+            raise ValueError(
+                f"{self.kind} reads the observation feature '{name}' ({why}), which this optimizer "
+                f"does not make: its features are {list(names)}"
+            )
         return float(obs[list(names).index(name)])
 
     def _has(self, name: str) -> bool:
         return name in ((self.obs_layout or {}).get("names") or ())
 
-    def train(self, mode: bool = True) -> "Policy":
+    def train(self, mode: bool = True) -> Policy:
         super().train(mode)
         self.training = False  # nothing to learn
         return self
@@ -108,7 +126,7 @@ class SamLatePolicy(_Rule):
     kind = "sam-late"
     Config = SamLateConfig
 
-    def _needs(self) -> Sequence[Tuple[str, str]]:
+    def _needs(self) -> Sequence[tuple[str, str]]:
         if self.config.start is None:
             return (("budget_affordable", "give the optimizer a compute_budget, or SamLateConfig(start=...)"),)
         return ()
@@ -122,8 +140,9 @@ class SamLatePolicy(_Rule):
     def act(self, obs: torch.Tensor) -> int:
         obs = self._check_obs(obs)
         if self.config.start is None:
-            affordable = self._feature(obs, "budget_affordable", "give the optimizer a compute_budget, or "
-                                                                 "SamLateConfig(start=...)")
+            affordable = self._feature(
+                obs, "budget_affordable", "give the optimizer a compute_budget, or SamLateConfig(start=...)"
+            )
             return self.sam if affordable >= 1.0 - 1e-5 else self.base
         progress = (self._feature(obs, "progress", "the run's progress") + 1.0) / 2.0
         return self.sam if progress >= self.config.start - 1e-6 else self.base
@@ -158,7 +177,7 @@ class SamEveryPolicy(_Rule):
         self.decisions += 1
         return action
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "decisions": self.decisions}
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
@@ -194,7 +213,7 @@ class ScheduledRandomPolicy(_Rule):
     kind = "ss-sam"
     Config = ScheduledRandomConfig
 
-    def _needs(self) -> Sequence[Tuple[str, str]]:
+    def _needs(self) -> Sequence[tuple[str, str]]:
         if self.config.share is None:
             return (("budget_affordable", "give the optimizer a compute_budget, or ScheduledRandomConfig(share=...)"),)
         return ()
@@ -202,8 +221,9 @@ class ScheduledRandomPolicy(_Rule):
     def __init__(self, obs_dim: int, action_names: Sequence[str], config: Any = None, **kwargs: Any) -> None:
         super().__init__(obs_dim, action_names, config, **kwargs)
         share, schedule = self.config.share, self.config.schedule
-        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
-                                  or not 0.0 <= share <= 1.0):
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0
+        ):
             raise ValueError(f"Invalid ss-sam share: {share!r} (a probability in [0, 1])")
         if schedule not in _SCHEDULES:
             raise ValueError(f"Unknown ss-sam schedule {schedule!r}; expected one of {list(_SCHEDULES)}")
@@ -211,8 +231,9 @@ class ScheduledRandomPolicy(_Rule):
     def probability(self, obs: torch.Tensor) -> float:
         share = self.config.share
         if share is None:
-            share = self._feature(obs, "budget_affordable", "give the optimizer a compute_budget, or "
-                                                            "ScheduledRandomConfig(share=...)")
+            share = self._feature(
+                obs, "budget_affordable", "give the optimizer a compute_budget, or ScheduledRandomConfig(share=...)"
+            )
         if self.config.schedule == "constant":
             return min(1.0, share)
         t = (self._feature(obs, "progress", "the schedule follows the run's progress") + 1.0) / 2.0
@@ -260,8 +281,9 @@ class AdaptiveSamPolicy(_Rule):
             raise ValueError(f"Invalid ae-sam decay: {decay!r} (in [0, 1))")
         for name in ("threshold", "threshold_end"):
             value = getattr(self.config, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
                 raise ValueError(f"Invalid ae-sam {name}: {value!r}")
         self.mean: Optional[float] = None
         self.var = 0.0
@@ -288,15 +310,16 @@ class AdaptiveSamPolicy(_Rule):
         self.var = d * (self.var + (1.0 - d) * delta * delta)
         return action
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "mean": self.mean, "var": self.var}
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         super()._check_state(state)
         _require_keys(state, ("mean", "var"), "AdaptiveSamPolicy state")
         mean, var = state["mean"], state["var"]
-        if mean is not None and (isinstance(mean, bool) or not isinstance(mean, (int, float))
-                                 or not math.isfinite(mean)):
+        if mean is not None and (
+            isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean)
+        ):
             raise ValueError(f"Invalid running mean in the policy state: {mean!r}")
         if isinstance(var, bool) or not isinstance(var, (int, float)) or not 0.0 <= var < math.inf:
             raise ValueError(f"Invalid running variance in the policy state: {var!r}")
@@ -309,12 +332,12 @@ class AdaptiveSamPolicy(_Rule):
 
 # ---------------------------------------------------------------------------------- names
 #: Names a ``policy=`` string may take (with the ``:<value>`` forms of :func:`rule_from_name`).
-RULE_NAMES: Tuple[str, ...] = ("sam-late", "sam-every:<k>", "ss-sam", "ss-sam:<share>", "ae-sam",
-                               "ae-sam:<threshold>")
+RULE_NAMES: tuple[str, ...] = ("sam-late", "sam-every:<k>", "ss-sam", "ss-sam:<share>", "ae-sam", "ae-sam:<threshold>")
 
 
-def rule_from_name(name: str, obs_dim: int, action_names: Sequence[str], obs_layout: Dict[str, Any],
-                   seed: int) -> Optional[Policy]:
+def rule_from_name(
+    name: str, obs_dim: int, action_names: Sequence[str], obs_layout: dict[str, Any], seed: int
+) -> Optional[Policy]:
     """The rule a ``policy=`` string names, or None when it names no rule.
 
     ``"sam-late"`` (from the budget), ``"sam-late:0.7"`` (from progress 0.7), ``"sam-every:4"``,
@@ -332,10 +355,16 @@ def rule_from_name(name: str, obs_dim: int, action_names: Sequence[str], obs_lay
         except ValueError:
             what = "an int" if kind == "sam-every" else "a number"
             raise ValueError(f"Invalid policy name {name!r}: the part after ':' must be {what}") from None
-    configs = {"sam-late": lambda: SamLateConfig(start=value if arg else None),
-               "sam-every": lambda: SamEveryConfig(k=int(value)),
-               "ss-sam": lambda: ScheduledRandomConfig(share=value if arg else None),
-               "ae-sam": lambda: AdaptiveSamConfig(threshold=value) if arg else AdaptiveSamConfig()}
-    cls: Callable[..., Policy] = {"sam-late": SamLatePolicy, "sam-every": SamEveryPolicy, "ss-sam": ScheduledRandomPolicy,
-           "ae-sam": AdaptiveSamPolicy}[kind]
+    configs = {
+        "sam-late": lambda: SamLateConfig(start=value if arg else None),
+        "sam-every": lambda: SamEveryConfig(k=int(value)),
+        "ss-sam": lambda: ScheduledRandomConfig(share=value if arg else None),
+        "ae-sam": lambda: AdaptiveSamConfig(threshold=value) if arg else AdaptiveSamConfig(),
+    }
+    cls: Callable[..., Policy] = {
+        "sam-late": SamLatePolicy,
+        "sam-every": SamEveryPolicy,
+        "ss-sam": ScheduledRandomPolicy,
+        "ae-sam": AdaptiveSamPolicy,
+    }[kind]
     return cls(obs_dim, action_names, configs[kind](), seed=seed, obs_layout=obs_layout)

@@ -7,6 +7,7 @@ number of training episodes and the measured training time. Loaded policies are 
 (:class:`rlopt.learned.LearnedOptimizer`'s ``policy=``), written by ``python -m rlopt.learned.train``;
 :func:`load_pretrained` returns them as a :class:`rlopt.learned.LearnedRule`.
 """
+
 from __future__ import annotations
 
 import json

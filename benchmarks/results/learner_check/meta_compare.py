@@ -6,6 +6,7 @@ The two checkpoints of a pair were trained with the same ``--seed``, so episode 
 task in both: the figures are paired differences (after - before) of each episode's return and
 final validation accuracy, mean with a 95% t-interval, over all episodes and over the last 50.
 """
+
 import json
 import statistics
 import sys
@@ -28,20 +29,27 @@ def main(out, pairs):
         before, after = (torch.load(f, weights_only=True)["metadata"] for f in files.split(","))
         row = {}
         for key in ("returns", "val_acc"):
-            row[key] = {"all": paired(before[key], after[key]), "last50": paired(before[key][-50:], after[key][-50:]),
-                        "before_last20": statistics.mean(before[key][-20:]),
-                        "after_last20": statistics.mean(after[key][-20:])}
-        row["sam_share_last20"] = {"before": before["action_share_last_20"].get("sam"),
-                                   "after": after["action_share_last_20"].get("sam")}
+            row[key] = {
+                "all": paired(before[key], after[key]),
+                "last50": paired(before[key][-50:], after[key][-50:]),
+                "before_last20": statistics.mean(before[key][-20:]),
+                "after_last20": statistics.mean(after[key][-20:]),
+            }
+        row["sam_share_last20"] = {
+            "before": before["action_share_last_20"].get("sam"),
+            "after": after["action_share_last_20"].get("sam"),
+        }
         rows[name] = row
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
     for name, row in rows.items():
         r, v = row["returns"], row["val_acc"]
-        print(f"| {name} | {r['before_last20']:.3f} -> {r['after_last20']:.3f} | "
-              f"{r['all']['mean']:+.3f} [{r['all']['lo']:+.3f}, {r['all']['hi']:+.3f}] | "
-              f"{100 * v['all']['mean']:+.2f} [{100 * v['all']['lo']:+.2f}, {100 * v['all']['hi']:+.2f}] | "
-              f"{row['sam_share_last20']['before']:.2f} -> {row['sam_share_last20']['after']:.2f} |")
+        print(
+            f"| {name} | {r['before_last20']:.3f} -> {r['after_last20']:.3f} | "
+            f"{r['all']['mean']:+.3f} [{r['all']['lo']:+.3f}, {r['all']['hi']:+.3f}] | "
+            f"{100 * v['all']['mean']:+.2f} [{100 * v['all']['lo']:+.2f}, {100 * v['all']['hi']:+.2f}] | "
+            f"{row['sam_share_last20']['before']:.2f} -> {row['sam_share_last20']['after']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
