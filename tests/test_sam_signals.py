@@ -26,6 +26,19 @@ def _task(seed=0):
     return model, x, y
 
 
+def _closure(get_opt, model, x, y):
+    """torch's closure convention for ``model`` on ``(x, y)``; ``get_opt`` gives the optimizer
+    (made after the closure in some tests)."""
+
+    def closure():
+        get_opt().zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def test_sharpness_of_sam_steps_is_the_direct_estimate():
     model, x, y = _task()
     rho = 0.05
@@ -38,11 +51,7 @@ def test_sharpness_of_sam_steps_is_the_direct_estimate():
         max_nonfinite_steps=None,
     )
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(lambda: opt, model, x, y)
 
     expected = []
     for _ in range(10):
@@ -62,11 +71,7 @@ def test_sgd_steps_leave_the_sharpness_unmeasured():
     model, x, y = _task()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1, interval=3)
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(lambda: opt, model, x, y)
 
     for _ in range(9):
         opt.step(closure)
@@ -85,11 +90,7 @@ def test_sam_steps_read_nothing_back_to_the_host(monkeypatch):
         max_nonfinite_steps=None,
     )
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(lambda: opt, model, x, y)
 
     opt.step(closure)  # the first decision reads (once)
     reads = []
@@ -111,11 +112,7 @@ def test_lr_against_its_peak_and_the_gradient_norm_z_score():
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 3) * (0.5 if k >= 6 else 1.0))
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(lambda: opt, model, x, y)
 
     for _ in range(12):
         opt.step(closure)
@@ -142,11 +139,7 @@ def test_val_gap_is_the_log_ratio_of_validation_to_training_loss():
         model.parameters(), choices=["sgd", "sam"], policy="constant:sgd", lr=0.1, interval="epoch"
     )
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(lambda: opt, model, x, y)
 
     for _ in range(3):
         opt.step(closure)
@@ -164,11 +157,7 @@ def test_a_policy_of_layout_version_1_gets_version_1_observations():
     model, x, y = _task()
     opt = RLSwitchingOptimizer(model.parameters(), choices=["sgd", "sam"], policy="switch-sgd-sam", lr=0.1, interval=2)
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(lambda: opt, model, x, y)
 
     for _ in range(6):
         opt.step(closure)
